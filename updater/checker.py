@@ -1,0 +1,88 @@
+"""The validrcptto lookup of qmail-smtpd (REFERENCE §1, rules 6-8).
+
+Pure rules over bytes, given a ``get(key) -> value | None`` function; ``open_cdb`` is the
+only I/O, done once per connection.  Kept free of heavy imports: validrcptto-smtpd
+runs one process per SMTP connection.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+Getter = Callable[[bytes], "bytes | None"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    key: bytes | None        # the key that decided, None when nothing was found
+    value: bytes | None
+    tried: tuple[bytes, ...]
+
+
+def lower(address: bytes) -> bytes:
+    """Only ASCII A-Z are lowercased (bytes.lower does exactly that)."""
+    return address.lower()
+
+
+def candidates(address: bytes) -> Iterator[bytes]:
+    """Keys to try, in order, for an already lowercased address:
+    the address; then, split at the last ``@``, ``user-up-to-each-dash`` + ``default``
+    from the last dash to the first; then ``@domain``.  No ``@``: the address only."""
+    yield address
+    at = address.rfind(b"@")
+    if at == -1:
+        return
+    user, domain = address[:at], address[at:]
+    end = len(user)
+    while True:
+        end = user.rfind(b"-", 0, end)
+        if end == -1:
+            break
+        yield user[: end + 1] + b"default" + domain
+    yield domain
+
+
+def check(get: Getter, address: bytes) -> Verdict:
+    """The first key found decides: a value starting with ``-`` rejects, anything else
+    (the empty value included) accepts; no key found rejects."""
+    tried = []
+    for key in candidates(lower(address)):
+        tried.append(key)
+        value = get(key)
+        if value is not None:
+            return Verdict(not value.startswith(b"-"), key, value, tuple(tried))
+    return Verdict(False, None, None, tuple(tried))
+
+
+class CdbGetter:
+    """A lookup function over one open cdb.  A file that opens but is empty or corrupt
+    finds nothing (every recipient is then rejected, never deferred), as in qmail-smtpd."""
+
+    def __init__(self, fd: int):
+        import cdbx
+        self._db = None
+        try:
+            self._db = cdbx.CDB(fd, close=True)
+        except Exception:
+            os.close(fd)
+
+    def __call__(self, key: bytes) -> bytes | None:
+        if self._db is None:
+            return None
+        try:
+            return self._db.get(key)
+        except Exception:
+            return None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def open_cdb(path: str) -> CdbGetter:
+    """Open the cdb (raises OSError when it cannot be opened at all)."""
+    return CdbGetter(os.open(path, os.O_RDONLY))

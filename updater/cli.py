@@ -1,0 +1,225 @@
+"""The command line: argparse subcommands, exit codes, and the one place where an error
+becomes a line on stderr.
+
+Exit codes: 0 success (installed, unchanged, all accepted), 1 failure (a source error,
+a refused or failed install, a rejected address), 2 usage (bad flags or settings, an
+unreadable cdb for ``check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from . import __version__, config
+from .errors import ConfigError, UpdaterError
+from .qmail import ENCODING, ERRORS
+
+PROG = "qmail-updater"
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def escape(text: str, limit: int = 500) -> str:
+    """Make a string safe for a one-line log: control characters become \\xNN."""
+    out = "".join(c if " " <= c < "\x7f" or c > "\xa0" else f"\\x{ord(c) & 0xff:02x}"
+                  for c in text[:limit])
+    return out + ("..." if len(text) > limit else "")
+
+
+def log(message: str, prog: str = PROG) -> None:
+    sys.stderr.write(f"{prog}: {escape(message, 2000)}\n")
+    sys.stderr.flush()
+
+
+def out(lines: Sequence[str]) -> None:
+    data = "".join(line + "\n" for line in lines).encode(ENCODING, ERRORS)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+# --------------------------------------------------------------------------- commands
+
+def _build_result(settings: config.Settings, verbose: bool = False):
+    from .generate import generate
+    result = generate(settings)
+    for w in result.warnings:
+        log(f"warning: {w}")
+    return result
+
+
+def cmd_generate(args: argparse.Namespace, settings: config.Settings) -> int:
+    result = _build_result(settings)
+    items = result.items()
+    if args.format == "cdbmake":
+        out([cdbmake_line(k, v) for k, v in items] + [""])
+    elif args.origins:
+        out([f"{k}{' -' if v else ''}\t{result.origin(k)}" for k, v in items])
+    else:
+        out([f"{k} -" if v else k for k, v in items])
+    return EXIT_OK
+
+
+def cdbmake_line(key: str, value: str) -> str:
+    kb, vb = key.encode(ENCODING, ERRORS), value.encode(ENCODING, ERRORS)
+    return f"+{len(kb)},{len(vb)}:{key}->{value}"
+
+
+def cmd_build(args: argparse.Namespace, settings: config.Settings) -> int:
+    from .install import install
+    result = _build_result(settings)
+    report = install(result.items(), settings.cdb, max_shrink=settings.max_shrink,
+                     force=settings.force)
+    log(report.line())
+    if args.diff:
+        out(report.diff_lines())
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, settings: config.Settings) -> int:
+    from .checker import check, open_cdb
+    path = args.cdb or os.environ.get("VALIDRCPTTO_CDB") or settings.cdb
+    try:
+        getter = open_cdb(path)
+    except OSError as err:
+        log(f"{path}: cannot open: {err.strerror}")
+        return EXIT_USAGE
+    status = EXIT_OK
+    lines = []
+    for address in args.address:
+        raw = address.encode(ENCODING, ERRORS)
+        verdict = check(getter, raw)
+        key = verdict.key.decode(ENCODING, ERRORS) if verdict.key is not None else "-"
+        word = "accept" if verdict.accepted else "reject"
+        line = f"{word} {address} {key}"
+        if args.verbose:
+            line += " tried " + " ".join(k.decode(ENCODING, ERRORS) for k in verdict.tried)
+        lines.append(line)
+        if not verdict.accepted:
+            status = EXIT_FAIL
+    getter.close()
+    out(lines)
+    return status
+
+
+def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
+    from .demo import run_demo
+    return run_demo(args.dir, out, log)
+
+
+# --------------------------------------------------------------------------- parser
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Keep qmail's validrcptto.cdb current "
+                                "and check recipients against it.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="print every valid address, one per line")
+    config.add_arguments(g, ("generate",))
+    g.add_argument("--origins", action="store_true",
+                   help="print where each key comes from, after a tab")
+    g.add_argument("--format", choices=("plain", "cdbmake"), default="plain",
+                   help="plain keys (a rejecting key is followed by ' -'), or cdbmake input")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("build", help="generate and install validrcptto.cdb")
+    config.add_arguments(b, ("generate", "install"))
+    b.add_argument("--force", action="store_true", help="install even if the sanity gate refuses")
+    b.add_argument("--diff", action="store_true", help="print added (+), removed (-) and "
+                   "changed (~) keys")
+    b.set_defaults(func=cmd_build)
+
+    c = sub.add_parser("check", help="look addresses up as qmail-smtpd would")
+    c.add_argument("--cdb", help="the cdb (default $VALIDRCPTTO_CDB, else "
+                   "QMAIL_DIR/control/validrcptto.cdb)")
+    c.add_argument("--qmail-dir", dest="qmail_dir", default=None, help="qmail's home [$QMAIL_DIR]")
+    c.add_argument("-v", "--verbose", action="store_true", help="also print every key tried")
+    c.add_argument("address", nargs="+", help="recipient addresses (use '' for <>)")
+    c.set_defaults(func=cmd_check)
+
+    d = sub.add_parser("demo", help="build the bundled sample tree and show the result")
+    d.add_argument("--dir", help="build the sample here instead of a temporary directory")
+    d.set_defaults(func=cmd_demo)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+# later stages (daemon) register their subcommands here
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def run(argv: Sequence[str] | None, prog: str = PROG) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exit_:
+        return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
+    try:
+        settings = config.load(args)
+        return args.func(args, settings)
+    except ConfigError as err:
+        log(str(err), prog)
+        return EXIT_USAGE
+    except UpdaterError as err:
+        log(str(err), prog)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+# --------------------------------------------------------------------------- mkvalidrcptto
+
+def mkvalidrcptto_main() -> None:
+    sys.exit(mkvalidrcptto(sys.argv[1:]))
+
+
+def mkvalidrcptto(argv: Sequence[str]) -> int:
+    """Drop-in for jms1's mkvalidrcptto: print the list (``-m``: as cdbmake input), or
+    write it as a cdb (``-c FILE``, atomically).  ``-d`` shows where each key comes
+    from on stderr; ``-n`` is accepted and means no per-user ``-default`` keys, which is
+    already the default (UPDATER_QMAIL_EXT=1 adds them)."""
+    p = argparse.ArgumentParser(prog="mkvalidrcptto", description=mkvalidrcptto.__doc__)
+    p.add_argument("-n", action="store_true", help="no per-user -default keys (the default)")
+    p.add_argument("-m", action="store_true", help="print cdbmake input instead of keys")
+    p.add_argument("-c", metavar="FILE", help="write the list to this cdb (atomically)")
+    p.add_argument("-d", action="store_true", help="debug: the origin of every key on stderr")
+    config.add_arguments(p, ("generate",))
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exit_:
+        return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
+    prog = "mkvalidrcptto"
+    try:
+        settings = config.load(args)
+        if args.n:
+            settings = settings.__class__(**{**settings.__dict__, "qmail_ext": False})
+        from .generate import generate
+        result = generate(settings)
+        for w in result.warnings:
+            log(f"warning: {w}", prog)
+        items = result.items()
+        if args.d:
+            for k, _ in items:
+                log(f"{k}: {result.origin(k)}", prog)
+        if args.c:
+            from .install import install
+            log(install(items, args.c, max_shrink=settings.max_shrink).line(), prog)
+        elif args.m:
+            out([cdbmake_line(k, v) for k, v in items] + [""])
+        else:
+            out([f"{k} -" if v else k for k, v in items])
+        return EXIT_OK
+    except ConfigError as err:
+        log(str(err), prog)
+        return EXIT_USAGE
+    except UpdaterError as err:
+        log(str(err), prog)
+        return EXIT_FAIL

@@ -1,0 +1,199 @@
+"""One frozen settings object: defaults <- environment (a daemontools envdir) <- CLI flags.
+
+Every setting is declared once in ``OPTIONS``; the CLI builds its flags from that table
+and the README's settings table lists the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("", "0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected 1/0, yes/no, true/false, got {text!r}")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    value = int(text, 10)
+    if value < 0:
+        raise ValueError(f"must not be negative, got {text!r}")
+    return value
+
+
+def _mode(text: str) -> int:
+    return int(text, 8)
+
+
+def _str(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Opt:
+    name: str            # attribute of Settings
+    env: str             # environment variable (envdir file name)
+    parse: Callable[[str], Any]
+    default: Any         # None: derived from other settings in Settings.resolve()
+    help: str
+    flag: str = ""       # CLI flag; "" means --name-with-dashes
+    group: str = "generate"
+
+    @property
+    def cli(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Opt, ...] = (
+    # where qmail lives and what the generator reads
+    Opt("qmail_dir", "QMAIL_DIR", _str, "/var/qmail", "qmail's home (control/, users/, alias/)"),
+    Opt("vpopmail_dir", "VPOPMAIL_DIR", _str, None,
+        "vpopmail's home (default: ~vpopmail from passwd, else /home/vpopmail)"),
+    Opt("passwd", "UPDATER_PASSWD", _str, "",
+        "read accounts from this passwd-format file instead of the system database"),
+    Opt("uid_min", "UPDATER_UID_MIN", _int, 500, "lowest uid of a mail account"),
+    Opt("uid_max", "UPDATER_UID_MAX", _int, 65000, "highest uid of a mail account"),
+    Opt("qmail_ext", "UPDATER_QMAIL_EXT", _bool, False,
+        "vpopmail built with --enable-qmail-ext: add user-default for every vpopmail user"),
+    Opt("vuserinfo", "UPDATER_VUSERINFO", _bool, False,
+        "when a domain's vpasswd files are unreadable, ask VPOPMAIL_DIR/bin/vuserinfo -n -D"),
+    Opt("include", "UPDATER_INCLUDE", _str, None,
+        "site file of addresses always accepted (default QMAIL_DIR/control/validrcptto.include)"),
+    Opt("exclude", "UPDATER_EXCLUDE", _str, None,
+        "site file of addresses/@domains always rejected "
+        "(default QMAIL_DIR/control/validrcptto.exclude)"),
+    # install
+    Opt("cdb", "VALIDRCPTTO_CDB", _str, None,
+        "the cdb to install (default QMAIL_DIR/control/validrcptto.cdb)", group="install"),
+    Opt("max_shrink", "UPDATER_MAX_SHRINK", _float, 20.0,
+        "refuse a list that shrinks by more than this percentage (0 = no limit)", group="install"),
+    # daemon
+    Opt("fifo", "UPDATER_FIFO", _str, None,
+        "trigger FIFO (default QMAIL_DIR/control/validrcptto.trigger)", group="daemon"),
+    Opt("fifo_mode", "UPDATER_FIFO_MODE", _mode, 0o622,
+        "octal mode of the trigger FIFO when it is created", group="daemon"),
+    Opt("quiet", "UPDATER_QUIET", _float, 2.0,
+        "seconds without a new request before a build starts", group="daemon"),
+    Opt("max_delay", "UPDATER_MAX_DELAY", _float, 30.0,
+        "seconds after the first pending request when a build starts anyway", group="daemon"),
+    Opt("interval", "UPDATER_INTERVAL", _float, 3600.0,
+        "seconds between safety-net full builds (0 = never)", group="daemon"),
+    Opt("retry_min", "UPDATER_RETRY_MIN", _float, 10.0,
+        "first retry delay after a failed build, doubling", group="daemon"),
+    Opt("retry_max", "UPDATER_RETRY_MAX", _float, 600.0,
+        "longest retry delay after failed builds", group="daemon"),
+    Opt("status", "UPDATER_STATUS", _str, None,
+        "JSON status file (default QMAIL_DIR/control/validrcptto.status)", group="daemon"),
+    Opt("prom_file", "UPDATER_PROM_FILE", _str, "",
+        "also write a node-exporter textfile here", group="daemon"),
+    Opt("poll", "UPDATER_POLL", _float, 0.0,
+        "watch files by polling every N seconds instead of inotify (0 = inotify)",
+        group="daemon"),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    qmail_dir: str = "/var/qmail"
+    vpopmail_dir: str | None = None
+    passwd: str = ""
+    uid_min: int = 500
+    uid_max: int = 65000
+    qmail_ext: bool = False
+    vuserinfo: bool = False
+    include: str | None = None
+    exclude: str | None = None
+    cdb: str | None = None
+    max_shrink: float = 20.0
+    fifo: str | None = None
+    fifo_mode: int = 0o622
+    quiet: float = 2.0
+    max_delay: float = 30.0
+    interval: float = 3600.0
+    retry_min: float = 10.0
+    retry_max: float = 600.0
+    status: str | None = None
+    prom_file: str = ""
+    poll: float = 0.0
+    force: bool = False
+
+    def control(self, name: str) -> str:
+        return os.path.join(self.qmail_dir, "control", name)
+
+    def resolve(self) -> "Settings":
+        """Fill the defaults that depend on other settings."""
+        derived: dict[str, Any] = {}
+        if self.include is None:
+            derived["include"] = self.control("validrcptto.include")
+        if self.exclude is None:
+            derived["exclude"] = self.control("validrcptto.exclude")
+        if self.cdb is None:
+            derived["cdb"] = self.control("validrcptto.cdb")
+        if self.fifo is None:
+            derived["fifo"] = self.control("validrcptto.trigger")
+        if self.status is None:
+            derived["status"] = self.control("validrcptto.status")
+        if self.uid_min > self.uid_max:
+            raise ConfigError(f"uid range is empty: {self.uid_min} > {self.uid_max}")
+        return dataclasses.replace(self, **derived) if derived else self
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    """Add a flag for every option of the given groups (values are parsed later)."""
+    for opt in OPTIONS:
+        if opt.group not in groups:
+            continue
+        if opt.parse is _bool:
+            parser.add_argument(opt.cli, dest=opt.name, action="store_const", const="1",
+                                default=None, help=f"{opt.help} [${opt.env}]")
+        else:
+            parser.add_argument(opt.cli, dest=opt.name, metavar=opt.name.upper(),
+                                default=None, help=f"{opt.help} [${opt.env}]")
+
+
+def load(args: argparse.Namespace | None = None,
+         environ: Mapping[str, str] | None = None) -> Settings:
+    """defaults <- environment <- flags, parsed and resolved."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw, origin = None, None
+        if opt.env in environ:
+            raw, origin = environ[opt.env], f"${opt.env}"
+            if raw == "" and opt.default is None:
+                raw = None   # an empty envdir file means "use the default"
+        flag_value = getattr(args, opt.name, None) if args is not None else None
+        if flag_value is not None:
+            raw, origin = flag_value, opt.cli
+        if raw is None:
+            continue
+        try:
+            values[opt.name] = opt.parse(raw.strip() if opt.parse is not _str else raw)
+        except ValueError as err:
+            raise ConfigError(f"{origin}: {err}") from None
+    if args is not None and getattr(args, "force", False):
+        values["force"] = True
+    return Settings(**values).resolve()
+
+
+def option(name: str) -> Opt:
+    return _BY_NAME[name]

@@ -1,0 +1,223 @@
+"""mkvalidrcptto: classify every domain we receive mail for, run the sources, normalise.
+
+The domain universe is control/rcpthosts plus control/morercpthosts.cdb.  Each domain
+is, first match wins: local (control/locals, or control/me when locals is absent),
+virtual or alias (control/virtualdomains), or routed (control/smtproutes, written as
+``@domain``).  A domain that fits none is a fatal error: listing it as a catch-all
+would quietly accept mail this server cannot deliver, and dropping it would reject
+all of its mail.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from .config import Settings
+from .errors import SourceError
+from .qmail import (Account, MapEntry, accounts as load_accounts, cdb_keys, control_lines,
+                    first_line, lower_ascii, map_index, map_lookup, parse_assign,
+                    parse_domain_map, read_text)
+from .sources import Found, Notes
+from .sources.aliases import alias_entries
+from .sources.site import site_entries
+from .sources.system import local_accounts
+from .sources.virtual import find_home, virtual_entries
+
+REJECT = "-"
+
+
+# --------------------------------------------------------------------------- rules (pure)
+
+@dataclass
+class Plan:
+    """Which domain is handled how."""
+    local: list[str] = field(default_factory=list)
+    alias: list[str] = field(default_factory=list)                # virtualdomains d:alias
+    virtual: list[tuple[str, MapEntry]] = field(default_factory=list)
+    routed: list[tuple[str, MapEntry]] = field(default_factory=list)
+    singles: list[MapEntry] = field(default_factory=list)        # user@domain:prepend
+
+
+def universe(rcpthosts: list[tuple[int, str]], rcpthosts_path: str,
+             more: Iterable[str], more_path: str) -> dict[str, tuple[str, int | None]]:
+    """domain -> (file, line) where it is listed.  A ``.domain`` wildcard cannot be
+    expressed in validrcptto.cdb (the checker matches exact domains): an error."""
+    out: dict[str, tuple[str, int | None]] = {}
+    listed: list[tuple[str, tuple[str, int | None]]] = \
+        [(lower_ascii(d.strip()), (rcpthosts_path, n)) for n, d in rcpthosts]
+    listed += [(lower_ascii(d), (more_path, None)) for d in more]
+    for domain, where in listed:
+        if domain.startswith("."):
+            raise SourceError(f"{domain!r} matches every subdomain, but validrcptto.cdb can "
+                              "only list exact domains: list the subdomains you accept", *where)
+        if not domain or "@" in domain or any(c.isspace() for c in domain):
+            raise SourceError(f"not a domain: {domain!r}", *where)
+        out.setdefault(domain, where)
+    return out
+
+
+def classify(domains: dict[str, tuple[str, int | None]], locals_: set[str], virtualdomains: list[MapEntry],
+             smtproutes: list[MapEntry]) -> Plan:
+    plan = Plan()
+    vd_index = map_index(e for e in virtualdomains if "@" not in e.left)
+    sr_index = map_index(smtproutes)
+    unhandled = []
+    for domain in sorted(domains):
+        if domain in locals_:
+            plan.local.append(domain)
+            continue
+        vd = map_lookup(vd_index, domain)
+        if vd is not None and vd.right:               # "domain:" is an exception, not virtual
+            if vd.right == "alias":
+                plan.alias.append(domain)
+            else:
+                plan.virtual.append((domain, vd))
+            continue
+        sr = map_lookup(sr_index, domain)
+        if sr is not None:
+            plan.routed.append((domain, sr))
+            continue
+        unhandled.append(domain)
+    if unhandled:
+        first = unhandled[0]
+        more = f" (and {len(unhandled) - 1} more: {', '.join(unhandled[1:6])})" \
+            if len(unhandled) > 1 else ""
+        raise SourceError(f"{first} is listed but not handled by this server: not in locals, "
+                          f"virtualdomains or smtproutes{more}", *domains[first])
+    plan.singles = [e for e in virtualdomains
+                    if "@" in e.left and e.left.rpartition("@")[2] in domains and e.right]
+    return plan
+
+
+_BAD = re.compile(r"[\x00-\x20\x7f]")
+
+
+def normalise(keys: list[str], origin: str, notes: Notes) -> list[str]:
+    """Lowercase (A-Z only) and drop keys no SMTP client can send unquoted."""
+    if _BAD.search("".join(keys)):
+        good = [k for k in keys if not _BAD.search(k)]
+        notes.warn(f"{origin}: skipped {len(keys) - len(good)} name(s) with white space "
+                   "or control characters")
+        keys = good
+    if not keys:
+        return []
+    return lower_ascii("\n".join(keys)).split("\n")
+
+
+@dataclass
+class Result:
+    keys: dict[str, int]            # key -> index into origins
+    origins: list[str]
+    rejects: set[str]
+    warnings: list[str]
+    seconds: float = 0.0
+
+    def items(self) -> list[tuple[str, str]]:
+        """Sorted (key, value): value ``-`` for rejecting keys, else empty."""
+        rejects = self.rejects
+        return [(k, REJECT if k in rejects else "") for k in sorted(self.keys)]
+
+    def origin(self, key: str) -> str:
+        return self.origins[self.keys[key]]
+
+
+def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Result:
+    """Dedupe; excluded keys win over everything; an excluded ``@domain`` removes the
+    domain's other keys.  Keys at ``bare_domain`` (control/envnoathost) also get a bare
+    local-part key, since qmail delivers an address without ``@`` there."""
+    keys: dict[str, int] = {}
+    origins: list[str] = []
+    excluded: list[tuple[list[str], int]] = []
+    for found in groups:
+        index = len(origins)
+        origins.append(found.origin)
+        ks = normalise(found.keys, found.origin, notes)
+        if found.reject:
+            excluded.append((ks, index))
+        else:
+            keys.update(dict.fromkeys(ks, index))
+    if bare_domain and "@" + bare_domain not in keys:
+        suffix = "@" + bare_domain
+        bare = {k[: -len(suffix)]: i for k, i in keys.items()
+                if k.endswith(suffix) and not k.startswith("@")}
+        for k, i in bare.items():
+            keys.setdefault(k, i)
+    rejects: set[str] = set()
+    for ks, index in excluded:
+        for k in ks:
+            if k.startswith("@"):
+                for other in [o for o in keys if o.endswith(k)]:
+                    del keys[other]
+            keys[k] = index
+            rejects.add(k)
+    return Result(keys, origins, rejects, notes.warnings)
+
+
+# --------------------------------------------------------------------------- the build
+
+def _vpopmail_dir(settings: Settings, accts: dict[str, Account]) -> str:
+    if settings.vpopmail_dir:
+        return settings.vpopmail_dir
+    if "vpopmail" in accts:
+        return accts["vpopmail"].home
+    return "/home/vpopmail"
+
+
+def plan_for(settings: Settings) -> tuple[Plan, dict[str, tuple[str, int | None]]]:
+    """Read the control files and classify the domain universe."""
+    rcpthosts = settings.control("rcpthosts")
+    more_path = settings.control("morercpthosts.cdb")
+    domains = universe(control_lines(read_text(rcpthosts, required=True)), rcpthosts,
+                       cdb_keys(more_path) or [], more_path)
+    locals_text = read_text(settings.control("locals"))
+    if locals_text is None:
+        me = first_line(settings.control("me"))
+        locals_ = {lower_ascii(me)} if me else set()
+    else:
+        locals_ = {lower_ascii(line) for _, line in control_lines(locals_text)}
+    vd_path, sr_path = settings.control("virtualdomains"), settings.control("smtproutes")
+    vd = parse_domain_map(control_lines(read_text(vd_path)), vd_path)
+    sr = parse_domain_map(control_lines(read_text(sr_path)), sr_path)
+    return classify(domains, locals_, vd, sr), domains
+
+
+def sources(settings: Settings, plan: Plan, notes: Notes) -> Iterator[Found]:
+    """Every source, in a fixed order (the output does not depend on it: it is sorted)."""
+    accts_list = load_accounts(settings.passwd)
+    accts = {}
+    for a in accts_list:
+        accts.setdefault(a.name, a)
+    yield from local_accounts(accts_list, settings.uid_min, settings.uid_max, plan.local, notes)
+    alias_home = accts["alias"].home if "alias" in accts else \
+        os.path.join(settings.qmail_dir, "alias")
+    yield from alias_entries(alias_home, plan.local + plan.alias, notes)
+    if plan.virtual:
+        assign_path = os.path.join(settings.qmail_dir, "users", "assign")
+        assign = parse_assign(read_text(assign_path), assign_path)
+        vpop = _vpopmail_dir(settings, accts)
+        vuserinfo = os.path.join(vpop, "bin", "vuserinfo") if settings.vuserinfo else None
+        for domain, entry in plan.virtual:
+            home = find_home(domain, entry, assign, accts, vpop)
+            yield from virtual_entries(domain, home, vuserinfo, settings.qmail_ext, notes)
+    for domain, entry in plan.routed:
+        yield Found(f"smtproutes {entry.path}:{entry.line}", ["@" + domain])
+    for entry in plan.singles:
+        yield Found(f"virtualdomains {entry.path}:{entry.line}", [entry.left])
+    yield from site_entries(settings.include, settings.exclude)
+
+
+def generate(settings: Settings) -> Result:
+    """The whole list, or a SourceError: never a partial list."""
+    started = time.monotonic()
+    notes = Notes()
+    plan, _ = plan_for(settings)
+    handled = set(plan.local) | set(plan.alias) | {d for d, _ in plan.virtual}
+    bare = first_line(settings.control("envnoathost")) or first_line(settings.control("me"))
+    bare = lower_ascii(bare) if bare and lower_ascii(bare) in handled else None
+    result = merge(sources(settings, plan, notes), notes, bare)
+    result.seconds = time.monotonic() - started
+    return result

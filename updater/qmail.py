@@ -1,0 +1,272 @@
+"""Readers for qmail's own files, and the rules qmail applies to them.
+
+One reader per file format, used everywhere: the generator, the daemon's watch list and
+the SMTP server all come here to learn where a file is and what it says.  Parsers are
+pure functions over lines; the ``read_*`` helpers are the only file I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shlex
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from .errors import SourceError
+
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"     # never fail on 8-bit bytes; write them back unchanged
+
+# Only ASCII A-Z are lowercased, by qmail-smtpd and therefore by us (REFERENCE §1.6).
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def lower_ascii(text: str) -> str:
+    """Lowercase A-Z only; leave every other character alone."""
+    return text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
+
+
+# --------------------------------------------------------------------------- file I/O
+
+def read_text(path: str, *, required: bool = False) -> str | None:
+    """A whole file as text, or None when it does not exist (unless required)."""
+    try:
+        with open(path, encoding=ENCODING, errors=ERRORS) as f:
+            return f.read()
+    except FileNotFoundError:
+        if required:
+            raise SourceError("missing", path) from None
+        return None
+    except OSError as err:
+        raise SourceError(f"cannot read: {err.strerror}", path) from None
+
+
+def control_lines(text: str | None) -> list[tuple[int, str]]:
+    """qmail control-file lines: (line number, text) without blanks and # comments,
+    trailing white space removed (as qmail's control_readfile does)."""
+    if not text:
+        return []
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.rstrip(" \t\r")
+        if line and not line.startswith("#"):
+            out.append((number, line))
+    return out
+
+
+def read_control(path: str, *, required: bool = False) -> list[tuple[int, str]]:
+    return control_lines(read_text(path, required=required))
+
+
+def first_line(path: str) -> str | None:
+    """The first line of a control file (control/me, control/smtpgreeting), or None."""
+    lines = read_control(path)
+    return lines[0][1] if lines else None
+
+
+def cdb_keys(path: str) -> list[str] | None:
+    """Every key of a cdb file, or None when it does not exist."""
+    import cdbx
+    try:
+        db = cdbx.CDB(path)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise SourceError(f"cannot read cdb: {err.strerror or err}", path) from None
+    try:
+        return [k.decode(ENCODING, ERRORS) for k in db]
+    except Exception as err:            # corrupt file: cdbx raises its own errors
+        raise SourceError(f"corrupt cdb: {err}", path) from None
+    finally:
+        db.close()
+
+
+def list_dir(path: str) -> list[str] | None:
+    """Names in a directory, or None when it does not exist; unreadable is an error."""
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as err:
+        raise SourceError(f"cannot read directory: {err.strerror}", path) from None
+
+
+# --------------------------------------------------------------------------- domain maps
+
+@dataclass(frozen=True)
+class MapEntry:
+    """One ``left:right`` line of virtualdomains or smtproutes."""
+    left: str      # domain, .suffix, user@domain, or "" (everything)
+    right: str     # prepend (virtualdomains) or relay (smtproutes)
+    path: str
+    line: int
+
+
+def parse_domain_map(lines: Iterable[tuple[int, str]], path: str) -> list[MapEntry]:
+    out = []
+    for number, line in lines:
+        left, sep, right = line.partition(":")
+        if not sep:
+            raise SourceError(f"malformed line (expected 'domain:value'): {line!r}",
+                              path, number)
+        left = lower_ascii(left.strip())
+        if " " in left or "\t" in left:
+            raise SourceError(f"malformed domain {left!r}", path, number)
+        out.append(MapEntry(left, right.strip(), path, number))
+    return out
+
+
+def map_index(entries: Iterable[MapEntry]) -> dict[str, MapEntry]:
+    """First entry wins, as qmail's constmap does."""
+    index: dict[str, MapEntry] = {}
+    for e in entries:
+        index.setdefault(e.left, e)
+    return index
+
+
+def map_lookup(index: dict[str, MapEntry], domain: str) -> MapEntry | None:
+    """qmail's lookup order: the domain, then each .parent suffix, then the empty key."""
+    hit = index.get(domain)
+    if hit is not None:
+        return hit
+    dot = domain.find(".")
+    while dot != -1:
+        hit = index.get(domain[dot:])
+        if hit is not None:
+            return hit
+        dot = domain.find(".", dot + 1)
+    return index.get("")
+
+
+# --------------------------------------------------------------------------- users/assign
+
+@dataclass(frozen=True)
+class Assign:
+    """One users/assign line: ``=local:user:uid:gid:home:dash:ext:`` (exact) or
+    ``+prefix:user:uid:gid:home:dash:pre:`` (wildcard)."""
+    exact: bool
+    local: str
+    user: str
+    uid: int
+    home: str
+    dash: str
+    ext: str
+    line: int
+
+
+def parse_assign(text: str | None, path: str) -> list[Assign]:
+    if not text:
+        return []
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line == ".":
+            break
+        if not line.strip():
+            continue
+        kind = line[0]
+        if kind not in "=+":
+            raise SourceError(f"line must start with '=', '+' or be '.': {line!r}",
+                              path, number)
+        fields = line[1:].split(":")
+        if len(fields) < 7:
+            raise SourceError(f"expected 7 ':'-separated fields: {line!r}", path, number)
+        local, user, uid, _gid, home, dash, ext = fields[:7]
+        try:
+            uid_n = int(uid)
+        except ValueError:
+            raise SourceError(f"uid is not a number: {uid!r}", path, number) from None
+        out.append(Assign(kind == "=", lower_ascii(local), user, uid_n, home, dash, ext,
+                          number))
+    return out
+
+
+def assign_lookup(entries: list[Assign], local: str) -> tuple[Assign, str] | None:
+    """qmail-lspawn's rule: an exact ``=`` match, else the longest ``+`` prefix.
+    Returns the entry and the part of ``local`` after the prefix."""
+    best: Assign | None = None
+    for e in entries:
+        if e.exact and e.local == local:
+            return e, ""
+    for e in entries:
+        if not e.exact and local.startswith(e.local):
+            if best is None or len(e.local) > len(best.local):
+                best = e
+    return (best, local[len(best.local):]) if best else None
+
+
+# --------------------------------------------------------------------------- passwd
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    home: str
+
+
+def parse_passwd(text: str, path: str) -> list[Account]:
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split(":")
+        if len(fields) < 7 or not fields[0]:
+            raise SourceError(f"expected 7 ':'-separated fields: {line!r}", path, number)
+        try:
+            uid = int(fields[2])
+        except ValueError:
+            raise SourceError(f"uid is not a number: {fields[2]!r}", path, number) from None
+        out.append(Account(fields[0], uid, fields[5]))
+    return out
+
+
+def accounts(passwd_file: str) -> list[Account]:
+    """The passwd database: a passwd-format file when given, else the system's."""
+    if passwd_file:
+        return parse_passwd(read_text(passwd_file, required=True) or "", passwd_file)
+    return [Account(p.pw_name, p.pw_uid, p.pw_dir) for p in pwd.getpwall()]
+
+
+# --------------------------------------------------------------------------- .qmail files
+
+def dot_qmail_exts(names: Iterable[str], prefix: str) -> Iterator[str]:
+    """The address extensions that ``prefix``+EXT files answer for.
+
+    qmail-local lowercases the address and turns its dots into colons before it looks
+    for a file, so ``.qmail-a:b`` answers ``a.b``; a file name with a dot or a capital
+    in EXT can never be reached and is skipped.  ``default`` is returned as is."""
+    for name in names:
+        if not name.startswith(prefix) or len(name) == len(prefix):
+            continue
+        ext = name[len(prefix):]
+        if "." in ext or ext != lower_ascii(ext) or "/" in ext:
+            continue
+        yield ext.replace(":", ".")
+
+
+def delivery_commands(text: str | None) -> list[list[str]]:
+    """The program lines (``|cmd args``) of a .qmail file, split like a shell would."""
+    out = []
+    for _, line in control_lines(text):
+        if line.startswith("|"):
+            try:
+                out.append(shlex.split(line[1:]))
+            except ValueError:
+                out.append(line[1:].split())
+    return out
+
+
+def runs(text: str | None, program: str) -> list[str] | None:
+    """The arguments of the first line of a .qmail file that runs ``program``."""
+    for argv in delivery_commands(text):
+        if argv and os.path.basename(argv[0]) == program:
+            return argv[1:]
+    return None
+
+
+def fastforward_cdb(args: list[str]) -> str | None:
+    """fastforward [-nNpP] cdb: the first argument that is not an option."""
+    for a in args:
+        if not a.startswith("-"):
+            return a
+    return None

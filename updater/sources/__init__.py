@@ -1,0 +1,35 @@
+"""The sources of valid addresses.
+
+Each source yields ``Found`` groups: the keys one file (or one account, one directory)
+contributes, tagged with where they came from.  Grouping per origin instead of one
+object per address keeps a million-address build fast and small, while ``--origins``
+and ``--diff`` can still say *why* a key is there.  Sources read files; the rules
+they apply live in ``updater.qmail`` and are pure.  A source that cannot read what it
+needs raises ``SourceError`` and the whole build fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Found:
+    origin: str                      # "vpasswd /home/vpopmail/domains/x/vpasswd", ...
+    keys: list[str]                  # lowercased keys: user@domain, user, @domain
+    reject: bool = False             # written with the value "-" (site exclude file)
+
+
+@dataclass(slots=True)
+class Notes:
+    """Warnings a build wants the admin to see (catch-all domains, skipped names)."""
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+
+def at(names, domain: str) -> list[str]:
+    """``name@domain`` for each name (names already lowercase)."""
+    suffix = "@" + domain
+    return [n + suffix for n in names]
