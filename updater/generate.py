@@ -66,7 +66,7 @@ def classify(domains: dict[str, tuple[str, int | None]], locals_: set[str], virt
     vd_index = map_index(e for e in virtualdomains if "@" not in e.left)
     sr_index = map_index(smtproutes)
     unhandled = []
-    for domain in sorted(domains):
+    for domain in domains:                            # in the order they are listed
         if domain in locals_:
             plan.local.append(domain)
             continue
@@ -140,12 +140,6 @@ def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Res
             excluded.append((ks, index))
         else:
             keys.update(dict.fromkeys(ks, index))
-    if bare_domain and "@" + bare_domain not in keys:
-        suffix = "@" + bare_domain
-        bare = {k[: -len(suffix)]: i for k, i in keys.items()
-                if k.endswith(suffix) and not k.startswith("@")}
-        for k, i in bare.items():
-            keys.setdefault(k, i)
     rejects: set[str] = set()
     for ks, index in excluded:
         for k in ks:
@@ -154,6 +148,15 @@ def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Res
                     del keys[other]
             keys[k] = index
             rejects.add(k)
+    if bare_domain and "@" + bare_domain not in keys:
+        suffix = "@" + bare_domain
+        bare = {k[: -len(suffix)]: k for k in keys
+                if k.endswith(suffix) and not k.startswith("@")}
+        for local, full in bare.items():
+            if local not in keys:
+                keys[local] = keys[full]
+                if full in rejects:
+                    rejects.add(local)
     return Result(keys, origins, rejects, notes.warnings)
 
 

@@ -1,0 +1,123 @@
+"""Shared fixtures: qmail trees built in temp dirs, the real CLI, real Debian tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BIN = Path(sys.executable).parent
+
+
+def need(tool: str) -> str:
+    """The path of a real tool; under CI=true a missing tool fails the test."""
+    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin")
+    if path is None:
+        if CI:
+            pytest.fail(f"{tool} is required under CI=true (apt-get install it in .ci/run)")
+        pytest.skip(f"{tool} not installed")
+    return path
+
+
+def script(name: str) -> str:
+    """One of our console scripts, as installed next to this Python."""
+    path = BIN / name
+    if not path.exists():
+        found = shutil.which(name)
+        assert found, f"{name} is not installed: pip install -e ."
+        return found
+    return str(path)
+
+
+class Tree:
+    """A qmail installation in a temp dir: control files, accounts, vpopmail domains."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.qmail = root / "var/qmail"
+        self.vpop = root / "home/vpopmail"
+        self.passwd_lines = ["root:x:0:0:root:/root:/bin/sh",
+                             f"alias:x:201:200::{self.qmail}/alias:/bin/false"]
+        (self.qmail / "control").mkdir(parents=True)
+        (self.qmail / "users").mkdir()
+        (self.qmail / "alias").mkdir()
+        self.assign_lines: list[str] = []
+        self._flush_passwd()
+
+    # ---- writing
+    def write(self, rel: str, content: str | bytes, mode: int | None = None) -> Path:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        if mode is not None:
+            path.chmod(mode)
+        return path
+
+    def control(self, name: str, content: str) -> Path:
+        return self.write(f"var/qmail/control/{name}", content)
+
+    def _flush_passwd(self) -> None:
+        self.write("etc/passwd", "\n".join(self.passwd_lines) + "\n")
+
+    def account(self, name: str, uid: int = 1000, files: tuple[str, ...] = (),
+                home: bool = True) -> Path:
+        path = self.root / "home" / name
+        self.passwd_lines.append(f"{name}:x:{uid}:{uid}::{path}:/bin/sh")
+        self._flush_passwd()
+        if home:
+            path.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                (path / f).write_text("./Maildir/\n")
+        return path
+
+    def vpop_domain(self, domain: str, users: tuple[str, ...] = (), files: tuple[str, ...] = (),
+                    default: str | None = "| /home/vpopmail/bin/vdelivermail '' bounce-no-mailbox",
+                    sub: str = "", vpasswd: bool = True) -> Path:
+        d = self.vpop / "domains" / sub / domain if sub else self.vpop / "domains" / domain
+        d.mkdir(parents=True, exist_ok=True)
+        if vpasswd:
+            (d / "vpasswd").write_text("".join(
+                f"{u}:$1$xx$yy:1:0:{u}:{d}/{u}:NOQUOTA\n" for u in users))
+        if default is not None:
+            (d / ".qmail-default").write_text(default + "\n")
+        for f in files:
+            (d / f).write_text("&someone@example.com\n")
+        self.assign_lines.append(f"+{domain}-:{domain}:89:89:{d}:-::")
+        self.write("var/qmail/users/assign", "\n".join(self.assign_lines) + "\n.\n")
+        return d
+
+    # ---- running
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("UPDATER_", "VALIDRCPTTO_", "QMAIL_", "VPOPMAIL_"))}
+        env.update(QMAIL_DIR=str(self.qmail), VPOPMAIL_DIR=str(self.vpop),
+                   UPDATER_PASSWD=str(self.root / "etc/passwd"))
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, prog: str = "qmail-updater", env: dict | None = None,
+            **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([script(prog), *args], env=env or self.env(**extra),
+                              capture_output=True, text=True, timeout=120)
+
+    def keys(self, *args: str, **extra: str) -> list[str]:
+        done = self.run("generate", *args, **extra)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    @property
+    def cdb(self) -> Path:
+        return self.qmail / "control/validrcptto.cdb"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Tree:
+    return Tree(tmp_path)

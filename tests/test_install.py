@@ -1,0 +1,206 @@
+"""`qmail-updater build`: the cdb it writes, the sanity gate, crash safety, concurrency."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Tree, need, script
+from updater.install import gate
+
+
+def local_tree(tree: Tree, users: int) -> None:
+    """One vpopmail domain with ``users`` users (vpasswd written directly)."""
+    tree.control("rcpthosts", "big.example\n")
+    tree.control("virtualdomains", "big.example:big.example\n")
+    d = tree.vpop_domain("big.example")
+    set_users(d, users)
+
+
+def set_users(domain_dir: Path, users: int, start: int = 0) -> None:
+    (domain_dir / "vpasswd").write_text("".join(
+        f"user{i:07d}:$1$ab$cdefghijklmnopqrstuv01:1:0:User {i}:{domain_dir}/user{i:07d}:NOQUOTA\n"
+        for i in range(start, start + users)))
+
+
+def cdbdump(path: Path) -> bytes:
+    return subprocess.run([need("cdbdump")], stdin=open(path, "rb"), capture_output=True,
+                          check=True).stdout
+
+
+def test_cdb_is_read_by_freecdb_and_identical_to_cdbmake(tree: Tree, tmp_path: Path):
+    cdbmake, cdbget = need("cdbmake"), need("cdbget")
+    tree.control("rcpthosts", "example.com\nvpop.example\n")
+    tree.control("locals", "example.com\n")
+    tree.control("virtualdomains", "vpop.example:vpop.example\n")
+    tree.control("validrcptto.exclude", "trap@vpop.example\n")
+    tree.account("joe", files=(".qmail-x",))
+    tree.vpop_domain("vpop.example", users=("ann", "bob", "trap"))
+    done = tree.run("build")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"qmail-updater: installed {tree.cdb}: 5 entries, +5 -0")
+    # cdbget finds each key with its value
+    for key, value in ((b"ann@vpop.example", b""), (b"trap@vpop.example", b"-")):
+        got = subprocess.run([cdbget, key], stdin=open(tree.cdb, "rb"), capture_output=True)
+        assert got.returncode == 0 and got.stdout == value
+    assert subprocess.run([cdbget, b"nobody@vpop.example"], stdin=open(tree.cdb, "rb"),
+                          capture_output=True).returncode == 100
+    # byte-identical to cdbmake fed the same records in the same order (mkvalidrcptto -m)
+    records = tree.run("generate", "--format", "cdbmake").stdout.encode()
+    assert records.count(b"\n") == 6 and records.endswith(b"\n\n")
+    ref = tmp_path / "ref.cdb"
+    subprocess.run([cdbmake, str(ref), str(ref) + ".tmp"], input=records, check=True)
+    assert tree.cdb.read_bytes() == ref.read_bytes()
+    assert cdbdump(tree.cdb) == records
+    assert stat.S_IMODE(tree.cdb.stat().st_mode) == 0o644
+
+
+def test_large_list_identical_to_cdbmake(tree: Tree, tmp_path: Path):
+    cdbmake = need("cdbmake")
+    local_tree(tree, 20000)
+    assert tree.run("build").returncode == 0
+    records = tree.run("generate", "--format", "cdbmake").stdout.encode()
+    ref = tmp_path / "ref.cdb"
+    subprocess.run([cdbmake, str(ref), str(ref) + ".tmp"], input=records, check=True)
+    assert tree.cdb.read_bytes() == ref.read_bytes()
+
+
+def test_unchanged_list_is_not_rewritten(tree: Tree):
+    local_tree(tree, 10)
+    assert tree.run("build").returncode == 0
+    before = tree.cdb.stat()
+    time.sleep(0.01)
+    done = tree.run("build")
+    assert done.returncode == 0
+    assert done.stderr.startswith(f"qmail-updater: unchanged {tree.cdb}: 10 entries")
+    after = tree.cdb.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_diff_and_counts(tree: Tree):
+    local_tree(tree, 3)
+    tree.run("build")
+    d = tree.vpop / "domains/big.example"
+    set_users(d, 3, start=1)              # user0 gone, user3 new
+    done = tree.run("build", "--diff")
+    assert done.returncode == 0
+    assert "3 entries, +1 -1," in done.stderr
+    assert done.stdout.splitlines() == ["+user0000003@big.example", "-user0000000@big.example"]
+
+
+def test_sanity_gate_refuses_empty_and_big_shrink(tree: Tree):
+    local_tree(tree, 100)
+    assert tree.run("build").returncode == 0
+    good = tree.cdb.read_bytes()
+    d = tree.vpop / "domains/big.example"
+    set_users(d, 50)
+    done = tree.run("build")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"qmail-updater: {tree.cdb}: refusing to install: the list shrinks by 50.0% "
+        "(100 -> 50 entries), more than the 20% allowed (--max-shrink; --force installs it "
+        "anyway)")
+    assert tree.cdb.read_bytes() == good
+    assert tree.run("build", "--max-shrink", "60").returncode == 0       # a looser gate
+    set_users(d, 100)
+    tree.run("build")
+    assert tree.run("build", UPDATER_MAX_SHRINK="60").returncode == 0
+    set_users(d, 0)
+    done = tree.run("build")
+    assert done.returncode == 1 and "refusing to install an empty list" in done.stderr
+    assert tree.cdb.read_bytes() == good
+    done = tree.run("build", "--force")
+    assert done.returncode == 0 and "0 entries, +0 -100" in done.stderr
+
+
+def test_gate_rule():
+    assert gate(0, None, 20, False) is not None
+    assert gate(0, 5, 20, True) is None
+    assert gate(80, 100, 20, False) is None
+    assert gate(79, 100, 20, False) is not None
+    assert gate(1, 100, 0, False) is None           # 0 = no shrink limit
+    assert gate(5, None, 20, False) is None
+
+
+def test_unwritable_target_keeps_old_and_leaves_no_temp(tree: Tree):
+    local_tree(tree, 5)
+    done = tree.run("build", "--cdb", str(tree.root / "no/such/dir/validrcptto.cdb"))
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("qmail-updater: ")
+    assert "no/such/dir/validrcptto.cdb.lock: cannot open lock file" in done.stderr
+
+
+def keyset(path: Path) -> int:
+    import cdbx
+    db = cdbx.CDB(str(path))
+    try:
+        return len(db)
+    finally:
+        db.close()
+
+
+def temps(tree: Tree) -> list[str]:
+    return [n for n in os.listdir(tree.cdb.parent) if n.startswith(".validrcptto.cdb.tmp.")]
+
+
+def test_sigkill_anywhere_leaves_old_or_new_complete_file(tree: Tree):
+    """Kill builds with SIGKILL at 60 points spread over the write; the live file is always
+    one of the two complete cdbs; the next good build cleans up the temp files."""
+    sizes = (20000, 30000)
+    domain = tree.vpop / "domains/big.example"
+    local_tree(tree, sizes[0])
+    env = tree.env()
+    argv = [script("qmail-updater"), "build", "--force"]
+    assert subprocess.run(argv, env=env, capture_output=True).returncode == 0
+    # time one build from the small list to the big one, and when its temp file appears
+    set_users(domain, sizes[1])
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+    write_start = None
+    while proc.poll() is None:
+        if write_start is None and temps(tree):
+            write_start = time.monotonic() - started
+        time.sleep(0.001)
+    total = time.monotonic() - started
+    assert proc.returncode == 0 and keyset(tree.cdb) == sizes[1]
+    write_start = write_start if write_start is not None else total * 0.5
+    live = 1                       # index into sizes of what the live file holds
+    outcomes = {0: 0, 1: 0}
+    left_temp = 0
+    points = 60
+    for i in range(points):
+        set_users(domain, sizes[1 - live])          # every build heads for the other list
+        delay = write_start + (total - write_start) * 1.2 * i / points
+        proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        count = keyset(tree.cdb)                   # always a complete, readable cdb
+        assert count in sizes
+        live = sizes.index(count)
+        outcomes[live] += 1
+        left_temp += bool(temps(tree))
+    print(f"total {total:.3f}s write from {write_start:.3f}s outcomes {outcomes} temps {left_temp}")
+    assert left_temp > 0, "no kill landed inside the write phase"
+    assert tree.run("build", "--force").returncode == 0
+    assert keyset(tree.cdb) in sizes
+    assert temps(tree) == []
+
+
+def test_two_builds_at_once(tree: Tree):
+    local_tree(tree, 50000)
+    env = tree.env()
+    procs = [subprocess.Popen([script("qmail-updater"), "build"], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    # one installed it, the other (serialised by the lock) found it unchanged
+    assert sorted(o.split()[1] for o in outs) == ["installed", "unchanged"]
+    assert keyset(tree.cdb) == 50000
+    assert temps(tree) == []
