@@ -57,3 +57,10 @@ def test_demo_builds_the_sample_and_shows_verdicts(tmp_path):
     assert "553 reject  nobody@vpop.example.net              decided by (none)" in out
     assert "553 reject  spamtrap@catchall.example.org        decided by spamtrap@" in out
     assert (tmp_path / "d/var/qmail/control/validrcptto.cdb").exists()
+    assert ("  C: RCPT TO:<Mary@vpop.example.net>\n  S: 250 ok\n"
+            "  C: RCPT TO:<nobody@vpop.example.net>\n"
+            "  S: 553 sorry, this recipient is not in my validrcptto list (#5.7.1)\n"
+            "  C: RCPT TO:<spamtrap@catchall.example.org>\n"
+            "  S: 553 sorry, this recipient is not in my validrcptto list (#5.7.1)\n"
+            "  C: QUIT\n  S: 221 mail.example.com\n") in out
+    assert "validrcptto [192.0.2.7] not found: spamtrap@catchall.example.org" in out

@@ -8,18 +8,11 @@ runs one process per SMTP connection.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections import namedtuple
 
-Getter = Callable[[bytes], "bytes | None"]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    accepted: bool
-    key: bytes | None        # the key that decided, None when nothing was found
-    value: bytes | None
-    tried: tuple[bytes, ...]
+# accepted: bool; key: the key that decided (None when nothing was found); value: its
+# value; tried: every key looked up, in order.
+Verdict = namedtuple("Verdict", "accepted key value tried")
 
 
 def lower(address: bytes) -> bytes:
@@ -27,7 +20,7 @@ def lower(address: bytes) -> bytes:
     return address.lower()
 
 
-def candidates(address: bytes) -> Iterator[bytes]:
+def candidates(address: bytes):
     """Keys to try, in order, for an already lowercased address:
     the address; then, split at the last ``@``, ``user-up-to-each-dash`` + ``default``
     from the last dash to the first; then ``@domain``.  No ``@``: the address only."""
@@ -45,7 +38,7 @@ def candidates(address: bytes) -> Iterator[bytes]:
     yield domain
 
 
-def check(get: Getter, address: bytes) -> Verdict:
+def check(get, address: bytes) -> Verdict:
     """The first key found decides: a value starting with ``-`` rejects, anything else
     (the empty value included) accepts; no key found rejects."""
     tried = []

@@ -49,4 +49,32 @@ def _demo(root: str, out: Callable[[Sequence[str]], None], log: Callable[[str], 
                  f"decided by {key}"])
     finally:
         getter.close()
+    out(["", "an SMTP conversation with validrcptto-smtpd (C: client, S: server):"])
+    out(smtp_conversation(settings))
     return 0
+
+
+def smtp_conversation(settings) -> list[str]:
+    """Run validrcptto-smtpd on the sample as tcpserver would and show the dialogue."""
+    import subprocess
+    import sys
+    client = [b"EHLO client.example", b"MAIL FROM:<someone@example.org>",
+              b"RCPT TO:<Mary@vpop.example.net>", b"RCPT TO:<nobody@vpop.example.net>",
+              b"RCPT TO:<spamtrap@catchall.example.org>", b"QUIT"]
+    env = dict(os.environ, QMAIL_DIR=settings.qmail_dir, VALIDRCPTTO_CDB=settings.cdb,
+               TCPREMOTEIP="192.0.2.7")
+    env.pop("RELAYCLIENT", None)
+    done = subprocess.run([sys.executable, "-c", "from updater.smtpd import main; main()"],
+                          input=b"".join(c + b"\r\n" for c in client), env=env,
+                          capture_output=True, timeout=60)
+    replies = done.stdout.decode("latin-1").split("\r\n")
+    lines = ["  S: " + replies.pop(0)]
+    for command in client:
+        lines.append("  C: " + command.decode())
+        while replies and replies[0][3:4] == "-":
+            lines.append("  S: " + replies.pop(0))
+        if replies:
+            lines.append("  S: " + replies.pop(0))
+    lines += ["", "its log (stderr):"] + ["  " + line for line in
+                                          done.stderr.decode("latin-1").splitlines()]
+    return lines

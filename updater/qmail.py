@@ -8,9 +8,7 @@ pure functions over lines; the ``read_*`` helpers are the only file I/O.
 from __future__ import annotations
 
 import os
-import pwd
-import shlex
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Iterable, Iterator
 
 from .errors import SourceError
@@ -94,13 +92,11 @@ def list_dir(path: str) -> list[str] | None:
 
 # --------------------------------------------------------------------------- domain maps
 
-@dataclass(frozen=True)
-class MapEntry:
-    """One ``left:right`` line of virtualdomains or smtproutes."""
-    left: str      # domain, .suffix, user@domain, or "" (everything)
-    right: str     # prepend (virtualdomains) or relay (smtproutes)
-    path: str
-    line: int
+# One ``left:right`` line of virtualdomains or smtproutes.  left: domain, .suffix,
+# user@domain or "" (everything); right: the prepend (virtualdomains) or relay (smtproutes).
+# (namedtuples rather than dataclasses: validrcptto-smtpd imports this module per
+# connection, and dataclasses costs more to import than the whole SMTP session.)
+MapEntry = namedtuple("MapEntry", "left right path line")
 
 
 def parse_domain_map(lines: Iterable[tuple[int, str]], path: str) -> list[MapEntry]:
@@ -141,18 +137,9 @@ def map_lookup(index: dict[str, MapEntry], domain: str) -> MapEntry | None:
 
 # --------------------------------------------------------------------------- users/assign
 
-@dataclass(frozen=True)
-class Assign:
-    """One users/assign line: ``=local:user:uid:gid:home:dash:ext:`` (exact) or
-    ``+prefix:user:uid:gid:home:dash:pre:`` (wildcard)."""
-    exact: bool
-    local: str
-    user: str
-    uid: int
-    home: str
-    dash: str
-    ext: str
-    line: int
+# One users/assign line: ``=local:user:uid:gid:home:dash:ext:`` (exact=True) or
+# ``+prefix:user:uid:gid:home:dash:pre:`` (a wildcard).
+Assign = namedtuple("Assign", "exact local user uid home dash ext line")
 
 
 def parse_assign(text: str | None, path: str) -> list[Assign]:
@@ -197,11 +184,7 @@ def assign_lookup(entries: list[Assign], local: str) -> tuple[Assign, str] | Non
 
 # --------------------------------------------------------------------------- passwd
 
-@dataclass(frozen=True)
-class Account:
-    name: str
-    uid: int
-    home: str
+Account = namedtuple("Account", "name uid home")
 
 
 def parse_passwd(text: str, path: str) -> list[Account]:
@@ -224,6 +207,7 @@ def accounts(passwd_file: str) -> list[Account]:
     """The passwd database: a passwd-format file when given, else the system's."""
     if passwd_file:
         return parse_passwd(read_text(passwd_file, required=True) or "", passwd_file)
+    import pwd
     return [Account(p.pw_name, p.pw_uid, p.pw_dir) for p in pwd.getpwall()]
 
 
@@ -246,6 +230,7 @@ def dot_qmail_exts(names: Iterable[str], prefix: str) -> Iterator[str]:
 
 def delivery_commands(text: str | None) -> list[list[str]]:
     """The program lines (``|cmd args``) of a .qmail file, split like a shell would."""
+    import shlex
     out = []
     for _, line in control_lines(text):
         if line.startswith("|"):

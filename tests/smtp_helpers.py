@@ -1,0 +1,80 @@
+"""A T1 conformance cdb, a qmail-queue stand-in, and a tcpserver running validrcptto-smtpd."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cdbx
+
+T1 = {
+    b"joe@example.com": b"", b"joe-list-default@example.com": b"", b"postmaster": b"",
+    b"abc-@example.com": b"", b"bob-default@example.com": b"",
+    b"neg-default@example.com": b"-", b"x@example.net": b"+",
+    b"-default@example.com": b"", b"@catchall.org": b"", b"blocked@catchall.org": b"-",
+    b"@blockdom.net": b"-",
+}
+RCPTHOSTS = "example.com\nexample.net\ncatchall.org\nblockdom.net\nsub.catchall.org\n"
+
+# A qmail-queue that stores what it is given: the message (fd 0) and envelope (fd 1).
+QUEUE = """#!{python}
+import os, sys
+out = os.environ.get("QQ_DIR", "{dir}")
+msg = sys.stdin.buffer.read()
+env = os.fdopen(1, "rb").read()
+n = len([f for f in os.listdir(out) if f.endswith(".msg")])
+open(os.path.join(out, "%d.msg" % n), "wb").write(msg)
+open(os.path.join(out, "%d.env" % n), "wb").write(env)
+sys.exit(int(os.environ.get("QQ_EXIT", "0")))
+"""
+
+
+def make_cdb(path: Path, records: dict[bytes, bytes]) -> Path:
+    maker = cdbx.CDB.make(str(path) + ".tmp")
+    for k, v in records.items():
+        maker.add(k, v)
+    maker.commit().close()
+    os.replace(str(path) + ".tmp", path)
+    return path
+
+
+def smtp_tree(root: Path) -> dict[str, str]:
+    """control/ files, the T1 cdb and a queue program; returns the environment to use."""
+    control = root / "qmail/control"
+    control.mkdir(parents=True)
+    (control / "me").write_text("mx.example.com\n")
+    (control / "rcpthosts").write_text(RCPTHOSTS)
+    make_cdb(control / "validrcptto.cdb", T1)
+    queue_dir = root / "queue"
+    queue_dir.mkdir()
+    (root / "qmail/bin").mkdir()
+    qq = root / "qmail/bin/qmail-queue"
+    qq.write_text(QUEUE.replace("{python}", sys.executable).replace("{dir}", str(queue_dir)))
+    qq.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VALIDRCPTTO_", "RELAYCLIENT", "TCP", "QMAIL"))}
+    env.update(QMAIL_DIR=str(root / "qmail"), VALIDRCPTTO_CDB=str(control / "validrcptto.cdb"))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
