@@ -8,14 +8,18 @@ unreadable cdb for ``check``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from . import __version__, config
-from .errors import ConfigError, UpdaterError
-from .qmail import ENCODING, ERRORS
+from . import __version__
+
+if TYPE_CHECKING:
+    import argparse
+
+    from . import config
+
+ENCODING, ERRORS = "utf-8", "surrogateescape"
 
 PROG = "qmail-updater"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -41,7 +45,7 @@ def out(lines: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------- commands
 
-def _build_result(settings: config.Settings, verbose: bool = False):
+def _build_result(settings: "config.Settings"):
     from .generate import generate
     result = generate(settings)
     for w in result.warnings:
@@ -49,7 +53,7 @@ def _build_result(settings: config.Settings, verbose: bool = False):
     return result
 
 
-def cmd_generate(args: argparse.Namespace, settings: config.Settings) -> int:
+def cmd_generate(args: "argparse.Namespace", settings: "config.Settings") -> int:
     result = _build_result(settings)
     items = result.items()
     if args.format == "cdbmake":
@@ -66,7 +70,7 @@ def cdbmake_line(key: str, value: str) -> str:
     return f"+{len(kb)},{len(vb)}:{key}->{value}"
 
 
-def cmd_build(args: argparse.Namespace, settings: config.Settings) -> int:
+def cmd_build(args: "argparse.Namespace", settings: "config.Settings") -> int:
     from .install import install
     result = _build_result(settings)
     report = install(result.items(), settings.cdb, max_shrink=settings.max_shrink,
@@ -77,7 +81,7 @@ def cmd_build(args: argparse.Namespace, settings: config.Settings) -> int:
     return EXIT_OK
 
 
-def cmd_check(args: argparse.Namespace, settings: config.Settings) -> int:
+def cmd_check(args: "argparse.Namespace", settings: "config.Settings") -> int:
     from .checker import check, open_cdb
     path = args.cdb or os.environ.get("VALIDRCPTTO_CDB") or settings.cdb
     try:
@@ -103,14 +107,17 @@ def cmd_check(args: argparse.Namespace, settings: config.Settings) -> int:
     return status
 
 
-def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
+def cmd_demo(args: "argparse.Namespace", settings: "config.Settings") -> int:
     from .demo import run_demo
     return run_demo(args.dir, out, log)
 
 
 # --------------------------------------------------------------------------- parser
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> "argparse.ArgumentParser":
+    import argparse
+
+    from . import config
     p = argparse.ArgumentParser(prog=PROG, description="Keep qmail's validrcptto.cdb current "
                                 "and check recipients against it.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -144,16 +151,95 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", help="build the sample here instead of a temporary directory")
     d.set_defaults(func=cmd_demo)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    r = sub.add_parser("run", help="the rebuild daemon (foreground, for supervise)")
+    config.add_arguments(r, ("generate", "install", "daemon"))
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("trigger", help="ask the daemon for a build (never blocks)")
+    t.add_argument("--fifo", help="the trigger FIFO [$UPDATER_FIFO]")
+    t.add_argument("--qmail-dir", dest="qmail_dir", help="qmail's home [$QMAIL_DIR]")
+    t.add_argument("reason", nargs="*", help="logged by the daemon as the reason")
+    t.set_defaults(func=None)
+
+    st = sub.add_parser("status", help="what the daemon's last build did")
+    st.add_argument("--status", help="the status file [$UPDATER_STATUS]")
+    st.add_argument("--qmail-dir", dest="qmail_dir", help="qmail's home [$QMAIL_DIR]")
+    st.add_argument("--json", action="store_true", help="print the status file as it is")
+    st.set_defaults(func=cmd_status)
     return p
 
 
-# later stages (daemon) register their subcommands here
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def cmd_run(args: "argparse.Namespace", settings: "config.Settings") -> int:
+    from .daemon import Daemon
+    return Daemon(settings, log).run()
+
+
+def cmd_status(args: "argparse.Namespace", settings: "config.Settings") -> int:
+    import json
+    import time
+
+    from .daemon import read_status
+    st = read_status(settings.status)
+    if st is None:
+        log(f"{settings.status}: no status yet (is qmail-updater run running?)")
+        return EXIT_FAIL
+    if args.json:
+        out([json.dumps(st, indent=1, sort_keys=True)])
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["time"]))
+        lines = [f"last build:   {when} ({st['result']}, {st['seconds']}s)",
+                 f"reason:       {st.get('reason', '')}",
+                 f"entries:      {st.get('entries')}",
+                 f"changes:      +{st.get('added', 0)} -{st.get('removed', 0)}",
+                 f"builds:       {st.get('builds')} since the daemon started",
+                 f"pending:      {st.get('pending', 0)} requests"]
+        if st.get("last_success"):
+            lines.append("last success: " + time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(st["last_success"])))
+        if st.get("last_error"):
+            lines.append(f"last error:   {st['last_error']}")
+        out(lines)
+    return EXIT_FAIL if st.get("result") == "failed" else EXIT_OK
+
+
+def trigger(argv: Sequence[str]) -> int:
+    """``trigger [--fifo PATH] [--qmail-dir DIR] [REASON...]`` without importing argparse:
+    it must return to vpopmail (or any caller) within 100 ms, daemon or not."""
+    fifo = os.environ.get("UPDATER_FIFO") or ""
+    qmail_dir = os.environ.get("QMAIL_DIR") or "/var/qmail"
+    words: list[str] = []
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a in ("--fifo", "--qmail-dir") and args:
+            if a == "--fifo":
+                fifo = args.pop(0)
+            else:
+                qmail_dir = args.pop(0)
+        elif a.startswith("--fifo="):
+            fifo = a.split("=", 1)[1]
+        elif a.startswith("--qmail-dir="):
+            qmail_dir = a.split("=", 1)[1]
+        elif a in ("-h", "--help"):
+            sys.stdout.write("usage: qmail-updater trigger [--fifo PATH] [--qmail-dir DIR] "
+                             "[REASON...]\n")
+            return EXIT_OK
+        else:
+            words.append(a)
+    from .fifo import send
+    warning = send(fifo or os.path.join(qmail_dir, "control", "validrcptto.trigger"),
+                   " ".join(words))
+    if warning:
+        log(f"warning: {warning}")
+    return EXIT_OK
 
 
 def run(argv: Sequence[str] | None, prog: str = PROG) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["trigger"]:
+        return trigger(argv[1:])
+    from . import config
+    from .errors import ConfigError, UpdaterError
     try:
         args = parser().parse_args(argv)
     except SystemExit as exit_:
@@ -186,6 +272,10 @@ def mkvalidrcptto(argv: Sequence[str]) -> int:
     write it as a cdb (``-c FILE``, atomically).  ``-d`` shows where each key comes
     from on stderr; ``-n`` is accepted and means no per-user ``-default`` keys, which is
     already the default (UPDATER_QMAIL_EXT=1 adds them)."""
+    import argparse
+
+    from . import config
+    from .errors import ConfigError, UpdaterError
     p = argparse.ArgumentParser(prog="mkvalidrcptto", description=mkvalidrcptto.__doc__)
     p.add_argument("-n", action="store_true", help="no per-user -default keys (the default)")
     p.add_argument("-m", action="store_true", help="print cdbmake input instead of keys")

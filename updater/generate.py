@@ -224,3 +224,57 @@ def generate(settings: Settings) -> Result:
     result = merge(sources(settings, plan, notes), notes, bare)
     result.seconds = time.monotonic() - started
     return result
+
+
+# --------------------------------------------------------------------------- what to watch
+
+CONTROL_FILES = ("rcpthosts", "morercpthosts.cdb", "locals", "me", "virtualdomains",
+                 "smtproutes", "envnoathost")
+
+
+def watch_targets(settings: Settings) -> dict[str, tuple[set[str], tuple[str, ...]]]:
+    """directory -> (file names, name prefixes) whose change can change the list.
+
+    Directories rather than files, so a replace-by-rename is seen.  When the control
+    files cannot be read (the build is failing), the control, users and alias
+    directories are still watched, so fixing them triggers the next build."""
+    targets: dict[str, tuple[set[str], tuple[str, ...]]] = {}
+
+    def add(directory: str, names=(), prefixes=()) -> None:
+        got_names, got_prefixes = targets.setdefault(os.path.abspath(directory), (set(), ()))
+        got_names.update(names)
+        targets[os.path.abspath(directory)] = (got_names, tuple(set(got_prefixes) | set(prefixes)))
+
+    add(os.path.join(settings.qmail_dir, "control"), CONTROL_FILES)
+    add(os.path.join(settings.qmail_dir, "users"), ("assign", "cdb"))
+    for site in (settings.include, settings.exclude):
+        add(os.path.dirname(site), (os.path.basename(site),))
+    if settings.passwd:
+        add(os.path.dirname(os.path.abspath(settings.passwd)), (os.path.basename(settings.passwd),))
+    try:
+        accts = {}
+        for a in load_accounts(settings.passwd):
+            accts.setdefault(a.name, a)
+        alias_home = accts["alias"].home if "alias" in accts else \
+            os.path.join(settings.qmail_dir, "alias")
+        add(alias_home, (), (".qmail-",))
+        ff = None
+        from .qmail import fastforward_cdb, runs
+        args = runs(read_text(os.path.join(alias_home, ".qmail-default")), "fastforward")
+        if args:
+            ff = fastforward_cdb(args)
+        if ff:
+            add(os.path.dirname(os.path.abspath(ff)), (os.path.basename(ff),))
+        plan, _ = plan_for(settings)
+        assign_path = os.path.join(settings.qmail_dir, "users", "assign")
+        assign = parse_assign(read_text(assign_path), assign_path)
+        vpop = _vpopmail_dir(settings, accts)
+        for domain, entry in plan.virtual:
+            try:
+                home = find_home(domain, entry, assign, accts, vpop)
+            except SourceError:
+                continue
+            add(home.path, ("vpasswd", "vpasswd.cdb"), (home.prefix,))
+    except SourceError:
+        pass
+    return targets

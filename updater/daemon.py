@@ -1,0 +1,330 @@
+"""``qmail-updater run``: rebuild validrcptto.cdb when something changes.
+
+Requests come from the trigger FIFO (a reader thread), from file watches (watchdog), from
+signals (SIGHUP / SIGALRM: build now) and from the safety-net timer; they go into one
+queue.  The main thread debounces them and runs the builds, so a build is never
+interrupted: SIGTERM / SIGINT let the build in progress finish, then exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .config import Settings
+from .errors import UpdaterError
+from .fifo import Reader
+
+STOP = "stop"
+
+
+# --------------------------------------------------------------------------- rules (pure)
+
+@dataclass
+class Debouncer:
+    """A build is due once no request came for ``quiet`` seconds, or ``max_delay``
+    seconds after the first pending request, whichever is first."""
+    quiet: float
+    max_delay: float
+    first: float | None = None
+    last: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    now_please: bool = False
+
+    def add(self, now: float, reason: str, immediate: bool = False) -> None:
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.now_please = self.now_please or immediate
+        if len(self.reasons) < 20:
+            self.reasons.append(reason)
+
+    @property
+    def pending(self) -> bool:
+        return self.first is not None
+
+    def due(self) -> float | None:
+        """The time the pending build is due, or None when nothing is pending."""
+        if self.first is None:
+            return None
+        if self.now_please:
+            return self.first
+        return min(self.last + self.quiet, self.first + self.max_delay)
+
+    def take(self) -> list[str]:
+        reasons = self.reasons
+        self.first = self.last = None
+        self.reasons, self.now_please = [], False
+        return reasons
+
+
+def backoff(failures: int, first: float, longest: float) -> float:
+    """Delay before retry number ``failures`` (1, 2, ...): doubling, capped."""
+    return min(longest, first * (2 ** max(0, failures - 1)))
+
+
+def interesting(path: str, targets: dict[str, tuple[set[str], tuple[str, ...]]],
+                ignore: set[str]) -> bool:
+    """Whether a changed path is one the list depends on (and not one we write)."""
+    if not path:
+        return False
+    path = os.path.abspath(path)
+    if path in ignore:
+        return False
+    directory, name = os.path.split(path)
+    if name.startswith("."):
+        for own in ignore:                    # our temp files: .validrcptto.cdb.tmp.XXXX
+            if name.startswith("." + os.path.basename(own) + ".tmp."):
+                return False
+    target = targets.get(directory)
+    if target is None:
+        return False
+    names, prefixes = target
+    return name in names or any(name.startswith(p) for p in prefixes)
+
+
+# --------------------------------------------------------------------------- the daemon
+
+class Daemon:
+    def __init__(self, settings: Settings, log):
+        self.s = settings
+        self.log = log
+        self.requests: queue.Queue = queue.Queue()
+        self.debounce = Debouncer(settings.quiet, settings.max_delay)
+        self.stopping = False
+        self.failures = 0
+        self.retry_at: float | None = None
+        self.last_build = 0.0
+        self.builds = 0
+        self.status: dict = {}
+        self.observer = None
+        self.polling = settings.poll > 0
+        self.targets: dict = {}
+        self.ignore = {os.path.abspath(p) for p in (
+            settings.cdb, settings.cdb + ".lock", settings.status, settings.fifo,
+            settings.prom_file) if p}
+
+    # ---- requests
+    def request(self, reason: str, immediate: bool = False) -> None:
+        self.requests.put((reason, immediate))
+
+    def fifo_thread(self, reader: Reader) -> None:
+        import select
+        while not self.stopping:
+            try:
+                ready, _, _ = select.select([reader.fd], [], [], 1.0)
+                if ready:
+                    data = reader.read()
+                    if data:
+                        text = data.decode("utf-8", "replace").strip().replace("\n", "; ")
+                        self.request("fifo: " + (text[:200] or "(empty)"))
+                reader.check()
+            except (OSError, ValueError) as err:
+                self.log(f"trigger FIFO error: {err}; reopening")
+                time.sleep(1)
+                try:
+                    reader.open()
+                except OSError as err2:
+                    self.log(f"cannot reopen the trigger FIFO: {err2}")
+
+    # ---- watches
+    def watch(self) -> None:
+        """(Re)start the file watches on the directories the list depends on."""
+        from .generate import watch_targets
+        targets = {d: t for d, t in watch_targets(self.s).items() if os.path.isdir(d)}
+        if targets == self.targets and self.observer is not None and self.observer.is_alive():
+            return
+        self.targets = targets
+        self.stop_watching()
+        from watchdog.events import FileSystemEventHandler
+        daemon = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                if event.event_type in ("opened", "closed_no_write") or event.is_directory:
+                    return
+                for path in (event.src_path, getattr(event, "dest_path", "")):
+                    if isinstance(path, bytes):
+                        path = os.fsdecode(path)
+                    if interesting(path, daemon.targets, daemon.ignore):
+                        daemon.request(f"{event.event_type} {path}")
+                        return
+
+        while True:
+            if self.polling:
+                from watchdog.observers.polling import PollingObserver
+                observer = PollingObserver(timeout=self.s.poll or 5.0)
+            else:
+                from watchdog.observers import Observer
+                observer = Observer()
+            try:
+                for directory in sorted(targets):
+                    observer.schedule(Handler(), directory, recursive=False)
+                observer.start()
+            except OSError as err:
+                try:
+                    observer.stop()
+                except Exception:
+                    pass
+                if self.polling:
+                    self.log(f"cannot watch files ({err}); relying on triggers and the "
+                             "safety net")
+                    return
+                self.log(f"inotify refused a watch ({err}); falling back to polling")
+                self.polling = True
+                continue
+            self.observer = observer
+            self.log(f"watching {len(targets)} directories"
+                     f"{' by polling' if self.polling else ''}")
+            return
+
+    def stop_watching(self) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.stop()
+                self.observer.join(5)
+            except Exception:
+                pass
+            self.observer = None
+
+    # ---- builds
+    def build(self, reasons: list[str]) -> None:
+        from .generate import generate
+        from .install import install
+        started = time.time()
+        self.builds += 1
+        why = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
+        record = {"time": started, "reason": why, "builds": self.builds}
+        try:
+            result = generate(self.s)
+            for w in result.warnings:
+                self.log(f"warning: {w}")
+            report = install(result.items(), self.s.cdb, max_shrink=self.s.max_shrink,
+                             force=self.s.force)
+        except UpdaterError as err:
+            self.failures += 1
+            delay = backoff(self.failures, self.s.retry_min, self.s.retry_max)
+            self.retry_at = time.monotonic() + delay
+            self.log(f"build failed ({why}): {err}; live cdb kept; retry in {delay:g}s")
+            record.update(result="failed", error=str(err), entries=self.status.get("entries"),
+                          added=0, removed=0, failures=self.failures)
+        else:
+            self.failures = 0
+            self.retry_at = None
+            self.log(f"build ({why}): {report.line()}")
+            changes = ([f"+{k}" for k in report.added[:10]] + [f"-{k}" for k in report.removed[:10]])
+            if changes:
+                more = len(report.added) + len(report.removed) - len(changes)
+                self.log("changes: " + " ".join(changes) + (f" (+{more} more)" if more > 0 else ""))
+            record.update(result=report.status, entries=report.entries, added=len(report.added),
+                          removed=len(report.removed), error=None, failures=0,
+                          last_success=started)
+        record["seconds"] = round(time.time() - started, 3)
+        record["pending"] = self.requests.qsize()
+        if "last_success" not in record and "last_success" in self.status:
+            record["last_success"] = self.status["last_success"]
+        if record["result"] == "failed" and record["error"]:
+            record["last_error"] = record["error"]
+        self.status = record
+        self.last_build = time.monotonic()
+        self.write_status()
+        self.watch()
+
+    def write_status(self) -> None:
+        write_atomic(self.s.status, json.dumps(self.status, indent=1, sort_keys=True) + "\n")
+        if self.s.prom_file:
+            st = self.status
+            ok = 0 if st["result"] == "failed" else 1
+            lines = [
+                "# HELP qmail_updater_last_build_success 1 if the last build succeeded",
+                "# TYPE qmail_updater_last_build_success gauge",
+                f"qmail_updater_last_build_success {ok}",
+                "# HELP qmail_updater_last_build_timestamp_seconds when the last build ran",
+                "# TYPE qmail_updater_last_build_timestamp_seconds gauge",
+                f"qmail_updater_last_build_timestamp_seconds {st['time']:.3f}",
+                "# HELP qmail_updater_entries keys in the live validrcptto.cdb",
+                "# TYPE qmail_updater_entries gauge",
+                f"qmail_updater_entries {st.get('entries') or 0}",
+                "# HELP qmail_updater_last_build_added keys added by the last build",
+                "# TYPE qmail_updater_last_build_added gauge",
+                f"qmail_updater_last_build_added {st.get('added', 0)}",
+                "# HELP qmail_updater_last_build_removed keys removed by the last build",
+                "# TYPE qmail_updater_last_build_removed gauge",
+                f"qmail_updater_last_build_removed {st.get('removed', 0)}",
+                "# HELP qmail_updater_last_build_duration_seconds how long the last build took",
+                "# TYPE qmail_updater_last_build_duration_seconds gauge",
+                f"qmail_updater_last_build_duration_seconds {st['seconds']}",
+                "# HELP qmail_updater_builds_total builds since the daemon started",
+                "# TYPE qmail_updater_builds_total counter",
+                f"qmail_updater_builds_total {st['builds']}",
+            ]
+            write_atomic(self.s.prom_file, "\n".join(lines) + "\n")
+
+    # ---- main loop
+    def run(self) -> int:
+        reader = Reader(self.s.fifo, self.s.fifo_mode, self.log)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda n, f: self.requests.put((STOP, True)))
+        for sig in (signal.SIGHUP, signal.SIGALRM):
+            signal.signal(sig, lambda n, f: self.request(f"signal {signal.Signals(n).name}",
+                                                         immediate=True))
+        threading.Thread(target=self.fifo_thread, args=(reader,), daemon=True).start()
+        self.log(f"started: cdb {self.s.cdb}, trigger {self.s.fifo}, quiet {self.s.quiet:g}s, "
+                 f"max delay {self.s.max_delay:g}s, safety net {self.s.interval:g}s")
+        self.build(["start"])
+        while not self.stopping:
+            now = time.monotonic()
+            deadlines = [d for d in (self.debounce.due(), self.retry_at) if d is not None]
+            if self.s.interval > 0:
+                deadlines.append(self.last_build + self.s.interval)
+            timeout = max(0.0, min(deadlines) - now) if deadlines else 60.0
+            try:
+                reason, immediate = self.requests.get(timeout=min(timeout, 60.0))
+            except queue.Empty:
+                reason = None
+            if reason == STOP:
+                self.stopping = True
+                break
+            now = time.monotonic()
+            if reason is not None:
+                self.debounce.add(now, reason, immediate)
+                continue
+            if self.observer is not None and not self.observer.is_alive():
+                self.log("the file watcher died; restarting it by polling")
+                self.polling = True
+                self.observer = None
+                self.watch()
+            due = self.debounce.due()
+            if due is not None and due <= now:
+                self.build(self.debounce.take())
+            elif self.retry_at is not None and self.retry_at <= now:
+                self.build([f"retry {self.failures}"])
+            elif self.s.interval > 0 and self.last_build + self.s.interval <= now:
+                self.build(["safety net"])
+        self.stop_watching()
+        reader.close()
+        self.log("stopped")
+        return 0
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def read_status(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
