@@ -94,7 +94,8 @@ class Daemon:
     def __init__(self, settings: Settings, log):
         self.s = settings
         self.log = log
-        self.requests: queue.Queue = queue.Queue()
+        # SimpleQueue.put is reentrant: the signal handlers may call it at any moment
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
         self.debounce = Debouncer(settings.quiet, settings.max_delay)
         self.stopping = False
         self.failures = 0
@@ -276,6 +277,7 @@ class Daemon:
         threading.Thread(target=self.fifo_thread, args=(reader,), daemon=True).start()
         self.log(f"started: cdb {self.s.cdb}, trigger {self.s.fifo}, quiet {self.s.quiet:g}s, "
                  f"max delay {self.s.max_delay:g}s, safety net {self.s.interval:g}s")
+        self.watch()                     # before the first build: no change slips between
         self.build(["start"])
         while not self.stopping:
             now = time.monotonic()

@@ -1,0 +1,337 @@
+"""The rebuild daemon: under real supervise/svscan with the shipped service dir, and as a
+plain process for the debounce, watch, FIFO and failure cases."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, Tree, need, script
+from test_generate import without_dac_override
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def setup_tree(tree: Tree, users: int = 3) -> Path:
+    tree.control("me", "mail.example.com\n")
+    tree.control("rcpthosts", "example.com\nvpop.example\n")
+    tree.control("locals", "example.com\n")
+    tree.control("virtualdomains", "vpop.example:vpop.example\n")
+    tree.account("joe")
+    d = tree.vpop_domain("vpop.example", users=tuple(f"u{i}" for i in range(users)))
+    return d
+
+
+def keys_of(path: Path) -> set[str]:
+    import cdbx
+    db = cdbx.CDB(str(path))
+    try:
+        return {k.decode() for k in db}
+    finally:
+        db.close()
+
+
+def wait_for(predicate, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+
+
+class Running:
+    """``qmail-updater run`` as a child process, its stderr collected line by line."""
+
+    def __init__(self, tree: Tree, prefix: list[str] | None = None, **env: str):
+        settings = dict(UPDATER_QUIET="0.3", UPDATER_MAX_DELAY="5", UPDATER_RETRY_MIN="0.5",
+                        UPDATER_RETRY_MAX="1")
+        settings.update(env)
+        self.proc = subprocess.Popen((prefix or []) + [script("qmail-updater"), "run"],
+                                     env=tree.env(**settings), stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.wait(r"build \(start\)")
+        self.wait(r"^qmail-updater: watching ")
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for line in list(self.lines) if re.search(pattern, line))
+
+    def wait(self, pattern: str, seconds: float = 15, count: int = 1) -> None:
+        wait_for(lambda: self.count(pattern) >= count, seconds,
+                 f"{count} x {pattern!r} in the log:\n" + "\n".join(self.lines))
+
+    def builds(self) -> int:
+        return self.count(r"^qmail-updater: build (\(|failed)")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(20)
+        self.reader.join(5)
+        return code
+
+
+@pytest.fixture
+def running(tree: Tree):
+    started: list[Running] = []
+
+    def start(**env: str) -> Running:
+        r = Running(tree, **env)
+        started.append(r)
+        return r
+    yield start
+    for r in started:
+        r.stop()
+
+
+# --------------------------------------------------------------------------- supervise
+
+def test_under_supervise_with_the_shipped_service_dir(tree: Tree, tmp_path: Path):
+    svscan, svok, svc, svstat = (need(t) for t in ("svscan", "svok", "svc", "svstat"))
+    need("multilog")
+    need("envdir")
+    setup_tree(tree)
+    services = tmp_path / "services"
+    svcdir = services / "qmail-updater"
+    shutil.copytree(ROOT / "service/qmail-updater", svcdir)
+    env = svcdir / "env"
+    for name, value in dict(QMAIL_DIR=tree.qmail, VPOPMAIL_DIR=tree.vpop,
+                            UPDATER_PASSWD=tree.root / "etc/passwd", UPDATER_QUIET="0.3",
+                            PATH=f"{BIN}:/usr/bin:/bin").items():
+        (env / name).write_text(f"{value}\n")
+    scan = subprocess.Popen([svscan, str(services)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    current = svcdir / "log/main/current"
+    try:
+        wait_for(lambda: subprocess.run([svok, str(svcdir)]).returncode == 0, 15, "svok")
+        wait_for(lambda: tree.cdb.exists(), 20, "the first build")
+        assert "joe@example.com" in keys_of(tree.cdb)
+        # a change nothing watches (a local user's .qmail file): the FIFO tells the daemon
+        (tree.root / "home/joe/.qmail-newlist").write_text("./Maildir/\n")
+        fifo = tree.qmail / "control/validrcptto.trigger"
+        assert fifo.is_fifo()
+        started = time.monotonic()
+        subprocess.run(["sh", "-c", f"echo add_user joe-newlist@example.com > {fifo}"],
+                       check=True, timeout=5)
+        wait_for(lambda: "joe-newlist@example.com" in keys_of(tree.cdb), 0.3 + 2 + 1,
+                 "the new key")
+        assert time.monotonic() - started < 0.3 + 2 + 1
+        subprocess.run([svc, "-h", str(svcdir)], check=True)
+        wait_for(lambda: "signal SIGHUP" in current.read_text(), 10, "a SIGHUP build")
+        subprocess.run([svc, "-d", str(svcdir)], check=True)
+        wait_for(lambda: " down " in subprocess.run([svstat, str(svcdir)], capture_output=True,
+                                                     text=True).stdout, 15, "svstat down")
+        wait_for(lambda: "qmail-updater: stopped" in current.read_text(), 10, "the stop line")
+        log = current.read_text()
+        assert re.search(r"^@[0-9a-f]{24} qmail-updater: started: ", log, re.M)
+        assert "fifo: add_user joe-newlist@example.com" in log
+        assert "changes: +joe-newlist@example.com" in log
+    finally:
+        scan.terminate()
+        scan.wait(10)
+        for d in (svcdir, svcdir / "log"):
+            subprocess.run([svc, "-dx", str(d)], capture_output=True)
+
+
+# --------------------------------------------------------------------------- debounce
+
+def test_thousand_triggers_in_a_second_make_at_most_two_builds(tree: Tree, running):
+    setup_tree(tree)
+    r = running()
+    before = r.builds()
+    fifo = str(tree.qmail / "control/validrcptto.trigger")
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    started = time.monotonic()
+    for i in range(1000):
+        os.write(fd, b"burst %d\n" % i)
+        time.sleep(0.0008)
+    os.close(fd)
+    assert time.monotonic() - started < 2
+    r.wait(r"build \(fifo: burst", 10)
+    time.sleep(1.5)
+    assert 1 <= r.builds() - before <= 2
+
+
+def test_trigger_during_a_build_makes_exactly_one_more(tree: Tree, running):
+    d = setup_tree(tree, users=0)
+    (d / "vpasswd").write_text("".join(f"user{i}:x:1:0:u:/d/user{i}:NOQUOTA\n"
+                                       for i in range(400000)))
+    r = running()
+    before = r.builds()
+    subprocess.run([script("qmail-updater"), "trigger", "first"], env=tree.env(), check=True)
+    time.sleep(0.3 + 0.35)                     # the build has started (it takes > 1 s)
+    for i in range(5):
+        subprocess.run([script("qmail-updater"), "trigger", f"during {i}"], env=tree.env(),
+                       check=True)
+    r.wait(r"build \(fifo: during", 20)
+    time.sleep(2)
+    assert r.builds() - before == 2
+    assert r.count(r"build \(fifo: first\)") == 1
+
+
+def test_debouncer_rule():
+    from updater.daemon import Debouncer, backoff
+    d = Debouncer(quiet=2, max_delay=30)
+    assert d.due() is None
+    d.add(100, "a")
+    assert d.due() == 102
+    d.add(101, "b")
+    assert d.due() == 103
+    for t in range(102, 140):
+        d.add(t, "c")
+    assert d.due() == 130                      # the maximum delay caps a steady stream
+    assert d.take()[:2] == ["a", "b"] and d.due() is None
+    d.add(5, "now", immediate=True)
+    assert d.due() == 5
+    assert [backoff(n, 10, 600) for n in (1, 2, 3, 7, 8)] == [10, 20, 40, 600, 600]
+
+
+# --------------------------------------------------------------------------- watches
+
+def test_watched_changes_and_our_own_writes(tree: Tree, running):
+    d = setup_tree(tree)
+    r = running()
+    # a control file replaced by rename, editor style
+    new = tree.qmail / "control/.rcpthosts.swp"
+    new.write_text("example.com\nvpop.example\nnew.example\n")
+    tree.control("smtproutes", "new.example:[192.0.2.1]\n")
+    r.wait(r"build \(.*smtproutes", 10)
+    count = r.builds()
+    os.replace(new, tree.qmail / "control/rcpthosts")
+    r.wait(r"build \(moved .*/control/rcpthosts", 10)
+    wait_for(lambda: "@new.example" in keys_of(tree.cdb), 5, "@new.example")
+    # a vpasswd change
+    with open(d / "vpasswd", "a") as f:
+        f.write("fresh:x:1:0:f:/d/fresh:NOQUOTA\n")
+    wait_for(lambda: "fresh@vpop.example" in keys_of(tree.cdb), 5, "fresh@vpop.example")
+    # our own writes (the cdb, its temp file, lock, status) start no build
+    time.sleep(1)
+    count = r.builds()
+    assert tree.run("build", "--force").returncode == 0
+    subprocess.run([script("qmail-updater"), "status"], env=tree.env(), capture_output=True)
+    time.sleep(1.5)
+    assert r.builds() == count
+
+
+def test_fifo_recreated_when_removed_or_replaced(tree: Tree, running):
+    setup_tree(tree)
+    r = running()
+    fifo = tree.qmail / "control/validrcptto.trigger"
+    fifo.unlink()
+    wait_for(fifo.is_fifo, 5, "the FIFO to come back")
+    (tree.root / "home/joe/.qmail-one").write_text("x\n")
+    assert tree.run("trigger", "after-delete").returncode == 0
+    wait_for(lambda: "joe-one@example.com" in keys_of(tree.cdb), 5, "joe-one")
+    fifo.unlink()
+    fifo.write_text("not a fifo\n")
+    wait_for(fifo.is_fifo, 5, "a FIFO in place of the file")
+    assert r.count("was removed or replaced: recreating the FIFO") == 2
+    (tree.root / "home/joe/.qmail-two").write_text("x\n")
+    assert tree.run("trigger", "after-replace").returncode == 0
+    wait_for(lambda: "joe-two@example.com" in keys_of(tree.cdb), 5, "joe-two")
+
+
+def test_fifo_path_that_is_a_file_at_start(tree: Tree, running):
+    setup_tree(tree)
+    fifo = tree.qmail / "control/validrcptto.trigger"
+    fifo.write_text("junk\n")
+    r = running(UPDATER_FIFO_MODE="0620")
+    assert fifo.is_fifo() and (fifo.stat().st_mode & 0o777) == 0o620
+    assert r.count("is not a FIFO: replacing it with one") == 1
+
+
+# --------------------------------------------------------------------------- no daemon
+
+def test_trigger_and_onchange_without_a_daemon_return_at_once(tree: Tree):
+    setup_tree(tree)
+    fifo = tree.qmail / "control/validrcptto.trigger"
+    os.mkfifo(fifo)                                    # a FIFO nobody reads
+    for argv in ([script("qmail-updater"), "trigger", "add_user", "x@y"],
+                 [str(ROOT / "service/onchange"), "add_user", "x@y"]):
+        started = time.monotonic()
+        done = subprocess.run(argv, env=tree.env(), capture_output=True, text=True, timeout=10)
+        elapsed = time.monotonic() - started
+        assert done.returncode == 0
+        assert "no daemon is reading" in done.stderr
+        assert elapsed < 2, "it must not wait for a reader"   # (latency: see benchmarks/)
+    fifo.unlink()
+    done = tree.run("trigger")
+    assert done.returncode == 0 and "does not exist" in done.stderr
+    done = subprocess.run([str(ROOT / "service/onchange"), "del_user", "x@y"], env=tree.env(),
+                          capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0 and "is not a FIFO" in done.stderr
+    assert not fifo.exists()                           # never creates a regular file
+
+
+def test_onchange_ignores_the_before_stage(tree: Tree, running):
+    setup_tree(tree)
+    r = running()
+    onchange = str(ROOT / "service/onchange")
+    subprocess.run([onchange, "del_user", "gone@vpop.example", "before"], env=tree.env(),
+                   check=True)
+    subprocess.run([onchange, "del_user", "gone@vpop.example", "after"], env=tree.env(),
+                   check=True)
+    r.wait(r"build \(fifo: del_user gone@vpop.example after\)", 10)
+    assert r.count("before") == 0
+
+
+# --------------------------------------------------------------------------- failures
+
+def test_failing_source_keeps_cdb_retries_and_recovers(tree: Tree):
+    d = setup_tree(tree)
+    r = Running(tree, prefix=without_dac_override())
+    try:
+        good = tree.cdb.read_bytes()
+        (tree.root / "home/joe/.qmail-later").write_text("x\n")
+        d.chmod(0)
+        subprocess.run([script("qmail-updater"), "trigger", "breaks"], env=tree.env(), check=True)
+        r.wait(r"build failed \(fifo: breaks\): .*cannot read directory: Permission denied; "
+               r"live cdb kept; retry in 0.5s", 10)
+        r.wait(r"build failed \(retry 1\): .* retry in 1s", 10)
+        assert tree.cdb.read_bytes() == good
+        assert r.proc.poll() is None
+        done = subprocess.run([script("qmail-updater"), "status"], env=tree.env(),
+                              capture_output=True, text=True)
+        assert done.returncode == 1
+        assert "(failed, " in done.stdout and "last error:   " in done.stdout
+        d.chmod(0o755)
+        r.wait(r"build \(retry \d+\): installed ", 10)
+        assert "joe-later@example.com" in keys_of(tree.cdb)
+        done = subprocess.run([script("qmail-updater"), "status"], env=tree.env(),
+                              capture_output=True, text=True)
+        assert done.returncode == 0
+        assert "(installed, " in done.stdout and "changes:      +1 -0" in done.stdout
+    finally:
+        d.chmod(0o755)
+        assert r.stop() == 0
+
+
+def test_status_file_and_prometheus_textfile(tree: Tree, running):
+    import json
+    setup_tree(tree)
+    prom = tree.root / "updater.prom"
+    running(UPDATER_PROM_FILE=str(prom))
+    st = json.loads((tree.qmail / "control/validrcptto.status").read_text())
+    assert st["result"] == "installed" and st["entries"] == 4 and st["added"] == 4
+    assert st["reason"] == "start" and st["error"] is None
+    text = prom.read_text()
+    assert "qmail_updater_entries 4\n" in text
+    assert "qmail_updater_last_build_success 1\n" in text
+    done = subprocess.run([script("qmail-updater"), "status", "--json"], env=tree.env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads(done.stdout)["entries"] == 4
