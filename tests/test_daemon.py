@@ -335,3 +335,12 @@ def test_status_file_and_prometheus_textfile(tree: Tree, running):
     done = subprocess.run([script("qmail-updater"), "status", "--json"], env=tree.env(),
                           capture_output=True, text=True)
     assert done.returncode == 0 and json.loads(done.stdout)["entries"] == 4
+
+
+def test_polling_mode_sees_changes(tree: Tree, running):
+    d = setup_tree(tree)
+    r = running(UPDATER_POLL="0.2")
+    assert r.count("watching 5 directories by polling") == 1
+    with open(d / "vpasswd", "a") as f:
+        f.write("polled:x:1:0:p:/d/polled:NOQUOTA\n")
+    wait_for(lambda: "polled@vpop.example" in keys_of(tree.cdb), 10, "polled@vpop.example")
