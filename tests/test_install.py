@@ -128,6 +128,17 @@ def test_gate_rule():
     assert gate(5, None, 20, False) is None
 
 
+def test_emptied_domain_rule():
+    from updater.install import emptied
+    old = {"a@x": "", "b@x": "", "c@y": "", "@z": ""}
+    assert emptied(old, {"a@x": "", "c@y": "", "@z": ""}, frozenset("xyz")) is None
+    why = emptied(old, {"c@y": "", "@z": ""}, frozenset("xyz"))
+    assert why.startswith("refusing to install: x had 2 entries and now has none;")
+    assert emptied(old, {"c@y": "", "@z": ""}, frozenset("yz")) is None   # x left rcpthosts
+    assert emptied(old, {"a@x": "", "c@y": ""}, frozenset("xyz")).startswith(
+        "refusing to install: z had 1 entries")
+
+
 def test_unwritable_target_keeps_old_and_leaves_no_temp(tree: Tree):
     local_tree(tree, 5)
     done = tree.run("build", "--cdb", str(tree.root / "no/such/dir/validrcptto.cdb"))

@@ -74,7 +74,7 @@ def cmd_build(args: "argparse.Namespace", settings: "config.Settings") -> int:
     from .install import install
     result = _build_result(settings)
     report = install(result.items(), settings.cdb, max_shrink=settings.max_shrink,
-                     force=settings.force)
+                     force=settings.force, domains=result.domains)
     log(report.line())
     if args.diff:
         out(report.diff_lines())
@@ -125,7 +125,7 @@ def parser() -> "argparse.ArgumentParser":
     sub.required = True
 
     g = sub.add_parser("generate", help="print every valid address, one per line")
-    config.add_arguments(g, ("generate",))
+    config.add_arguments(g, ("generate", "directory"))
     g.add_argument("--origins", action="store_true",
                    help="print where each key comes from, after a tab")
     g.add_argument("--format", choices=("plain", "cdbmake"), default="plain",
@@ -133,7 +133,7 @@ def parser() -> "argparse.ArgumentParser":
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("build", help="generate and install validrcptto.cdb")
-    config.add_arguments(b, ("generate", "install"))
+    config.add_arguments(b, ("generate", "directory", "install"))
     b.add_argument("--force", action="store_true", help="install even if the sanity gate refuses")
     b.add_argument("--diff", action="store_true", help="print added (+), removed (-) and "
                    "changed (~) keys")
@@ -152,7 +152,7 @@ def parser() -> "argparse.ArgumentParser":
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="the rebuild daemon (foreground, for supervise)")
-    config.add_arguments(r, ("generate", "install", "daemon"))
+    config.add_arguments(r, ("generate", "directory", "install", "daemon"))
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("trigger", help="ask the daemon for a build (never blocks)")
@@ -281,7 +281,7 @@ def mkvalidrcptto(argv: Sequence[str]) -> int:
     p.add_argument("-m", action="store_true", help="print cdbmake input instead of keys")
     p.add_argument("-c", metavar="FILE", help="write the list to this cdb (atomically)")
     p.add_argument("-d", action="store_true", help="debug: the origin of every key on stderr")
-    config.add_arguments(p, ("generate",))
+    config.add_arguments(p, ("generate", "directory"))
     try:
         args = p.parse_args(argv)
     except SystemExit as exit_:
@@ -301,7 +301,8 @@ def mkvalidrcptto(argv: Sequence[str]) -> int:
                 log(f"{k}: {result.origin(k)}", prog)
         if args.c:
             from .install import install
-            log(install(items, args.c, max_shrink=settings.max_shrink).line(), prog)
+            log(install(items, args.c, max_shrink=settings.max_shrink,
+                              domains=result.domains).line(), prog)
         elif args.m:
             out([cdbmake_line(k, v) for k, v in items] + [""])
         else:

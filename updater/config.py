@@ -79,6 +79,48 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("exclude", "UPDATER_EXCLUDE", _str, None,
         "site file of addresses/@domains always rejected "
         "(default QMAIL_DIR/control/validrcptto.exclude)"),
+    # directory sources
+    Opt("mysql", "UPDATER_MYSQL", _bool, False,
+        "read vpopmail users and valiases from MySQL/MariaDB instead of vpasswd files",
+        group="directory"),
+    Opt("mysql_config", "UPDATER_MYSQL_CONFIG", _str, None,
+        "vpopmail's MySQL settings, host|port|user|password|database "
+        "(default VPOPMAIL_DIR/etc/vpopmail.mysql)", group="directory"),
+    Opt("mysql_host", "UPDATER_MYSQL_HOST", _str, "", "override the host", group="directory"),
+    Opt("mysql_port", "UPDATER_MYSQL_PORT", _int, 0, "override the port", group="directory"),
+    Opt("mysql_socket", "UPDATER_MYSQL_SOCKET", _str, "", "connect by this Unix socket",
+        group="directory"),
+    Opt("mysql_user", "UPDATER_MYSQL_USER", _str, "", "override the user", group="directory"),
+    Opt("mysql_password_file", "UPDATER_MYSQL_PASSWORD_FILE", _str, "",
+        "override the password: read it from this file", group="directory"),
+    Opt("mysql_database", "UPDATER_MYSQL_DATABASE", _str, "", "override the database",
+        group="directory"),
+    Opt("mysql_layout", "UPDATER_MYSQL_LAYOUT", _str, "auto",
+        "auto, single (table vpopmail) or per-domain (one table per domain)", group="directory"),
+    Opt("ldap_uri", "UPDATER_LDAP_URI", _str, "",
+        "LDAP / Active Directory server, ldap://host or ldaps://host (empty: off)",
+        group="directory"),
+    Opt("ldap_starttls", "UPDATER_LDAP_STARTTLS", _bool, False, "use StartTLS on ldap://",
+        group="directory"),
+    Opt("ldap_bind_dn", "UPDATER_LDAP_BIND_DN", _str, "", "bind DN (empty: anonymous)",
+        group="directory"),
+    Opt("ldap_password_file", "UPDATER_LDAP_PASSWORD_FILE", _str, "",
+        "file holding the bind password", group="directory"),
+    Opt("ldap_base", "UPDATER_LDAP_BASE", _str, "", "search base DN", group="directory"),
+    Opt("ldap_filter", "UPDATER_LDAP_FILTER", _str,
+        "(&(|(objectClass=user)(objectClass=group)(objectClass=contact)"
+        "(objectClass=publicFolder))(|(mail=*)(proxyAddresses=*)))",
+        "search filter (default: AD's mail-enabled users, groups, contacts, public folders)",
+        group="directory"),
+    Opt("ldap_attrs", "UPDATER_LDAP_ATTRS", _str, "mail,proxyAddresses",
+        "attributes holding addresses (proxyAddresses: only smtp: values)", group="directory"),
+    Opt("ldap_page_size", "UPDATER_LDAP_PAGE_SIZE", _int, 500,
+        "paged search page size (AD returns at most 1000 per page)", group="directory"),
+    Opt("ldap_timeout", "UPDATER_LDAP_TIMEOUT", _float, 30.0,
+        "seconds for connecting and for each LDAP operation", group="directory"),
+    Opt("ldap_domains", "UPDATER_LDAP_DOMAINS", _str, None,
+        "file naming the domains listed from LDAP "
+        "(default QMAIL_DIR/control/validrcptto.ldapdomains)", group="directory"),
     # install
     Opt("cdb", "VALIDRCPTTO_CDB", _str, None,
         "the cdb to install (default QMAIL_DIR/control/validrcptto.cdb)", group="install"),
@@ -122,6 +164,26 @@ class Settings:
     vuserinfo: bool = False
     include: str | None = None
     exclude: str | None = None
+    mysql: bool = False
+    mysql_config: str | None = None
+    mysql_host: str = ""
+    mysql_port: int = 0
+    mysql_socket: str = ""
+    mysql_user: str = ""
+    mysql_password_file: str = ""
+    mysql_database: str = ""
+    mysql_layout: str = "auto"
+    ldap_uri: str = ""
+    ldap_starttls: bool = False
+    ldap_bind_dn: str = ""
+    ldap_password_file: str = ""
+    ldap_base: str = ""
+    ldap_filter: str = ("(&(|(objectClass=user)(objectClass=group)(objectClass=contact)"
+                        "(objectClass=publicFolder))(|(mail=*)(proxyAddresses=*)))")
+    ldap_attrs: str = "mail,proxyAddresses"
+    ldap_page_size: int = 500
+    ldap_timeout: float = 30.0
+    ldap_domains: str | None = None
     cdb: str | None = None
     max_shrink: float = 20.0
     fifo: str | None = None
@@ -148,6 +210,11 @@ class Settings:
             derived["exclude"] = self.control("validrcptto.exclude")
         if self.cdb is None:
             derived["cdb"] = self.control("validrcptto.cdb")
+        if self.ldap_domains is None:
+            derived["ldap_domains"] = self.control("validrcptto.ldapdomains")
+        if self.mysql_layout not in ("auto", "single", "per-domain"):
+            raise ConfigError(f"UPDATER_MYSQL_LAYOUT: expected auto, single or per-domain, "
+                              f"got {self.mysql_layout!r}")
         if self.fifo is None:
             derived["fifo"] = self.control("validrcptto.trigger")
         if self.status is None:

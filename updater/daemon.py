@@ -206,7 +206,7 @@ class Daemon:
             for w in result.warnings:
                 self.log(f"warning: {w}")
             report = install(result.items(), self.s.cdb, max_shrink=self.s.max_shrink,
-                             force=self.s.force)
+                             force=self.s.force, domains=result.domains)
         except UpdaterError as err:
             self.failures += 1
             delay = backoff(self.failures, self.s.retry_min, self.s.retry_max)

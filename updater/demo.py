@@ -30,7 +30,8 @@ def _demo(root: str, out: Callable[[Sequence[str]], None], log: Callable[[str], 
     out([f"sample qmail tree in {root}", ""])
     try:
         result = generate(settings)
-        report = install(result.items(), settings.cdb, max_shrink=settings.max_shrink)
+        report = install(result.items(), settings.cdb, max_shrink=settings.max_shrink,
+                         domains=result.domains)
     except UpdaterError as err:
         log(str(err))
         return 1

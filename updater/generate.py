@@ -10,6 +10,7 @@ all of its mail.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -25,7 +26,7 @@ from .sources import Found, Notes
 from .sources.aliases import alias_entries
 from .sources.site import site_entries
 from .sources.system import local_accounts
-from .sources.virtual import find_home, virtual_entries
+from .sources.virtual import file_users, find_home, virtual_entries
 
 REJECT = "-"
 
@@ -40,6 +41,7 @@ class Plan:
     virtual: list[tuple[str, MapEntry]] = field(default_factory=list)
     routed: list[tuple[str, MapEntry]] = field(default_factory=list)
     singles: list[MapEntry] = field(default_factory=list)        # user@domain:prepend
+    ldap: list[str] = field(default_factory=list)                 # listed from LDAP
 
 
 def universe(rcpthosts: list[tuple[int, str]], rcpthosts_path: str,
@@ -60,13 +62,17 @@ def universe(rcpthosts: list[tuple[int, str]], rcpthosts_path: str,
     return out
 
 
-def classify(domains: dict[str, tuple[str, int | None]], locals_: set[str], virtualdomains: list[MapEntry],
-             smtproutes: list[MapEntry]) -> Plan:
+def classify(domains: dict[str, tuple[str, int | None]], locals_: set[str],
+             virtualdomains: list[MapEntry], smtproutes: list[MapEntry],
+             ldap_domains: frozenset[str] = frozenset()) -> Plan:
     plan = Plan()
     vd_index = map_index(e for e in virtualdomains if "@" not in e.left)
     sr_index = map_index(smtproutes)
     unhandled = []
     for domain in domains:                            # in the order they are listed
+        if domain in ldap_domains:
+            plan.ldap.append(domain)
+            continue
         if domain in locals_:
             plan.local.append(domain)
             continue
@@ -115,6 +121,7 @@ class Result:
     rejects: set[str]
     warnings: list[str]
     seconds: float = 0.0
+    domains: frozenset[str] = frozenset()     # the domain universe (for the install gate)
 
     def items(self) -> list[tuple[str, str]]:
         """Sorted (key, value): value ``-`` for rejecting keys, else empty."""
@@ -185,7 +192,15 @@ def plan_for(settings: Settings) -> tuple[Plan, dict[str, tuple[str, int | None]
     vd_path, sr_path = settings.control("virtualdomains"), settings.control("smtproutes")
     vd = parse_domain_map(control_lines(read_text(vd_path)), vd_path)
     sr = parse_domain_map(control_lines(read_text(sr_path)), sr_path)
-    return classify(domains, locals_, vd, sr), domains
+    ldap_domains: frozenset[str] = frozenset()
+    if settings.ldap_uri:
+        path = settings.ldap_domains
+        ldap_domains = frozenset(lower_ascii(line) for _, line in
+                                 control_lines(read_text(path, required=True)))
+        if not ldap_domains:
+            raise SourceError("LDAP is configured (UPDATER_LDAP_URI) but this file names "
+                              "no domain to list from it", path)
+    return classify(domains, locals_, vd, sr, ldap_domains), domains
 
 
 def sources(settings: Settings, plan: Plan, notes: Notes) -> Iterator[Found]:
@@ -203,9 +218,22 @@ def sources(settings: Settings, plan: Plan, notes: Notes) -> Iterator[Found]:
         assign = parse_assign(read_text(assign_path), assign_path)
         vpop = _vpopmail_dir(settings, accts)
         vuserinfo = os.path.join(vpop, "bin", "vuserinfo") if settings.vuserinfo else None
-        for domain, entry in plan.virtual:
-            home = find_home(domain, entry, assign, accts, vpop)
-            yield from virtual_entries(domain, home, vuserinfo, settings.qmail_ext, notes)
+        users_of, aliases_of, db = file_users(vuserinfo), None, None
+        if settings.mysql:
+            from .sources.mysql import MysqlUsers
+            db = MysqlUsers(dataclasses.replace(settings, vpopmail_dir=vpop))
+            users_of, aliases_of = (lambda home, domain: db.users(domain)), db.valiases
+        try:
+            for domain, entry in plan.virtual:
+                home = find_home(domain, entry, assign, accts, vpop)
+                yield from virtual_entries(domain, home, users_of, settings.qmail_ext, notes,
+                                           aliases_of)
+        finally:
+            if db is not None:
+                db.close()
+    if plan.ldap:
+        from .sources.ldap import ldap_entries
+        yield from ldap_entries(settings, plan.ldap)
     for domain, entry in plan.routed:
         yield Found(f"smtproutes {entry.path}:{entry.line}", ["@" + domain])
     for entry in plan.singles:
@@ -217,11 +245,12 @@ def generate(settings: Settings) -> Result:
     """The whole list, or a SourceError: never a partial list."""
     started = time.monotonic()
     notes = Notes()
-    plan, _ = plan_for(settings)
+    plan, universe_ = plan_for(settings)
     handled = set(plan.local) | set(plan.alias) | {d for d, _ in plan.virtual}
     bare = first_line(settings.control("envnoathost")) or first_line(settings.control("me"))
     bare = lower_ascii(bare) if bare and lower_ascii(bare) in handled else None
     result = merge(sources(settings, plan, notes), notes, bare)
+    result.domains = frozenset(universe_)
     result.seconds = time.monotonic() - started
     return result
 

@@ -58,6 +58,24 @@ def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool) 
     return None
 
 
+def emptied(old: dict[str, str], new: dict[str, str], domains: frozenset[str]) -> str | None:
+    """Why a list must not be installed because a domain we still receive mail for lost
+    all of its keys (a source returned nothing for it), or None (pure)."""
+    if not domains or not old:
+        return None
+    removed = old.keys() - new.keys()
+    lost = {k.rpartition("@")[2] for k in removed if "@" in k} & domains
+    if not lost:
+        return None
+    gone = sorted(lost - {k.rpartition("@")[2] for k in new if "@" in k})
+    if not gone:
+        return None
+    had = sum(1 for k in old if k.rpartition("@")[2] == gone[0])
+    more = f" (and {len(gone) - 1} more domains)" if len(gone) > 1 else ""
+    return (f"refusing to install: {gone[0]} had {had} entries and now has none{more}; "
+            "did a source return nothing? (--force installs it anyway)")
+
+
 def read_cdb(path: str) -> dict[str, str] | None:
     """The live file as key -> value; None if it does not exist or cannot be parsed."""
     import cdbx
@@ -141,9 +159,10 @@ def write_cdb(path: str, items: list[tuple[str, str]]) -> int:
 
 
 def install(items: list[tuple[str, str]], path: str, *, max_shrink: float = 20.0,
-            force: bool = False) -> Report:
+            force: bool = False, domains: frozenset[str] = frozenset()) -> Report:
     """Install ``items`` (sorted (key, value) pairs) at ``path`` if they changed and
-    pass the sanity gate.  Raises InstallRefused / InstallError, leaving ``path`` alone."""
+    pass the sanity gate (``domains``: the domains still served, for the rule that no
+    such domain may lose all of its keys).  Raises InstallRefused / InstallError, leaving ``path`` alone."""
     started = time.monotonic()
     new = dict(items)
     with locked(path):
@@ -151,7 +170,8 @@ def install(items: list[tuple[str, str]], path: str, *, max_shrink: float = 20.0
         old = read_cdb(path)
         if old is not None and old == new:
             return Report(path, "unchanged", len(new), seconds=time.monotonic() - started)
-        why = gate(len(new), len(old) if old is not None else None, max_shrink, force)
+        why = gate(len(new), len(old) if old is not None else None, max_shrink, force) or \
+            (None if force else emptied(old or {}, new, domains))
         if why:
             raise InstallRefused(why, path)
         size = write_cdb(path, items)

@@ -55,8 +55,15 @@ def find_home(domain: str, entry: MapEntry, assign: list[Assign], accounts: dict
                       entry.path, entry.line)
 
 
-def virtual_entries(domain: str, home: Home, vuserinfo: str | None, qmail_ext: bool,
-                    notes: Notes) -> Iterator[Found]:
+def file_users(vuserinfo: str | None):
+    """The default user lookup: the domain's vpasswd files (``vpopmail.read_users``)."""
+    return lambda home, domain: read_users(home, domain, vuserinfo)
+
+
+def virtual_entries(domain: str, home: Home, users_of, qmail_ext: bool,
+                    notes: Notes, aliases_of=None) -> Iterator[Found]:
+    """``users_of(dir, domain) -> (origin, names)`` lists a vpopmail domain's users;
+    ``aliases_of(domain) -> names`` its valiases when they live in a database."""
     names = list_dir(home.path)
     if names is None:
         raise SourceError(f"directory of {domain} ({home.how}) does not exist", home.path)
@@ -71,10 +78,14 @@ def virtual_entries(domain: str, home: Home, vuserinfo: str | None, qmail_ext: b
         notes.warn(f"{default_path}: {what} accepts every address: @{domain} is a catch-all")
         yield Found(f"catch-all {default_path}", ["@" + domain])
         return
-    origin, users = read_users(home.path, domain, vuserinfo)
+    origin, users = users_of(home.path, domain)
     yield Found(origin, at(users, domain))
     if qmail_ext:
         yield Found(origin + " (qmail-ext)", at([u + "-default" for u in users], domain))
+    if aliases_of is not None:
+        aliases = aliases_of(domain)
+        if aliases:
+            yield Found(origin.rsplit(" table ", 1)[0] + " table valias", at(aliases, domain))
     files = [e for e in exts if e != "default"]
     if files:
         yield Found(f".qmail files {home.path}", at(files, domain))

@@ -1,0 +1,323 @@
+"""Directory sources against real servers started here on 127.0.0.1: MariaDB (vpopmail's
+MySQL layouts) and OpenLDAP slapd with Microsoft's AD user schema (mail, proxyAddresses)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Tree, need
+from smtp_helpers import free_port
+
+PASSWORD = "Sekrit-Pw-42"
+
+
+def wait_until(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --------------------------------------------------------------------------- MariaDB
+
+class MariaDB:
+    def __init__(self, root: Path):
+        self.root = root
+        self.datadir = root / "data"
+        self.socket = root / "mysqld.sock"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        install, server = need("mariadb-install-db"), need("mariadbd")
+        if not self.datadir.exists():
+            subprocess.run([install, "--no-defaults", f"--datadir={self.datadir}",
+                            "--auth-root-authentication-method=normal", "--skip-test-db",
+                            "--user=root"], check=True, capture_output=True, timeout=120)
+        self.proc = subprocess.Popen(
+            [server, "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}",
+             f"--port={self.port}", "--bind-address=127.0.0.1", "--user=root",
+             f"--pid-file={self.root / 'mysqld.pid'}", f"--log-error={self.root / 'error.log'}",
+             "--skip-log-bin", "--innodb-buffer-pool-size=16M"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.sql("SELECT 1", check=False).returncode == 0, 60, "mariadbd")
+
+    def sql(self, statements: str, check: bool = True) -> subprocess.CompletedProcess:
+        client = shutil.which("mariadb") or need("mysql")
+        return subprocess.run([client, "--no-defaults", "-S", str(self.socket), "-uroot"],
+                              input=statements, text=True, capture_output=True, check=check,
+                              timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(60)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def mariadb(tmp_path_factory):
+    db = MariaDB(tmp_path_factory.mktemp("mariadb"))
+    db.start()
+    db.sql(f"""
+CREATE DATABASE vpopmail;
+CREATE DATABASE vpopsplit;
+CREATE USER 'vpop'@'%' IDENTIFIED BY '{PASSWORD}';
+GRANT SELECT ON vpopmail.* TO 'vpop'@'%';
+GRANT SELECT ON vpopsplit.* TO 'vpop'@'%';
+USE vpopmail;
+CREATE TABLE vpopmail (pw_name char(32) not null, pw_domain varchar(96) not null,
+  pw_passwd varchar(128), pw_uid int, pw_gid int, pw_gecos varchar(48), pw_dir varchar(160),
+  pw_shell varchar(20), pw_clear_passwd varchar(128), primary key (pw_name, pw_domain));
+INSERT INTO vpopmail (pw_name, pw_domain, pw_passwd, pw_dir, pw_shell) VALUES
+  ('ann', 'one.example', 'x', '/d/ann', 'NOQUOTA'), ('Bob', 'one.example', 'x', '/d/bob', 'NOQUOTA'),
+  ('cat', 'two-b.example', 'x', '/d/cat', 'NOQUOTA'), ('dan', 'elsewhere.example', 'x', '/d', '');
+CREATE TABLE valias (alias char(32) not null, domain varchar(96) not null,
+  valias_line text not null, index (alias, domain));
+INSERT INTO valias VALUES ('info', 'one.example', '&ann@one.example'),
+  ('info', 'one.example', '&bob@one.example'), ('help', 'two-b.example', '&cat@two-b.example');
+USE vpopsplit;
+CREATE TABLE one_example (pw_name char(32) not null primary key, pw_passwd varchar(128));
+CREATE TABLE two_b_example (pw_name char(32) not null primary key, pw_passwd varchar(128));
+INSERT INTO one_example VALUES ('split1', 'x'), ('split2', 'x');
+INSERT INTO two_b_example VALUES ('split3', 'x');
+""")
+    yield db
+    db.stop()
+
+
+def mysql_tree(tree: Tree, db: MariaDB) -> None:
+    tree.control("rcpthosts", "one.example\ntwo-b.example\n")
+    tree.control("virtualdomains", "one.example:one.example\ntwo-b.example:two-b.example\n")
+    tree.vpop_domain("one.example", vpasswd=False, files=(".qmail-list", ".qmail-list-default"))
+    tree.vpop_domain("two-b.example", vpasswd=False)
+    tree.write("home/vpopmail/etc/vpopmail.mysql",
+               f"# vpopmail's own settings\n127.0.0.1|{db.port}|vpop|{PASSWORD}|vpopmail\n"
+               f"127.0.0.1|{db.port}|writer|other|vpopmail\n")
+
+
+def test_mysql_single_table_layout_and_valias(tree: Tree, mariadb: MariaDB):
+    mysql_tree(tree, mariadb)
+    assert tree.keys("--mysql") == [
+        "ann@one.example", "bob@one.example", "cat@two-b.example", "help@two-b.example",
+        "info@one.example", "list-default@one.example", "list@one.example"]
+    done = tree.run("generate", "--mysql", "--origins")
+    assert f"ann@one.example\tmysql 127.0.0.1:{mariadb.port}/vpopmail table vpopmail" in done.stdout
+    assert "info@one.example\tmysql" in done.stdout and "table valias" in done.stdout
+
+
+def test_mysql_per_domain_layout_by_socket(tree: Tree, mariadb: MariaDB):
+    mysql_tree(tree, mariadb)
+    keys = tree.keys("--mysql", UPDATER_MYSQL_DATABASE="vpopsplit",
+                     UPDATER_MYSQL_SOCKET=str(mariadb.socket))
+    assert keys == ["list-default@one.example", "list@one.example", "split1@one.example",
+                    "split2@one.example", "split3@two-b.example"]
+    # the layout can be forced; a missing per-domain table is an error naming it
+    done = tree.run("generate", "--mysql", "--mysql-layout", "per-domain")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"qmail-updater: mysql 127.0.0.1:{mariadb.port}/vpopmail: "
+                                   "no table one_example for one.example")
+
+
+def test_mysql_down_or_refusing_fails_the_build_and_keeps_the_cdb(tree: Tree, mariadb: MariaDB,
+                                                                    tmp_path: Path):
+    mysql_tree(tree, mariadb)
+    assert tree.run("build", "--mysql").returncode == 0
+    good = tree.cdb.read_bytes()
+    wrong = tmp_path / "pw"
+    wrong.write_text("not-the-password\n")
+    done = tree.run("build", "--mysql", UPDATER_MYSQL_PASSWORD_FILE=str(wrong))
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"qmail-updater: mysql 127.0.0.1:{mariadb.port}/vpopmail: "
+                                  "cannot connect: (1045) Access denied for user 'vpop'@")
+    assert "not-the-password" not in done.stderr and PASSWORD not in done.stderr
+    mariadb.stop()
+    try:
+        done = tree.run("build", "--mysql")
+        assert done.returncode == 1
+        assert done.stderr.startswith(f"qmail-updater: mysql 127.0.0.1:{mariadb.port}/vpopmail: "
+                                      "cannot connect: (2003) Can't connect to MySQL server")
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert PASSWORD not in done.stderr
+        assert tree.cdb.read_bytes() == good
+    finally:
+        mariadb.start()
+
+
+def test_mysql_domain_returning_nothing_is_caught_by_the_gate(tree: Tree, mariadb: MariaDB):
+    mysql_tree(tree, mariadb)
+    tree.control("rcpthosts", "one.example\ntwo-b.example\n" +
+                 "".join(f"pad{i}.example\n" for i in range(20)))
+    tree.control("smtproutes", "".join(f"pad{i}.example:[192.0.2.1]\n" for i in range(20)))
+    assert tree.run("build", "--mysql").returncode == 0
+    good = tree.cdb.read_bytes()
+    mariadb.sql("DELETE FROM vpopmail.vpopmail WHERE pw_domain = 'two-b.example';"
+                "DELETE FROM vpopmail.valias WHERE domain = 'two-b.example';")
+    try:
+        done = tree.run("build", "--mysql")          # shrinks by 2 of 29: under 20 %
+        assert done.returncode == 1
+        assert done.stderr.strip() == (
+            f"qmail-updater: {tree.cdb}: refusing to install: two-b.example had 2 entries and "
+            "now has none; did a source return nothing? (--force installs it anyway)")
+        assert tree.cdb.read_bytes() == good
+    finally:
+        mariadb.sql("INSERT INTO vpopmail.vpopmail (pw_name, pw_domain) VALUES "
+                    "('cat', 'two-b.example');"
+                    "INSERT INTO vpopmail.valias VALUES ('help', 'two-b.example', '&x');")
+
+
+# --------------------------------------------------------------------------- OpenLDAP
+
+CONTACT_SCHEMA = """\
+objectclass ( 1.2.840.113556.1.5.15 NAME 'contact' SUP organizationalPerson STRUCTURAL
+  MAY ( mail $ proxyAddresses $ instanceType $ objectCategory ) )
+"""
+
+
+def user(i: int) -> str:
+    return (f"dn: cn=User {i},ou=people,dc=corp,dc=example\nobjectClass: user\ncn: User {i}\n"
+            f"sn: {i}\ninstanceType: 4\nnTSecurityDescriptor:: AAAA\n"
+            "objectCategory: CN=Person,CN=Schema,CN=Configuration,DC=corp,DC=example\n"
+            f"mail: User{i}@Corp.Example\nproxyAddresses: SMTP:User{i}@Corp.Example\n"
+            f"proxyAddresses: smtp:u{i}@corp.example\n"
+            f"proxyAddresses: X400:c=US;a= ;p=Corp;o=Exchange;s={i};\n"
+            f"proxyAddresses: sip:u{i}@corp.example\n\n")
+
+
+LDIF = ("dn: dc=corp,dc=example\nobjectClass: dcObject\nobjectClass: organization\no: Corp\n"
+        "dc: corp\n\ndn: ou=people,dc=corp,dc=example\nobjectClass: organizationalUnit\n"
+        "ou: people\n\n" + "".join(user(i) for i in range(25)) +
+        "dn: cn=Sales,ou=people,dc=corp,dc=example\nobjectClass: group\ncn: Sales\n"
+        "groupType: 8\ninstanceType: 4\nnTSecurityDescriptor:: AAAA\n"
+        "objectCategory: CN=Group,CN=Schema,CN=Configuration,DC=corp,DC=example\n"
+        "mail: sales@corp.example\nproxyAddresses: smtp:vertrieb@corp.example\n"
+        "proxyAddresses: SMTP:sales@other.example\n\n"
+        "dn: cn=Partner,ou=people,dc=corp,dc=example\nobjectClass: contact\ncn: Partner\n"
+        "sn: Partner\nmail: partner@outside.example\nproxyAddresses: SMTP:partner@outside.example\n"
+        "proxyAddresses: smtp:partner@corp.example\n\n"
+        "dn: cn=No Mail,ou=people,dc=corp,dc=example\nobjectClass: user\ncn: No Mail\nsn: x\n"
+        "instanceType: 4\nnTSecurityDescriptor:: AAAA\n"
+        "objectCategory: CN=Person,CN=Schema,CN=Configuration,DC=corp,DC=example\n\n")
+
+
+class Slapd:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"ldap://127.0.0.1:{self.port}/"
+        self.proc = None
+
+    def start(self) -> None:
+        slapd = need("slapd")
+        (self.root / "db").mkdir(exist_ok=True)
+        (self.root / "contact.schema").write_text(CONTACT_SCHEMA)
+        schema = "/etc/ldap/schema"
+        conf = self.root / "slapd.conf"
+        conf.write_text(
+            "".join(f"include {schema}/{s}.schema\n"
+                    for s in ("core", "cosine", "inetorgperson", "nis", "msuser")) +
+            f"include {self.root}/contact.schema\n"
+            "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
+            f"pidfile {self.root}/slapd.pid\n"
+            "database mdb\nsuffix \"dc=corp,dc=example\"\n"
+            "rootdn \"cn=admin,dc=corp,dc=example\"\n"
+            f"rootpw {PASSWORD}\ndirectory {self.root}/db\n"
+            # like AD: plain searches stop at 10 entries, paged ones get everything
+            "limits * size.soft=10 size.hard=10 size.pr=10 size.prtotal=unlimited\n")
+        self.proc = subprocess.Popen([slapd, "-d", "0", "-f", str(conf), "-h", self.uri],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        search = need("ldapsearch")
+        wait_until(lambda: subprocess.run([search, "-x", "-H", self.uri, "-s", "base", "-b", "",
+                                           "(objectClass=*)"], capture_output=True
+                                          ).returncode in (0, 32), 30, "slapd")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def slapd(tmp_path_factory):
+    server = Slapd(tmp_path_factory.mktemp("slapd"))
+    server.start()
+    subprocess.run([need("ldapadd"), "-x", "-H", server.uri, "-D", "cn=admin,dc=corp,dc=example",
+                    "-w", PASSWORD], input=LDIF, text=True, check=True, capture_output=True)
+    yield server
+    server.stop()
+
+
+def ldap_tree(tree: Tree, server: Slapd, password: str = PASSWORD) -> dict[str, str]:
+    tree.control("rcpthosts", "corp.example\nlocal.example\n")
+    tree.control("locals", "local.example\n")
+    tree.control("smtproutes", "corp.example:[192.0.2.50]\n")     # the Exchange server
+    tree.control("validrcptto.ldapdomains", "corp.example\n")
+    tree.account("joe")
+    pw = tree.write("etc/ldap.secret", password + "\n", mode=0o600)
+    return dict(UPDATER_LDAP_URI=server.uri, UPDATER_LDAP_BIND_DN="cn=admin,dc=corp,dc=example",
+                UPDATER_LDAP_PASSWORD_FILE=str(pw), UPDATER_LDAP_BASE="dc=corp,dc=example",
+                UPDATER_LDAP_PAGE_SIZE="7")
+
+
+def test_ldap_addresses_paged_search_and_domain_filter(tree: Tree, slapd: Slapd):
+    env = ldap_tree(tree, slapd)
+    keys = tree.keys(**env)
+    expected = sorted({f"user{i}@corp.example" for i in range(25)} |
+                      {f"u{i}@corp.example" for i in range(25)} |
+                      {"sales@corp.example", "vertrieb@corp.example", "partner@corp.example",
+                       "joe@local.example"})
+    assert keys == expected                       # 54 keys: more than one 7-entry page
+    done = tree.run("generate", "--origins", **env)
+    assert f"sales@corp.example\tldap {slapd.uri} base dc=corp,dc=example" in done.stdout
+
+
+def test_ldap_failures_keep_the_cdb(tree: Tree, slapd: Slapd):
+    env = ldap_tree(tree, slapd)
+    assert tree.run("build", **env).returncode == 0
+    good = tree.cdb.read_bytes()
+    bad = tree.write("etc/wrong.secret", "wrong-password\n")
+    done = tree.run("build", **{**env, "UPDATER_LDAP_PASSWORD_FILE": str(bad)})
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"qmail-updater: ldap {slapd.uri}: "
+                                   "bind failed: invalidCredentials (49)")
+    assert "wrong-password" not in done.stderr
+    done = tree.run("build", **{**env, "UPDATER_LDAP_BASE": "dc=nowhere,dc=example"})
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"qmail-updater: ldap {slapd.uri}: "
+                                   "search failed: noSuchObject (32)")
+    slapd.stop()
+    try:
+        done = tree.run("build", **env)
+        assert done.returncode == 1
+        assert done.stderr.startswith(f"qmail-updater: ldap {slapd.uri}: connect failed: "
+                                      "LDAPSocketOpenError")
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert tree.cdb.read_bytes() == good
+    finally:
+        slapd.start()
+
+
+def test_ldap_configured_without_domains_file(tree: Tree, slapd: Slapd):
+    env = ldap_tree(tree, slapd)
+    (tree.qmail / "control/validrcptto.ldapdomains").unlink()
+    done = tree.run("generate", **env)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"qmail-updater: {tree.qmail}/control/"
+                                   "validrcptto.ldapdomains: missing")
+
+
+def test_ldap_addresses_rule():
+    from updater.sources.ldap import addresses
+    values = {"mail": ["A@B.example"], "proxyAddresses": ["SMTP:A@B.example", "smtp:c@b.example",
+                                                          "X400:c=US;", "sip:x@b.example", b"smtp:d@e"]}
+    assert addresses(values, ["mail", "proxyAddresses"]) == [
+        "a@b.example", "a@b.example", "c@b.example", "d@e"]
