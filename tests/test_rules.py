@@ -83,9 +83,10 @@ def test_universe_and_classify():
 
 def test_normalise_and_merge():
     notes = Notes()
-    assert normalise(["A@B", "bad key@b", "x\n@b"], "o", notes) == ["a@b"]
+    assert normalise(["A@B", "bad key@b", "x\n@b"], "o", notes) == [b"a@b"]
     assert notes.warnings == ["o: skipped 2 name(s) with white space or control characters"]
     result = merge([Found("one", ["a@d", "b@d", "c@e"]), Found("two", ["a@d"]),
                     Found("ex", ["b@d", "@e"], reject=True)], Notes(), "d")
-    assert result.items() == [("@e", "-"), ("a", ""), ("a@d", ""), ("b", "-"), ("b@d", "-")]
-    assert result.origin("b@d") == "ex"
+    assert result.items() == [(b"@e", b"-"), (b"a", b""), (b"a@d", b""), (b"b", b"-"),
+                              (b"b@d", b"-")]
+    assert result.origin(b"b@d") == "ex"

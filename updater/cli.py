@@ -55,26 +55,38 @@ def _build_result(settings: "config.Settings"):
 
 def cmd_generate(args: "argparse.Namespace", settings: "config.Settings") -> int:
     result = _build_result(settings)
-    items = result.items()
-    if args.format == "cdbmake":
-        out([cdbmake_line(k, v) for k, v in items] + [""])
-    elif args.origins:
-        out([f"{k}{' -' if v else ''}\t{result.origin(k)}" for k, v in items])
-    else:
-        out([f"{k} -" if v else k for k, v in items])
+    write_list(result, args.format, args.origins)
     return EXIT_OK
 
 
-def cdbmake_line(key: str, value: str) -> str:
-    kb, vb = key.encode(ENCODING, ERRORS), value.encode(ENCODING, ERRORS)
-    return f"+{len(kb)},{len(vb)}:{key}->{value}"
+def write_list(result, fmt: str = "plain", origins: bool = False) -> None:
+    """The list on stdout: plain keys (a rejecting key followed by `` -``), with
+    ``origins`` a tab and where each key comes from, or cdbmake's input format."""
+    keys = result.sorted_keys()
+    rejects = result.rejects
+    if fmt == "cdbmake":
+        data = b"".join(b"+%d,%d:%s->%s\n" % (len(k), len(v), k, v)
+                        for k, v in ((k, result.value(k)) for k in keys)) + b"\n"
+    elif origins:
+        data = b"".join(k + (b" -" if k in rejects else b"") + b"\t" +
+                        result.origin(k).encode(ENCODING, ERRORS) + b"\n" for k in keys)
+    elif rejects:
+        data = b"".join(k + (b" -\n" if k in rejects else b"\n") for k in keys)
+    else:
+        data = b"\n".join(keys) + b"\n" if keys else b""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def install_result(result, path: str, settings: "config.Settings", force: bool = False):
+    from .install import install
+    return install(result.sorted_keys(), path, rejects=result.rejects, present=result.keys,
+                   max_shrink=settings.max_shrink, force=force, domains=result.domains)
 
 
 def cmd_build(args: "argparse.Namespace", settings: "config.Settings") -> int:
-    from .install import install
     result = _build_result(settings)
-    report = install(result.items(), settings.cdb, max_shrink=settings.max_shrink,
-                     force=settings.force, domains=result.domains)
+    report = install_result(result, settings.cdb, settings, settings.force)
     log(report.line())
     if args.diff:
         out(report.diff_lines())
@@ -295,18 +307,13 @@ def mkvalidrcptto(argv: Sequence[str]) -> int:
         result = generate(settings)
         for w in result.warnings:
             log(f"warning: {w}", prog)
-        items = result.items()
         if args.d:
-            for k, _ in items:
-                log(f"{k}: {result.origin(k)}", prog)
+            for k in result.sorted_keys():
+                log(f"{k.decode(ENCODING, ERRORS)}: {result.origin(k)}", prog)
         if args.c:
-            from .install import install
-            log(install(items, args.c, max_shrink=settings.max_shrink,
-                              domains=result.domains).line(), prog)
-        elif args.m:
-            out([cdbmake_line(k, v) for k, v in items] + [""])
+            log(install_result(result, args.c, settings).line(), prog)
         else:
-            out([f"{k} -" if v else k for k, v in items])
+            write_list(result, "cdbmake" if args.m else "plain")
         return EXIT_OK
     except ConfigError as err:
         log(str(err), prog)

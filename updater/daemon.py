@@ -195,33 +195,36 @@ class Daemon:
 
     # ---- builds
     def build(self, reasons: list[str]) -> None:
+        from .cli import install_result
         from .generate import generate
-        from .install import install
         started = time.time()
         self.builds += 1
         why = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
         record = {"time": started, "reason": why, "builds": self.builds}
+        lines: list[str] = []                   # logged once the status file is written
         try:
             result = generate(self.s)
             for w in result.warnings:
-                self.log(f"warning: {w}")
-            report = install(result.items(), self.s.cdb, max_shrink=self.s.max_shrink,
-                             force=self.s.force, domains=result.domains)
-        except UpdaterError as err:
+                lines.append(f"warning: {w}")
+            report = install_result(result, self.s.cdb, self.s, self.s.force)
+        except Exception as err:            # a source error, or a bug: the daemon keeps running
+            if not isinstance(err, UpdaterError):
+                err = f"internal error: {type(err).__name__}: {err}"
             self.failures += 1
             delay = backoff(self.failures, self.s.retry_min, self.s.retry_max)
             self.retry_at = time.monotonic() + delay
-            self.log(f"build failed ({why}): {err}; live cdb kept; retry in {delay:g}s")
+            lines.append(f"build failed ({why}): {err}; live cdb kept; retry in {delay:g}s")
             record.update(result="failed", error=str(err), entries=self.status.get("entries"),
                           added=0, removed=0, failures=self.failures)
         else:
             self.failures = 0
             self.retry_at = None
-            self.log(f"build ({why}): {report.line()}")
-            changes = ([f"+{k}" for k in report.added[:10]] + [f"-{k}" for k in report.removed[:10]])
+            lines.append(f"build ({why}): {report.line()}")
+            changes = ([f"+{k.decode('utf-8', 'surrogateescape')}" for k in report.added[:10]] +
+                       [f"-{k.decode('utf-8', 'surrogateescape')}" for k in report.removed[:10]])
             if changes:
                 more = len(report.added) + len(report.removed) - len(changes)
-                self.log("changes: " + " ".join(changes) + (f" (+{more} more)" if more > 0 else ""))
+                lines.append("changes: " + " ".join(changes) + (f" (+{more} more)" if more > 0 else ""))
             record.update(result=report.status, entries=report.entries, added=len(report.added),
                           removed=len(report.removed), error=None, failures=0,
                           last_success=started)
@@ -233,7 +236,12 @@ class Daemon:
             record["last_error"] = record["error"]
         self.status = record
         self.last_build = time.monotonic()
-        self.write_status()
+        try:
+            self.write_status()
+        except OSError as err:
+            lines.append(f"cannot write the status file: {err}")
+        for line in lines:
+            self.log(line)
         self.watch()
 
     def write_status(self) -> None:

@@ -10,7 +10,7 @@ from . import config
 from .checker import check, open_cdb
 from .errors import UpdaterError
 from .generate import generate
-from .install import install
+from .cli import install_result
 from .qmail import ENCODING, ERRORS
 from .sample import ADDRESSES, make_tree
 
@@ -30,16 +30,15 @@ def _demo(root: str, out: Callable[[Sequence[str]], None], log: Callable[[str], 
     out([f"sample qmail tree in {root}", ""])
     try:
         result = generate(settings)
-        report = install(result.items(), settings.cdb, max_shrink=settings.max_shrink,
-                         domains=result.domains)
+        report = install_result(result, settings.cdb, settings)
     except UpdaterError as err:
         log(str(err))
         return 1
     for w in result.warnings:
         out([f"warning: {w}"])
     out(["", f"{report.line()}", "", "entries (key, value, origin):"])
-    out([f"  {k:<40} {v or ' '}  {result.origin(k).replace(root, '.')}"
-         for k, v in result.items()])
+    out([f"  {k.decode(ENCODING, ERRORS):<40} {v.decode() or ' '}  "
+         f"{result.origin(k).replace(root, '.')}" for k, v in result.items()])
     out(["", "what qmail-smtpd would answer (qmail-updater check):"])
     getter = open_cdb(settings.cdb)
     try:

@@ -19,8 +19,8 @@ from typing import Iterable, Iterator
 
 from .config import Settings
 from .errors import SourceError
-from .qmail import (Account, MapEntry, accounts as load_accounts, cdb_keys, control_lines,
-                    first_line, lower_ascii, map_index, map_lookup, parse_assign,
+from .qmail import (ENCODING, ERRORS, Account, MapEntry, accounts as load_accounts, cdb_keys,
+                    control_lines, first_line, lower_ascii, map_index, map_lookup, parse_assign,
                     parse_domain_map, read_text)
 from .sources import Found, Notes
 from .sources.aliases import alias_entries
@@ -28,7 +28,6 @@ from .sources.site import site_entries
 from .sources.system import local_accounts
 from .sources.virtual import file_users, find_home, virtual_entries
 
-REJECT = "-"
 
 
 # --------------------------------------------------------------------------- rules (pure)
@@ -99,36 +98,50 @@ def classify(domains: dict[str, tuple[str, int | None]], locals_: set[str],
     return plan
 
 
-_BAD = re.compile(r"[\x00-\x20\x7f]")
+_BAD = re.compile(rb"[\x00-\x09\x0b-\x20\x7f]")          # \n separates the keys
+REJECT_VALUE = b"-"
 
 
-def normalise(keys: list[str], origin: str, notes: Notes) -> list[str]:
-    """Lowercase (A-Z only) and drop keys no SMTP client can send unquoted."""
-    if _BAD.search("".join(keys)):
-        good = [k for k in keys if not _BAD.search(k)]
-        notes.warn(f"{origin}: skipped {len(keys) - len(good)} name(s) with white space "
-                   "or control characters")
-        keys = good
+def normalise(keys: list, origin: str, notes: Notes) -> list[bytes]:
+    """Keys as bytes, lowercased (A-Z only), without keys no SMTP client can send
+    unquoted (white space, control characters): one pass over all of a group's keys."""
     if not keys:
         return []
-    return lower_ascii("\n".join(keys)).split("\n")
+    if isinstance(keys[0], str):
+        data = "\n".join(keys).encode(ENCODING, ERRORS)
+    else:
+        data = b"\n".join(keys)
+    if _BAD.search(data) or data.count(b"\n") != len(keys) - 1:
+        raw = [k.encode(ENCODING, ERRORS) if isinstance(k, str) else k for k in keys]
+        good = [k for k in raw if not _BAD.search(k) and b"\n" not in k]
+        notes.warn(f"{origin}: skipped {len(keys) - len(good)} name(s) with white space "
+                   "or control characters")
+        if not good:
+            return []
+        data = b"\n".join(good)
+    return data.lower().split(b"\n")
 
 
 @dataclass
 class Result:
-    keys: dict[str, int]            # key -> index into origins
+    keys: dict[bytes, int]          # key -> index into origins
     origins: list[str]
-    rejects: set[str]
+    rejects: set[bytes]
     warnings: list[str]
     seconds: float = 0.0
-    domains: frozenset[str] = frozenset()     # the domain universe (for the install gate)
+    domains: frozenset[bytes] = frozenset()   # the domain universe (for the install gate)
 
-    def items(self) -> list[tuple[str, str]]:
-        """Sorted (key, value): value ``-`` for rejecting keys, else empty."""
-        rejects = self.rejects
-        return [(k, REJECT if k in rejects else "") for k in sorted(self.keys)]
+    def sorted_keys(self) -> list[bytes]:
+        return sorted(self.keys)
 
-    def origin(self, key: str) -> str:
+    def value(self, key: bytes) -> bytes:
+        """``-`` for a rejecting key, else empty."""
+        return REJECT_VALUE if key in self.rejects else b""
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return [(k, self.value(k)) for k in self.sorted_keys()]
+
+    def origin(self, key: bytes) -> str:
         return self.origins[self.keys[key]]
 
 
@@ -136,34 +149,35 @@ def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Res
     """Dedupe; excluded keys win over everything; an excluded ``@domain`` removes the
     domain's other keys.  Keys at ``bare_domain`` (control/envnoathost) also get a bare
     local-part key, since qmail delivers an address without ``@`` there."""
-    keys: dict[str, int] = {}
+    keys: dict[bytes, int] = {}
     origins: list[str] = []
-    excluded: list[tuple[list[str], int]] = []
+    excluded: list[tuple[list[bytes], int]] = []
     for found in groups:
         index = len(origins)
         origins.append(found.origin)
-        ks = normalise(found.keys, found.origin, notes)
+        ks = found.keys if found.clean else normalise(found.keys, found.origin, notes)
         if found.reject:
             excluded.append((ks, index))
         else:
             keys.update(dict.fromkeys(ks, index))
-    rejects: set[str] = set()
+    rejects: set[bytes] = set()
     for ks, index in excluded:
         for k in ks:
-            if k.startswith("@"):
+            if k.startswith(b"@"):
                 for other in [o for o in keys if o.endswith(k)]:
                     del keys[other]
             keys[k] = index
             rejects.add(k)
-    if bare_domain and "@" + bare_domain not in keys:
-        suffix = "@" + bare_domain
-        bare = {k[: -len(suffix)]: k for k in keys
-                if k.endswith(suffix) and not k.startswith("@")}
-        for local, full in bare.items():
-            if local not in keys:
-                keys[local] = keys[full]
-                if full in rejects:
-                    rejects.add(local)
+    if bare_domain:
+        suffix = b"@" + bare_domain.encode(ENCODING, ERRORS)
+        if suffix not in keys:
+            bare = {k[: -len(suffix)]: k for k in keys
+                    if k.endswith(suffix) and not k.startswith(b"@")}
+            for local, full in bare.items():
+                if local not in keys:
+                    keys[local] = keys[full]
+                    if full in rejects:
+                        rejects.add(local)
     return Result(keys, origins, rejects, notes.warnings)
 
 
@@ -250,7 +264,7 @@ def generate(settings: Settings) -> Result:
     bare = first_line(settings.control("envnoathost")) or first_line(settings.control("me"))
     bare = lower_ascii(bare) if bare and lower_ascii(bare) in handled else None
     result = merge(sources(settings, plan, notes), notes, bare)
-    result.domains = frozenset(universe_)
+    result.domains = frozenset(d.encode(ENCODING, ERRORS) for d in universe_)
     result.seconds = time.monotonic() - started
     return result
 

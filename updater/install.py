@@ -25,9 +25,9 @@ class Report:
     path: str
     status: str                      # "installed" or "unchanged"
     entries: int
-    added: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
+    added: list[bytes] = field(default_factory=list)
+    removed: list[bytes] = field(default_factory=list)
+    changed: list[bytes] = field(default_factory=list)
     seconds: float = 0.0
     bytes_written: int = 0
 
@@ -39,8 +39,9 @@ class Report:
                 f"-{len(self.removed)}{changed}, {self.seconds:.2f}s")
 
     def diff_lines(self) -> list[str]:
-        return ([f"+{k}" for k in self.added] + [f"-{k}" for k in self.removed]
-                + [f"~{k}" for k in self.changed])
+        def text(sign: str, keys: list[bytes]) -> list[str]:
+            return [sign + k.decode(ENCODING, ERRORS) for k in keys]
+        return text("+", self.added) + text("-", self.removed) + text("~", self.changed)
 
 
 def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool) -> str | None:
@@ -58,39 +59,51 @@ def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool) 
     return None
 
 
-def emptied(old: dict[str, str], new: dict[str, str], domains: frozenset[str]) -> str | None:
+def _domain(key: bytes) -> bytes:
+    return key.rpartition(b"@")[2]
+
+
+def emptied(old: dict[bytes, bytes], new, domains: frozenset[bytes]) -> str | None:
     """Why a list must not be installed because a domain we still receive mail for lost
-    all of its keys (a source returned nothing for it), or None (pure)."""
+    all of its keys (a source returned nothing for it), or None (pure).  ``new`` is any
+    container of the new keys."""
     if not domains or not old:
         return None
-    removed = old.keys() - new.keys()
-    lost = {k.rpartition("@")[2] for k in removed if "@" in k} & domains
+    lost = {_domain(k) for k in old if b"@" in k and k not in new} & domains
     if not lost:
         return None
-    gone = sorted(lost - {k.rpartition("@")[2] for k in new if "@" in k})
+    gone = sorted(lost - {_domain(k) for k in new if b"@" in k})
     if not gone:
         return None
-    had = sum(1 for k in old if k.rpartition("@")[2] == gone[0])
+    had = sum(1 for k in old if _domain(k) == gone[0])
     more = f" (and {len(gone) - 1} more domains)" if len(gone) > 1 else ""
-    return (f"refusing to install: {gone[0]} had {had} entries and now has none{more}; "
+    name = gone[0].decode(ENCODING, ERRORS)
+    return (f"refusing to install: {name} had {had} entries and now has none{more}; "
             "did a source return nothing? (--force installs it anyway)")
 
 
-def read_cdb(path: str) -> dict[str, str] | None:
+def read_cdb(path: str) -> dict[bytes, bytes] | None:
     """The live file as key -> value; None if it does not exist or cannot be parsed."""
     import cdbx
     try:
         db = cdbx.CDB(path)
-    except FileNotFoundError:
-        return None
     except Exception:
         return None
     try:
-        return {k.decode(ENCODING, ERRORS): db[k].decode(ENCODING, ERRORS) for k in db}
+        return dict(db.items(all=True))
     except Exception:
         return None
     finally:
         db.close()
+
+
+def record_count(data: bytes) -> int | None:
+    """Records in a cdb, from its header: each of the 256 tables has twice as many slots
+    as records (as cdbmake and cdbx write them).  None for a file too short to be a cdb."""
+    if len(data) < 2048:
+        return None
+    import struct
+    return sum(struct.unpack_from("<512L", data, 0)[1::2]) // 2
 
 
 @contextlib.contextmanager
@@ -123,10 +136,28 @@ def remove_stale_temps(path: str) -> int:
     return n
 
 
-def write_cdb(path: str, items: list[tuple[str, str]]) -> int:
-    """Write a complete cdb under a unique temp name in the target's directory, fsync it,
-    rename it over ``path`` and fsync the directory.  Returns the bytes written."""
+def make_cdb(keys: list[bytes], rejects: set[bytes]) -> bytes:
+    """The complete cdb image, built in memory (a memfd: nothing touches the disk)."""
     import cdbx
+    fd = os.memfd_create("validrcptto.cdb") if hasattr(os, "memfd_create") else None
+    f = os.fdopen(fd, "w+b") if fd is not None else tempfile.TemporaryFile()
+    with f:
+        maker = cdbx.CDB.make(f)
+        add = maker.add
+        if rejects:
+            for key in keys:
+                add(key, b"-" if key in rejects else b"")
+        else:
+            for key in keys:
+                add(key, b"")
+        maker.commit().close()
+        f.seek(0)
+        return f.read()
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """A unique temp file in the target's directory, fsync, rename over ``path``,
+    fsync the directory: the live name is always the old or the new complete file."""
     directory = os.path.dirname(path) or "."
     prefix = os.path.basename(_temp_pattern(path))
     try:
@@ -134,15 +165,13 @@ def write_cdb(path: str, items: list[tuple[str, str]]) -> int:
     except OSError as err:
         raise InstallError(f"cannot create a temporary file: {err.strerror}", directory) from None
     try:
-        with os.fdopen(fd, "w+b") as f:
-            maker = cdbx.CDB.make(f)
-            add = maker.add
-            for key, value in items:
-                add(key.encode(ENCODING, ERRORS), value.encode(ENCODING, ERRORS))
-            maker.commit().close()
+        with os.fdopen(fd, "wb") as f:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view):]
+            f.flush()
             os.fchmod(f.fileno(), MODE)
             os.fsync(f.fileno())
-            size = os.fstat(f.fileno()).st_size
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -155,29 +184,45 @@ def write_cdb(path: str, items: list[tuple[str, str]]) -> int:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return size
 
 
-def install(items: list[tuple[str, str]], path: str, *, max_shrink: float = 20.0,
-            force: bool = False, domains: frozenset[str] = frozenset()) -> Report:
-    """Install ``items`` (sorted (key, value) pairs) at ``path`` if they changed and
-    pass the sanity gate (``domains``: the domains still served, for the rule that no
-    such domain may lose all of its keys).  Raises InstallRefused / InstallError, leaving ``path`` alone."""
+def _read_live(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
+
+
+def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
+            present=None, max_shrink: float = 20.0, force: bool = False,
+            domains: frozenset[bytes] = frozenset()) -> Report:
+    """Install the sorted ``keys`` (``rejects`` get the value ``-``) at ``path`` if the
+    file would change and the list passes the sanity gate (``domains``: the domains still
+    served, none of which may lose all of its keys; ``present``: a fast container of the
+    keys, if the caller has one).  Raises InstallRefused / InstallError, leaving ``path``
+    alone."""
     started = time.monotonic()
-    new = dict(items)
+    image = make_cdb(keys, rejects)
     with locked(path):
         remove_stale_temps(path)
-        old = read_cdb(path)
-        if old is not None and old == new:
-            return Report(path, "unchanged", len(new), seconds=time.monotonic() - started)
-        why = gate(len(new), len(old) if old is not None else None, max_shrink, force) or \
-            (None if force else emptied(old or {}, new, domains))
+        live = _read_live(path)
+        if live == image:
+            return Report(path, "unchanged", len(keys), seconds=time.monotonic() - started)
+        old_count = record_count(live) if live is not None else None
+        why = gate(len(keys), old_count, max_shrink, force)
+        old = read_cdb(path) if live is not None and old_count is not None else None
+        new = present if present is not None else set(keys)
+        if not why and not force and old:
+            why = emptied(old, new, domains)
         if why:
             raise InstallRefused(why, path)
-        size = write_cdb(path, items)
+        write_atomically(path, image)
     old = old or {}
-    added = sorted(new.keys() - old.keys())
-    removed = sorted(old.keys() - new.keys())
-    changed = sorted(k for k in new.keys() & old.keys() if new[k] != old[k])
-    return Report(path, "installed", len(new), added, removed, changed,
-                  time.monotonic() - started, size)
+    added = [k for k in keys if k not in old]
+    removed = [k for k in old if k not in new]
+    changed = [k for k in keys if k in old and old[k] != (b"-" if k in rejects else b"")]
+    return Report(path, "installed", len(keys), added, removed, changed,
+                  time.monotonic() - started, len(image))

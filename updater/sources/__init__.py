@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class Found:
     origin: str                      # "vpasswd /home/vpopmail/domains/x/vpasswd", ...
-    keys: list[str]                  # lowercased keys: user@domain, user, @domain
+    keys: list                       # keys (str or bytes): user@domain, user, @domain
     reject: bool = False             # written with the value "-" (site exclude file)
+    clean: bool = False              # bytes keys already lowercased and checked
 
 
 @dataclass(slots=True)
@@ -29,7 +30,10 @@ class Notes:
         self.warnings.append(text)
 
 
-def at(names, domain: str) -> list[str]:
-    """``name@domain`` for each name (names already lowercase)."""
-    suffix = "@" + domain
+def at(names, domain: str) -> list:
+    """``name@domain`` for each name; bytes names give bytes keys."""
+    if names and isinstance(names[0], bytes):
+        suffix = b"@" + domain.encode("utf-8", "surrogateescape")
+    else:
+        suffix = "@" + domain
     return [n + suffix for n in names]

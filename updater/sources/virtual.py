@@ -22,7 +22,7 @@ from ..errors import SourceError
 from ..qmail import (Account, Assign, MapEntry, assign_lookup, dot_qmail_exts, list_dir,
                      read_text, runs)
 from . import Found, Notes, at
-from .vpopmail import read_users
+from .vpopmail import check_names, read_users
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,13 @@ def virtual_entries(domain: str, home: Home, users_of, qmail_ext: bool,
         yield Found(f"catch-all {default_path}", ["@" + domain])
         return
     origin, users = users_of(home.path, domain)
-    yield Found(origin, at(users, domain))
+    clean = bool(users) and isinstance(users[0], bytes)
+    if clean:
+        users = check_names(users, origin, notes.warn)
+    yield Found(origin, at(users, domain), clean=clean)
     if qmail_ext:
-        yield Found(origin + " (qmail-ext)", at([u + "-default" for u in users], domain))
+        dflt = b"-default" if clean else "-default"
+        yield Found(origin + " (qmail-ext)", at([u + dflt for u in users], domain), clean=clean)
     if aliases_of is not None:
         aliases = aliases_of(domain)
         if aliases:
