@@ -94,6 +94,20 @@ def test_diff_and_counts(tree: Tree):
     assert done.stdout.splitlines() == ["+user0000003@big.example", "-user0000000@big.example"]
 
 
+def test_diff_shows_a_key_whose_value_changed(tree: Tree):
+    local_tree(tree, 3)
+    tree.run("build")
+    tree.control("validrcptto.exclude", "user0000001@big.example\n")
+    done = tree.run("build", "--diff")
+    assert done.returncode == 0 and "3 entries, +0 -0 ~1," in done.stderr
+    assert done.stdout.splitlines() == ["~user0000001@big.example"]
+    assert tree.run("check", "user0000001@big.example").returncode == 1
+    (tree.qmail / "control/validrcptto.exclude").unlink()
+    done = tree.run("build", "--diff")
+    assert done.stdout.splitlines() == ["~user0000001@big.example"]
+    assert tree.run("check", "user0000001@big.example").returncode == 0
+
+
 def test_sanity_gate_refuses_empty_and_big_shrink(tree: Tree):
     local_tree(tree, 100)
     assert tree.run("build").returncode == 0
@@ -130,13 +144,19 @@ def test_gate_rule():
 
 def test_emptied_domain_rule():
     from updater.install import emptied
-    old = {b"a@x": b"", b"b@x": b"", b"c@y": b"", b"@z": b""}
-    xyz = frozenset([b"x", b"y", b"z"])
-    assert emptied(old, {b"a@x", b"c@y", b"@z"}, xyz) is None
-    why = emptied(old, {b"c@y", b"@z"}, xyz)
+    old = {b"a@x", b"b@x", b"c@y", b"@z"}
+
+    def check(new, domains):
+        return emptied(sorted(old - new), new, frozenset(domains))
+    assert check({b"a@x", b"c@y", b"@z"}, [b"x", b"y", b"z"]) is None
+    why = check({b"c@y", b"@z"}, [b"x", b"y", b"z"])
     assert why.startswith("refusing to install: x had 2 entries and now has none;")
-    assert emptied(old, {b"c@y", b"@z"}, frozenset([b"y", b"z"])) is None   # x left rcpthosts
-    assert emptied(old, {b"a@x", b"c@y"}, xyz).startswith("refusing to install: z had 1 entries")
+    assert check({b"c@y", b"@z"}, [b"y", b"z"]) is None                # x left rcpthosts
+    assert check({b"a@x", b"c@y"}, [b"x", b"y", b"z"]).startswith(
+        "refusing to install: z had 1 entries")
+    assert check({b"c@y"}, [b"x", b"y", b"z"]).endswith(
+        "and now has none (and 1 more domains); did a source return nothing? "
+        "(--force installs it anyway)")
 
 
 def test_unwritable_target_keeps_old_and_leaves_no_temp(tree: Tree):

@@ -6,7 +6,7 @@ import pytest
 
 from updater.errors import SourceError
 from updater.generate import classify, merge, normalise, universe
-from updater.qmail import (assign_lookup, dot_qmail_exts, fastforward_cdb, lower_ascii,
+from updater.qmail import (assign_index, assign_lookup, dot_qmail_exts, fastforward_cdb, lower_ascii,
                            map_index, map_lookup, parse_assign, parse_domain_map, runs)
 from updater.sources import Found, Notes
 from updater.sources.aliases import fastforward_keys
@@ -39,11 +39,13 @@ def test_parse_domain_map_errors_name_line():
 def test_assign_lookup_exact_then_longest_prefix():
     entries = parse_assign("=joe:joe:1:1:/h/joe:::\n+a-:u:2:2:/h/a:-::\n+a-b-:u:3:3:/h/ab:-::\n"
                            ".\n+ignored-:u:4:4:/x:-::\n", "assign")
+    entries = assign_index(entries)
     hit, rest = assign_lookup(entries, "joe")
     assert hit.home == "/h/joe" and rest == ""
     hit, rest = assign_lookup(entries, "a-b-c")
     assert hit.home == "/h/ab" and rest == "c"
     assert assign_lookup(entries, "ignored-x") is None
+    assert assign_lookup(entries, "joe", exact=False) is None
     with pytest.raises(SourceError) as err:
         parse_assign("+a-:u:x:2:/h:-::\n", "assign")
     assert str(err.value) == "assign:1: uid is not a number: 'x'"
@@ -90,3 +92,26 @@ def test_normalise_and_merge():
     assert result.items() == [(b"@e", b"-"), (b"a", b""), (b"a@d", b""), (b"b", b"-"),
                               (b"b@d", b"-")]
     assert result.origin(b"b@d") == "ex"
+
+
+def test_parse_vpasswd_lines():
+    from updater.sources.vpopmail import parse_vpasswd
+    assert parse_vpasswd(b"", "vp") == []
+    assert parse_vpasswd(b"Joe:x:1:0:J:/d/joe:NOQUOTA\nann:x:1:0::/d/ann:0", "vp") == \
+        [b"joe", b"ann"]
+    assert parse_vpasswd(b"\n# old users\njoe:x:1:0::/d:0\n\n", "vp") == [b"joe"]
+    with pytest.raises(SourceError) as err:
+        parse_vpasswd(b"joe:x:1:0::/d:0\n:x:1:0::/d:0\n", "vp")
+    assert str(err.value) == "vp:2: expected 'name:pass:uid:gid:gecos:dir:quota': ':x:1:0::/d:0'"
+    with pytest.raises(SourceError) as err:
+        parse_vpasswd(b"joe:x:1:0::/d:0\nbroken\n", "vp")
+    assert str(err.value).startswith("vp:2: expected")
+
+
+def test_delivery_commands_split_like_a_shell():
+    from updater.qmail import delivery_commands
+    assert delivery_commands("|/bin/vdelivermail '' bounce-no-mailbox\n&x@y\n") == \
+        [["/bin/vdelivermail", "", "bounce-no-mailbox"]]
+    assert delivery_commands("| preline  /bin/ezmlm-send  /d/list\n") == \
+        [["preline", "/bin/ezmlm-send", "/d/list"]]
+    assert delivery_commands('|x "a b" c\\ d\n') == [["x", "a b", "c d"]]

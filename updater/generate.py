@@ -19,9 +19,9 @@ from typing import Iterable, Iterator
 
 from .config import Settings
 from .errors import SourceError
-from .qmail import (ENCODING, ERRORS, Account, MapEntry, accounts as load_accounts, cdb_keys,
-                    control_lines, first_line, lower_ascii, map_index, map_lookup, parse_assign,
-                    parse_domain_map, read_text)
+from .qmail import (ENCODING, ERRORS, Account, MapEntry, accounts as load_accounts, assign_index,
+                    cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
+                    parse_assign, parse_domain_map, read_text)
 from .sources import Found, Notes
 from .sources.aliases import alias_entries
 from .sources.site import site_entries
@@ -229,7 +229,7 @@ def sources(settings: Settings, plan: Plan, notes: Notes) -> Iterator[Found]:
     yield from alias_entries(alias_home, plan.local + plan.alias, notes)
     if plan.virtual:
         assign_path = os.path.join(settings.qmail_dir, "users", "assign")
-        assign = parse_assign(read_text(assign_path), assign_path)
+        assign = assign_index(parse_assign(read_text(assign_path), assign_path))
         vpop = _vpopmail_dir(settings, accts)
         vuserinfo = os.path.join(vpop, "bin", "vuserinfo") if settings.vuserinfo else None
         users_of, aliases_of, db = file_users(vuserinfo), None, None
@@ -310,7 +310,7 @@ def watch_targets(settings: Settings) -> dict[str, tuple[set[str], tuple[str, ..
             add(os.path.dirname(os.path.abspath(ff)), (os.path.basename(ff),))
         plan, _ = plan_for(settings)
         assign_path = os.path.join(settings.qmail_dir, "users", "assign")
-        assign = parse_assign(read_text(assign_path), assign_path)
+        assign = assign_index(parse_assign(read_text(assign_path), assign_path))
         vpop = _vpopmail_dir(settings, accts)
         for domain, entry in plan.virtual:
             try:

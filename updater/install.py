@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import mmap
 import os
 import tempfile
 import time
@@ -18,6 +19,7 @@ from .errors import InstallError, InstallRefused
 from .qmail import ENCODING, ERRORS
 
 MODE = 0o644
+REJECT = b"-"          # the value of a key that rejects (REFERENCE §1)
 
 
 @dataclass
@@ -59,47 +61,60 @@ def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool) 
     return None
 
 
-def _domain(key: bytes) -> bytes:
-    return key.rpartition(b"@")[2]
-
-
-def emptied(old: dict[bytes, bytes], new, domains: frozenset[bytes]) -> str | None:
+def emptied(removed: list[bytes], new, domains: frozenset[bytes]) -> str | None:
     """Why a list must not be installed because a domain we still receive mail for lost
-    all of its keys (a source returned nothing for it), or None (pure).  ``new`` is any
-    container of the new keys."""
-    if not domains or not old:
-        return None
-    lost = {_domain(k) for k in old if b"@" in k and k not in new} & domains
+    all of its keys (a source returned nothing for it), or None (pure).  ``removed``:
+    the live keys not in the new list; ``new``: any container of the new keys."""
+    lost = {k.rpartition(b"@")[2] for k in removed if b"@" in k} & domains
     if not lost:
         return None
-    gone = sorted(lost - {_domain(k) for k in new if b"@" in k})
+    gone = sorted(lost - {k.rpartition(b"@")[2] for k in new if b"@" in k})
     if not gone:
         return None
-    had = sum(1 for k in old if _domain(k) == gone[0])
+    had = sum(1 for k in removed if k.rpartition(b"@")[2] == gone[0])   # all of them went
     more = f" (and {len(gone) - 1} more domains)" if len(gone) > 1 else ""
     name = gone[0].decode(ENCODING, ERRORS)
     return (f"refusing to install: {name} had {had} entries and now has none{more}; "
             "did a source return nothing? (--force installs it anyway)")
 
 
-def read_cdb(path: str) -> dict[bytes, bytes] | None:
-    """The live file as key -> value; None if it does not exist or cannot be parsed."""
+@dataclass
+class Changes:
+    added: list[bytes]
+    removed: list[bytes]
+    changed: list[bytes]         # in both lists, but the value (accept / ``-``) differs
+
+
+def compare_live(path: str, keys: list[bytes], new, rejects: set[bytes]) -> Changes:
+    """The changes from the live cdb to the sorted ``keys``, streaming over the live
+    file (a million-key list is never held twice).  A live file that cannot be parsed
+    counts as empty."""
     import cdbx
+    removed: list[bytes] = []
+    turned: list[bytes] = []                 # live "-" keys that now accept
     try:
         db = cdbx.CDB(path)
     except Exception:
-        return None
+        return Changes(list(keys), [], [])
     try:
-        return dict(db.items(all=True))
+        for k, v in db.items(all=True):
+            if k not in new:
+                removed.append(k)
+            elif v and k not in rejects:
+                turned.append(k)
+        added = [k for k in keys if k not in db]
+        changed = turned + [k for k in rejects if k in db and db.get(k) != REJECT]
     except Exception:
-        return None
+        return Changes(list(keys), [], [])
     finally:
         db.close()
+    return Changes(added, sorted(removed), sorted(changed))
 
 
 def record_count(data: bytes) -> int | None:
-    """Records in a cdb, from its header: each of the 256 tables has twice as many slots
-    as records (as cdbmake and cdbx write them).  None for a file too short to be a cdb."""
+    """Records in a cdb, from its 2048-byte header: each of the 256 tables has twice as
+    many slots as records (as cdbmake and cdbx write them).  None for a file too short
+    to be a cdb."""
     if len(data) < 2048:
         return None
     import struct
@@ -136,8 +151,9 @@ def remove_stale_temps(path: str) -> int:
     return n
 
 
-def make_cdb(keys: list[bytes], rejects: set[bytes]) -> bytes:
-    """The complete cdb image, built in memory (a memfd: nothing touches the disk)."""
+def make_cdb(keys: list[bytes], rejects: set[bytes]) -> mmap.mmap:
+    """The complete cdb image, built in memory (a memfd: nothing touches the disk) and
+    returned as a read-only map of it, so it is never copied."""
     import cdbx
     fd = os.memfd_create("validrcptto.cdb") if hasattr(os, "memfd_create") else None
     f = os.fdopen(fd, "w+b") if fd is not None else tempfile.TemporaryFile()
@@ -146,16 +162,44 @@ def make_cdb(keys: list[bytes], rejects: set[bytes]) -> bytes:
         add = maker.add
         if rejects:
             for key in keys:
-                add(key, b"-" if key in rejects else b"")
+                add(key, REJECT if key in rejects else b"")
         else:
             for key in keys:
                 add(key, b"")
         maker.commit().close()
-        f.seek(0)
-        return f.read()
+        f.flush()
+        return mmap.mmap(f.fileno(), os.fstat(f.fileno()).st_size, prot=mmap.PROT_READ)
 
 
-def write_atomically(path: str, data: bytes) -> None:
+CHUNK = 1 << 20
+
+
+def same_content(path: str, image) -> bool | None:
+    """Whether the live file holds exactly ``image`` (compared a chunk at a time);
+    None when there is no live file."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size != len(image):
+                return False
+            for offset in range(0, len(image), CHUNK):
+                if f.read(CHUNK) != image[offset:offset + CHUNK]:
+                    return False
+            return True
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
+
+
+def live_header(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2048)
+    except OSError as err:
+        raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
+
+
+def write_atomically(path: str, data) -> None:
     """A unique temp file in the target's directory, fsync, rename over ``path``,
     fsync the directory: the live name is always the old or the new complete file."""
     directory = os.path.dirname(path) or "."
@@ -166,9 +210,8 @@ def write_atomically(path: str, data: bytes) -> None:
         raise InstallError(f"cannot create a temporary file: {err.strerror}", directory) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            view = memoryview(data)
-            while view:
-                view = view[f.write(view):]
+            for offset in range(0, len(data), CHUNK):
+                f.write(data[offset:offset + CHUNK])
             f.flush()
             os.fchmod(f.fileno(), MODE)
             os.fsync(f.fileno())
@@ -186,16 +229,6 @@ def write_atomically(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
-def _read_live(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
-
-
 def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
             present=None, max_shrink: float = 20.0, force: bool = False,
             domains: frozenset[bytes] = frozenset()) -> Report:
@@ -206,23 +239,22 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
     alone."""
     started = time.monotonic()
     image = make_cdb(keys, rejects)
-    with locked(path):
+    with image, locked(path):
         remove_stale_temps(path)
-        live = _read_live(path)
-        if live == image:
+        same = same_content(path, image)
+        if same:
             return Report(path, "unchanged", len(keys), seconds=time.monotonic() - started)
-        old_count = record_count(live) if live is not None else None
+        old_count = record_count(live_header(path)) if same is not None else None
         why = gate(len(keys), old_count, max_shrink, force)
-        old = read_cdb(path) if live is not None and old_count is not None else None
+        if why:
+            raise InstallRefused(why, path)
         new = present if present is not None else set(keys)
-        if not why and not force and old:
-            why = emptied(old, new, domains)
+        diff = compare_live(path, keys, new, rejects) if old_count is not None \
+            else Changes(list(keys), [], [])
+        why = None if force else emptied(diff.removed, new, domains)
         if why:
             raise InstallRefused(why, path)
         write_atomically(path, image)
-    old = old or {}
-    added = [k for k in keys if k not in old]
-    removed = [k for k in old if k not in new]
-    changed = [k for k in keys if k in old and old[k] != (b"-" if k in rejects else b"")]
-    return Report(path, "installed", len(keys), added, removed, changed,
-                  time.monotonic() - started, len(image))
+        size = len(image)
+    return Report(path, "installed", len(keys), diff.added, diff.removed, diff.changed,
+                  time.monotonic() - started, size)

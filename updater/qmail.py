@@ -7,9 +7,10 @@ pure functions over lines; the ``read_*`` helpers are the only file I/O.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import namedtuple
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from .errors import SourceError
 
@@ -168,18 +169,31 @@ def parse_assign(text: str | None, path: str) -> list[Assign]:
     return out
 
 
-def assign_lookup(entries: list[Assign], local: str) -> tuple[Assign, str] | None:
-    """qmail-lspawn's rule: an exact ``=`` match, else the longest ``+`` prefix.
-    Returns the entry and the part of ``local`` after the prefix."""
-    best: Assign | None = None
+class AssignIndex(NamedTuple):
+    """users/assign as qmail-newu compiles it: ``=`` entries by exact local part,
+    ``+`` entries by prefix; the first of duplicate keys wins, as in users/cdb."""
+    exact: dict[str, Assign]
+    prefix: dict[str, Assign]
+
+
+def assign_index(entries: list[Assign]) -> AssignIndex:
+    exact: dict[str, Assign] = {}
+    prefix: dict[str, Assign] = {}
     for e in entries:
-        if e.exact and e.local == local:
-            return e, ""
-    for e in entries:
-        if not e.exact and local.startswith(e.local):
-            if best is None or len(e.local) > len(best.local):
-                best = e
-    return (best, local[len(best.local):]) if best else None
+        (exact if e.exact else prefix).setdefault(e.local, e)
+    return AssignIndex(exact, prefix)
+
+
+def assign_lookup(index: AssignIndex, local: str, exact: bool = True) -> tuple[Assign, str] | None:
+    """qmail-lspawn's rule: an exact ``=`` match (unless ``exact`` is false), else the
+    longest ``+`` prefix.  Returns the entry and the part of ``local`` after the prefix."""
+    if exact and local in index.exact:
+        return index.exact[local], ""
+    for end in range(len(local), -1, -1):
+        hit = index.prefix.get(local[:end])
+        if hit is not None:
+            return hit, local[end:]
+    return None
 
 
 # --------------------------------------------------------------------------- passwd
@@ -230,15 +244,18 @@ def dot_qmail_exts(names: Iterable[str], prefix: str) -> Iterator[str]:
 
 def delivery_commands(text: str | None) -> list[list[str]]:
     """The program lines (``|cmd args``) of a .qmail file, split like a shell would."""
+    return [list(_shell_words(line[1:])) for _, line in control_lines(text)
+            if line.startswith("|")]
+
+
+@functools.lru_cache(maxsize=256)
+def _shell_words(command: str) -> tuple[str, ...]:
+    """Cached: a thousand domains' default files usually hold the same line."""
     import shlex
-    out = []
-    for _, line in control_lines(text):
-        if line.startswith("|"):
-            try:
-                out.append(shlex.split(line[1:]))
-            except ValueError:
-                out.append(line[1:].split())
-    return out
+    try:
+        return tuple(shlex.split(command))
+    except ValueError:                          # unbalanced quotes: qmail's sh would fail too
+        return tuple(command.split())
 
 
 def runs(text: str | None, program: str) -> list[str] | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import SourceError
-from ..qmail import (Account, Assign, MapEntry, assign_lookup, dot_qmail_exts, list_dir,
+from ..qmail import (Account, AssignIndex, MapEntry, assign_lookup, dot_qmail_exts, list_dir,
                      read_text, runs)
 from . import Found, Notes, at
 from .vpopmail import check_names, read_users
@@ -32,10 +32,10 @@ class Home:
     how: str         # how it was found, for messages
 
 
-def find_home(domain: str, entry: MapEntry, assign: list[Assign], accounts: dict[str, Account],
+def find_home(domain: str, entry: MapEntry, assign: AssignIndex, accounts: dict[str, Account],
               vpopmail_dir: str) -> Home:
     prepend = entry.right
-    hit = assign_lookup([a for a in assign if not a.exact], prepend + "-")
+    hit = assign_lookup(assign, prepend + "-", exact=False)
     if hit is not None:
         a, rest = hit
         return Home(a.home, ".qmail" + a.dash + a.ext + rest, f"users/assign line {a.line}")

@@ -18,18 +18,18 @@ import subprocess
 from ..errors import SourceError
 from ..qmail import ENCODING
 
-_NAME = re.compile(rb"^([^:\n]+):", re.M)          # a line's first field, if it has one
+_NAME = re.compile(rb"\n([^:\n]+):")      # a line's first field, if it has one
 _BAD = re.compile(rb"[\x00-\x20\x7f]")
 
 
 def parse_vpasswd(data: bytes, path: str) -> list[bytes]:
     """User names from vpasswd lines ``name:pass:uid:gid:gecos:dir:quota[:clear]``,
     lowercased.  A non-empty line without a ``name:`` field is an error naming it."""
-    data = data.lower()
+    data = b"\n" + data.lower()                    # every line now starts after a newline
     names = _NAME.findall(data)
-    lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
-    if len(names) != lines:
-        _check_lines(data, path)                    # blank/comment lines, or an error
+    lines = data.count(b"\n") - data.endswith(b"\n")
+    if len(names) != lines or b"\n#" in data:
+        _check_lines(data[1:], path)                # blank/comment lines, or an error
         names = [n for n in names if not n.startswith(b"#")]
     return names
 
