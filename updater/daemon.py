@@ -142,8 +142,12 @@ class Daemon:
             return
         self.targets = targets
         self.stop_watching()
-        from watchdog.events import FileSystemEventHandler
+        from watchdog.events import (FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
+                                     FileModifiedEvent, FileMovedEvent, FileSystemEventHandler)
         daemon = self
+        # Only changes: no inotify events for the thousands of files a build merely reads.
+        changes = [FileCreatedEvent, FileModifiedEvent, FileDeletedEvent, FileMovedEvent,
+                   FileClosedEvent]
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event):
@@ -165,7 +169,8 @@ class Daemon:
                 observer = Observer()
             try:
                 for directory in sorted(targets):
-                    observer.schedule(Handler(), directory, recursive=False)
+                    observer.schedule(Handler(), directory, recursive=False,
+                                      event_filter=changes)
                 observer.start()
             except OSError as err:
                 try:

@@ -1,0 +1,40 @@
+"""The benchmark script runs end to end (small trees) and measures what it claims.
+
+Timings are not asserted here (they belong to benchmarks/RESULTS.md); what is asserted
+does not depend on the machine's speed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import need
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_prints_every_row_and_writes_results(tmp_path: Path):
+    need("cdbmake")
+    out = tmp_path / "RESULTS.md"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPDATER_", "VALIDRCPTTO_"))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/run.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr       # (it fails if our cdb and cdbmake's differ)
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert len(rows) == 16, done.stdout
+    table = out.read_text()
+    assert table.startswith("# Benchmark results\n") and "| measurement | ours |" in table
+    for what in ("full rebuild, 10k", "cdb write alone", "validrcptto-smtpd session",
+                 "`qmail-updater check`", "per-connection work", "start-up",
+                 "trigger -> live", "1,000 triggers in 1 s", "peak RSS, full build"):
+        assert f"| {what}" in table, what
+    # a no-change rebuild writes nothing; a full one writes the whole file
+    line = next(l for l in table.splitlines() if "no-change rebuild, 10k: bytes" in l)
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[2] == "0" and int(cells[3]) > 10000 * 30 and cells[6] == "yes"
+    # a burst of a thousand triggers is debounced into one or two builds
+    line = next(l for l in table.splitlines() if "1,000 triggers" in l)
+    assert line.split("|")[2].strip() in ("1", "2")
