@@ -28,7 +28,7 @@ def test_quick_benchmark_prints_every_row_and_writes_results(tmp_path: Path):
     table = out.read_text()
     assert table.startswith("# Benchmark results\n") and "| measurement | ours |" in table
     for what in ("full rebuild, 10k", "cdb write alone", "validrcptto-smtpd session",
-                 "`qmail-updater check`", "per-connection work", "start-up",
+                 "`qmail-updater check`", "per-connection work", "validrcptto-smtpd start-up",
                  "trigger -> live", "1,000 triggers in 1 s", "peak RSS, full build"):
         assert f"| {what}" in table, what
     # a no-change rebuild writes nothing; a full one writes the whole file
