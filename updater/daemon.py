@@ -169,8 +169,11 @@ class Daemon:
                 observer = Observer()
             try:
                 for directory in sorted(targets):
-                    observer.schedule(Handler(), directory, recursive=False,
-                                      event_filter=changes)
+                    try:
+                        observer.schedule(Handler(), directory, recursive=False,
+                                          event_filter=changes)
+                    except TypeError:           # a watchdog older than 4.0: every event
+                        observer.schedule(Handler(), directory, recursive=False)
                 observer.start()
             except OSError as err:
                 try:
