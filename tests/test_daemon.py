@@ -344,3 +344,24 @@ def test_polling_mode_sees_changes(tree: Tree, running):
     with open(d / "vpasswd", "a") as f:
         f.write("polled:x:1:0:p:/d/polled:NOQUOTA\n")
     wait_for(lambda: "polled@vpop.example" in keys_of(tree.cdb), 10, "polled@vpop.example")
+
+
+@pytest.mark.parametrize("limit, error", [("max_inotify_watches", r"\[Errno 28\]"),   # ENOSPC
+                                          ("max_inotify_instances", r"\[Errno 24\]")])  # EMFILE
+def test_inotify_limits_fall_back_to_polling(tree: Tree, running, limit: str, error: str):
+    """A real inotify limit (ENOSPC for watches, EMFILE for instances), set in a user
+    namespace of our own so nothing else on the machine is touched."""
+    unshare = need("unshare")
+    d = setup_tree(tree)
+    value = "1" if limit == "max_inotify_watches" else "0"
+    probe = subprocess.run([unshare, "--user", "--map-root-user", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.fail(f"cannot create a user namespace here: {probe.stderr.decode().strip()}")
+    r = running(prefix=[unshare, "--user", "--map-root-user", "sh", "-c",
+                        f'echo {value} > /proc/sys/user/{limit} && exec "$@"', "sh"])
+    r.wait(rf"inotify refused \(.*{error}.*\); falling back to polling")
+    r.wait(r"watching 5 directories by polling")
+    with open(d / "vpasswd", "a") as f:
+        f.write("polled:x:1:0:p:/d/polled:NOQUOTA\n")
+    wait_for(lambda: "polled@vpop.example" in keys_of(tree.cdb), 15, "polled@vpop.example")
+    r.wait(r"build \(modified .*vpasswd\): installed ")

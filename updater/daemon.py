@@ -161,13 +161,14 @@ class Daemon:
                         return
 
         while True:
-            if self.polling:
-                from watchdog.observers.polling import PollingObserver
-                observer = PollingObserver(timeout=self.s.poll or 5.0)
-            else:
-                from watchdog.observers import Observer
-                observer = Observer()
+            observer = None
             try:
+                if self.polling:
+                    from watchdog.observers.polling import PollingObserver
+                    observer = PollingObserver(timeout=self.s.poll or 5.0)
+                else:
+                    from watchdog.observers import Observer
+                    observer = Observer()       # EMFILE here: no inotify instance left
                 for directory in sorted(targets):
                     try:
                         observer.schedule(Handler(), directory, recursive=False,
@@ -177,14 +178,15 @@ class Daemon:
                 observer.start()
             except OSError as err:
                 try:
-                    observer.stop()
+                    if observer is not None:
+                        observer.stop()
                 except Exception:
                     pass
                 if self.polling:
                     self.log(f"cannot watch files ({err}); relying on triggers and the "
                              "safety net")
                     return
-                self.log(f"inotify refused a watch ({err}); falling back to polling")
+                self.log(f"inotify refused ({err}); falling back to polling")
                 self.polling = True
                 continue
             self.observer = observer
