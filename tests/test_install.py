@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from conftest import Tree, need, script
 from updater.install import gate
@@ -238,3 +239,36 @@ def test_two_builds_at_once(tree: Tree):
     assert sorted(o.split()[1] for o in outs) == ["installed", "unchanged"]
     assert keyset(tree.cdb) == 50000
     assert temps(tree) == []
+
+
+# --------------------------------------------------------------------------- the diff
+
+keys_st = st.sets(st.binary(min_size=1, max_size=12).map(lambda b: b.replace(b"@", b"") + b"@d"),
+                  max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(old=keys_st, added=keys_st, gone=st.integers(0, 5), rejects=keys_st, seed=st.randoms())
+def test_changed_stretch_agrees_with_sets(old, added, gone, rejects, seed, tmp_path_factory):
+    """The quick diff (only the differing stretch parsed) equals the plain set difference,
+    and the streaming diff too; the quick one is used whenever it can be."""
+    from updater.install import Changes, changed_stretch, compare_live, make_cdb
+    old_keys = sorted(old)
+    dropped = set(seed.sample(old_keys, min(gone, len(old_keys))))
+    new_keys = sorted((old - dropped) | added)
+    old_rejects = {k for k in old if seed.random() < 0.2}
+    new_rejects = {k for k in new_keys if k in rejects or (k in old_rejects and seed.random() < 0.7)}
+    value = lambda k, rej: b"-" if k in rej else b""                     # noqa: E731
+    expect = Changes(sorted(set(new_keys) - old), sorted(old - set(new_keys)),
+                     sorted(k for k in set(new_keys) & old
+                            if value(k, old_rejects) != value(k, new_rejects)))
+    path = tmp_path_factory.mktemp("diff") / "live.cdb"
+    with make_cdb(old_keys, old_rejects) as live_image:
+        path.write_bytes(live_image[:])
+    new = dict.fromkeys(new_keys)
+    with make_cdb(new_keys, new_rejects) as image:
+        quick = changed_stretch(path.read_bytes(), image, new_keys, new_rejects, new)
+        assert quick is not None                    # small lists: always the quick way
+        assert quick == expect
+        assert compare_live(str(path), new_keys, new, new_rejects, image) == expect  # by pread
+        assert compare_live(str(path), new_keys, new, new_rejects) == expect   # streaming
