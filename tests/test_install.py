@@ -272,3 +272,22 @@ def test_changed_stretch_agrees_with_sets(old, added, gone, rejects, seed, tmp_p
         assert quick == expect
         assert compare_live(str(path), new_keys, new, new_rejects, image) == expect  # by pread
         assert compare_live(str(path), new_keys, new, new_rejects) == expect   # streaming
+
+
+def test_compare_live_with_a_foreign_record_order(tmp_path: Path):
+    """A live cdb written by another tool in another order still diffs right."""
+    import cdbx
+    from updater.install import Changes, compare_live, make_cdb
+    keys = sorted(b"u%03d@d.example" % i for i in range(300))
+    live = tmp_path / "live.cdb"
+    maker = cdbx.CDB.make(str(live))
+    for k in reversed(keys[1:] + [b"gone@d.example"]):
+        maker.add(k, b"-" if k == b"u100@d.example" else b"")
+    maker.commit().close()
+    with make_cdb(keys, set()) as image:
+        got = compare_live(str(live), keys, dict.fromkeys(keys), set(), image)
+    assert got == Changes([b"u000@d.example"], [b"gone@d.example"], [b"u100@d.example"])
+    live.write_bytes(live.read_bytes()[:3000])               # truncated: counts as empty
+    with make_cdb(keys, set()) as image:
+        got = compare_live(str(live), keys, dict.fromkeys(keys), set(), image)
+    assert got.added == keys and got.removed == []
