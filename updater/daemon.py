@@ -78,7 +78,7 @@ def interesting(path: str, targets: dict[str, tuple[set[str], tuple[str, ...]]],
         return False
     directory, name = os.path.split(path)
     if name.startswith("."):
-        for own in ignore:                    # our temp files: .validrcptto.cdb.tmp.XXXX
+        for own in ignore:                    # our temp files: .validrcptto.cdb.tmp.<random>
             if name.startswith("." + os.path.basename(own) + ".tmp."):
                 return False
     target = targets.get(directory)

@@ -158,8 +158,8 @@ def changed_stretch(old, image, keys: list[bytes], rejects: set[bytes], new) -> 
     new_end = min(struct.unpack("<512L", image[:2048])[0::2])
     if not 2048 <= old_end <= len(old) or not 2048 <= new_end <= len(image):
         return None
-    same_head = _common_head(old, image, 2048, old_end, new_end)
-    same_tail = _common_tail(old, image, 2048 + same_head, old_end, new_end)
+    same_head = _common(old, image, 2048, old_end, new_end)
+    same_tail = _common(old, image, 2048 + same_head, old_end, new_end, from_end=True)
     # where new record i starts: 8 bytes of lengths per record, the keys, the "-" values
     key_bytes = array("Q", accumulate(map(len, keys), initial=0))
     reject_at = sorted(i for i in (bisect_left(keys, r) for r in rejects)
@@ -202,41 +202,23 @@ def changed_stretch(old, image, keys: list[bytes], rejects: set[bytes], new) -> 
                    sorted(k for k in after if k in before and before[k] != after[k]))
 
 
-def _common_head(a, b, start: int, end_a: int, end_b: int) -> int:
-    """Length of the common beginning of a[start:end_a] and b[start:end_b]."""
+def _common(a, b, start: int, end_a: int, end_b: int, from_end: bool = False) -> int:
+    """Length of the common beginning (or end) of a[start:end_a] and b[start:end_b],
+    compared a chunk at a time, then by halving inside the first chunk that differs."""
     n = min(end_a, end_b) - start
+
+    def piece(data, end: int, lo: int, hi: int):     # bytes lo..hi counted from that side
+        return data[end - hi:end - lo] if from_end else data[start + lo:start + hi]
     done = 0
     while done < n:
         size = min(CHUNK, n - done)
-        x, y = a[start + done:start + done + size], b[start + done:start + done + size]
+        x, y = piece(a, end_a, done, done + size), piece(b, end_b, done, done + size)
         if x != y:
-            lo, hi = 0, size                 # x[:lo] == y[:lo], x[:hi] != y[:hi]
+            lo, hi = 0, size                 # the first lo bytes agree, the first hi do not
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if x[:mid] == y[:mid]:
-                    lo = mid
-                else:
-                    hi = mid
-            return done + lo
-        done += size
-    return n
-
-
-def _common_tail(a, b, start: int, end_a: int, end_b: int) -> int:
-    """Length of the common end of a[start:end_a] and b[start:end_b]."""
-    n = min(end_a, end_b) - start
-    done = 0
-    while done < n:
-        size = min(CHUNK, n - done)
-        x, y = a[end_a - done - size:end_a - done], b[end_b - done - size:end_b - done]
-        if x != y:
-            lo, hi = 0, size                 # x[-lo:] == y[-lo:] (lo > 0), x[-hi:] != y[-hi:]
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if x[size - mid:] == y[size - mid:]:
-                    lo = mid
-                else:
-                    hi = mid
+                same = x[size - mid:] == y[size - mid:] if from_end else x[:mid] == y[:mid]
+                lo, hi = (mid, hi) if same else (lo, mid)
             return done + lo
         done += size
     return n

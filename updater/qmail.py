@@ -64,8 +64,8 @@ def first_line(path: str) -> str | None:
     return lines[0][1] if lines else None
 
 
-def cdb_keys(path: str) -> list[str] | None:
-    """Every key of a cdb file, or None when it does not exist."""
+def cdb_keys(path: str, raw: bool = False) -> list[str] | list[bytes] | None:
+    """Every key of a cdb file (as bytes if ``raw``), or None when it does not exist."""
     import cdbx
     try:
         db = cdbx.CDB(path)
@@ -74,7 +74,7 @@ def cdb_keys(path: str) -> list[str] | None:
     except OSError as err:
         raise SourceError(f"cannot read cdb: {err.strerror or err}", path) from None
     try:
-        return [k.decode(ENCODING, ERRORS) for k in db]
+        return list(db) if raw else [k.decode(ENCODING, ERRORS) for k in db]
     except Exception as err:            # corrupt file: cdbx raises its own errors
         raise SourceError(f"corrupt cdb: {err}", path) from None
     finally:

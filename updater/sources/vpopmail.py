@@ -16,7 +16,7 @@ import re
 import subprocess
 
 from ..errors import SourceError
-from ..qmail import ENCODING
+from ..qmail import ENCODING, cdb_keys
 
 _NAME = re.compile(rb"\n([^:\n]+):")      # a line's first field, if it has one
 _BAD = re.compile(rb"[\x00-\x20\x7f]")
@@ -70,34 +70,20 @@ def read_users(domain_dir: str, domain: str, vuserinfo: str | None) -> tuple[str
     if denied is None:
         cdb_path = path + ".cdb"
         try:
-            keys = cdb_names(cdb_path)
+            keys = cdb_keys(cdb_path, raw=True)
         except SourceError as err:
             if vuserinfo is None or not os.path.exists(cdb_path):
                 raise
             denied = err
         else:
             if keys is not None:
-                return f"vpasswd.cdb {cdb_path}", keys
+                return f"vpasswd.cdb {cdb_path}", [k.lower() for k in keys]
             if vuserinfo is None:
                 raise SourceError("vpopmail domain has neither vpasswd nor vpasswd.cdb "
                                   "(bounce-no-mailbox would reject every address)", domain_dir)
     if vuserinfo is None:
         raise denied
     return f"vuserinfo -D {domain}", run_vuserinfo(vuserinfo, domain)
-
-
-def cdb_names(path: str) -> list[bytes] | None:
-    import cdbx
-    try:
-        db = cdbx.CDB(path)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise SourceError(f"cannot read cdb: {err.strerror or err}", path) from None
-    try:
-        return [k.lower() for k in db.keys()]
-    finally:
-        db.close()
 
 
 def run_vuserinfo(program: str, domain: str) -> list[bytes]:
