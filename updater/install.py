@@ -283,7 +283,6 @@ def make_cdb(keys: list[bytes], rejects: set[bytes]) -> mmap.mmap:
         return mmap.mmap(f.fileno(), os.fstat(f.fileno()).st_size, prot=mmap.PROT_READ)
 
 
-
 def same_content(path: str, image) -> bool | None:
     """Whether the live file holds exactly ``image`` (compared a chunk at a time);
     None when there is no live file."""
