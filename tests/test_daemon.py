@@ -365,3 +365,18 @@ def test_inotify_limits_fall_back_to_polling(tree: Tree, running, limit: str, er
         f.write("polled:x:1:0:p:/d/polled:NOQUOTA\n")
     wait_for(lambda: "polled@vpop.example" in keys_of(tree.cdb), 15, "polled@vpop.example")
     r.wait(r"build \(modified .*vpasswd\): installed ")
+
+
+def test_service_env_dir_holds_every_setting_at_its_default():
+    """The shipped env/ directory, read by the real envdir, names every setting of the
+    daemon and sets each to exactly its default."""
+    from updater import config
+    envdir = need("envdir")
+    env_dir = ROOT / "service/qmail-updater/env"
+    shell_only = {"UPDATER_USER"}                       # read by the run script, not by us
+    assert {o.env for o in config.OPTIONS} == set(os.listdir(env_dir)) - shell_only
+    done = subprocess.run([envdir, str(env_dir), "env", "-0"], env={}, capture_output=True,
+                          check=True)
+    environ = dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if item)
+    assert environ["QMAIL_DIR"] == "/var/qmail" and environ["UPDATER_QUIET"] == "2"
+    assert config.load(None, environ) == config.load(None, {})
