@@ -29,7 +29,6 @@ from .sources.system import local_accounts
 from .sources.virtual import file_users, find_home, virtual_entries
 
 
-
 # --------------------------------------------------------------------------- rules (pure)
 
 @dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..qmail import ENCODING, ERRORS
+
 
 @dataclass(slots=True)
 class Found:
@@ -33,7 +35,7 @@ class Notes:
 def at(names, domain: str) -> list:
     """``name@domain`` for each name; bytes names give bytes keys."""
     if names and isinstance(names[0], bytes):
-        suffix = b"@" + domain.encode("utf-8", "surrogateescape")
+        suffix = b"@" + domain.encode(ENCODING, ERRORS)
     else:
         suffix = "@" + domain
     return [n + suffix for n in names]
