@@ -78,13 +78,8 @@ def write_list(result, fmt: str = "plain", origins: bool = False) -> None:
     sys.stdout.buffer.flush()
 
 
-def install_result(result, path: str, settings: "config.Settings", force: bool = False):
-    from .install import install
-    return install(result.sorted_keys(), path, rejects=result.rejects, present=result.keys,
-                   max_shrink=settings.max_shrink, force=force, domains=result.domains)
-
-
 def cmd_build(args: "argparse.Namespace", settings: "config.Settings") -> int:
+    from .install import install_result
     result = _build_result(settings)
     report = install_result(result, settings.cdb, settings, settings.force)
     log(report.line())
@@ -311,6 +306,7 @@ def mkvalidrcptto(argv: Sequence[str]) -> int:
             for k in result.sorted_keys():
                 log(f"{k.decode(ENCODING, ERRORS)}: {result.origin(k)}", prog)
         if args.c:
+            from .install import install_result
             log(install_result(result, args.c, settings).line(), prog)
         else:
             write_list(result, "cdbmake" if args.m else "plain")

@@ -205,8 +205,8 @@ class Daemon:
 
     # ---- builds
     def build(self, reasons: list[str]) -> None:
-        from .cli import install_result
         from .generate import generate
+        from .install import install_result
         started = time.time()
         self.builds += 1
         why = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
@@ -230,11 +230,9 @@ class Daemon:
             self.failures = 0
             self.retry_at = None
             lines.append(f"build ({why}): {report.line()}")
-            changes = ([f"+{k.decode('utf-8', 'surrogateescape')}" for k in report.added[:10]] +
-                       [f"-{k.decode('utf-8', 'surrogateescape')}" for k in report.removed[:10]])
+            changes = report.changes_line()
             if changes:
-                more = len(report.added) + len(report.removed) - len(changes)
-                lines.append("changes: " + " ".join(changes) + (f" (+{more} more)" if more > 0 else ""))
+                lines.append(changes)
             record.update(result=report.status, entries=report.entries, added=len(report.added),
                           removed=len(report.removed), error=None, failures=0,
                           last_success=started)

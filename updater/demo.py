@@ -10,7 +10,7 @@ from . import config
 from .checker import check, open_cdb
 from .errors import UpdaterError
 from .generate import generate
-from .cli import install_result
+from .install import install_result
 from .qmail import ENCODING, ERRORS
 from .sample import ADDRESSES, make_tree
 

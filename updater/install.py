@@ -42,10 +42,19 @@ class Report:
         return (f"installed {self.path}: {self.entries} entries, +{len(self.added)} "
                 f"-{len(self.removed)}{changed}, {self.seconds:.2f}s")
 
-    def diff_lines(self) -> list[str]:
+    def diff_lines(self, limit: int | None = None) -> list[str]:
+        """``+key`` / ``-key`` / ``~key``; at most ``limit`` of each kind."""
         def text(sign: str, keys: list[bytes]) -> list[str]:
-            return [sign + k.decode(ENCODING, ERRORS) for k in keys]
+            return [sign + k.decode(ENCODING, ERRORS) for k in keys[:limit]]
         return text("+", self.added) + text("-", self.removed) + text("~", self.changed)
+
+    def changes_line(self, limit: int = 10) -> str | None:
+        """One log line naming the first changes, or None when nothing changed."""
+        shown = self.diff_lines(limit)
+        if not shown:
+            return None
+        more = len(self.added) + len(self.removed) + len(self.changed) - len(shown)
+        return "changes: " + " ".join(shown) + (f" (+{more} more)" if more > 0 else "")
 
 
 def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool) -> str | None:
@@ -336,6 +345,12 @@ def write_atomically(path: str, data) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def install_result(result, path: str, settings, force: bool = False) -> Report:
+    """Install a ``generate.Result`` with the gate settings of ``settings``."""
+    return install(result.sorted_keys(), path, rejects=result.rejects, present=result.keys,
+                   max_shrink=settings.max_shrink, force=force, domains=result.domains)
 
 
 def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
