@@ -131,7 +131,9 @@ class Bench:
         self.cdbmake = shutil.which("cdbmake")
         if not self.cdbmake:
             raise SystemExit("benchmark: cdbmake not found (apt-get install freecdb)")
-        self.trees: dict[int, dict[str, str]] = {}
+        self.trees: dict[tuple[int, int], dict[str, str]] = {}
+        self.full_rebuild_seconds = 0.0              # set by bench_builds, used later
+        self.peak_rss = self.changed_rss = 0
 
     def row(self, *args) -> None:
         r = Row(*args)
