@@ -168,6 +168,25 @@ def test_unwritable_target_keeps_old_and_leaves_no_temp(tree: Tree):
     assert "no/such/dir/validrcptto.cdb.lock: cannot open lock file" in done.stderr
 
 
+def test_build_that_cannot_get_memory_for_the_image_keeps_old(tree: Tree):
+    """A file-size limit (RLIMIT_FSIZE) also caps the in-memory image: one clear line,
+    exit 1, the live cdb untouched."""
+    import resource
+    local_tree(tree, 5)
+    assert tree.run("build").returncode == 0
+    good = tree.cdb.read_bytes()
+    set_users(tree.vpop / "domains/big.example", 500)
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    done = subprocess.run([script("qmail-updater"), "build"], env=tree.env(), text=True,
+                          capture_output=True, preexec_fn=small_files, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (f"qmail-updater: {tree.cdb}: cannot build the cdb in memory: "
+                           "File too large\n")
+    assert tree.cdb.read_bytes() == good
+
+
 def keyset(path: Path) -> int:
     import cdbx
     db = cdbx.CDB(str(path))

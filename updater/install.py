@@ -362,7 +362,10 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
     keys, if the caller has one).  Raises InstallRefused / InstallError, leaving ``path``
     alone."""
     started = time.monotonic()
-    image = make_cdb(keys, rejects)
+    try:
+        image = make_cdb(keys, rejects)
+    except OSError as err:
+        raise InstallError(f"cannot build the cdb in memory: {err.strerror or err}", path) from None
     with image, locked(path):
         remove_stale_temps(path)
         same = same_content(path, image)
