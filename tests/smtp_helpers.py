@@ -20,12 +20,15 @@ T1 = {
 }
 RCPTHOSTS = "example.com\nexample.net\ncatchall.org\nblockdom.net\nsub.catchall.org\n"
 
-# A qmail-queue that stores what it is given: the message (fd 0) and envelope (fd 1).
+# A qmail-queue that stores what it is given: the message (fd 0) and envelope (fd 1);
+# like the real one, it refuses (exit 91) an envelope that is not "F...\\0 ... \\0".
 QUEUE = """#!{python}
 import os, sys
 out = os.environ.get("QQ_DIR", "{dir}")
 msg = sys.stdin.buffer.read()
 env = os.fdopen(1, "rb").read()
+if not env.startswith(b"F") or not env.endswith(b"\\0\\0"):
+    sys.exit(91)
 n = len([f for f in os.listdir(out) if f.endswith(".msg")])
 open(os.path.join(out, "%d.msg" % n), "wb").write(msg)
 open(os.path.join(out, "%d.env" % n), "wb").write(env)

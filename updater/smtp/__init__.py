@@ -1,0 +1,1 @@
+"""The SMTP side: the qmail-smtpd protocol core and its front ends."""

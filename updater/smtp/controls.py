@@ -1,0 +1,167 @@
+"""What qmail-smtpd reads before it greets: control files (with qmail's own control.c
+rules, as bytes), the environment, and this host's IPv4 addresses.
+
+These readers follow control_readline / control_readfile / control_readint exactly
+(first line only, trailing space/tab/LF stripped, no comment handling in single-line
+files), which differs in small ways from the generator's line-numbered readers in
+``updater.qmail``; they stay here, free of heavy imports, because the tcpserver front
+end runs them once per connection.  Every read is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .session import DEFAULT_TIMEOUT, Controls, scan_ulong
+
+READ_MAX = 4 * 1024 * 1024        # no control file qmail-smtpd reads is anywhere near this
+
+
+class ControlError(Exception):
+    """A control file exists but cannot be read: ``421 unable to read controls``."""
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ControlError(f"{path}: {err.strerror}") from None
+    try:
+        import stat
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ControlError(f"{path}: not a regular file")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > READ_MAX:
+                raise ControlError(f"{path}: larger than {READ_MAX} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as err:
+        raise ControlError(f"{path}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def readline(path: str) -> bytes | None:
+    """control_readline: the first line, trailing spaces/tabs removed; None if absent."""
+    data = _read(path)
+    if data is None:
+        return None
+    return data.split(b"\n", 1)[0].rstrip(b" \t")
+
+
+def readfile(path: str) -> list[bytes] | None:
+    """control_readfile: every non-empty line not starting with ``#``, trailing
+    spaces/tabs removed; None if absent."""
+    data = _read(path)
+    if data is None:
+        return None
+    out = []
+    for line in data.split(b"\n"):
+        line = line.rstrip(b" \t")
+        if line and not line.startswith(b"#"):
+            out.append(line)
+    return out
+
+
+def readint(path: str, default: int) -> int:
+    """control_readint: leading digits of the first line; the default when the file is
+    absent or has no digits."""
+    line = readline(path)
+    if line is None or not line[:1].isdigit():
+        return default
+    return scan_ulong(line)
+
+
+def read_controls(qmail_dir: str, env) -> Controls:
+    """qmail-smtpd's setup(); raises ControlError where it would die_control()."""
+    control = os.path.join(qmail_dir, "control")
+    me = readline(os.path.join(control, "me"))
+    greeting = readline(os.path.join(control, "smtpgreeting"))
+    if greeting is None:
+        greeting = me
+    if greeting is None:
+        raise ControlError(f"{control}/me: missing (and no smtpgreeting)")
+    liphost = readline(os.path.join(control, "localiphost"))
+    if liphost is None:
+        liphost = me
+    timeout = readint(os.path.join(control, "timeoutsmtpd"), DEFAULT_TIMEOUT) & 0xFFFFFFFF
+    if timeout >= 1 << 31:
+        timeout -= 1 << 32                      # C: int
+    if timeout <= 0:
+        timeout = 1
+    rcpthosts = readfile(os.path.join(control, "rcpthosts"))
+    bmf = readfile(os.path.join(control, "badmailfrom"))
+    databytes = readint(os.path.join(control, "databytes"), 0)
+    if env.get("DATABYTES") is not None:
+        databytes = scan_ulong(env["DATABYTES"])
+    databytes &= 0xFFFFFFFF                     # C: unsigned int
+    if databytes == 0xFFFFFFFF:
+        databytes -= 1
+    return Controls(
+        greeting=greeting, liphost=liphost,
+        rcpthosts=None if rcpthosts is None else frozenset(h.lower() for h in rcpthosts),
+        badmailfrom=None if bmf is None else frozenset(b.lower() for b in bmf),
+        databytes=databytes, timeout=timeout)
+
+
+def morercpthosts_path(qmail_dir: str) -> str:
+    return os.path.join(qmail_dir, "control", "morercpthosts.cdb")
+
+
+def local_ipv4() -> frozenset[tuple[int, int, int, int]]:
+    """ipme_init(): 0.0.0.0 and the IPv4 address of every interface that is up."""
+    import array
+    import fcntl
+    import socket
+    import struct
+    SIOCGIFCONF, SIOCGIFFLAGS, IFF_UP = 0x8912, 0x8913, 0x1
+    ips = {(0, 0, 0, 0)}
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        size = 40                                           # struct ifreq on Linux
+        n = 128
+        while True:
+            buf = array.array("B", b"\0" * (size * n))
+            addr, _ = buf.buffer_info()
+            req = struct.pack("iL", len(buf), addr)
+            got = struct.unpack("iL", fcntl.ioctl(s.fileno(), SIOCGIFCONF, req))[0]
+            if got < len(buf) or n > 8192:
+                break
+            n *= 2
+        raw = buf.tobytes()[:got]
+        for off in range(0, len(raw), size):
+            ifr = raw[off:off + size]
+            name = ifr[:16]
+            family = struct.unpack_from("H", ifr, 16)[0]
+            if family != socket.AF_INET:
+                continue
+            flags = struct.unpack_from("H", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS,
+                                                        name + b"\0" * 24), 16)[0]
+            if flags & IFF_UP:
+                ips.add(tuple(ifr[20:24]))
+    finally:
+        s.close()
+    return frozenset(ips)
+
+
+class IpMe:
+    """``ipme(ip) -> bool`` for the session; the interfaces are read on first use."""
+
+    def __init__(self):
+        self._ips: frozenset | None = None
+
+    def __call__(self, ip: tuple[int, int, int, int]) -> bool:
+        if self._ips is None:
+            try:
+                self._ips = local_ipv4()
+            except OSError:
+                self._ips = frozenset({(0, 0, 0, 0), (127, 0, 0, 1)})
+        return ip in self._ips

@@ -1,0 +1,732 @@
+"""The qmail-smtpd conversation (netqmail 1.06 plus the validrcptto.cdb check) as an
+I/O-free state machine, in the style of h11.
+
+``Session.receive_data(bytes)`` takes what the client sent and returns events for the
+driver to carry out, in order:
+
+- ``Reply(data)``       write these bytes to the client;
+- ``Log(text)``         one log line (already escaped), without the ``PROG[PID]: `` prefix;
+- ``QueueOpen()``       start qmail-queue, then call ``queue_opened(qp)`` (its pid) or
+                        ``queue_opened(None)`` when it could not be started; the session
+                        takes no more input until then;
+- ``QueueData(data)``   write these message bytes to qmail-queue's fd 0;
+- ``QueueClose(envelope)``  close fd 0; write ``envelope`` to fd 1 (``None``: write
+                        nothing, the message failed) and close it; wait for the exit, then
+                        call ``queue_closed(status, write_failed)``;
+- ``QueueAbort()``      the message is abandoned: close both pipes, reap qmail-queue;
+- ``Close()``           flush the replies so far and close the connection.
+
+Nothing here touches a socket, a file, a process or the clock: the controls, the
+lookups (rcpthosts' cdb, validrcptto.cdb, "is this IP mine") and ``clock`` are given to
+the constructor (``clock`` for dates, ``monotonic`` for the read deadline).
+``deadline`` is when the session's input times out; ``check_timeout()`` turns an expired
+one into qmail's ``451 timeout``.  Write time-outs belong to the driver (qmail just exits).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, NamedTuple
+
+from ..checker import candidates, lower
+
+MAXHOPS = 100
+COMMAND_LINE_MAX = 4096          # qmail-smtpd has no cap; longer lines get R_TOOLONG
+INPUT_MAX = 256 * 1024           # buffered client bytes while the session is paused
+DEFAULT_TIMEOUT = 1200
+DEFAULT_LIMIT = 10
+TRY_LOG_MAX = 10                 # "trying:" lines per RCPT at VALIDRCPTTO_LOG=2
+
+R_TIMEOUT = b"451 timeout (#4.4.2)\r\n"
+R_STRAYLF = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
+R_MAILFIRST = b"503 MAIL first (#5.5.1)\r\n"
+R_RCPTFIRST = b"503 RCPT first (#5.5.1)\r\n"
+R_SYNTAX = b"555 syntax error (#5.5.4)\r\n"
+R_BMF = b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"
+R_NOGATEWAY = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
+R_NOTVALID = b"553 sorry, this recipient is not in my validrcptto list (#5.7.1)\r\n"
+R_TOOMANY = b"421 too many invalid addresses, goodbye (#4.3.0)\r\n"
+R_MAXRCPT = b"452 too many recipients (#4.5.3)\r\n"
+R_UNIMPL = b"502 unimplemented (#5.5.1)\r\n"
+R_TOOLONG = b"500 line too long (#5.5.2)\r\n"
+R_QQT = b"451 qqt failure (#4.3.0)\r\n"
+R_HOPS = b"554 too many hops, this message is looping (#5.4.6)\r\n"
+R_SIZE = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+R_HELP = b"214 netqmail home page: http://qmail.org/netqmail\r\n"
+
+
+# --------------------------------------------------------------------------- events
+
+class Reply(NamedTuple):
+    data: bytes
+
+
+class Log(NamedTuple):
+    text: str
+
+
+class QueueOpen(NamedTuple):
+    pass
+
+
+class QueueData(NamedTuple):
+    data: bytes
+
+
+class QueueClose(NamedTuple):
+    envelope: bytes | None
+
+
+class QueueAbort(NamedTuple):
+    pass
+
+
+class Close(NamedTuple):
+    pass
+
+
+# --------------------------------------------------------------------------- pure rules
+
+def scan_ulong(text: str | bytes | None) -> int:
+    """C scan_ulong: the leading ASCII digits (modulo 2**64), 0 when there are none."""
+    if isinstance(text, str):
+        text = text.encode("latin-1", "replace")
+    m = re.match(rb"[0-9]*", text or b"")
+    return int(m.group()) % (1 << 64) if m.group() else 0
+
+
+def escape(data: bytes, limit: int = 300) -> str:
+    """Client bytes for a log line: printable ASCII as is, everything else \\xNN."""
+    cut = data[:limit]
+    out = "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in cut)
+    return out + ("..." if len(data) > limit else "")
+
+
+def qq_reply(status: int | None, flagerr: bool = False) -> bytes | None:
+    """qmail_close()'s verdict on qmail-queue's exit code as the reply line; None means
+    the message was accepted.  ``status`` None: killed by a signal."""
+    if status is None:
+        return b"451 qq crashed (#4.3.0)\r\n"
+    if status == 0 and not flagerr:
+        return None
+    text = _QQ.get(status)
+    if text is None:
+        text = "Dqq permanent problem (#5.3.0)" if 11 <= status <= 40 \
+            else "Zqq temporary problem (#4.3.0)"
+    return (b"554 " if text[0] == "D" else b"451 ") + text[1:].encode() + b"\r\n"
+
+
+_QQ = {11: "Denvelope address too long for qq (#5.1.3)",
+       31: "Dmail server permanently rejected message (#5.3.0)",
+       51: "Zqq out of memory (#4.3.0)", 52: "Zqq timeout (#4.3.0)",
+       53: "Zqq write error or disk full (#4.3.0)", 0: "Zqq read error (#4.3.0)",
+       54: "Zqq read error (#4.3.0)", 55: "Zqq unable to read configuration (#4.3.0)",
+       56: "Zqq trouble making network connection (#4.3.0)",
+       61: "Zqq trouble in home directory (#4.3.0)",
+       71: "Zmail server temporarily rejected message (#4.3.0)",
+       72: "Zconnection to mail server timed out (#4.4.1)",
+       73: "Zconnection to mail server rejected (#4.4.1)",
+       74: "Zcommunication with mail server failed (#4.4.2)",
+       81: "Zqq internal bug (#4.3.0)", 91: "Zqq internal bug (#4.3.0)",
+       120: "Zunable to exec qq (#4.3.0)"}
+_QQ[115] = _QQ[11]                                    # compatibility
+for _code in range(62, 67):
+    _QQ[_code] = "Zqq trouble creating files in queue (#4.3.0)"
+
+
+_IPLIT = re.compile(rb"\[([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)\]\Z")
+
+
+def addrparse(arg: bytes, liphost: bytes | None = None,
+              ipme: Callable[[tuple[int, int, int, int]], bool] | None = None) -> bytes | None:
+    """qmail-smtpd's addrparse: the address between <...> (else after the colon, up to a
+    space), a source route dropped, quotes and backslashes removed; ``box@[a.b.c.d]`` of
+    one of this host's IPs becomes ``box@LIPHOST``.  None when 900 bytes or longer."""
+    i = arg.find(b"<")
+    if i != -1:
+        terminator = 62                                # '>'
+        arg = arg[i + 1:]
+    else:
+        terminator = 32                                # ' '
+        j = arg.find(b":")
+        arg = arg[j + 1:] if j != -1 else b""
+        arg = arg.lstrip(b" ")
+    if arg[:1] == b"@":                                # strip source route
+        j = arg.find(b":")
+        arg = arg[j + 1:] if j != -1 else b""
+    if 34 not in arg and 92 not in arg:                # fast path: nothing to unquote
+        j = arg.find(bytes((terminator,)))
+        out = arg if j == -1 else arg[:j]
+    else:
+        buf = bytearray()
+        escaped = quoted = False
+        for ch in arg:
+            if escaped:
+                buf.append(ch)
+                escaped = False
+            elif not quoted and ch == terminator:
+                break
+            elif ch == 92:
+                escaped = True
+            elif ch == 34:
+                quoted = not quoted
+            else:
+                buf.append(ch)
+        out = bytes(buf)
+    if liphost is not None:
+        at = out.rfind(b"@")
+        if at != -1:
+            m = _IPLIT.match(out, at + 1)
+            if m and ipme is not None and ipme(tuple(int(x) & 0xFF for x in m.groups())):
+                out = out[:at + 1] + liphost
+    if len(out) + 1 > 900:
+        return None
+    return out
+
+
+def host_suffixes(domain: bytes) -> list[bytes]:
+    """The domain and each ``.parent`` suffix, as rcpthosts matches them."""
+    return [domain] + [domain[j:] for j in range(1, len(domain)) if domain[j] == 46]
+
+
+def rcpthosts_allows(address: bytes, hosts: frozenset[bytes] | None,
+                     more: Callable[[bytes], bytes | None] | None) -> bool:
+    """qmail's rcpthosts(): no rcpthosts file allows everything; an address without ``@``
+    is allowed; else the lowercased domain, or a ``.suffix`` of it, must be in rcpthosts
+    or morercpthosts.cdb."""
+    if hosts is None:
+        return True
+    at = address.rfind(b"@")
+    if at == -1:
+        return True
+    domain = address[at + 1:].lower()
+    if not domain:
+        return False
+    keys = host_suffixes(domain)
+    if any(k in hosts for k in keys):
+        return True
+    return more is not None and any(more(k) is not None for k in keys)
+
+
+def badmailfrom(address: bytes, bmf: frozenset[bytes] | None) -> bool:
+    """The whole address or its ``@domain`` is listed (case-insensitively)."""
+    if not bmf:
+        return False
+    a = address.lower()
+    if a in bmf:
+        return True
+    at = a.rfind(b"@")
+    return at != -1 and a[at:] in bmf
+
+
+def _safe(value: bytes) -> bytes:
+    return _UNSAFE.sub(b"?", value)
+
+
+_UNSAFE = re.compile(rb"[^A-Za-z0-9.@%+/=:\-]")
+_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct",
+           b"Nov", b"Dec")
+
+
+def date822(when: float) -> bytes:
+    """qmail's date822fmt: ``25 Nov 2026 19:09:31 -0000`` (UTC, day not zero-padded)."""
+    import time
+    t = time.gmtime(int(when))
+    return b"%d %s %d %02d:%02d:%02d -0000" % (t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+                                                t.tm_hour, t.tm_min, t.tm_sec)
+
+
+def received_line(local: bytes, remoteip: bytes, remotehost: bytes, remoteinfo: bytes | None,
+                  helo: bytes | None, when: float) -> bytes:
+    """The header qmail-smtpd's received() prepends (protocol always SMTP)."""
+    line = b"Received: from " + _safe(remotehost)
+    if helo is not None:
+        line += b" (HELO " + _safe(helo) + b")"
+    line += b" ("
+    if remoteinfo is not None:
+        line += _safe(remoteinfo) + b"@"
+    return line + _safe(remoteip) + b")\n  by " + _safe(local) + b" with SMTP; " + \
+        date822(when) + b"\n"
+
+
+# --------------------------------------------------------------------------- DATA
+
+# Where a run of complete lines must stop, scanning from a line start: a LF without a
+# CR before it (fatal), or the terminating line.  Inside a run, a leading dot is removed
+# unless a CR follows it (blast() keeps ".\r" when no LF comes next).
+_HARD = re.compile(rb"(?<!\r)\n|\n\.\r\n")
+_UNSTUFF = re.compile(rb"\n\.(?!\r)")
+_HOP = re.compile(rb"(?:\A|(?<=\n))(?:(received)|(delivered)|(\r\n))", re.IGNORECASE)
+
+
+class DataDecoder:
+    """qmail-smtpd's blast(): the message up to CRLF.CRLF, dot-stuffing undone, CRLF
+    turned into LF (other CRs kept), a bare LF fatal; Received/Delivered header fields
+    counted on the raw stream.  Works on whole runs of lines with bytes methods, so the
+    cost per byte is C's, whatever the line lengths.
+
+    ``state`` follows blast(): 0 inside a line, 1 at a line start, 2 after a leading
+    dot, 3 after a leading dot and CR, 4 after a CR inside a line."""
+
+    def __init__(self):
+        self.state = 1
+        self.hops = 0
+        self.in_header = True
+        self.head = b""          # first bytes (up to 9) of the current raw line
+
+    def feed(self, data: bytes) -> tuple[list[bytes], int, bool | None]:
+        """Returns (output pieces, bytes consumed, end): end is True after the
+        terminating line, False on a bare LF (the session must die), None when more
+        input is needed (everything was consumed)."""
+        out: list[bytes] = []
+        i, n = 0, len(data)
+        end: bool | None = None
+        while i < n:
+            st = self.state
+            if st == 1:
+                c = data[i]
+                if c == 10:
+                    end = False
+                    break
+                if c == 46 and (n - i < 3 or data[i + 1:i + 3] == b"\r\n"):
+                    self.state, i = 2, i + 1                      # maybe the terminator
+                    continue
+                m = _HARD.search(data, i)
+                if m is None:
+                    last = data.rfind(b"\n", i)
+                elif m.group() == b"\n":                           # a bare LF
+                    last = data.rfind(b"\n", i, m.start())
+                else:                                             # CRLF.CRLF
+                    last = m.start()
+                if last != -1:
+                    run = data[i:last + 1]
+                    if c == 46 or b"\n." in run:
+                        run = _UNSTUFF.sub(b"\n", b"\n" + run)[1:]
+                    out.append(run.replace(b"\r\n", b"\n"))
+                    i = last + 1
+                    continue
+                if c == 46:
+                    self.state, i = 2, i + 1
+                else:
+                    self.state = 0
+                continue
+            if st == 2:                                           # after "."
+                c = data[i]
+                if c == 10:
+                    end = False
+                    break
+                if c == 13:
+                    self.state, i = 3, i + 1
+                    continue
+                self.state = 0                                    # the dot is dropped
+                continue
+            if st == 3:                                           # after ".\r"
+                c = data[i]
+                if c == 10:
+                    i += 1
+                    end = True
+                    break
+                out.append(b".\r")
+                i += 1
+                if c == 13:
+                    self.state = 4
+                else:
+                    out.append(bytes((c,)))
+                    self.state = 0
+                continue
+            # st 0 or 4: inside a line
+            k = data.find(b"\n", i)
+            pending = b"\r" if st == 4 else b""
+            if k == -1:
+                chunk = data[i:]
+                if chunk.endswith(b"\r"):
+                    out.append(pending + chunk[:-1])
+                    self.state = 4
+                else:
+                    out.append(pending + chunk)
+                    self.state = 0
+                i = n
+                continue
+            if k == i:
+                if st != 4:
+                    end = False
+                    break
+                out.append(b"\n")
+            else:
+                if data[k - 1] != 13:
+                    end = False
+                    break
+                out.append(pending + data[i:k - 1] + b"\n")
+            i = k + 1
+            self.state = 1
+        if self.in_header and self.hops < MAXHOPS:
+            self._count(data[:i] if end is not False else data[:n])
+        return out, i, end
+
+    def _count(self, raw: bytes) -> None:
+        """Count on complete raw lines only; keep the first bytes of the partial one."""
+        text = self.head + raw
+        last = text.rfind(b"\n")
+        for m in _HOP.finditer(text, 0, last + 1):
+            if m.group(3) is not None:
+                self.in_header = False
+                break
+            self.hops += 1
+        self.head = text[last + 1:last + 10]
+
+
+# --------------------------------------------------------------------------- session
+
+class Controls(NamedTuple):
+    """What qmail-smtpd reads at start-up (see ``stdio.read_controls``)."""
+    greeting: bytes
+    liphost: bytes | None                  # control/localiphost, else control/me
+    rcpthosts: frozenset[bytes] | None     # None: control/rcpthosts does not exist
+    badmailfrom: frozenset[bytes] | None
+    databytes: int                         # 0: no limit
+    timeout: int                           # seconds, >= 1
+
+
+class Peer(NamedTuple):
+    """The connection's tcpserver environment, as bytes (None when unset)."""
+    remoteip: bytes = b"unknown"
+    remotehost: bytes = b"unknown"
+    remoteinfo: bytes | None = None
+    local: bytes = b"unknown"
+    relayclient: bytes | None = None
+
+
+class Policy(NamedTuple):
+    limit: int = DEFAULT_LIMIT             # VALIDRCPTTO_LIMIT (0: none)
+    loglevel: int = 0                      # VALIDRCPTTO_LOG
+    maxrcpt: int = 0                       # MAXRCPT (0: none)
+
+
+def peer_from_env(env) -> Peer:
+    def b(name: str) -> bytes | None:
+        v = env.get(name)
+        return None if v is None else v.encode("utf-8", "surrogateescape")
+    return Peer(remoteip=b("TCPREMOTEIP") or b"unknown",
+                remotehost=b("TCPREMOTEHOST") or b"unknown",
+                remoteinfo=b("TCPREMOTEINFO"),
+                local=b("TCPLOCALHOST") or b("TCPLOCALIP") or b"unknown",
+                relayclient=b("RELAYCLIENT"))
+
+
+def policy_from_env(env) -> Policy:
+    return Policy(limit=scan_ulong(env.get("VALIDRCPTTO_LIMIT", str(DEFAULT_LIMIT))),
+                  loglevel=scan_ulong(env.get("VALIDRCPTTO_LOG")),
+                  maxrcpt=scan_ulong(env.get("MAXRCPT")))
+
+
+_CMD, _DATA, _WAIT, _DONE = range(4)
+
+
+class Session:
+    def __init__(self, controls: Controls, peer: Peer, policy: Policy = Policy(), *,
+                 validrcptto: Callable[[bytes], bytes | None] | None = None,
+                 morercpthosts: Callable[[bytes], bytes | None] | None = None,
+                 ipme: Callable[[tuple[int, int, int, int]], bool] | None = None,
+                 clock: Callable[[], float], monotonic: Callable[[], float] | None = None):
+        self.c, self.peer, self.policy = controls, peer, policy
+        self.validrcptto, self.more, self.ipme, self.clock = \
+            validrcptto, morercpthosts, ipme, clock
+        self.mono = monotonic or clock            # for deadlines; clock for dates
+        self.remote = peer.remoteip.decode("latin-1")
+        self.helo: bytes | None = None            # fakehelo: only when it differs
+        self.seenmail = False
+        self.flagbarf = False
+        self.mailfrom = b""
+        self.rcptto = bytearray()                 # "Taddr\0" ..., as qmail-queue wants
+        self.nrcpt = 0
+        self.invalid = 0
+        self.buf = b""
+        self.discarding = False                   # inside an over-long command line
+        self.mode = _CMD
+        self.quit = False                         # QUIT ended it (qmail exits 0)
+        self.data: DataDecoder | None = None
+        self.size = 0
+        self.qp = 0
+        self.deadline = self.mono() + controls.timeout
+
+    # ---- driver interface
+    @property
+    def closed(self) -> bool:
+        return self.mode == _DONE
+
+    @property
+    def wants_input(self) -> bool:
+        """False while waiting for qmail-queue or with a full input buffer: the driver
+        stops reading (back-pressure) until the next call returns."""
+        return self.mode in (_CMD, _DATA) and len(self.buf) < INPUT_MAX
+
+    def start(self) -> list:
+        return [Reply(b"220 " + self.c.greeting + b" ESMTP\r\n")]
+
+    def receive_data(self, data: bytes) -> list:
+        """Feed client bytes; ``b""`` means the client closed its side."""
+        if self.mode == _DONE:
+            return []
+        self.deadline = self.mono() + self.c.timeout
+        ev: list = []
+        if not data:
+            if self.mode in (_DATA, _WAIT) and self.data is not None:
+                ev.append(QueueAbort())
+            self.mode = _DONE
+            ev.append(Close())
+            return ev
+        self.buf += data
+        self._run(ev)
+        return ev
+
+    def check_timeout(self) -> list:
+        """The read deadline passed (per the clock): ``451 timeout`` and close."""
+        if self.mode not in (_CMD, _DATA) or self.mono() < self.deadline:
+            return []
+        ev: list = []
+        if self.mode == _DATA:
+            ev.append(QueueAbort())
+        self.mode = _DONE
+        ev += [Reply(R_TIMEOUT), Close()]
+        return ev
+
+    def queue_opened(self, qp: int | None) -> list:
+        ev: list = []
+        if qp is None:
+            self.mode = _CMD
+            ev.append(Reply(R_QQT))
+        else:
+            self.qp = qp
+            self.mode = _DATA
+            self.data = DataDecoder()
+            self.size = 0
+            ev.append(Reply(b"354 go ahead\r\n"))
+            p = self.peer
+            ev.append(QueueData(received_line(p.local, p.remoteip, p.remotehost,
+                                              p.remoteinfo, self.helo, self.clock())))
+        self.deadline = self.mono() + self.c.timeout
+        self._run(ev)
+        return ev
+
+    def queue_closed(self, status: int | None, write_failed: bool = False) -> list:
+        d = self.data
+        hops = d.hops >= MAXHOPS
+        overflow = bool(self.c.databytes) and self.size > self.c.databytes
+        self.data = None
+        self.mode = _CMD
+        reply = qq_reply(status, write_failed or hops or overflow)
+        if reply is None:
+            reply = b"250 ok %d qp %d\r\n" % (int(self.clock()), self.qp)
+        elif hops:
+            reply = R_HOPS
+        elif overflow:
+            reply = R_SIZE
+        ev: list = [Reply(reply)]
+        self.deadline = self.mono() + self.c.timeout
+        self._run(ev)
+        return ev
+
+    # ---- the machine
+    def _run(self, ev: list) -> None:
+        while self.buf and self.mode in (_CMD, _DATA):
+            if self.mode == _DATA:
+                self._data(ev)
+                continue
+            nl = self.buf.find(b"\n")
+            if self.discarding:
+                if nl == -1:
+                    self.buf = b""
+                    return
+                self.buf = self.buf[nl + 1:]
+                self.discarding = False
+                ev.append(Reply(R_TOOLONG))
+                continue
+            if nl == -1:
+                if len(self.buf) > COMMAND_LINE_MAX:
+                    self.buf = b""
+                    self.discarding = True
+                return
+            if nl > COMMAND_LINE_MAX:
+                self.buf = self.buf[nl + 1:]
+                ev.append(Reply(R_TOOLONG))
+                continue
+            line, self.buf = self.buf[:nl], self.buf[nl + 1:]
+            self._command(line, ev)
+
+    def _data(self, ev: list) -> None:
+        d = self.data
+        pieces, used, end = d.feed(self.buf)
+        self.buf = self.buf[used:]
+        limit = self.c.databytes
+        for piece in pieces:
+            if not piece:
+                continue
+            before = self.size
+            self.size += len(piece)
+            if limit and self.size > limit:
+                if before < limit:
+                    ev.append(QueueData(piece[:limit - before]))
+            else:
+                ev.append(QueueData(piece))
+        if end is False:
+            ev += [QueueAbort(), Reply(R_STRAYLF), Close()]
+            self.mode = _DONE
+            self.buf = b""
+        elif end:
+            hops = d.hops >= MAXHOPS
+            overflow = bool(limit) and self.size > limit
+            envelope = None if hops or overflow else \
+                b"F" + self.mailfrom + b"\0" + bytes(self.rcptto) + b"\0"
+            ev.append(QueueClose(envelope))
+            self.mode = _WAIT
+
+    def _command(self, line: bytes, ev: list) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        nul = line.find(b"\0")
+        if nul != -1:                                  # C strings end at the NUL
+            line = line[:nul]
+        sp = line.find(b" ")
+        if sp == -1:
+            verb, arg = line, b""
+        else:
+            verb, arg = line[:sp], line[sp:].lstrip(b" ")
+        handler = _COMMANDS.get(verb.lower())
+        if handler is None:
+            ev.append(Reply(R_UNIMPL))
+        else:
+            handler(self, arg, ev)
+
+    def _greet(self, code: bytes) -> bytes:
+        return code + self.c.greeting
+
+    def smtp_helo(self, arg: bytes, ev: list) -> None:
+        ev.append(Reply(self._greet(b"250 ") + b"\r\n"))
+        self._dohelo(arg)
+
+    def smtp_ehlo(self, arg: bytes, ev: list) -> None:
+        ev.append(Reply(self._greet(b"250-") + b"\r\n250-PIPELINING\r\n250 8BITMIME\r\n"))
+        self._dohelo(arg)
+
+    def _dohelo(self, arg: bytes) -> None:
+        self.seenmail = False
+        self.helo = arg if arg.lower() != self.peer.remotehost.lower() else None
+
+    def smtp_quit(self, arg: bytes, ev: list) -> None:
+        ev += [Reply(self._greet(b"221 ") + b"\r\n"), Close()]
+        self.mode = _DONE
+        self.quit = True
+        self.buf = b""
+
+    def smtp_rset(self, arg: bytes, ev: list) -> None:
+        self.seenmail = False
+        ev.append(Reply(b"250 flushed\r\n"))
+
+    def smtp_noop(self, arg: bytes, ev: list) -> None:
+        ev.append(Reply(b"250 ok\r\n"))
+
+    def smtp_vrfy(self, arg: bytes, ev: list) -> None:
+        ev.append(Reply(b"252 send some mail, i'll try my best\r\n"))
+
+    def smtp_help(self, arg: bytes, ev: list) -> None:
+        ev.append(Reply(R_HELP))
+
+    def _addr(self, arg: bytes) -> bytes | None:
+        return addrparse(arg, self.c.liphost, self.ipme)
+
+    def smtp_mail(self, arg: bytes, ev: list) -> None:
+        addr = self._addr(arg)
+        if addr is None:
+            ev.append(Reply(R_SYNTAX))
+            return
+        self.flagbarf = badmailfrom(addr, self.c.badmailfrom)
+        self.seenmail = True
+        self.rcptto = bytearray()
+        self.nrcpt = 0
+        self.mailfrom = addr
+        ev.append(Reply(b"250 ok\r\n"))
+
+    def smtp_rcpt(self, arg: bytes, ev: list) -> None:
+        if not self.seenmail:
+            ev.append(Reply(R_MAILFIRST))
+            return
+        addr = self._addr(arg)
+        if addr is None:
+            ev.append(Reply(R_SYNTAX))
+            return
+        if self.flagbarf:
+            ev.append(Reply(R_BMF))
+            return
+        relay = self.peer.relayclient
+        if relay is not None:
+            addr += relay
+        else:
+            if not rcpthosts_allows(addr, self.c.rcpthosts, self.more):
+                ev.append(Reply(R_NOGATEWAY))
+                return
+            if self.validrcptto is not None and not self._valid(addr, ev):
+                self.invalid += 1
+                limit = self.policy.limit
+                if limit and self.invalid >= limit:
+                    ev += [Log(self._vlog("excessive violations, hanging up")),
+                           Reply(R_TOOMANY), Close()]
+                    self.mode = _DONE
+                    self.buf = b""
+                    return
+                ev.append(Reply(R_NOTVALID))
+                return
+        if self.policy.maxrcpt and self.nrcpt >= self.policy.maxrcpt:
+            ev.append(Reply(R_MAXRCPT))
+            return
+        self.rcptto += b"T" + addr + b"\0"
+        self.nrcpt += 1
+        ev.append(Reply(b"250 ok\r\n"))
+
+    def _vlog(self, text: str) -> str:
+        return f"validrcptto [{self.remote}] {text}"
+
+    def _valid(self, addr: bytes, ev: list) -> bool:
+        """The validrcptto.cdb lookup (REFERENCE §1): the first key found decides."""
+        level = self.policy.loglevel
+        get = self.validrcptto
+        if level >= 1:
+            ev.append(Log(self._vlog(f"RCPT TO: {escape(lower(addr))}")))
+        verdict_key = verdict_value = None
+        tries = 0
+        for key in candidates(lower(addr)):
+            if level >= 2:
+                tries += 1
+                if tries <= TRY_LOG_MAX:
+                    ev.append(Log(self._vlog(f"trying: {escape(key)}")))
+            value = get(key)
+            if value is not None:
+                verdict_key, verdict_value = key, value
+                break
+        if level >= 2 and tries > TRY_LOG_MAX:
+            ev.append(Log(self._vlog(f"trying: ({tries - TRY_LOG_MAX} more keys not logged)")))
+        accepted = verdict_value is not None and not verdict_value.startswith(b"-")
+        if verdict_key is not None and level >= 1:
+            ev.append(Log(self._vlog(f"{'found' if accepted else 'reject'}: "
+                                     f"{escape(verdict_key)}")))
+        if not accepted:
+            ev.append(Log(self._vlog(f"not found: {escape(addr)}")))
+        return accepted
+
+    def smtp_data(self, arg: bytes, ev: list) -> None:
+        if not self.seenmail:
+            ev.append(Reply(R_MAILFIRST))
+            return
+        if not self.rcptto:
+            ev.append(Reply(R_RCPTFIRST))
+            return
+        self.seenmail = False
+        self.mode = _WAIT
+        ev.append(QueueOpen())
+
+
+_COMMANDS = {
+    b"rcpt": Session.smtp_rcpt, b"mail": Session.smtp_mail, b"data": Session.smtp_data,
+    b"quit": Session.smtp_quit, b"helo": Session.smtp_helo, b"ehlo": Session.smtp_ehlo,
+    b"rset": Session.smtp_rset, b"help": Session.smtp_help, b"noop": Session.smtp_noop,
+    b"vrfy": Session.smtp_vrfy,
+}

@@ -1,0 +1,172 @@
+"""validrcptto-smtpd on fd 0/1, where qmail-smtpd runs (under tcpserver): a thin driver
+around ``session.Session``.  One process per connection, so start-up cost counts: only
+what a session needs is imported, the DATA path's imports wait for a message.
+
+Reads and writes are bounded by control/timeoutsmtpd as in qmail: a client that stops
+reading is dropped when a write cannot proceed for that long.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+
+from . import session as S
+from .controls import ControlError, IpMe, morercpthosts_path, read_controls
+
+PROG = "validrcptto-smtpd"
+READ_SIZE = 65536
+
+
+class Gone(Exception):
+    """The client went away, a write timed out, or the session closed."""
+
+
+class Stdio:
+    def __init__(self, rfd: int, wfd: int, timeout: float, log):
+        self.rfd, self.wfd, self.timeout, self.log = rfd, wfd, timeout, log
+        self.out: list[bytes] = []
+        for fd in {rfd, wfd}:
+            try:
+                os.set_blocking(fd, False)
+            except OSError:
+                pass
+
+    def flush(self) -> None:
+        if not self.out:
+            return
+        data = memoryview(b"".join(self.out))
+        self.out.clear()
+        poller = select.poll()
+        poller.register(self.wfd, select.POLLOUT)
+        while data:
+            try:
+                n = os.write(self.wfd, data)
+                data = data[n:]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError:
+                raise Gone() from None
+            if not poller.poll(self.timeout * 1000):
+                raise Gone()                    # qmail: safewrite() _exit(1)s, no reply
+
+    def read(self, deadline: float) -> bytes | None:
+        """Bytes from the client; None when the deadline passed."""
+        self.flush()
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if poller.poll(left * 1000):
+                try:
+                    return os.read(self.rfd, READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return b""
+
+
+def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
+    pid = os.getpid()
+    if log is None:
+        def log(text: str) -> None:
+            sys.stderr.write(f"{PROG}[{pid}]: {text}\n")
+            sys.stderr.flush()
+    cdb = more = None
+    try:
+        controls = read_controls(qmail_dir, env)
+        path = env.get("VALIDRCPTTO_CDB", "")
+        if path:
+            from ..checker import open_cdb
+            cdb = open_cdb(path)
+        if controls.rcpthosts is not None:
+            from ..checker import open_cdb
+            try:
+                more = open_cdb(morercpthosts_path(qmail_dir))
+            except FileNotFoundError:
+                more = None
+    except (OSError, ControlError) as err:
+        log(f"unable to read controls: {err}")
+        try:
+            os.write(wfd, b"421 unable to read controls (#4.3.0)\r\n")
+        except OSError:
+            pass
+        return 1
+    io = Stdio(rfd, wfd, controls.timeout, log)
+    session = S.Session(controls, S.peer_from_env(env), S.policy_from_env(env),
+                        validrcptto=cdb, morercpthosts=more, ipme=IpMe(), clock=time.time,
+                        monotonic=time.monotonic)
+    qq_program = env.get("QMAILQUEUE") or os.path.join(qmail_dir, "bin", "qmail-queue")
+    queue = None
+    pending = session.start()
+    try:
+        while True:
+            while pending:
+                ev = pending.pop(0)
+                kind = type(ev)
+                if kind is S.Reply:
+                    io.out.append(ev.data)
+                elif kind is S.QueueData:
+                    queue.put(ev.data)
+                elif kind is S.Log:
+                    log(ev.text)
+                elif kind is S.QueueOpen:
+                    from .queue import QueueProcess
+                    queue = QueueProcess(qq_program, qmail_dir)
+                    pending[:0] = session.queue_opened(queue.start())
+                elif kind is S.QueueClose:
+                    io.flush()
+                    status, failed = queue.close(ev.envelope)
+                    queue = None
+                    pending[:0] = session.queue_closed(status, failed)
+                elif kind is S.QueueAbort:
+                    if queue is not None:
+                        queue.abort()
+                        queue = None
+                elif kind is S.Close:
+                    io.flush()
+                    return 0 if session.quit else 1    # qmail: only QUIT exits 0
+            # the session wants input; qmail's deadline is per read
+            data = io.read(session.deadline)
+            if data is None:
+                pending = session.check_timeout()
+                continue
+            pending = session.receive_data(data)
+    except Gone:
+        return 1
+    finally:
+        if queue is not None:
+            queue.abort()
+        for getter in (cdb, more):
+            if getter is not None:
+                getter.close()
+
+
+USAGE = ("usage: validrcptto-smtpd [--qmail-dir DIR] [--listen HOST:PORT [server options]]\n"
+         "  speaks SMTP on stdin/stdout (under tcpserver), or listens itself with --listen\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--listen" or a.startswith("--listen=") for a in argv):
+        from .server import main as server_main
+        server_main(argv)
+        return
+    qmail_dir = os.environ.get("QMAIL_DIR") or "/var/qmail"
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--qmail-dir" and i + 1 < len(argv):
+            qmail_dir, i = argv[i + 1], i + 2
+        elif a.startswith("--qmail-dir="):
+            qmail_dir, i = a.split("=", 1)[1], i + 1
+        else:
+            sys.stderr.write(USAGE if a in ("-h", "--help") else
+                             f"{PROG}: bad argument {a!r}\n" + USAGE)
+            sys.exit(0 if a in ("-h", "--help") else 2)
+    sys.exit(run(qmail_dir, os.environ))
