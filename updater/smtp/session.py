@@ -406,10 +406,12 @@ def peer_from_env(env) -> Peer:
     def b(name: str) -> bytes | None:
         v = env.get(name)
         return None if v is None else v.encode("utf-8", "surrogateescape")
-    return Peer(remoteip=b("TCPREMOTEIP") or b"unknown",
-                remotehost=b("TCPREMOTEHOST") or b"unknown",
+    def first(*values: bytes | None) -> bytes:
+        return next(v for v in values if v is not None)       # set but empty counts
+    return Peer(remoteip=first(b("TCPREMOTEIP"), b"unknown"),
+                remotehost=first(b("TCPREMOTEHOST"), b"unknown"),
                 remoteinfo=b("TCPREMOTEINFO"),
-                local=b("TCPLOCALHOST") or b("TCPLOCALIP") or b"unknown",
+                local=first(b("TCPLOCALHOST"), b("TCPLOCALIP"), b"unknown"),
                 relayclient=b("RELAYCLIENT"))
 
 
@@ -532,26 +534,31 @@ class Session:
             if self.mode == _DATA:
                 self._data(ev)
                 continue
-            nl = self.buf.find(b"\n")
-            if self.discarding:
+            buf, pos, n = self.buf, 0, len(self.buf)
+            while pos < n and self.mode == _CMD:
+                nl = buf.find(b"\n", pos)
+                if self.discarding:                      # the rest of an over-long line
+                    if nl == -1:
+                        pos = n
+                        break
+                    pos, self.discarding = nl + 1, False
+                    ev.append(Reply(R_TOOLONG))
+                    continue
                 if nl == -1:
-                    self.buf = b""
-                    return
-                self.buf = self.buf[nl + 1:]
-                self.discarding = False
-                ev.append(Reply(R_TOOLONG))
-                continue
-            if nl == -1:
-                if len(self.buf) > COMMAND_LINE_MAX:
-                    self.buf = b""
-                    self.discarding = True
+                    if n - pos > COMMAND_LINE_MAX:
+                        pos, self.discarding = n, True
+                    break
+                if nl - pos > COMMAND_LINE_MAX:
+                    pos = nl + 1
+                    ev.append(Reply(R_TOOLONG))
+                    continue
+                line, pos = buf[pos:nl], nl + 1
+                self._command(line, ev)
+            if self.mode == _DONE:
                 return
-            if nl > COMMAND_LINE_MAX:
-                self.buf = self.buf[nl + 1:]
-                ev.append(Reply(R_TOOLONG))
-                continue
-            line, self.buf = self.buf[:nl], self.buf[nl + 1:]
-            self._command(line, ev)
+            self.buf = buf[pos:]
+            if self.mode == _CMD:
+                return                                   # no complete line left
 
     def _data(self, ev: list) -> None:
         d = self.data
