@@ -4,6 +4,7 @@ hostile input, and the --listen server picking up a renamed-in cdb."""
 from __future__ import annotations
 
 import os
+import re
 import smtplib
 import socket
 import subprocess
@@ -345,3 +346,71 @@ def test_listen_mode_sees_renamed_cdb_on_next_connection(env, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# --------------------------------------------------------------------------- bounds
+
+def _server_on_socket(env, **extra):
+    """validrcptto-smtpd with fd 0 and 1 on one end of a socketpair, as under tcpserver."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([script("validrcptto-smtpd")], stdin=theirs, stdout=theirs,
+                            stderr=subprocess.PIPE, env=dict(env, **extra))
+    theirs.close()
+    return ours, proc
+
+
+def test_client_that_never_reads_is_dropped_after_the_write_timeout(env, tmp_path):
+    (tmp_path / "qmail/control/timeoutsmtpd").write_text("2\n")
+    sock, proc = _server_on_socket(env)
+    sock.setblocking(False)
+    started = time.monotonic()
+    sent = 0
+    chunk = b"NOOP\r\n" * 10000
+    while proc.poll() is None and time.monotonic() - started < 30:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.05)
+        except OSError:
+            break
+    rc = proc.wait(10)
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert rc == 1 and 2 <= elapsed < 15, (rc, elapsed)
+    assert sent > 100_000              # it did read for a while, then writes stalled
+    assert b"Traceback" not in proc.stderr.read()
+
+
+def test_one_gigabyte_message_is_streamed_not_spooled(env, tmp_path):
+    """DATABYTES unset: 1 GB goes through qmail-queue's pipe as it arrives; no file is
+    created and the server stays small."""
+    qq = tmp_path / "counting-queue"
+    qq.write_text("#!/bin/sh\nwc -c > \"$QQ_DIR/size\"\ncat 0<&1 > \"$QQ_DIR/env\"\nexit 0\n")
+    qq.chmod(0o755)
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    sock, proc = _server_on_socket(env, QMAILQUEUE=str(qq), QQ_DIR=str(tmp_path),
+                                   TMPDIR=str(spool), RELAYCLIENT="")
+    f = sock.makefile("rwb", buffering=0)
+    sock.sendall(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n")
+    line = b"x" * 1022 + b"\r\n"
+    block = line * 1024                                  # 1 MiB
+    for _ in range(1024):
+        sock.sendall(block)
+    sock.sendall(b".\r\n")
+    got = b""
+    while b"250 ok " not in got and b"\r\n4" not in got and b"\r\n5" not in got:
+        more = sock.recv(4096)
+        assert more, got
+        got += more
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    hwm_kb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    sock.sendall(b"QUIT\r\n")
+    f.close()
+    sock.close()
+    proc.wait(30)
+    assert b"250 ok " in got, got
+    received = 0                                        # our Received line on top
+    assert int((tmp_path / "size").read_text()) - 1023 * 1024 * 1024 > received
+    assert list(spool.iterdir()) == []
+    assert hwm_kb < 50 * 1024, f"peak RSS {hwm_kb} kB"

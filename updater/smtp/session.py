@@ -26,7 +26,6 @@ one into qmail's ``451 timeout``.  Write time-outs belong to the driver (qmail j
 from __future__ import annotations
 
 import re
-from typing import Callable, NamedTuple
 
 from ..checker import candidates, lower
 
@@ -56,33 +55,60 @@ R_HELP = b"214 netqmail home page: http://qmail.org/netqmail\r\n"
 
 
 # --------------------------------------------------------------------------- events
+# Plain slotted classes: the tcpserver front end builds this module once per connection,
+# and NamedTuple classes cost milliseconds to create.
 
-class Reply(NamedTuple):
-    data: bytes
+class _Record:
+    __slots__ = ()
+
+    def __init__(self, *args, **kw):
+        for name, value in zip(self.__slots__, args):
+            setattr(self, name, value)
+        for name in self.__slots__[len(args):]:
+            setattr(self, name, kw.pop(name) if name in kw else self._defaults[name])
+        if kw:
+            raise TypeError(f"unknown fields {sorted(kw)}")
+
+    _defaults: dict = {}
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and \
+            all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def _replace(self, **kw):
+        return type(self)(**{n: kw.get(n, getattr(self, n)) for n in self.__slots__})
 
 
-class Log(NamedTuple):
-    text: str
+class Reply(_Record):
+    __slots__ = ("data",)
 
 
-class QueueOpen(NamedTuple):
-    pass
+class Log(_Record):
+    __slots__ = ("text",)
 
 
-class QueueData(NamedTuple):
-    data: bytes
+class QueueOpen(_Record):
+    __slots__ = ()
 
 
-class QueueClose(NamedTuple):
-    envelope: bytes | None
+class QueueData(_Record):
+    __slots__ = ("data",)
 
 
-class QueueAbort(NamedTuple):
-    pass
+class QueueClose(_Record):
+    __slots__ = ("envelope",)
 
 
-class Close(NamedTuple):
-    pass
+class QueueAbort(_Record):
+    __slots__ = ()
+
+
+class Close(_Record):
+    __slots__ = ()
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -251,12 +277,9 @@ def received_line(local: bytes, remoteip: bytes, remotehost: bytes, remoteinfo: 
 
 # --------------------------------------------------------------------------- DATA
 
-# Where a run of complete lines must stop, scanning from a line start: a LF without a
-# CR before it (fatal), or the terminating line.  Inside a run, a leading dot is removed
+# Inside a run of complete lines (no bare LF, no terminator), a leading dot is removed
 # unless a CR follows it (blast() keeps ".\r" when no LF comes next).
-_HARD = re.compile(rb"(?<!\r)\n|\n\.\r\n")
 _UNSTUFF = re.compile(rb"\n\.(?!\r)")
-_HOP = re.compile(rb"(?:\A|(?<=\n))(?:(received)|(delivered)|(\r\n))", re.IGNORECASE)
 
 
 class DataDecoder:
@@ -291,20 +314,27 @@ class DataDecoder:
                 if c == 46 and (n - i < 3 or data[i + 1:i + 3] == b"\r\n"):
                     self.state, i = 2, i + 1                      # maybe the terminator
                     continue
-                m = _HARD.search(data, i)
-                if m is None:
-                    last = data.rfind(b"\n", i)
-                elif m.group() == b"\n":                           # a bare LF
-                    last = data.rfind(b"\n", i, m.start())
-                else:                                             # CRLF.CRLF
-                    last = m.start()
+                last = data.rfind(b"\n", i)
                 if last != -1:
-                    run = data[i:last + 1]
-                    if c == 46 or b"\n." in run:
-                        run = _UNSTUFF.sub(b"\n", b"\n" + run)[1:]
-                    out.append(run.replace(b"\r\n", b"\n"))
-                    i = last + 1
-                    continue
+                    stop = data.find(b"\n.\r\n", i, last + 1)     # the terminator's LF
+                    if stop == -1:
+                        stop = last
+                    run = data[i:stop + 1]
+                    if run.count(b"\n") != run.count(b"\r\n"):
+                        # a bare LF: emit the lines before its line, which then fails
+                        k = data.find(b"\n", i)
+                        while data[k - 1] == 13:
+                            k = data.find(b"\n", k + 1)
+                        stop = data.rfind(b"\n", i, k)
+                        run = data[i:stop + 1] if stop != -1 else b""
+                    if run:
+                        if c == 46 or b"\n." in run:
+                            run = b"\n" + run
+                            run = (_UNSTUFF.sub(b"\n", run) if b"\n.\r" in run
+                                   else run.replace(b"\n.", b"\n"))[1:]
+                        out.append(run.replace(b"\r\n", b"\n"))
+                        i = stop + 1
+                        continue
                 if c == 46:
                     self.state, i = 2, i + 1
                 else:
@@ -364,42 +394,42 @@ class DataDecoder:
         return out, i, end
 
     def _count(self, raw: bytes) -> None:
-        """Count on complete raw lines only; keep the first bytes of the partial one."""
+        """Count on complete raw lines only (case-insensitively, with bytes.count); keep
+        the first bytes of the partial line for the next call."""
         text = self.head + raw
         last = text.rfind(b"\n")
-        for m in _HOP.finditer(text, 0, last + 1):
-            if m.group(3) is not None:
-                self.in_header = False
-                break
-            self.hops += 1
         self.head = text[last + 1:last + 10]
+        if last == -1:
+            return
+        low = b"\n" + text[:last + 1].lower()         # every line now follows a LF
+        blank = low.find(b"\n\r\n")
+        if blank != -1:
+            low = low[:blank + 1]
+            self.in_header = False
+        self.hops += low.count(b"\nreceived") + low.count(b"\ndelivered")
 
 
 # --------------------------------------------------------------------------- session
 
-class Controls(NamedTuple):
-    """What qmail-smtpd reads at start-up (see ``stdio.read_controls``)."""
-    greeting: bytes
-    liphost: bytes | None                  # control/localiphost, else control/me
-    rcpthosts: frozenset[bytes] | None     # None: control/rcpthosts does not exist
-    badmailfrom: frozenset[bytes] | None
-    databytes: int                         # 0: no limit
-    timeout: int                           # seconds, >= 1
+class Controls(_Record):
+    """What qmail-smtpd reads at start-up (see ``controls.read_controls``):
+    greeting; liphost (control/localiphost, else control/me); rcpthosts (None: the file
+    does not exist) and badmailfrom, lowercased; databytes (0: no limit); timeout (s)."""
+    __slots__ = ("greeting", "liphost", "rcpthosts", "badmailfrom", "databytes", "timeout")
 
 
-class Peer(NamedTuple):
-    """The connection's tcpserver environment, as bytes (None when unset)."""
-    remoteip: bytes = b"unknown"
-    remotehost: bytes = b"unknown"
-    remoteinfo: bytes | None = None
-    local: bytes = b"unknown"
-    relayclient: bytes | None = None
+class Peer(_Record):
+    """The connection's tcpserver environment, as bytes (remoteinfo and relayclient
+    None when unset)."""
+    __slots__ = ("remoteip", "remotehost", "remoteinfo", "local", "relayclient")
+    _defaults = {"remoteip": b"unknown", "remotehost": b"unknown", "remoteinfo": None,
+                 "local": b"unknown", "relayclient": None}
 
 
-class Policy(NamedTuple):
-    limit: int = DEFAULT_LIMIT             # VALIDRCPTTO_LIMIT (0: none)
-    loglevel: int = 0                      # VALIDRCPTTO_LOG
-    maxrcpt: int = 0                       # MAXRCPT (0: none)
+class Policy(_Record):
+    """VALIDRCPTTO_LIMIT (0: none), VALIDRCPTTO_LOG, MAXRCPT (0: none)."""
+    __slots__ = ("limit", "loglevel", "maxrcpt")
+    _defaults = {"limit": DEFAULT_LIMIT, "loglevel": 0, "maxrcpt": 0}
 
 
 def peer_from_env(env) -> Peer:
@@ -425,12 +455,12 @@ _CMD, _DATA, _WAIT, _DONE = range(4)
 
 
 class Session:
-    def __init__(self, controls: Controls, peer: Peer, policy: Policy = Policy(), *,
+    def __init__(self, controls: Controls, peer: Peer, policy: Policy | None = None, *,
                  validrcptto: Callable[[bytes], bytes | None] | None = None,
                  morercpthosts: Callable[[bytes], bytes | None] | None = None,
                  ipme: Callable[[tuple[int, int, int, int]], bool] | None = None,
                  clock: Callable[[], float], monotonic: Callable[[], float] | None = None):
-        self.c, self.peer, self.policy = controls, peer, policy
+        self.c, self.peer, self.policy = controls, peer, policy or Policy()
         self.validrcptto, self.more, self.ipme, self.clock = \
             validrcptto, morercpthosts, ipme, clock
         self.mono = monotonic or clock            # for deadlines; clock for dates
