@@ -285,7 +285,7 @@ class Bench:
                  fmt_s(c), fmt_s(r), r / c, ">= 100x cheaper", r / c >= 100)
 
         # start-up alone
-        s = median(lambda: child(SMTPD, {**small, "TCPREMOTEIP": "127.0.0.1"}, b"").seconds,
+        s = median(lambda: child(SMTPD, {**small, "TCPREMOTEIP": "127.0.0.1"}, b"QUIT\r\n").seconds,
                    self.runs * 2)
         p = median(lambda: child([sys.executable, "-c", "pass"], clean_env()).seconds,
                    self.runs * 2)
