@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ class MariaDB:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, networking: bool = True) -> None:
         install, server = need("mariadb-install-db"), need("mariadbd")
         if not self.datadir.exists():
             subprocess.run([install, "--no-defaults", f"--datadir={self.datadir}",
@@ -44,7 +45,8 @@ class MariaDB:
                             "--user=root"], check=True, capture_output=True, timeout=120)
         self.proc = subprocess.Popen(
             [server, "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}",
-             f"--port={self.port}", "--bind-address=127.0.0.1", "--user=root",
+             *([f"--port={self.port}", "--bind-address=127.0.0.1"] if networking
+               else ["--skip-networking"]), "--user=root",
              f"--pid-file={self.root / 'mysqld.pid'}", f"--log-error={self.root / 'error.log'}",
              "--skip-log-bin", "--innodb-buffer-pool-size=16M"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,6 +152,79 @@ def test_mysql_down_or_refusing_fails_the_build_and_keeps_the_cdb(tree: Tree, ma
         assert tree.cdb.read_bytes() == good
     finally:
         mariadb.start()
+
+
+def test_mysql_valias_denied_fails_loud_and_no_skips_it(tree: Tree, mariadb: MariaDB):
+    mysql_tree(tree, mariadb)
+    mariadb.sql(f"""
+CREATE USER IF NOT EXISTS 'noalias'@'%' IDENTIFIED BY '{PASSWORD}';
+GRANT SELECT ON vpopmail.vpopmail TO 'noalias'@'%';
+CREATE USER IF NOT EXISTS 'halfsplit'@'%' IDENTIFIED BY '{PASSWORD}';
+GRANT SELECT ON vpopsplit.one_example TO 'halfsplit'@'%';
+""")
+    assert tree.run("build", "--mysql").returncode == 0
+    good = tree.cdb.read_bytes()
+    done = tree.run("build", "--mysql", UPDATER_MYSQL_USER="noalias")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"qmail-updater: mysql 127.0.0.1:{mariadb.port}/vpopmail: "
+                                  "table valias: access denied for user 'noalias': (1142)")
+    assert len(done.stderr.strip().splitlines()) == 1 and PASSWORD not in done.stderr
+    assert tree.cdb.read_bytes() == good
+    done = tree.run("generate", "--mysql", UPDATER_MYSQL_USER="noalias", UPDATER_MYSQL_VALIAS="no")
+    assert done.returncode == 0
+    assert done.stdout.split() == ["ann@one.example", "bob@one.example", "cat@two-b.example",
+                                   "list-default@one.example", "list@one.example"]
+    assert "valias not read (UPDATER_MYSQL_VALIAS=no)" in done.stderr
+    # a vpopmail built without valias: no table at all is fine for auto, an error for yes
+    done = tree.run("generate", "--mysql", UPDATER_MYSQL_DATABASE="vpopsplit")
+    assert done.returncode == 0, done.stderr
+    done = tree.run("generate", "--mysql", UPDATER_MYSQL_DATABASE="vpopsplit",
+                    UPDATER_MYSQL_VALIAS="yes")
+    assert done.returncode == 1 and "no table valias" in done.stderr
+    # a per-domain table the user may not read
+    done = tree.run("generate", "--mysql", UPDATER_MYSQL_DATABASE="vpopsplit",
+                    UPDATER_MYSQL_USER="halfsplit", UPDATER_MYSQL_LAYOUT="per-domain",
+                    UPDATER_MYSQL_VALIAS="no")
+    assert done.returncode == 1
+    assert "table two_b_example: access denied for user 'halfsplit'" in done.stderr
+
+
+def test_mysql_localhost_means_the_socket(tree: Tree, mariadb: MariaDB, tmp_path: Path):
+    mysql_tree(tree, mariadb)
+    tree.write("home/vpopmail/etc/vpopmail.mysql", f"localhost|0|vpop|{PASSWORD}|vpopmail\n")
+    mariadb.stop()
+    mariadb.start(networking=False)
+    try:
+        keys = tree.keys("--mysql", MYSQL_UNIX_PORT=str(mariadb.socket))
+        assert "ann@one.example" in keys and "info@one.example" in keys
+        # the option files' [client] socket= is the next default
+        from updater.sources.mysql import option_socket
+        conf = tmp_path / "conf.d"
+        conf.mkdir()
+        (conf / "50-client.cnf").write_text(f"[client]\nsocket = {mariadb.socket}\n")
+        (tmp_path / "my.cnf").write_text(f"[mysqld]\nsocket=/wrong\n!includedir {conf}\n")
+        assert option_socket([str(tmp_path / "my.cnf")], env={}) == str(mariadb.socket)
+        assert option_socket([str(tmp_path / "none.cnf")], env={}) == "/run/mysqld/mysqld.sock"
+        # 127.0.0.1 stays TCP, which this server does not offer
+        tree.write("home/vpopmail/etc/vpopmail.mysql", f"127.0.0.1|{mariadb.port}|vpop|x|vpopmail\n")
+        done = tree.run("generate", "--mysql", MYSQL_UNIX_PORT=str(mariadb.socket))
+        assert done.returncode == 1 and "(2003)" in done.stderr
+    finally:
+        mariadb.stop()
+        mariadb.start()
+
+
+def test_mysql_timeout_on_a_hung_server(tree: Tree, mariadb: MariaDB):
+    mysql_tree(tree, mariadb)
+    os.kill(mariadb.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        done = tree.run("generate", "--mysql", UPDATER_MYSQL_TIMEOUT="2")
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(mariadb.proc.pid, signal.SIGCONT)
+    assert done.returncode == 1 and "cannot connect" in done.stderr, done.stderr
+    assert elapsed < 10, elapsed
 
 
 def test_mysql_domain_returning_nothing_is_caught_by_the_gate(tree: Tree, mariadb: MariaDB):

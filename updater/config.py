@@ -97,6 +97,11 @@ OPTIONS: tuple[Opt, ...] = (
         group="directory"),
     Opt("mysql_layout", "UPDATER_MYSQL_LAYOUT", _str, "auto",
         "auto, single (table vpopmail) or per-domain (one table per domain)", group="directory"),
+    Opt("mysql_valias", "UPDATER_MYSQL_VALIAS", _str, "auto",
+        "read the valias table: auto (if it exists; a denied table fails the build), "
+        "yes (required) or no", group="directory"),
+    Opt("mysql_timeout", "UPDATER_MYSQL_TIMEOUT", _float, 30.0,
+        "seconds for connecting and for each MySQL read or write", group="directory"),
     Opt("ldap_uri", "UPDATER_LDAP_URI", _str, "",
         "LDAP / Active Directory server, ldap://host or ldaps://host (empty: off)",
         group="directory"),
@@ -173,6 +178,8 @@ class Settings:
     mysql_password_file: str = ""
     mysql_database: str = ""
     mysql_layout: str = "auto"
+    mysql_valias: str = "auto"
+    mysql_timeout: float = 30.0
     ldap_uri: str = ""
     ldap_starttls: bool = False
     ldap_bind_dn: str = ""
@@ -215,6 +222,11 @@ class Settings:
         if self.mysql_layout not in ("auto", "single", "per-domain"):
             raise ConfigError(f"UPDATER_MYSQL_LAYOUT: expected auto, single or per-domain, "
                               f"got {self.mysql_layout!r}")
+        if self.mysql_valias not in ("auto", "yes", "no"):
+            raise ConfigError(f"UPDATER_MYSQL_VALIAS: expected auto, yes or no, "
+                              f"got {self.mysql_valias!r}")
+        if self.mysql_timeout <= 0:
+            raise ConfigError(f"UPDATER_MYSQL_TIMEOUT: must be positive, got {self.mysql_timeout}")
         if self.fifo is None:
             derived["fifo"] = self.control("validrcptto.trigger")
         if self.status is None:

@@ -234,7 +234,7 @@ def sources(settings: Settings, plan: Plan, notes: Notes) -> Iterator[Found]:
         users_of, aliases_of, db = file_users(vuserinfo), None, None
         if settings.mysql:
             from .sources.mysql import MysqlUsers
-            db = MysqlUsers(dataclasses.replace(settings, vpopmail_dir=vpop))
+            db = MysqlUsers(dataclasses.replace(settings, vpopmail_dir=vpop), notes)
             users_of, aliases_of = (lambda home, domain: db.users(domain)), db.valiases
         try:
             for domain, entry in plan.virtual:

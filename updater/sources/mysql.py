@@ -8,7 +8,16 @@ Layouts: vpopmail's default keeps every domain in one table ``vpopmail`` (``pw_n
 ``pw_domain``, ...); the other keeps one table per domain, named by the domain with
 ``.`` and ``-`` replaced by ``_``.  ``auto`` picks ``single`` when a ``vpopmail`` table
 exists.  Aliases come from the ``valias`` table (``alias``, ``domain``, ``valias_line``)
-when it exists.  One query per table, streamed with a server-side cursor.
+per ``UPDATER_MYSQL_VALIAS``: ``auto`` reads it when it exists and fails the build when
+the server denies it (a table the user may not read is invisible to SHOW TABLES, so
+"no aliases" and "cannot see the aliases" look alike there: each table is probed with a
+query instead, and only "doesn't exist" (1146) means absent); ``yes`` requires it; ``no``
+skips it with a warning.  One query per table, streamed with a server-side cursor.
+
+``localhost`` (or an empty host) means the server's Unix socket, as in vpopmail and
+every libmysqlclient program: ``UPDATER_MYSQL_SOCKET``, else ``$MYSQL_UNIX_PORT``, else
+``socket=`` in the [client] groups of the MariaDB/MySQL option files, else
+``/run/mysqld/mysqld.sock``.  ``127.0.0.1`` is TCP.
 """
 
 from __future__ import annotations
@@ -51,6 +60,53 @@ def parse_vpopmail_mysql(text: str, path: str) -> Conn:
     raise SourceError("no connection line", path)
 
 
+OPTION_FILES = ("/etc/my.cnf", "/etc/mysql/my.cnf", "~/.my.cnf")
+CLIENT_GROUPS = ("client", "client-server", "client-mariadb", "mysql")
+DEFAULT_SOCKET = "/run/mysqld/mysqld.sock"
+NO_SUCH_TABLE = 1146
+DENIED = (1044, 1142, 1143)
+
+
+def option_socket(files=OPTION_FILES, env=os.environ) -> str:
+    """The client library's default socket: $MYSQL_UNIX_PORT, else the last ``socket=``
+    in a client group of the option files (following !include and !includedir), else
+    Debian's compiled-in path."""
+    if env.get("MYSQL_UNIX_PORT"):
+        return env["MYSQL_UNIX_PORT"]
+    found = [DEFAULT_SOCKET]
+
+    def read(path: str, depth: int) -> None:
+        try:
+            text = read_text(os.path.expanduser(path))
+        except SourceError:
+            return
+        if text is None or depth > 4:
+            return
+        group = ""
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("!includedir"):
+                d = line[len("!includedir"):].strip()
+                try:
+                    names = sorted(n for n in os.listdir(d) if n.endswith(".cnf"))
+                except OSError:
+                    names = []
+                for n in names:
+                    read(os.path.join(d, n), depth + 1)
+            elif line.startswith("!include"):
+                read(line[len("!include"):].strip(), depth + 1)
+            elif line.startswith("[") and line.endswith("]"):
+                group = line[1:-1].strip().lower()
+            elif group in CLIENT_GROUPS and "=" in line:
+                key, value = (x.strip() for x in line.split("=", 1))
+                if key.replace("_", "-").lower() == "socket" and value:
+                    found.append(value.strip("\"'"))
+
+    for f in files:
+        read(f, 0)
+    return found[-1]
+
+
 def table_for(domain: str) -> str:
     """vpopmail's per-domain table name."""
     return domain.replace(".", "_").replace("-", "_")
@@ -64,9 +120,13 @@ def connection(settings) -> Conn:
     password = base.password
     if settings.mysql_password_file:
         password = (read_text(settings.mysql_password_file, required=True) or "").strip("\r\n")
-    conn = Conn(settings.mysql_host or base.host, settings.mysql_port or base.port,
+    host = settings.mysql_host or base.host
+    sock = settings.mysql_socket
+    if not sock and host in ("", "localhost"):
+        sock = option_socket()                  # libmysqlclient: localhost is the socket
+    conn = Conn(host or "localhost", settings.mysql_port or base.port,
                 settings.mysql_user or base.user, password,
-                settings.mysql_database or base.database, settings.mysql_socket)
+                settings.mysql_database or base.database, sock)
     if not conn.user:
         raise SourceError("no MySQL user: set UPDATER_MYSQL_USER or write vpopmail.mysql", path)
     return conn
@@ -75,10 +135,12 @@ def connection(settings) -> Conn:
 class MysqlUsers:
     """All vpopmail users and valiases, fetched once per build, then served per domain."""
 
-    def __init__(self, settings, timeout: float = 30.0):
+    def __init__(self, settings, notes=None):
         self.conn = connection(settings)
         self.layout = settings.mysql_layout
-        self.timeout = timeout
+        self.valias = settings.mysql_valias
+        self.timeout = settings.mysql_timeout
+        self.notes = notes
         self._single: dict[str, list[str]] | None = None
         self._db = None
         self.aliases: dict[str, list[str]] | None = None
@@ -95,20 +157,35 @@ class MysqlUsers:
                     write_timeout=self.timeout)
             except pymysql.MySQLError as err:
                 raise SourceError(f"cannot connect: {_reason(err)}", c.where()) from None
-            tables = {row[0] for row in self._query("SHOW TABLES")}
+            except OSError as err:
+                raise SourceError(f"cannot connect: {err.strerror or err}", c.where()) from None
             if self.layout == "auto":
-                self.layout = "single" if "vpopmail" in tables else "per-domain"
-            self._tables = tables
+                self.layout = "single" if self._exists("vpopmail") else "per-domain"
         return self._db
 
-    def _query(self, sql: str, args=()):
+    def _exists(self, table: str) -> bool:
+        """True if the table can be read, False if the server says it does not exist;
+        a denied table (or any other error) fails the build naming table and user."""
+        for _ in self._query(f"SELECT 1 FROM `{table}` LIMIT 0", table=table):
+            pass
+        return not self._missing
+
+    def _query(self, sql: str, args=(), table: str | None = None):
         import pymysql
         import pymysql.cursors
+        self._missing = False
         try:
             with self._db.cursor(pymysql.cursors.SSCursor) as cur:
                 cur.execute(sql, args)
                 yield from cur
         except pymysql.MySQLError as err:
+            code = err.args[0] if err.args else None
+            if table is not None and code == NO_SUCH_TABLE:
+                self._missing = True
+                return
+            if table is not None and code in DENIED:
+                raise SourceError(f"table {table}: access denied for user '{self.conn.user}': "
+                                  f"{_reason(err)}", self.conn.where()) from None
             raise SourceError(f"query failed: {_reason(err)}", self.conn.where()) from None
 
     def users(self, domain: str) -> tuple[str, list[str]]:
@@ -122,17 +199,27 @@ class MysqlUsers:
                 self._single = found
             return f"{where} table vpopmail", self._single.get(domain, [])
         table = table_for(domain)
-        if table not in self._tables:
+        rows = [row[0] for row in self._query(f"SELECT pw_name FROM `{table}`", table=table)]
+        if self._missing:
             raise SourceError(f"no table {table} for {domain}", where)
-        return (f"{where} table {table}",
-                [row[0] for row in self._query(f"SELECT pw_name FROM `{table}`")])
+        return f"{where} table {table}", rows
 
     def valiases(self, domain: str) -> list[str]:
         self._connect()
         if self.aliases is None:
             found: dict[str, list[str]] = {}
-            if "valias" in self._tables:
-                for alias, dom in self._query("SELECT DISTINCT alias, domain FROM valias"):
+            if self.valias == "no":
+                if self.notes is not None:
+                    self.notes.warn(f"{self.conn.where()}: valias not read "
+                                    "(UPDATER_MYSQL_VALIAS=no): aliases kept in the database "
+                                    "are not listed")
+            else:
+                rows = list(self._query("SELECT DISTINCT alias, domain FROM valias",
+                                        table="valias"))
+                if self._missing and self.valias == "yes":
+                    raise SourceError("no table valias (UPDATER_MYSQL_VALIAS=yes)",
+                                      self.conn.where())
+                for alias, dom in rows:
                     found.setdefault(lower_ascii(dom), []).append(alias)
             self.aliases = found
         return self.aliases.get(domain, [])
