@@ -348,6 +348,37 @@ def test_listen_mode_sees_renamed_cdb_on_next_connection(env, tmp_path):
         proc.wait(10)
 
 
+def test_listen_mode_delivers_streams_and_caps_connections(env, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([script("validrcptto-smtpd"), "--listen", f"127.0.0.1:{port}",
+                             "--max-connections", "3"], env=env, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, proc)
+        time.sleep(0.2)                              # the probe connection has ended
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            refused = s.sendmail("a@example.org", ["joe@example.com", "bob@example.com"],
+                                 b"Subject: hi\r\n\r\n.dot\r\n" + b"x" * 200000 + b"\r\n")
+        assert list(refused) == ["bob@example.com"]
+        assert (tmp_path / "queue/0.env").read_bytes() == b"Fa@example.org\0Tjoe@example.com\0\0"
+        msg = (tmp_path / "queue/0.msg").read_bytes()
+        assert msg.startswith(b"Received: from unknown (HELO ") and b"\n..dot\n" not in msg
+        assert msg.endswith(b"\n\n.dot\n" + b"x" * 200000 + b"\n")
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for c in idle:
+            assert c.recv(100).startswith(b"220 ")
+        extra = socket.create_connection(("127.0.0.1", port))
+        assert extra.recv(100) == b"421 too many connections, try again later (#4.3.2)\r\n"
+        for c in idle + [extra]:
+            c.close()
+        time.sleep(0.3)
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:   # room again
+            assert s.noop()[0] == 250
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    assert b"Traceback" not in proc.stderr.read()
+
+
 # --------------------------------------------------------------------------- bounds
 
 def _server_on_socket(env, **extra):

@@ -1,7 +1,8 @@
 """qmail-updater: keep qmail's validrcptto.cdb current and enforce it at SMTP time.
 
 The data path, top to bottom: ``sources`` -> ``generate`` -> ``install`` -> ``daemon``;
-``checker`` -> ``smtpd``; ``cli`` ties the commands together.
+``checker`` -> ``smtp.session`` (the protocol) -> ``smtp.stdio`` / ``smtp.server`` (front
+ends); ``cli`` ties the commands together.
 """
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ end runs them once per connection.  Every read is bounded.
 from __future__ import annotations
 
 import os
+import stat
 
 from .session import DEFAULT_TIMEOUT, Controls, scan_ulong
 
@@ -29,7 +30,6 @@ def _read(path: str) -> bytes | None:
     except OSError as err:
         raise ControlError(f"{path}: {err.strerror}") from None
     try:
-        import stat
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ControlError(f"{path}: not a regular file")

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 
+from ..checker import open_cdb
 from . import session as S
 from .controls import ControlError, IpMe, morercpthosts_path, read_controls
 
@@ -137,7 +138,6 @@ class Server:
         cdb = more = None
         try:
             controls = read_controls(self.qmail_dir, env)
-            from ..checker import open_cdb
             if env.get("VALIDRCPTTO_CDB"):
                 cdb = open_cdb(env["VALIDRCPTTO_CDB"])
             if controls.rcpthosts is not None:

@@ -7,14 +7,17 @@ driver to carry out, in order:
 - ``Reply(data)``       write these bytes to the client;
 - ``Log(text)``         one log line (already escaped), without the ``PROG[PID]: `` prefix;
 - ``QueueOpen()``       start qmail-queue, then call ``queue_opened(qp)`` (its pid) or
-                        ``queue_opened(None)`` when it could not be started; the session
-                        takes no more input until then;
+                        ``queue_opened(None)`` when it could not be started;
 - ``QueueData(data)``   write these message bytes to qmail-queue's fd 0;
 - ``QueueClose(envelope)``  close fd 0; write ``envelope`` to fd 1 (``None``: write
                         nothing, the message failed) and close it; wait for the exit, then
                         call ``queue_closed(status, write_failed)``;
 - ``QueueAbort()``      the message is abandoned: close both pipes, reap qmail-queue;
 - ``Close()``           flush the replies so far and close the connection.
+
+A driver feeds one read (at most 64 KiB) at a time and carries out every event,
+answering QueueOpen/QueueClose, before it reads again: so the session never holds more
+than one read plus one partial command line (4 KiB) of client input.
 
 Nothing here touches a socket, a file, a process or the clock: the controls, the
 lookups (rcpthosts' cdb, validrcptto.cdb, "is this IP mine") and ``clock`` are given to
@@ -31,7 +34,6 @@ from ..checker import candidates, lower
 
 MAXHOPS = 100
 COMMAND_LINE_MAX = 4096          # qmail-smtpd has no cap; longer lines get R_TOOLONG
-INPUT_MAX = 256 * 1024           # buffered client bytes while the session is paused
 DEFAULT_TIMEOUT = 1200
 DEFAULT_LIMIT = 10
 TRY_LOG_MAX = 10                 # "trying:" lines per RCPT at VALIDRCPTTO_LOG=2
@@ -485,12 +487,6 @@ class Session:
     @property
     def closed(self) -> bool:
         return self.mode == _DONE
-
-    @property
-    def wants_input(self) -> bool:
-        """False while waiting for qmail-queue or with a full input buffer: the driver
-        stops reading (back-pressure) until the next call returns."""
-        return self.mode in (_CMD, _DATA) and len(self.buf) < INPUT_MAX
 
     def start(self) -> list:
         return [Reply(b"220 " + self.c.greeting + b" ESMTP\r\n")]

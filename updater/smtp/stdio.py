@@ -13,6 +13,7 @@ import select
 import sys
 import time
 
+from ..checker import open_cdb
 from . import session as S
 from .controls import ControlError, IpMe, morercpthosts_path, read_controls
 
@@ -82,10 +83,8 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
         controls = read_controls(qmail_dir, env)
         path = env.get("VALIDRCPTTO_CDB", "")
         if path:
-            from ..checker import open_cdb
             cdb = open_cdb(path)
         if controls.rcpthosts is not None:
-            from ..checker import open_cdb
             try:
                 more = open_cdb(morercpthosts_path(qmail_dir))
             except FileNotFoundError:
