@@ -380,3 +380,63 @@ def test_service_env_dir_holds_every_setting_at_its_default():
     environ = dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if item)
     assert environ["QMAIL_DIR"] == "/var/qmail" and environ["UPDATER_QUIET"] == "2"
     assert config.load(None, environ) == config.load(None, {})
+
+
+# --------------------------------------------------------------------------- hostile local users
+
+def test_fifo_flood_is_bounded_and_reasons_are_escaped(tree: Tree, running):
+    """`cat /dev/zero > FIFO` as an unprivileged user: the daemon stays small and alive;
+    terminal escapes written to the FIFO never reach the log or `status` raw."""
+    setup_tree(tree)
+    r = running()
+    fifo = tree.qmail / "control/validrcptto.trigger"
+    os.chmod(fifo, 0o666)
+    flood = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              "sh", "-c", f"exec cat /dev/zero > {fifo}"])
+    try:
+        time.sleep(3)
+        rss_kb = int(re.search(r"VmRSS:\s+(\d+)",
+                               Path(f"/proc/{r.proc.pid}/status").read_text()).group(1))
+    finally:
+        flood.kill()
+        flood.wait()
+    assert r.proc.poll() is None and rss_kb < 150 * 1024, rss_kb
+    with open(fifo, "wb") as f:
+        f.write(b"add_user \x1b[2Jevil\x07@example.com\n")
+    r.wait(r"fifo: add_user \\x1b\[2Jevil\\x07@example\.com")
+    wait_for(lambda: "x1b" in (tree.qmail / "control/validrcptto.status").read_text(), 10,
+             "the status file")
+    done = subprocess.run([script("qmail-updater"), "status"], env=tree.env(),
+                          capture_output=True)
+    assert b"\x1b" not in done.stdout and b"\\x1b[2Jevil\\x07" in done.stdout
+    assert not any("\x1b" in line for line in r.lines)
+
+
+def test_status_reader_tolerates_a_partial_file(tree: Tree):
+    status = tree.qmail / "control/validrcptto.status"
+    for text in ('{"time": 17', "", "[]", '{"time": "x", "result": "ok", "seconds": 1}'):
+        status.write_text(text)
+        done = subprocess.run([script("qmail-updater"), "status"], env=tree.env(),
+                              capture_output=True, text=True)
+        assert done.returncode == 1
+        assert done.stderr == f"qmail-updater: {status}: status file is partial or corrupt\n"
+
+
+def test_status_write_never_follows_a_planted_symlink(tmp_path: Path):
+    """The old writer used PATH.tmp.PID; whoever can write the directory could plant a
+    link there and have root overwrite any file."""
+    from updater.daemon import write_atomic
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o600)
+    target = tmp_path / "textfiles/qmail_updater.prom"
+    target.parent.mkdir()
+    for name in (f"{target.name}.tmp.{os.getpid()}", f".{target.name}.tmp.{os.getpid()}"):
+        (target.parent / name).symlink_to(victim)
+    write_atomic(str(target), "metric 1\n")
+    assert victim.read_text() == "precious\n" and (victim.stat().st_mode & 0o777) == 0o600
+    assert target.read_text() == "metric 1\n" and (target.stat().st_mode & 0o777) == 0o644
+    assert not target.is_symlink()
+    leftovers = sorted(p.name for p in target.parent.iterdir())
+    assert leftovers == sorted([target.name, f"{target.name}.tmp.{os.getpid()}",
+                                f".{target.name}.tmp.{os.getpid()}"])

@@ -185,7 +185,7 @@ def cmd_status(args: "argparse.Namespace", settings: "config.Settings") -> int:
     import json
     import time
 
-    from .daemon import read_status
+    from .daemon import printable, read_status
     st = read_status(settings.status)
     if st is None:
         log(f"{settings.status}: no status yet (is qmail-updater run running?)")
@@ -194,17 +194,19 @@ def cmd_status(args: "argparse.Namespace", settings: "config.Settings") -> int:
         out([json.dumps(st, indent=1, sort_keys=True)])
     else:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["time"]))
-        lines = [f"last build:   {when} ({st['result']}, {st['seconds']}s)",
-                 f"reason:       {st.get('reason', '')}",
+        def shown(value) -> str:              # never a terminal escape from the file
+            return printable(str(value).encode("utf-8", "surrogateescape"), backslash=False)
+        lines = [f"last build:   {when} ({shown(st['result'])}, {st['seconds']}s)",
+                 f"reason:       {shown(st.get('reason', ''))}",
                  f"entries:      {st.get('entries')}",
                  f"changes:      +{st.get('added', 0)} -{st.get('removed', 0)}",
                  f"builds:       {st.get('builds')} since the daemon started",
                  f"pending:      {st.get('pending', 0)} requests"]
-        if st.get("last_success"):
+        if isinstance(st.get("last_success"), (int, float)):
             lines.append("last success: " + time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(st["last_success"])))
         if st.get("last_error"):
-            lines.append(f"last error:   {st['last_error']}")
+            lines.append(f"last error:   {shown(st['last_error'])}")
         out(lines)
     return EXIT_FAIL if st.get("result") == "failed" else EXIT_OK
 

@@ -122,8 +122,8 @@ class Daemon:
                 if ready:
                     data = reader.read()
                     if data:
-                        text = data.decode("utf-8", "replace").strip().replace("\n", "; ")
-                        self.request("fifo: " + (text[:200] or "(empty)"))
+                        text = printable(data.strip().replace(b"\n", b"; ")[:200])
+                        self.request("fifo: " + (text or "(empty)"))
                 reader.check()
             except (OSError, ValueError) as err:
                 self.log(f"trigger FIFO error: {err}; reopening")
@@ -330,19 +330,54 @@ class Daemon:
         return 0
 
 
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+def printable(data: bytes, backslash: bool = True) -> str:
+    """Bytes from others (the FIFO) for logs and status: printable ASCII as is, the rest
+    as \\xNN (a backslash too, unless ``backslash`` is False: for text escaped before),
+    so no terminal escape or forged line gets through."""
+    return "".join(chr(b) if 32 <= b < 127 and (b != 92 or not backslash) else f"\\x{b:02x}"
+                   for b in data)
+
+
+def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    """Write a file others may read, in a directory others may write: a new file with
+    an unpredictable name (mkstemp: O_CREAT|O_EXCL, so a planted symlink is never
+    followed), its mode set on the descriptor, fsynced, renamed over ``path``."""
+    import tempfile
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+STATUS_KEYS = ("time", "result", "seconds")
 
 
 def read_status(path: str) -> dict | None:
+    """The status file, None when there is none; a partial or corrupt file raises
+    UpdaterError (one line, exit 1) instead of a traceback."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
     except FileNotFoundError:
         return None
+    except OSError as err:
+        raise UpdaterError(f"cannot read status: {err.strerror}", path) from None
+    try:
+        st = json.loads(data)
+    except ValueError:
+        st = None
+    if not isinstance(st, dict) or any(k not in st for k in STATUS_KEYS) or \
+            not all(isinstance(st[k], (int, float)) for k in ("time", "seconds")):
+        raise UpdaterError("status file is partial or corrupt", path)
+    return st

@@ -82,18 +82,24 @@ class Reader:
             self.warn(f"{self.path} was removed or replaced: recreating the FIFO")
             self.open()
 
-    def read(self) -> bytes:
-        """Everything written so far (many writes coalesce into one request)."""
-        chunks = []
-        while True:
+    def read(self, keep: int = 4096, drain: int = 1 << 20) -> bytes:
+        """What was written since the last call (many writes coalesce into one request):
+        at most ``keep`` bytes are kept and at most ``drain`` bytes read per call, so a
+        writer that never stops (``cat /dev/zero > FIFO``) costs neither memory nor an
+        endless loop; the rest is read at the next wake-up."""
+        kept = bytearray()
+        total = 0
+        while total < drain:
             try:
                 chunk = os.read(self.fd, 65536)
             except BlockingIOError:
                 break
             if not chunk:
                 break
-            chunks.append(chunk)
-        return b"".join(chunks)
+            total += len(chunk)
+            if len(kept) < keep:
+                kept += chunk[:keep - len(kept)]
+        return bytes(kept)
 
     def close(self) -> None:
         if self.fd >= 0:
