@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
+from ..checker import open_cdb
+from . import session as S
 from .session import DEFAULT_TIMEOUT, Controls, scan_ulong
 
 READ_MAX = 4 * 1024 * 1024        # no control file qmail-smtpd reads is anywhere near this
@@ -114,6 +117,48 @@ def read_controls(qmail_dir: str, env) -> Controls:
 
 def morercpthosts_path(qmail_dir: str) -> str:
     return os.path.join(qmail_dir, "control", "morercpthosts.cdb")
+
+
+class Connection:
+    """qmail-smtpd's setup() for one connection, shared by both front ends: the
+    controls, the cdbs (validrcptto and morercpthosts, opened once), the session and the
+    queue program.  Raises ControlError (``421 unable to read controls``) with nothing
+    left open; ``close()`` releases the cdbs."""
+
+    def __init__(self, qmail_dir: str, env, ipme):
+        self.getters: list = []
+        cdb = more = None
+        try:
+            controls = read_controls(qmail_dir, env)
+            if env.get("VALIDRCPTTO_CDB"):
+                cdb = self._open(env["VALIDRCPTTO_CDB"])
+            if controls.rcpthosts is not None:
+                try:
+                    more = self._open(morercpthosts_path(qmail_dir))
+                except FileNotFoundError:
+                    more = None
+        except OSError as err:
+            self.close()
+            raise ControlError(f"{err.filename or ''}: {err.strerror or err}") from None
+        except ControlError:
+            self.close()
+            raise
+        self.controls = controls
+        self.session = S.Session(controls, S.peer_from_env(env), S.policy_from_env(env),
+                                 validrcptto=cdb, morercpthosts=more, ipme=ipme,
+                                 clock=time.time, monotonic=time.monotonic)
+        self.queue_program = env.get("QMAILQUEUE") or \
+            os.path.join(qmail_dir, "bin", "qmail-queue")
+
+    def _open(self, path: str):
+        getter = open_cdb(path)
+        self.getters.append(getter)
+        return getter
+
+    def close(self) -> None:
+        for getter in self.getters:
+            getter.close()
+        self.getters = []
 
 
 def local_ipv4() -> frozenset[tuple[int, int, int, int]]:

@@ -17,9 +17,8 @@ import signal
 import sys
 import time
 
-from ..checker import open_cdb
 from . import session as S
-from .controls import ControlError, IpMe, morercpthosts_path, read_controls
+from .controls import Connection, ControlError, IpMe
 
 PROG = "validrcptto-smtpd"
 READ_SIZE = 65536
@@ -135,33 +134,20 @@ class Server:
         env = dict(self.env)
         env.update(TCPREMOTEIP=peer[0], TCPREMOTEPORT=str(peer[1]),
                    TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]))
-        cdb = more = None
         try:
-            controls = read_controls(self.qmail_dir, env)
-            if env.get("VALIDRCPTTO_CDB"):
-                cdb = open_cdb(env["VALIDRCPTTO_CDB"])
-            if controls.rcpthosts is not None:
-                try:
-                    more = open_cdb(morercpthosts_path(self.qmail_dir))
-                except FileNotFoundError:
-                    more = None
-        except (OSError, ControlError) as err:
+            conn = Connection(self.qmail_dir, env, self.ipme)
+        except ControlError as err:
             log(f"unable to read controls: {err}")
             writer.write(b"421 unable to read controls (#4.3.0)\r\n")
             return
         try:
-            await self.converse(reader, writer, env, controls, cdb, more)
+            await self.converse(reader, writer, conn)
         finally:
-            for getter in (cdb, more):
-                if getter is not None:
-                    getter.close()
+            conn.close()
 
-    async def converse(self, reader, writer, env, controls, cdb, more) -> None:
-        session = S.Session(controls, S.peer_from_env(env), S.policy_from_env(env),
-                            validrcptto=cdb, morercpthosts=more, ipme=self.ipme,
-                            clock=time.time, monotonic=time.monotonic)
-        program = env.get("QMAILQUEUE") or os.path.join(self.qmail_dir, "bin", "qmail-queue")
-        timeout = controls.timeout
+    async def converse(self, reader, writer, conn: Connection) -> None:
+        session, program = conn.session, conn.queue_program
+        timeout = conn.controls.timeout
         queue: AsyncQueue | None = None
         pending = session.start()
         try:

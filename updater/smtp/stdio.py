@@ -13,9 +13,8 @@ import select
 import sys
 import time
 
-from ..checker import open_cdb
 from . import session as S
-from .controls import ControlError, IpMe, morercpthosts_path, read_controls
+from .controls import Connection, ControlError, IpMe
 
 PROG = "validrcptto-smtpd"
 READ_SIZE = 65536
@@ -78,29 +77,17 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
         def log(text: str) -> None:
             sys.stderr.write(f"{PROG}[{pid}]: {text}\n")
             sys.stderr.flush()
-    cdb = more = None
     try:
-        controls = read_controls(qmail_dir, env)
-        path = env.get("VALIDRCPTTO_CDB", "")
-        if path:
-            cdb = open_cdb(path)
-        if controls.rcpthosts is not None:
-            try:
-                more = open_cdb(morercpthosts_path(qmail_dir))
-            except FileNotFoundError:
-                more = None
-    except (OSError, ControlError) as err:
+        conn = Connection(qmail_dir, env, IpMe())
+    except ControlError as err:
         log(f"unable to read controls: {err}")
         try:
             os.write(wfd, b"421 unable to read controls (#4.3.0)\r\n")
         except OSError:
             pass
         return 1
-    io = Stdio(rfd, wfd, controls.timeout, log)
-    session = S.Session(controls, S.peer_from_env(env), S.policy_from_env(env),
-                        validrcptto=cdb, morercpthosts=more, ipme=IpMe(), clock=time.time,
-                        monotonic=time.monotonic)
-    qq_program = env.get("QMAILQUEUE") or os.path.join(qmail_dir, "bin", "qmail-queue")
+    io = Stdio(rfd, wfd, conn.controls.timeout, log)
+    session, qq_program = conn.session, conn.queue_program
     queue = None
     pending = session.start()
     try:
@@ -141,9 +128,7 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
     finally:
         if queue is not None:
             queue.abort()
-        for getter in (cdb, more):
-            if getter is not None:
-                getter.close()
+        conn.close()
 
 
 USAGE = ("usage: validrcptto-smtpd [--qmail-dir DIR] [--listen HOST:PORT [server options]]\n"
