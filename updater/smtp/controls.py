@@ -139,7 +139,8 @@ class Connection:
                     more = None
         except OSError as err:
             self.close()
-            raise ControlError(f"{err.filename or ''}: {err.strerror or err}") from None
+            where = f"{err.filename}: " if err.filename else ""
+            raise ControlError(f"{where}{err.strerror or err}") from None
         except ControlError:
             self.close()
             raise
