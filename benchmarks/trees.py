@@ -38,6 +38,13 @@ def make_tree(root: str, domains: int, addresses: int) -> dict[str, str]:
         f.write("")
     with open(os.path.join(qmail, "users/assign"), "w") as f:
         f.write("\n".join(assign) + "\n.\n")
+    import cdbx                                   # users/cdb, as qmail-newu compiles it
+    maker = cdbx.CDB.make(os.path.join(qmail, "users/cdb"))
+    for line in assign:
+        prefix, _, data = line[1:].partition(":")
+        maker.add(b"!" + prefix.encode(), "\0".join(data.split(":")[:6]).encode())
+    maker.add(b"", b"-")
+    maker.commit().close()
     passwd = os.path.join(root, "etc/passwd")
     os.makedirs(os.path.dirname(passwd), exist_ok=True)
     with open(passwd, "w") as f:

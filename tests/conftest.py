@@ -34,6 +34,42 @@ def script(name: str) -> str:
     return str(path)
 
 
+def low(text: str) -> str:
+    """qmail's case_lowers: A-Z only."""
+    return text.translate({c: c + 32 for c in range(65, 91)})
+
+
+def newu(qmail: Path) -> None:
+    """users/assign -> users/cdb, as qmail-newu writes it (qmail has no Debian package)."""
+    import cdbx
+    wild = ""
+    maker = cdbx.CDB.make(str(qmail / "users/cdb"))
+    seen = set()
+    for line in (qmail / "users/assign").read_text().splitlines():
+        if line.startswith("."):
+            break
+        i = line.index(":")
+        if line[0] == "+":
+            key = "!" + low(line[1:i])
+            if i >= 2 and line[i - 1] not in wild:
+                wild += line[i - 1]
+        else:
+            key = "!" + low(line[1:i]) + "\0"
+        data = line[i + 1:].split(":")[:6]
+        if key not in seen:                 # cdb: the first of equal keys is found
+            seen.add(key)
+            maker.add(key.encode(), "\0".join(data).encode())
+    maker.add(b"", wild.encode())
+    maker.commit().close()
+
+
+def own(path: Path, uid: int, gid: int) -> None:
+    """chown when we can (as root, which CI is); qmail-getpw only delivers to an
+    account that owns its home directory."""
+    if os.geteuid() == 0:
+        os.chown(path, uid, gid)
+
+
 class Tree:
     """A qmail installation in a temp dir: control files, accounts, vpopmail domains."""
 
@@ -46,6 +82,7 @@ class Tree:
         (self.qmail / "control").mkdir(parents=True)
         (self.qmail / "users").mkdir()
         (self.qmail / "alias").mkdir()
+        own(self.qmail / "alias", 201, 200)         # as qmail's install leaves it
         self.assign_lines: list[str] = []
         self._flush_passwd()
 
@@ -74,6 +111,7 @@ class Tree:
         self._flush_passwd()
         if home:
             path.mkdir(parents=True, exist_ok=True)
+            own(path, uid, uid)                      # qmail-getpw: the home is the user's
             for f in files:
                 (path / f).write_text("./Maildir/\n")
         return path
@@ -92,6 +130,7 @@ class Tree:
             (d / f).write_text("&someone@example.com\n")
         self.assign_lines.append(f"+{domain}-:{domain}:89:89:{d}:-::")
         self.write("var/qmail/users/assign", "\n".join(self.assign_lines) + "\n.\n")
+        newu(self.qmail)                  # as vpopmail's vadddomain runs qmail-newu
         return d
 
     # ---- running

@@ -20,18 +20,19 @@ def test_mkvalidrcptto_plain_cdbmake_and_cdb(tree: Tree, tmp_path):
     small(tree)
     done = tree.run(prog="mkvalidrcptto")
     assert done.returncode == 0
-    assert done.stdout.splitlines() == ["ann@vpop.example", "joe@example.com",
-                                        "trap@vpop.example -"]
+    assert done.stdout.splitlines() == ["alias@example.com", "ann@vpop.example",
+                                        "joe@example.com", "trap@vpop.example -"]
     done = tree.run("-m", prog="mkvalidrcptto")
-    assert done.stdout == ("+16,0:ann@vpop.example->\n+15,0:joe@example.com->\n"
-                           "+17,1:trap@vpop.example->-\n\n")
+    assert done.stdout == ("+17,0:alias@example.com->\n+16,0:ann@vpop.example->\n"
+                           "+15,0:joe@example.com->\n+17,1:trap@vpop.example->-\n\n")
     out = tmp_path / "v.cdb"
     done = tree.run("-n", "-c", str(out), "-d", prog="mkvalidrcptto")
     assert done.returncode == 0 and done.stdout == ""
-    assert "mkvalidrcptto: joe@example.com: passwd account joe" in done.stderr
+    assert f"mkvalidrcptto: joe@example.com: account joe ({tree.root}/home/joe): default " \
+        "delivery" in done.stderr
     dump = subprocess.run([need("cdbdump")], stdin=open(out, "rb"), capture_output=True).stdout
-    assert dump == ("+16,0:ann@vpop.example->\n+15,0:joe@example.com->\n"
-                    "+17,1:trap@vpop.example->-\n\n").encode()
+    assert dump == ("+17,0:alias@example.com->\n+16,0:ann@vpop.example->\n"
+                    "+15,0:joe@example.com->\n+17,1:trap@vpop.example->-\n\n").encode()
 
 
 def test_mkvalidrcptto_errors(tree: Tree):
@@ -52,7 +53,7 @@ def test_demo_builds_the_sample_and_shows_verdicts(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "installed " in out and "43 entries" in out
+    assert "installed " in out and "73 entries" in out
     assert "250 accept  mary@vpop.example.net" in out
     assert "553 reject  nobody@vpop.example.net              decided by (none)" in out
     assert "553 reject  spamtrap@catchall.example.org        decided by spamtrap@" in out

@@ -327,14 +327,14 @@ def test_status_file_and_prometheus_textfile(tree: Tree, running):
     prom = tree.root / "updater.prom"
     running(UPDATER_PROM_FILE=str(prom))
     st = json.loads((tree.qmail / "control/validrcptto.status").read_text())
-    assert st["result"] == "installed" and st["entries"] == 4 and st["added"] == 4
+    assert st["result"] == "installed" and st["entries"] == 5 and st["added"] == 5
     assert st["reason"] == "start" and st["error"] is None
     text = prom.read_text()
-    assert "qmail_updater_entries 4\n" in text
+    assert "qmail_updater_entries 5\n" in text
     assert "qmail_updater_last_build_success 1\n" in text
     done = subprocess.run([script("qmail-updater"), "status", "--json"], env=tree.env(),
                           capture_output=True, text=True)
-    assert done.returncode == 0 and json.loads(done.stdout)["entries"] == 4
+    assert done.returncode == 0 and json.loads(done.stdout)["entries"] == 5
 
 
 def test_polling_mode_sees_changes(tree: Tree, running):

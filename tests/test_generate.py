@@ -21,6 +21,12 @@ def base(tree: Tree, rcpthosts: str, locals_: str = "", vd: str = "", sr: str = 
         tree.control("smtproutes", sr)
 
 
+def alias_at(*domains: str) -> list[str]:
+    """qmail delivers ``alias@`` a local domain itself: qmail-getpw finds the alias
+    account (it owns ~alias) and qmail-local, with no extension, never bounces."""
+    return [f"alias@{d}" for d in domains]
+
+
 # --------------------------------------------------------------------------- local domains
 
 def test_local_accounts_uid_range_and_dot_qmail_files(tree: Tree):
@@ -34,19 +40,20 @@ def test_local_accounts_uid_range_and_dot_qmail_files(tree: Tree):
     tree.account("Mixed", 1002)            # qmail-getpw ignores names with capitals
     tree.account("edge", 500)
     tree.account("edge2", 65000)
-    assert tree.keys() == [
+    assert tree.keys() == sorted(alias_at("example.com") + [
         "edge2@example.com", "edge@example.com",
-        "joe-a.b@example.com", "joe-lists-default@example.com", "joe-lists@example.com",
-        "joe@example.com",
-    ]
+        "joe-a.b@example.com", "joe-a:b@example.com",       # qmail-local reads .qmail-a:b
+        "joe-lists-default@example.com", "joe-lists@example.com", "joe@example.com",
+    ])
 
 
 def test_uid_range_is_configurable(tree: Tree):
     base(tree, "example.com\n", "example.com\n")
     tree.account("low", 100)
     tree.account("joe", 1000)
-    assert tree.keys("--uid-min", "100", "--uid-max", "200") == ["low@example.com"]
-    assert tree.keys(UPDATER_UID_MIN="100", UPDATER_UID_MAX="200") == ["low@example.com"]
+    want = alias_at("example.com") + ["low@example.com"]
+    assert tree.keys("--uid-min", "100", "--uid-max", "200") == want
+    assert tree.keys(UPDATER_UID_MIN="100", UPDATER_UID_MAX="200") == want
 
 
 def test_me_is_local_only_when_locals_is_absent(tree: Tree):
@@ -54,7 +61,7 @@ def test_me_is_local_only_when_locals_is_absent(tree: Tree):
     tree.control("rcpthosts", "mail.example.com\n")
     tree.account("joe")
     # control/me is also envnoathost's default, so bare local parts are listed too
-    assert tree.keys() == ["joe", "joe@mail.example.com"]
+    assert tree.keys() == ["alias", "alias@mail.example.com", "joe", "joe@mail.example.com"]
     tree.control("locals", "")
     done = tree.run("generate")
     assert done.returncode == 1 and "mail.example.com is listed but not handled" in done.stderr
@@ -64,7 +71,8 @@ def test_bare_keys_follow_envnoathost(tree: Tree):
     base(tree, "example.com\nother.example\n", "example.com\nother.example\n")
     tree.control("envnoathost", "other.example\n")
     tree.account("joe")
-    assert tree.keys() == ["joe", "joe@example.com", "joe@other.example"]
+    assert tree.keys() == ["alias", "alias@example.com", "alias@other.example", "joe",
+                           "joe@example.com", "joe@other.example"]
 
 
 # --------------------------------------------------------------------------- aliases
@@ -75,12 +83,16 @@ def test_alias_files_for_local_and_alias_domains(tree: Tree):
     tree.vpop_domain("virt.example", users=("ann",))
     for name in (".qmail-postmaster", ".qmail-mailer-daemon", ".qmail-owner-default"):
         tree.write(f"var/qmail/alias/{name}", "joe\n")
-    assert tree.keys() == [
+    # aliases.example:alias: qmail-getpw finds the alias account, ext = the local part;
+    # at a local domain the alias account also answers alias-NAME
+    assert tree.keys() == sorted(alias_at("example.com") + [
+        "alias-mailer-daemon@example.com", "alias-owner-default@example.com",
+        "alias-postmaster@example.com",
         "ann@virt.example",
         "mailer-daemon@aliases.example", "mailer-daemon@example.com",
         "owner-default@aliases.example", "owner-default@example.com",
         "postmaster@aliases.example", "postmaster@example.com",
-    ]
+    ])
 
 
 def test_fastforward_aliases_cdb_made_by_setforward(tree: Tree):
@@ -96,8 +108,11 @@ def test_fastforward_aliases_cdb_made_by_setforward(tree: Tree):
     subprocess.run([setforward, str(aliases), str(aliases) + ".tmp"], input=source.encode(),
                    check=True)
     tree.write("var/qmail/alias/.qmail-default", f"| fastforward -d {aliases}\n")
-    assert tree.keys() == ["@example.org", "@remote.example", "sales@example.com",
-                           "webmaster@example.com", "webmaster@example.org"]
+    # fastforward sees $DEFAULT@$HOST: "alias-sales" reaches it as sales@example.com too;
+    # under @example.org nothing else needs a key
+    assert tree.keys() == ["@example.org", "@remote.example", "alias-sales@example.com",
+                           "alias-webmaster@example.com", "alias@example.com",
+                           "sales@example.com", "webmaster@example.com"]
 
 
 def test_alias_default_without_fastforward_is_a_catch_all(tree: Tree):
@@ -106,7 +121,8 @@ def test_alias_default_without_fastforward_is_a_catch_all(tree: Tree):
     done = tree.run("generate")
     assert done.returncode == 0
     assert done.stdout.splitlines() == ["@example.com"]
-    assert "accepting all mail for example.com" in done.stderr
+    assert (f"{tree.qmail}/alias/.qmail-default accepts every address at example.com: "
+            "@example.com is a catch-all") in done.stderr
 
 
 def test_fastforward_cdb_missing_fails(tree: Tree):
@@ -124,13 +140,13 @@ def test_vpopmail_domain_users_valias_and_ezmlm(tree: Tree):
     tree.vpop_domain("vpop.example", users=("Mary", "pete"),
                      files=(".qmail-info", ".qmail-list", ".qmail-list-default",
                             ".qmail-list-owner", ".qmail-list-return-default"))
+    # list-owner and list-return-* are under list-default already: no keys of their own
     assert tree.keys() == ["info@vpop.example", "list-default@vpop.example",
-                           "list-owner@vpop.example", "list-return-default@vpop.example",
                            "list@vpop.example", "mary@vpop.example", "pete@vpop.example"]
     assert tree.keys("--qmail-ext") == [
-        "info@vpop.example", "list-default@vpop.example", "list-owner@vpop.example",
-        "list-return-default@vpop.example", "list@vpop.example", "mary-default@vpop.example",
-        "mary@vpop.example", "pete-default@vpop.example", "pete@vpop.example"]
+        "info@vpop.example", "list-default@vpop.example", "list@vpop.example",
+        "mary-default@vpop.example", "mary@vpop.example", "pete-default@vpop.example",
+        "pete@vpop.example"]
 
 
 def test_vpasswd_cdb_when_no_text_file(tree: Tree):
@@ -144,10 +160,9 @@ def test_vpasswd_cdb_when_no_text_file(tree: Tree):
     assert tree.keys() == ["ann@vpop.example", "bob@vpop.example"]
 
 
-def test_hashed_domain_layout_without_assign(tree: Tree):
+def test_hashed_domain_layout_found_through_users_assign(tree: Tree):
     base(tree, "big.example\n", vd="big.example:big.example\n")
     tree.vpop_domain("big.example", users=("zed",), sub="7")
-    tree.write("var/qmail/users/assign", ".\n")            # no assign entry: search domains/
     assert tree.keys() == ["zed@big.example"]
 
 
@@ -169,10 +184,13 @@ def test_plain_virtual_domain_by_passwd_prepend(tree: Tree):
 
 def test_single_address_entries_exceptions_and_wildcards(tree: Tree):
     base(tree, "a.example\nsub.wild.example\nex.example\n", "",
-         vd="boss@a.example:fred\n.wild.example:wild\nex.example:\n",
+         vd="boss@a.example:fred\nceo@a.example:wild\n.wild.example:wild\nex.example:\n",
          sr="a.example:[192.0.2.1]\n:smarthost.example\n")
-    tree.account("wild", 1300, files=(".qmail-x",))
-    assert tree.keys() == ["@a.example", "@ex.example", "boss@a.example", "x@sub.wild.example"]
+    tree.account("wild", 1300, files=(".qmail-x", ".qmail-ceo"))
+    # boss@a.example goes to local part fred-boss: no account fred, ~alias has nothing
+    # for it: qmail bounces it although a.example is relayed; ceo@ reaches ~wild/.qmail-ceo
+    assert tree.keys() == ["@a.example", "@ex.example", "boss@a.example -",
+                           "ceo@sub.wild.example", "x@sub.wild.example"]
 
 
 def test_morercpthosts_cdb_is_part_of_the_universe(tree: Tree):
@@ -182,7 +200,7 @@ def test_morercpthosts_cdb_is_part_of_the_universe(tree: Tree):
     maker.add(b"more.example", b"")
     maker.commit().close()
     tree.account("joe")
-    assert tree.keys() == ["@more.example", "joe@example.com"]
+    assert tree.keys() == ["@more.example", "alias@example.com", "joe@example.com"]
 
 
 # --------------------------------------------------------------------------- site files
@@ -194,7 +212,8 @@ def test_site_include_and_exclude(tree: Tree):
     tree.account("ann", 1001)
     tree.control("validrcptto.include", "# extra\nExtra@Example.COM\nlist-default@example.com\n")
     tree.control("validrcptto.exclude", "ann@example.com\ntrap@catch.example\n@gone.example\n")
-    assert tree.keys() == ["@catch.example", "@gone.example -", "ann@example.com -",
+    assert tree.keys() == ["@catch.example", "@gone.example -", "alias@example.com",
+                           "ann@example.com -",
                            "extra@example.com", "joe@example.com", "list-default@example.com",
                            "trap@catch.example -"]
     done = tree.run("generate", "--origins")
@@ -214,7 +233,7 @@ def test_output_is_sorted_deduplicated_lowercase(tree: Tree):
     base(tree, "example.com\nEXAMPLE.com\n", "example.com\n")
     tree.account("joe", files=(".qmail-x",))
     tree.control("validrcptto.include", "JOE@example.com\nJoe-X@Example.Com\n")
-    assert tree.keys() == ["joe-x@example.com", "joe@example.com"]
+    assert tree.keys() == ["alias@example.com", "joe-x@example.com", "joe@example.com"]
 
 
 # --------------------------------------------------------------------------- failures
@@ -270,16 +289,8 @@ def test_missing_domain_directory(tree: Tree):
     base(tree, "vpop.example\n", vd="vpop.example:vpop.example\n")
     d = tree.vpop_domain("vpop.example", users=("ann",))
     d.rename(d.with_name("moved"))
-    assert failing(tree) == (f"qmail-updater: {d}: directory of vpop.example "
-                             "(users/assign line 1) does not exist")
-
-
-def test_no_home_for_prepend(tree: Tree):
-    base(tree, "example.com\n", vd="example.com:nobody-here\n")
-    assert failing(tree) == (
-        f"qmail-updater: {tree.qmail}/control/virtualdomains:1: no directory for example.com "
-        "(prepend 'nobody-here' is not in users/assign, not a passwd account, and not under "
-        "the vpopmail domains dir)")
+    assert failing(tree) == (f"qmail-updater: {d}: home directory of {tree.qmail}/users/cdb "
+                             "entry '+vpop.example-' does not exist")
 
 
 def without_dac_override() -> list[str]:

@@ -45,7 +45,7 @@ def test_cdb_is_read_by_freecdb_and_identical_to_cdbmake(tree: Tree, tmp_path: P
     tree.vpop_domain("vpop.example", users=("ann", "bob", "trap"))
     done = tree.run("build")
     assert done.returncode == 0, done.stderr
-    assert done.stderr.startswith(f"qmail-updater: installed {tree.cdb}: 5 entries, +5 -0")
+    assert done.stderr.startswith(f"qmail-updater: installed {tree.cdb}: 6 entries, +6 -0")
     # cdbget finds each key with its value
     for key, value in ((b"ann@vpop.example", b""), (b"trap@vpop.example", b"-")):
         got = subprocess.run([cdbget, key], stdin=open(tree.cdb, "rb"), capture_output=True)
@@ -54,7 +54,7 @@ def test_cdb_is_read_by_freecdb_and_identical_to_cdbmake(tree: Tree, tmp_path: P
                           capture_output=True).returncode == 100
     # byte-identical to cdbmake fed the same records in the same order (mkvalidrcptto -m)
     records = tree.run("generate", "--format", "cdbmake").stdout.encode()
-    assert records.count(b"\n") == 6 and records.endswith(b"\n\n")
+    assert records.count(b"\n") == 7 and records.endswith(b"\n\n")
     ref = tmp_path / "ref.cdb"
     subprocess.run([cdbmake, str(ref), str(ref) + ".tmp"], input=records, check=True)
     assert tree.cdb.read_bytes() == ref.read_bytes()

@@ -19,14 +19,14 @@ from typing import Iterable, Iterator
 
 from .config import Settings
 from .errors import SourceError
-from .qmail import (ENCODING, ERRORS, Account, MapEntry, accounts as load_accounts, assign_index,
+from .qmail import (ENCODING, ERRORS, Account, MapEntry, UsersDb, accounts as load_accounts,
                     cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
-                    parse_assign, parse_domain_map, read_text)
-from .sources import Found, Notes
-from .sources.aliases import alias_entries
+                    parse_assign, parse_domain_map, read_text, read_users_cdb, users_db)
+from .routing import DomainKeys, Router
+from .sources import Found, Notes, at
+from .sources.qmailtree import DiskView
 from .sources.site import site_entries
-from .sources.system import local_accounts
-from .sources.virtual import file_users, find_home, virtual_entries
+from .sources.vpopmail import read_users
 
 
 # --------------------------------------------------------------------------- rules (pure)
@@ -35,7 +35,6 @@ from .sources.virtual import file_users, find_home, virtual_entries
 class Plan:
     """Which domain is handled how."""
     local: list[str] = field(default_factory=list)
-    alias: list[str] = field(default_factory=list)                # virtualdomains d:alias
     virtual: list[tuple[str, MapEntry]] = field(default_factory=list)
     routed: list[tuple[str, MapEntry]] = field(default_factory=list)
     singles: list[MapEntry] = field(default_factory=list)        # user@domain:prepend
@@ -76,10 +75,7 @@ def classify(domains: dict[str, tuple[str, int | None]], locals_: set[str],
             continue
         vd = map_lookup(vd_index, domain)
         if vd is not None and vd.right:               # "domain:" is an exception, not virtual
-            if vd.right == "alias":
-                plan.alias.append(domain)
-            else:
-                plan.virtual.append((domain, vd))
+            plan.virtual.append((domain, vd))    # "domain:alias" too: qmail-getpw finds alias
             continue
         sr = map_lookup(sr_index, domain)
         if sr is not None:
@@ -145,11 +141,14 @@ class Result:
 
 
 def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Result:
-    """Dedupe; excluded keys win over everything; an excluded ``@domain`` removes the
-    domain's other keys.  Keys at ``bare_domain`` (control/envnoathost) also get a bare
-    local-part key, since qmail delivers an address without ``@`` there."""
+    """Dedupe.  A key the routing refuses (``deny``) is written with the reject value
+    unless another source accepts it; excluded keys (the site file) win over everything,
+    and an excluded ``@domain`` removes the domain's other keys.  Keys at ``bare_domain``
+    (control/envnoathost) also get a bare local-part key, since qmail delivers an address
+    without ``@`` there."""
     keys: dict[bytes, int] = {}
     origins: list[str] = []
+    denied: dict[bytes, int] = {}
     excluded: list[tuple[list[bytes], int]] = []
     for found in groups:
         index = len(origins)
@@ -157,14 +156,21 @@ def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Res
         ks = found.keys if found.clean else normalise(found.keys, found.origin, notes)
         if found.reject:
             excluded.append((ks, index))
+        elif found.deny:
+            denied.update(dict.fromkeys(ks, index))
         else:
             keys.update(dict.fromkeys(ks, index))
     rejects: set[bytes] = set()
+    for k, index in denied.items():
+        if k not in keys:
+            keys[k] = index
+            rejects.add(k)
     for ks, index in excluded:
         for k in ks:
             if k.startswith(b"@"):
                 for other in [o for o in keys if o.endswith(k)]:
                     del keys[other]
+                    rejects.discard(other)
             keys[k] = index
             rejects.add(k)
     if bare_domain:
@@ -181,6 +187,11 @@ def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Res
 
 
 # --------------------------------------------------------------------------- the build
+
+def file_users(vuserinfo: str | None):
+    """The default user lookup: the domain's vpasswd files (``vpopmail.read_users``)."""
+    return lambda home, domain: read_users(home, domain, vuserinfo)
+
 
 def _vpopmail_dir(settings: Settings, accts: dict[str, Account]) -> str:
     if settings.vpopmail_dir:
@@ -216,41 +227,90 @@ def plan_for(settings: Settings) -> tuple[Plan, dict[str, tuple[str, int | None]
     return classify(domains, locals_, vd, sr, ldap_domains), domains
 
 
+def users_database(settings: Settings, notes: Notes) -> UsersDb:
+    """users/cdb, as qmail-lspawn reads it; users/assign only when there is no cdb."""
+    users = os.path.join(settings.qmail_dir, "users")
+    db = read_users_cdb(os.path.join(users, "cdb"))
+    if db is not None:
+        return db
+    assign_path = os.path.join(users, "assign")
+    entries = parse_assign(read_text(assign_path), assign_path)
+    if entries:
+        notes.warn(f"{users}/cdb does not exist: using {assign_path} as qmail-newu would "
+                   "compile it (qmail itself ignores users/assign until qmail-newu runs)")
+    return users_db(entries, assign_path)
+
+
+def router_for(settings: Settings, notes: Notes, lazy: bool = False):
+    """The delivery chain over this tree: (router, view, close)."""
+    accts = load_accounts(settings.passwd)
+    by_name: dict[str, Account] = {}
+    for a in accts:
+        by_name.setdefault(a.name, a)
+    users = users_database(settings, notes)
+    vpop = _vpopmail_dir(settings, by_name)
+    vuserinfo = os.path.join(vpop, "bin", "vuserinfo") if settings.vuserinfo else None
+    users_of, aliases_of, db = file_users(vuserinfo), None, None
+    if settings.mysql and not lazy:
+        from .sources.mysql import MysqlUsers
+        db = MysqlUsers(dataclasses.replace(settings, vpopmail_dir=vpop), notes)
+        users_of, aliases_of = (lambda home, domain: db.users(domain)), db.valiases
+    view = DiskView(accts, users, settings.qmail_dir, notes.warn, users_of, aliases_of,
+                    settings.qmail_ext, lazy)
+    router = Router(users, view, accts, settings.uid_min, settings.uid_max, notes.warn)
+    return router, view, (db.close if db is not None else (lambda: None))
+
+
+def routed_keys(domain: str, keys: DomainKeys, notes: Notes) -> Iterator[Found]:
+    """One domain's answers as Found groups: one per origin, refusals apart."""
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for u, ans in keys.exact.items():
+        groups.setdefault((ans.origin, ans.ok), []).append(f"{u}@{domain}")
+    for p, ans in keys.prefix.items():
+        groups.setdefault((ans.origin, ans.ok), []).append(f"{p}default@{domain}" if p
+                                                           else "@" + domain)
+    root = keys.prefix.get("")
+    if root is not None and root.ok:
+        notes.warn(f"{root.origin} accepts every address at {domain}: @{domain} is a "
+                   "catch-all")
+    for (origin, ok), ks in groups.items():
+        yield Found(origin, ks, deny=not ok)
+    for origin, names in keys.bulk:
+        yield Found(origin, at(names, domain), clean=bool(names) and isinstance(names[0], bytes))
+    if not keys.bulk and not any(ans.ok for ans in keys.exact.values()) and \
+            not any(ans.ok for ans in keys.prefix.values()):
+        notes.warn(f"{domain}: qmail delivers no address there (its mail ends at "
+                   "~alias or bounces)")
+
+
 def sources(settings: Settings, plan: Plan, notes: Notes) -> Iterator[Found]:
     """Every source, in a fixed order (the output does not depend on it: it is sorted)."""
-    accts_list = load_accounts(settings.passwd)
-    accts = {}
-    for a in accts_list:
-        accts.setdefault(a.name, a)
-    yield from local_accounts(accts_list, settings.uid_min, settings.uid_max, plan.local, notes)
-    alias_home = accts["alias"].home if "alias" in accts else \
-        os.path.join(settings.qmail_dir, "alias")
-    yield from alias_entries(alias_home, plan.local + plan.alias, notes)
-    if plan.virtual:
-        assign_path = os.path.join(settings.qmail_dir, "users", "assign")
-        assign = assign_index(parse_assign(read_text(assign_path), assign_path))
-        vpop = _vpopmail_dir(settings, accts)
-        vuserinfo = os.path.join(vpop, "bin", "vuserinfo") if settings.vuserinfo else None
-        users_of, aliases_of, db = file_users(vuserinfo), None, None
-        if settings.mysql:
-            from .sources.mysql import MysqlUsers
-            db = MysqlUsers(dataclasses.replace(settings, vpopmail_dir=vpop), notes)
-            users_of, aliases_of = (lambda home, domain: db.users(domain)), db.valiases
+    singles: dict[str, dict[str, str]] = {}
+    for e in plan.singles:
+        user, _, domain = e.left.rpartition("@")
+        singles.setdefault(domain, {}).setdefault(user, lower_ascii(e.right) + "-" + user)
+    if plan.local or plan.virtual or plan.singles:
+        router, _view, close = router_for(settings, notes)
         try:
+            for domain in plan.local:
+                yield from routed_keys(domain, router.domain(domain, ""), notes)
             for domain, entry in plan.virtual:
-                home = find_home(domain, entry, assign, accts, vpop)
-                yield from virtual_entries(domain, home, users_of, settings.qmail_ext, notes,
-                                           aliases_of)
+                keys = router.domain(domain, lower_ascii(entry.right) + "-",
+                                     singles.pop(domain, None))
+                yield from routed_keys(domain, keys, notes)
+            routed = {d for d, _ in plan.routed}
+            for domain, by_user in singles.items():      # routed or LDAP domains
+                for user, local in by_user.items():
+                    ans = router.resolve(local, domain)
+                    if not ans.ok or domain not in routed:     # routed: @domain says yes
+                        yield Found(ans.origin, [f"{user}@{domain}"], deny=not ans.ok)
         finally:
-            if db is not None:
-                db.close()
+            close()
     if plan.ldap:
         from .sources.ldap import ldap_entries
         yield from ldap_entries(settings, plan.ldap)
     for domain, entry in plan.routed:
         yield Found(f"smtproutes {entry.path}:{entry.line}", ["@" + domain])
-    for entry in plan.singles:
-        yield Found(f"virtualdomains {entry.path}:{entry.line}", [entry.left])
     yield from site_entries(settings.include, settings.exclude)
 
 
@@ -259,7 +319,7 @@ def generate(settings: Settings) -> Result:
     started = time.monotonic()
     notes = Notes()
     plan, universe_ = plan_for(settings)
-    handled = set(plan.local) | set(plan.alias) | {d for d, _ in plan.virtual}
+    handled = set(plan.local) | {d for d, _ in plan.virtual}
     bare = first_line(settings.control("envnoathost")) or first_line(settings.control("me"))
     bare = lower_ascii(bare) if bare and lower_ascii(bare) in handled else None
     result = merge(sources(settings, plan, notes), notes, bare)
@@ -294,29 +354,22 @@ def watch_targets(settings: Settings) -> dict[str, tuple[set[str], tuple[str, ..
     if settings.passwd:
         add(os.path.dirname(os.path.abspath(settings.passwd)), (os.path.basename(settings.passwd),))
     try:
-        accts = {}
-        for a in load_accounts(settings.passwd):
-            accts.setdefault(a.name, a)
-        alias_home = accts["alias"].home if "alias" in accts else \
-            os.path.join(settings.qmail_dir, "alias")
-        add(alias_home, (), (".qmail-",))
-        ff = None
-        from .qmail import fastforward_cdb, runs
-        args = runs(read_text(os.path.join(alias_home, ".qmail-default")), "fastforward")
-        if args:
-            ff = fastforward_cdb(args)
-        if ff:
-            add(os.path.dirname(os.path.abspath(ff)), (os.path.basename(ff),))
+        notes = Notes()
         plan, _ = plan_for(settings)
-        assign_path = os.path.join(settings.qmail_dir, "users", "assign")
-        assign = assign_index(parse_assign(read_text(assign_path), assign_path))
-        vpop = _vpopmail_dir(settings, accts)
-        for domain, entry in plan.virtual:
-            try:
-                home = find_home(domain, entry, assign, accts, vpop)
-            except SourceError:
-                continue
-            add(home.path, ("vpasswd", "vpasswd.cdb"), (home.prefix,))
+        router, view, close = router_for(settings, notes, lazy=True)
+        try:
+            add(view.alias_home(), (), (".qmail",))
+            for domain in plan.local:
+                router.domain(domain, "")
+            for domain, entry in plan.virtual:
+                router.domain(domain, lower_ascii(entry.right) + "-")
+        finally:
+            close()
+        for home, how in view.homes.items():
+            if not how.startswith("account "):     # users' own homes: the FIFO's job
+                add(home, ("vpasswd", "vpasswd.cdb"), (".qmail",))
+        for path in view.files:
+            add(os.path.dirname(path), (os.path.basename(path),))
     except SourceError:
         pass
     return targets

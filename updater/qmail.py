@@ -140,7 +140,7 @@ def map_lookup(index: dict[str, MapEntry], domain: str) -> MapEntry | None:
 
 # One users/assign line: ``=local:user:uid:gid:home:dash:ext:`` (exact=True) or
 # ``+prefix:user:uid:gid:home:dash:pre:`` (a wildcard).
-Assign = namedtuple("Assign", "exact local user uid home dash ext line")
+Assign = namedtuple("Assign", "exact local user uid home dash ext line raw_last")
 
 
 def parse_assign(text: str | None, path: str) -> list[Assign]:
@@ -165,34 +165,91 @@ def parse_assign(text: str | None, path: str) -> list[Assign]:
         except ValueError:
             raise SourceError(f"uid is not a number: {uid!r}", path, number) from None
         out.append(Assign(kind == "=", lower_ascii(local), user, uid_n, home, dash, ext,
-                          number))
+                          number, local[-1:]))
     return out
 
 
-class AssignIndex(NamedTuple):
-    """users/assign as qmail-newu compiles it: ``=`` entries by exact local part,
-    ``+`` entries by prefix; the first of duplicate keys wins, as in users/cdb."""
+class UsersDb(NamedTuple):
+    """users/cdb as qmail-lspawn reads it: ``=`` entries by exact local part, ``+``
+    entries by prefix (both lowercased, the first of duplicate keys wins), and the
+    characters that ``+`` prefixes end in, as qmail-newu records them (unlowered: a
+    prefix ending in a capital is never tried, as in qmail)."""
     exact: dict[str, Assign]
     prefix: dict[str, Assign]
+    wild: frozenset[str]
+    source: str                       # users/cdb or users/assign, for messages
 
 
-def assign_index(entries: list[Assign]) -> AssignIndex:
+def users_db(entries: list[Assign], source: str) -> UsersDb:
+    """What qmail-newu compiles from users/assign lines."""
     exact: dict[str, Assign] = {}
     prefix: dict[str, Assign] = {}
+    wild = set()
     for e in entries:
         (exact if e.exact else prefix).setdefault(e.local, e)
-    return AssignIndex(exact, prefix)
+        if not e.exact and e.raw_last:
+            wild.add(e.raw_last)
+    return UsersDb(exact, prefix, frozenset(wild), source)
 
 
-def assign_lookup(index: AssignIndex, local: str, exact: bool = True) -> tuple[Assign, str] | None:
-    """qmail-lspawn's rule: an exact ``=`` match (unless ``exact`` is false), else the
-    longest ``+`` prefix.  Returns the entry and the part of ``local`` after the prefix."""
-    if exact and local in index.exact:
-        return index.exact[local], ""
+def read_users_cdb(path: str) -> UsersDb | None:
+    """users/cdb (what qmail-lspawn really reads), or None when it does not exist."""
+    import cdbx
+    try:
+        db = cdbx.CDB(path)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise SourceError(f"cannot read cdb: {err.strerror or err}", path) from None
+    exact: dict[str, Assign] = {}
+    prefix: dict[str, Assign] = {}
+    wild = frozenset()
+    try:
+        for key, value in db.items():
+            key = key.decode(ENCODING, ERRORS)
+            value = value.decode(ENCODING, ERRORS)
+            if key == "":
+                wild = frozenset(value)
+                continue
+            if not key.startswith("!"):
+                continue
+            fields = value.split("\0")
+            if len(fields) < 6:
+                raise SourceError(f"entry {key!r} has {len(fields)} fields, not 6", path)
+            user, uid, _gid, home, dash, ext = fields[:6]
+            is_exact = key.endswith("\0")
+            local = key[1:-1] if is_exact else key[1:]
+            entry = Assign(is_exact, local, user, _scan_ulong(uid), home, dash, ext, None,
+                           local[-1:])
+            (exact if is_exact else prefix).setdefault(local, entry)
+    except SourceError:
+        raise
+    except Exception as err:            # corrupt file: cdbx raises its own errors
+        raise SourceError(f"corrupt cdb: {err}", path) from None
+    finally:
+        db.close()
+    return UsersDb(exact, prefix, wild, path)
+
+
+def _scan_ulong(text: str) -> int:
+    digits = len(text) - len(text.lstrip("0123456789"))
+    return int(text[:digits]) if digits else 0
+
+
+def lspawn_lookup(db: UsersDb, local: str) -> tuple[Assign, str] | None:
+    """qmail-lspawn's users/cdb lookup of a (lowercased) local part: the exact ``=``
+    entry, else the longest ``+`` prefix whose last character qmail-newu recorded (the
+    empty prefix is always tried).  Returns the entry and the rest of the local part."""
+    hit = db.exact.get(local)
+    if hit is not None:
+        return hit, ""
+    if not db.prefix:
+        return None
     for end in range(len(local), -1, -1):
-        hit = index.prefix.get(local[:end])
-        if hit is not None:
-            return hit, local[end:]
+        if end == 0 or local[end - 1] in db.wild:
+            hit = db.prefix.get(local[:end])
+            if hit is not None:
+                return hit, local[end:]
     return None
 
 
@@ -226,21 +283,6 @@ def accounts(passwd_file: str) -> list[Account]:
 
 
 # --------------------------------------------------------------------------- .qmail files
-
-def dot_qmail_exts(names: Iterable[str], prefix: str) -> Iterator[str]:
-    """The address extensions that ``prefix``+EXT files answer for.
-
-    qmail-local lowercases the address and turns its dots into colons before it looks
-    for a file, so ``.qmail-a:b`` answers ``a.b``; a file name with a dot or a capital
-    in EXT can never be reached and is skipped.  ``default`` is returned as is."""
-    for name in names:
-        if not name.startswith(prefix) or len(name) == len(prefix):
-            continue
-        ext = name[len(prefix):]
-        if "." in ext or ext != lower_ascii(ext) or "/" in ext:
-            continue
-        yield ext.replace(":", ".")
-
 
 def delivery_commands(text: str | None) -> list[list[str]]:
     """The program lines (``|cmd args``) of a .qmail file, split like a shell would."""

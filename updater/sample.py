@@ -27,6 +27,7 @@ FILES: dict[str, str] = {
     "home/joe/.qmail": "./Maildir/\n",
     "home/joe/.qmail-lists": "./Maildir/.lists/\n",
     "home/joe/.qmail-lists-default": "./Maildir/.lists/\n",
+    "home/joe/.qmail-ceo": "./Maildir/.ceo/\n",
     "home/alice/.qmail": "./Maildir/\n",
     "home/bob/.qmail": "./Maildir/\n",
     "var/qmail/control/me": "mail.example.com\n",
@@ -95,6 +96,25 @@ ADDRESSES = [
 ]
 
 
+def _own_homes(root: str) -> None:
+    """qmail-getpw delivers only to an account that owns its home: as root, chown each
+    home to its account; otherwise give the accounts our own uid."""
+    path = os.path.join(root, "etc/passwd")
+    lines = []
+    with open(path) as f:
+        for line in f:
+            fields = line.rstrip("\n").split(":")
+            home = fields[5]
+            if home.startswith(root + "/") and os.path.isdir(home):
+                if os.geteuid() == 0:
+                    os.chown(home, int(fields[2]), int(fields[3]))
+                else:
+                    fields[2], fields[3] = str(os.getuid()), str(os.getgid())
+            lines.append(":".join(fields) + "\n")
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
 def make_tree(root: str) -> dict[str, str]:
     """Write the sample tree under ``root``; return the settings that point at it."""
     for rel, content in FILES.items():
@@ -102,6 +122,7 @@ def make_tree(root: str) -> dict[str, str]:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(content.replace("{root}", root))
+    _own_homes(root)
     import cdbx
     maker = cdbx.CDB.make(os.path.join(root, "etc", "aliases.cdb"))
     for key, value in ALIASES.items():

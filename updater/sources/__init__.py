@@ -21,6 +21,7 @@ class Found:
     keys: list                       # keys (str or bytes): user@domain, user, @domain
     reject: bool = False             # written with the value "-" (site exclude file)
     clean: bool = False              # bytes keys already lowercased and checked
+    deny: bool = False               # qmail would bounce these ("-" unless accepted elsewhere)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,377 @@
+"""qmail's delivery chain for one domain, and the validrcptto keys that say the same.
+
+qmail-send turns ``user@domain`` into a local part: ``user`` for a domain in locals,
+``PREPEND-user`` for a virtual domain.  qmail-lspawn looks the lowercased local part up
+in users/cdb (exact ``=`` entry, else the longest ``+`` prefix); without a hit
+qmail-getpw cuts the local part back at each ``-`` from the right until the rest is an
+account (uid not 0, home owned by that uid, name under 32 bytes), else it takes the
+``alias`` user with the whole local part as the extension.  qmail-local then looks for
+``.qmail{dash}{ext}`` in that home, then the ``-default`` chain, and bounces when there
+is none and the dash is not empty.  What the file found runs decides the rest:
+``vdelivermail ... bounce-no-mailbox`` takes only the domain's vpopmail users,
+``fastforward`` only the addresses in its cdb, anything else delivers.
+
+The checker, given ``u@domain``, tries the exact key, then ``PREFIX-default@domain``
+for each prefix of ``u`` ending in ``-`` (longest first), then ``@domain``.  Both cut
+at the same ``-`` boundaries, so the whole decision fits in keys: every local part
+where something specific happens (an account, a users/assign entry, a ``.qmail`` file,
+a vpopmail user) is a *point*; exact points and ``-default`` prefixes are resolved
+through the chain one by one, and a prefix is resolved for "any other local part"
+by running the chain on a tail no name can contain (``/``: no file name has one).
+A key is written only where it changes the checker's answer: a refusal under a refusal
+and an acceptance under an acceptance are left out, and a refusal under an acceptance
+is written as a ``-`` key.
+
+Everything here is pure: the file system comes in through a ``View``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Protocol
+
+from .qmail import Account, Assign, ENCODING, ERRORS, UsersDb, lower_ascii, lspawn_lookup
+
+TAIL = "/"              # "any other local part": no file, account or vpopmail user has a /
+GETPW_USERLEN = 32      # qmail-getpw: a user name is shorter than this, in bytes
+
+
+# --------------------------------------------------------------------------- the chain
+
+def getpw(local: str, is_account: Callable[[str], bool]) -> tuple[str, str, str] | None:
+    """qmail-getpw: (user, dash, ext) for the longest account name that the local part
+    begins with, cut at a ``-`` (or the whole local part); None means ``alias``."""
+    end = len(local)
+    while True:
+        if end == len(local) or local[end] == "-":
+            name = local[:end]
+            if name and len(name.encode(ENCODING, ERRORS)) < GETPW_USERLEN and is_account(name):
+                if end == len(local):
+                    return name, "", ""
+                return name, "-", local[end + 1:]
+        if end == 0:
+            return None
+        end -= 1
+
+
+def safe_ext(ext: str) -> str:
+    """qmail-local's file-name form of an extension: lowercased, ``.`` written ``:``."""
+    return lower_ascii(ext).replace(".", ":")
+
+
+def qmail_search(dash: str, ext: str, names: frozenset[str]) -> tuple[str, int | None] | None:
+    """qmail-local's search: ``.qmail{dash}{ext}``, then ``.qmail{dash}{ext[:i]}default``
+    for each ``i`` at a ``-`` (longest first) and 0.  Returns the file name and where
+    $DEFAULT starts in ext (None when the file is not a default file)."""
+    safe = safe_ext(ext)
+    base = ".qmail" + dash
+    name = base + safe
+    if name in names:
+        return name, (len(safe) - 7 if safe.endswith("default") else None)
+    for i in range(len(safe), -1, -1):
+        if i == 0 or safe[i - 1] == "-":
+            name = base + safe[:i] + "default"
+            if name in names:
+                return name, i
+    return None
+
+
+MAX_COLONS = 4
+
+
+def spellings(safe: str) -> list[str]:
+    """The extensions qmail-local turns into file-name form ``safe``: each ``:`` may have
+    been a ``.`` or a ``:`` (up to MAX_COLONS of them; past that, all dots or all colons)."""
+    parts = safe.split(":")
+    if len(parts) == 1:
+        return [safe]
+    if len(parts) - 1 > MAX_COLONS:
+        return [".".join(parts), safe]
+    out = [parts[0]]
+    for part in parts[1:]:
+        out = [o + sep + part for o in out for sep in ".:"]
+    return out
+
+
+class Target(NamedTuple):
+    """Where qmail-lspawn sends a local part: a home, the dash and the extension."""
+    home: str
+    dash: str
+    ext: str
+    how: str          # "users/assign line 3", "account joe", "alias"
+    uid: int | None   # None for users/cdb entries (the admin chose them)
+
+
+# --------------------------------------------------------------------------- the tree
+
+class Rule(NamedTuple):
+    """What a .qmail file does with the addresses that reach it."""
+    kind: str                 # "deliver", "vdelivermail", "fastforward"
+    arg: str = ""             # the fastforward cdb
+    bounce: bool = False      # vdelivermail ... bounce-no-mailbox
+
+
+class Accepts(NamedTuple):
+    """The $DEFAULT values a vdelivermail or fastforward file accepts at one domain."""
+    origin: str
+    groups: list                        # [(origin, names)] to list in bulk (names: str,
+                                        # or lowercased bytes)
+    contains: Callable[[str], bool]     # for one name
+    ext: bool = False                   # each name also takes "-anything" (qmail-ext)
+    everything: bool = False            # fastforward's ":@domain"
+
+
+def accepted(acc: Accepts, default: str) -> bool:
+    if acc.everything or acc.contains(default):
+        return True
+    if acc.ext:
+        dash = default.rfind("-")
+        while dash != -1:
+            if acc.contains(default[:dash]):
+                return True
+            dash = default.rfind("-", 0, dash)
+    return False
+
+
+class View(Protocol):
+    def account(self, name: str) -> Account | None: ...      # qmail-getpw's rule, cached
+    def dotfiles(self, home: str, how: str) -> frozenset[str]: ...
+    def rule(self, home: str, name: str) -> Rule: ...
+    def accepts(self, rule: Rule, home: str, domain: str) -> Accepts: ...
+    def alias_home(self) -> str: ...
+
+
+class Answer(NamedTuple):
+    ok: bool
+    origin: str
+
+
+@dataclass
+class DomainKeys:
+    """One domain's answers: exact local parts, ``-default`` prefixes ("" stands for the
+    whole domain), and bulk groups (vpopmail users, fastforward entries) listed as is."""
+    exact: dict[str, Answer] = field(default_factory=dict)
+    prefix: dict[str, Answer] = field(default_factory=dict)
+    bulk: list[tuple[str, list]] = field(default_factory=list)      # (origin, local parts)
+
+
+# --------------------------------------------------------------------------- the router
+
+class Router:
+    """Resolves local parts through users/cdb, qmail-getpw and qmail-local."""
+
+    def __init__(self, users: UsersDb, view: View, accounts: list[Account],
+                 uid_min: int, uid_max: int, warn: Callable[[str], None]):
+        self.users = users
+        self.view = view
+        self.uid_min, self.uid_max = uid_min, uid_max
+        self.warn = warn
+        self.exact_keys = sorted(users.exact)
+        self.prefix_keys = sorted(users.prefix)
+        names = []
+        for a in accounts:
+            n = a.name
+            if n and n == lower_ascii(n) and "/" not in n and \
+                    len(n.encode(ENCODING, ERRORS)) < GETPW_USERLEN:
+                names.append(n)
+        self.account_names = sorted(set(names))
+        self.warned: set[str] = set()
+
+    # ---- one local part
+    def target(self, local: str) -> Target:
+        local = lower_ascii(local)
+        hit = lspawn_lookup(self.users, local)
+        if hit is not None:
+            entry, rest = hit
+            where = f"{self.users.source} line {entry.line}" if entry.line else \
+                f"{self.users.source} entry {('=' if entry.exact else '+') + entry.local!r}"
+            return Target(entry.home, entry.dash, entry.ext + rest, where, None)
+        found = getpw(local, lambda n: self.view.account(n) is not None)
+        if found is None:
+            return Target(self.view.alias_home(), "-", local, "alias", None)
+        name, dash, ext = found
+        acct = self.view.account(name)
+        # the uid range is the admin's filter for system accounts; alias is qmail's own
+        return Target(acct.home, dash, ext, f"account {name}",
+                      None if name == "alias" else acct.uid)
+
+    def resolve(self, local: str, domain: str) -> Answer:
+        """Would qmail deliver local part ``local`` (after qmail-send) at ``domain``?"""
+        t = self.target(local)
+        if t.uid is not None and not (self.uid_min <= t.uid <= self.uid_max):
+            return Answer(False, f"{t.how}: uid {t.uid} is outside the mail uid range")
+        names = self.view.dotfiles(t.home, t.how)
+        found = qmail_search(t.dash, t.ext, names)
+        if found is None:
+            if t.dash:
+                return Answer(False, f"no .qmail file in {t.home} ({t.how})")
+            return Answer(True, f"{t.how} ({t.home}): default delivery")
+        name, at = found
+        origin = f"{t.home}/{name}"
+        if at is None:
+            return Answer(True, origin)
+        rule = self.view.rule(t.home, name)
+        if rule.kind == "deliver" or (rule.kind == "vdelivermail" and not rule.bounce):
+            return Answer(True, origin)
+        default = lower_ascii(t.ext[at:])
+        acc = self.view.accepts(rule, t.home, domain)
+        return Answer(accepted(acc, default), acc.origin)
+
+    # ---- one domain
+    def domain(self, domain: str, prepend: str, singles: dict[str, str] | None = None
+               ) -> DomainKeys:
+        """Every answer for ``domain``, whose local part ``user`` qmail-send turns into
+        ``prepend + user`` (``prepend`` is "" for locals, else ``PREPEND-``); ``singles``
+        maps a user to the local part a ``user@domain:prepend`` line gives it."""
+        singles = singles or {}
+        exact: set[str] = set(singles)
+        prefixes: set[str] = {""}
+
+        todo: list[str] = []
+
+        def point(u: str) -> None:
+            if u.endswith("-default"):          # that key is also a -default key
+                if u[:-7] not in prefixes:
+                    prefixes.add(u[:-7])
+                    todo.append(u[:-7])
+            elif u:
+                exact.add(u)
+
+        n = len(prepend)
+        for key in _starting(self.exact_keys, prepend):
+            point(key[n:])
+        for key in _starting(self.prefix_keys, prepend):
+            if len(key) > n and key[-1] in self.users.wild:
+                rest = key[n:]
+                if rest.endswith("-"):
+                    prefixes.add(rest)
+                    todo.append(rest)
+                else:
+                    point(rest)
+                    if key not in self.warned:
+                        self.warned.add(key)
+                        self.warn(f"{self.users.source}: prefix {key!r} does not end in '-': "
+                                  f"of the addresses it takes at {domain}, only {rest}@{domain} "
+                                  "is listed")
+        for name in _starting(self.account_names, prepend):
+            if len(name) > n:
+                point(name[n:])
+                prefixes.add(name[n:] + "-")
+
+        out = DomainKeys()
+        regions: list[tuple[str, Accepts, str]] = []
+        todo.extend(prefixes)
+        while todo:
+            p = todo.pop()
+            if p in out.prefix:
+                continue
+            local = prepend + p + TAIL
+            out.prefix[p] = self.resolve(local, domain)
+            t = self.target(local)
+            if t.uid is not None and not (self.uid_min <= t.uid <= self.uid_max):
+                continue
+            names = self.view.dotfiles(t.home, t.how)
+            base = ".qmail" + t.dash + safe_ext(t.ext[:-len(TAIL)])
+            for fname in names:
+                x = fname[len(base):]
+                if fname.startswith(base) and x == lower_ascii(x) and "." not in x:
+                    for spelling in spellings(x):
+                        point(p + spelling)
+            found = qmail_search(t.dash, t.ext, names)
+            if found is not None and found[1] is not None:
+                rule = self.view.rule(t.home, found[0])
+                if rule.kind == "fastforward" or (rule.kind == "vdelivermail" and rule.bounce):
+                    lead = lower_ascii(t.ext[found[1]:-len(TAIL)])
+                    regions.append((p, self.view.accepts(rule, t.home, domain), lead))
+        for u in exact:
+            out.exact[u] = self.resolve(singles.get(u, prepend + u), domain)
+        for p, acc, lead in regions:
+            self._bulk(out, p, acc, lead, prefixes)
+        _prune(out)
+        return out
+
+    def _bulk(self, out: DomainKeys, region: str, acc: Accepts, lead: str,
+              prefixes: set[str]) -> None:
+        """The names a vdelivermail/fastforward region accepts, as local parts; a name
+        that a longer prefix or an exact point routes elsewhere is left to that."""
+        if acc.everything:
+            return
+        deeper = any(len(q) > len(region) and q.startswith(region) for q in prefixes)
+        for i, (origin, names) in enumerate(acc.groups):
+            if not names:
+                continue
+            as_bytes = isinstance(names[0], bytes)
+            enc = (lambda t: t.encode(ENCODING, ERRORS)) if as_bytes else str
+            dec = (lambda b: b.decode(ENCODING, ERRORS)) if as_bytes else str
+            joined = (b"\n" if as_bytes else "\n").join(names)
+            if lead:
+                lead_ = enc(lead)
+                names = [w[len(lead_):] for w in names if w.startswith(lead_)]
+            if region:
+                region_ = enc(region)
+                names = [region_ + w for w in names]
+            # what the region does not decide: exact points, names that are -default
+            # keys, names under a longer -default prefix
+            skip = {enc(u) for u in out.exact}
+            if (b"-" if as_bytes else "-") in joined:
+                for u in names:
+                    s = dec(u)
+                    if "-" in s and (s.endswith("-default") or
+                                     (deeper and _under(s, region, prefixes))):
+                        skip.add(u)
+            keys = [u for u in names if u not in skip] if skip else list(names)
+            if acc.ext and i == 0:                   # the users, not their aliases
+                tail = enc("-default")
+                keys += [k + tail for k in keys if dec(k) + "-" not in out.prefix]
+            if keys:
+                out.bulk.append((origin, keys))
+
+
+def _starting(sorted_keys: list[str], prefix: str) -> list[str]:
+    lo = bisect.bisect_left(sorted_keys, prefix)
+    out = []
+    for k in sorted_keys[lo:]:
+        if not k.startswith(prefix):
+            break
+        out.append(k)
+    return out
+
+
+def _under(u: str, region: str, prefixes: set[str]) -> bool:
+    """Is ``u`` under a longer ``-default`` prefix than ``region``?"""
+    dash = u.rfind("-")
+    while dash >= len(region):
+        if u[:dash + 1] in prefixes:
+            return True
+        dash = u.rfind("-", 0, dash)
+    return False
+
+
+def fallback(local: str, prefix: dict[str, Answer], own: bool = False) -> Answer | None:
+    """The ``-default`` key (or ``@domain``) the checker decides ``local`` by when it has
+    no key of its own (``own``: ``local`` is itself a prefix, which does not count)."""
+    dash = local.rfind("-", 0, len(local) - 1) if own else local.rfind("-")
+    while dash != -1:
+        hit = prefix.get(local[:dash + 1])
+        if hit is not None:
+            return hit
+        dash = local.rfind("-", 0, dash)
+    return prefix.get("") if local else None
+
+
+def _redundant(ans: Answer, parent: Answer | None) -> bool:
+    """The checker would answer the same without the key: a refusal under a refusal (or
+    under nothing), an acceptance under an acceptance."""
+    return ans.ok == (parent is not None and parent.ok)
+
+
+def _prune(out: DomainKeys) -> None:
+    """Leave out the keys the checker would answer the same way without."""
+    prefix = out.prefix
+    drop_p = [p for p, a in prefix.items() if _redundant(a, fallback(p, prefix, own=True))]
+    drop_u = [u for u, a in out.exact.items() if _redundant(a, fallback(u, prefix))]
+    for u in drop_u:
+        del out.exact[u]
+    for p in drop_p:
+        del prefix[p]
