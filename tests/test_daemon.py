@@ -54,7 +54,7 @@ class Running:
 
     def __init__(self, tree: Tree, prefix: list[str] | None = None, **env: str):
         settings = dict(UPDATER_QUIET="0.3", UPDATER_MAX_DELAY="5", UPDATER_RETRY_MIN="0.5",
-                        UPDATER_RETRY_MAX="1")
+                        UPDATER_RETRY_MAX="1", UPDATER_MIN_INTERVAL="0")
         settings.update(env)
         self.proc = subprocess.Popen((prefix or []) + [script("qmail-updater"), "run"],
                                      env=tree.env(**settings), stderr=subprocess.PIPE, text=True)
@@ -112,7 +112,7 @@ def test_under_supervise_with_the_shipped_service_dir(tree: Tree, tmp_path: Path
     env = svcdir / "env"
     for name, value in dict(QMAIL_DIR=tree.qmail, VPOPMAIL_DIR=tree.vpop,
                             UPDATER_PASSWD=tree.root / "etc/passwd", UPDATER_QUIET="0.3",
-                            PATH=f"{BIN}:/usr/bin:/bin").items():
+                            UPDATER_MIN_INTERVAL="0", PATH=f"{BIN}:/usr/bin:/bin").items():
         (env / name).write_text(f"{value}\n")
     scan = subprocess.Popen([svscan, str(services)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -252,7 +252,7 @@ def test_fifo_path_that_is_a_file_at_start(tree: Tree, running):
     fifo.write_text("junk\n")
     r = running(UPDATER_FIFO_MODE="0620")
     assert fifo.is_fifo() and (fifo.stat().st_mode & 0o777) == 0o620
-    assert r.count("is not a FIFO: replacing it with one") == 1
+    assert r.count("is not our FIFO: replacing it with one") == 1
 
 
 # --------------------------------------------------------------------------- no daemon

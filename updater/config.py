@@ -70,6 +70,8 @@ OPTIONS: tuple[Opt, ...] = (
         "read accounts from this passwd-format file instead of the system database"),
     Opt("uid_min", "UPDATER_UID_MIN", _int, 500, "lowest uid of a mail account"),
     Opt("uid_max", "UPDATER_UID_MAX", _int, 65000, "highest uid of a mail account"),
+    Opt("max_file_size", "UPDATER_MAX_FILE_SIZE", _int, 1 << 30,
+        "largest file the generator reads (bytes): a bigger one fails the build"),
     Opt("qmail_ext", "UPDATER_QMAIL_EXT", _bool, False,
         "vpopmail built with --enable-qmail-ext: add user-default for every vpopmail user"),
     Opt("vuserinfo", "UPDATER_VUSERINFO", _bool, False,
@@ -131,11 +133,19 @@ OPTIONS: tuple[Opt, ...] = (
         "the cdb to install (default QMAIL_DIR/control/validrcptto.cdb)", group="install"),
     Opt("max_shrink", "UPDATER_MAX_SHRINK", _float, 20.0,
         "refuse a list that shrinks by more than this percentage (0 = no limit)", group="install"),
+    Opt("lock_timeout", "UPDATER_LOCK_TIMEOUT", _float, 60.0,
+        "seconds to wait for another build's lock before giving up", group="install"),
     # daemon
     Opt("fifo", "UPDATER_FIFO", _str, None,
         "trigger FIFO (default QMAIL_DIR/control/validrcptto.trigger)", group="daemon"),
-    Opt("fifo_mode", "UPDATER_FIFO_MODE", _mode, 0o622,
-        "octal mode of the trigger FIFO when it is created", group="daemon"),
+    Opt("fifo_mode", "UPDATER_FIFO_MODE", _mode, 0o620,
+        "octal mode of the trigger FIFO (set whenever the daemon opens it)", group="daemon"),
+    Opt("fifo_group", "UPDATER_FIFO_GROUP", _str, "vpopmail",
+        "group of the trigger FIFO, whose members (vpopmail's onchange hook) may write it "
+        "(empty, or a group that does not exist: the daemon's own group)", group="daemon"),
+    Opt("min_interval", "UPDATER_MIN_INTERVAL", _float, 30.0,
+        "seconds between two builds triggered through the FIFO (file changes: no floor)",
+        group="daemon"),
     Opt("quiet", "UPDATER_QUIET", _float, 2.0,
         "seconds without a new request before a build starts", group="daemon"),
     Opt("max_delay", "UPDATER_MAX_DELAY", _float, 30.0,
@@ -165,6 +175,7 @@ class Settings:
     passwd: str = ""
     uid_min: int = 500
     uid_max: int = 65000
+    max_file_size: int = 1 << 30
     qmail_ext: bool = False
     vuserinfo: bool = False
     include: str | None = None
@@ -193,8 +204,11 @@ class Settings:
     ldap_domains: str | None = None
     cdb: str | None = None
     max_shrink: float = 20.0
+    lock_timeout: float = 60.0
     fifo: str | None = None
-    fifo_mode: int = 0o622
+    fifo_mode: int = 0o620
+    fifo_group: str = "vpopmail"
+    min_interval: float = 30.0
     quiet: float = 2.0
     max_delay: float = 30.0
     interval: float = 3600.0

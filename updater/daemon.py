@@ -28,19 +28,25 @@ STOP = "stop"
 @dataclass
 class Debouncer:
     """A build is due once no request came for ``quiet`` seconds, or ``max_delay``
-    seconds after the first pending request, whichever is first."""
+    seconds after the first pending request, whichever is first.  When every pending
+    request came through the FIFO (which others may write), the build also waits until
+    ``floor`` seconds after the previous build started: a steady stream of triggers
+    costs at most one build per ``floor`` seconds, file changes keep their latency."""
     quiet: float
     max_delay: float
+    floor: float = 0.0
     first: float | None = None
     last: float | None = None
     reasons: list[str] = field(default_factory=list)
     now_please: bool = False
+    only_fifo: bool = True
 
-    def add(self, now: float, reason: str, immediate: bool = False) -> None:
+    def add(self, now: float, reason: str, immediate: bool = False, fifo: bool = False) -> None:
         if self.first is None:
             self.first = now
         self.last = now
         self.now_please = self.now_please or immediate
+        self.only_fifo = self.only_fifo and fifo
         if len(self.reasons) < 20:
             self.reasons.append(reason)
 
@@ -48,18 +54,22 @@ class Debouncer:
     def pending(self) -> bool:
         return self.first is not None
 
-    def due(self) -> float | None:
-        """The time the pending build is due, or None when nothing is pending."""
+    def due(self, last_build: float | None = None) -> float | None:
+        """The time the pending build is due, or None when nothing is pending
+        (``last_build``: when the previous build started)."""
         if self.first is None:
             return None
         if self.now_please:
             return self.first
-        return min(self.last + self.quiet, self.first + self.max_delay)
+        due = min(self.last + self.quiet, self.first + self.max_delay)
+        if self.only_fifo and last_build is not None:
+            due = max(due, last_build + self.floor)
+        return due
 
     def take(self) -> list[str]:
         reasons = self.reasons
         self.first = self.last = None
-        self.reasons, self.now_please = [], False
+        self.reasons, self.now_please, self.only_fifo = [], False, True
         return reasons
 
 
@@ -96,7 +106,9 @@ class Daemon:
         self.log = log
         # SimpleQueue.put is reentrant: the signal handlers may call it at any moment
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.debounce = Debouncer(settings.quiet, settings.max_delay)
+        self.debounce = Debouncer(settings.quiet, settings.max_delay, settings.min_interval)
+        self.stop_event = threading.Event()
+        self.build_started: float | None = None
         self.stopping = False
         self.failures = 0
         self.retry_at: float | None = None
@@ -107,31 +119,33 @@ class Daemon:
         self.polling = settings.poll > 0
         self.targets: dict = {}
         self.ignore = {os.path.abspath(p) for p in (
-            settings.cdb, settings.cdb + ".lock", settings.status, settings.fifo,
+            settings.cdb, settings.cdb + ".lock", settings.cdb + ".daemon", settings.status,
+            settings.fifo,
             settings.prom_file) if p}
 
     # ---- requests
-    def request(self, reason: str, immediate: bool = False) -> None:
-        self.requests.put((reason, immediate))
+    def request(self, reason: str, immediate: bool = False, fifo: bool = False) -> None:
+        self.requests.put((reason, immediate, fifo))
 
     def fifo_thread(self, reader: Reader) -> None:
         import select
         while not self.stopping:
+            if reader.fd < 0:                   # reported by the reader; retried there
+                time.sleep(1.0)
+                reader.check()
+                continue
             try:
                 ready, _, _ = select.select([reader.fd], [], [], 1.0)
                 if ready:
                     data = reader.read()
                     if data:
                         text = printable(data.strip().replace(b"\n", b"; ")[:200])
-                        self.request("fifo: " + (text or "(empty)"))
+                        self.request("fifo: " + (text or "(empty)"), fifo=True)
                 reader.check()
             except (OSError, ValueError) as err:
                 self.log(f"trigger FIFO error: {err}; reopening")
                 time.sleep(1)
-                try:
-                    reader.open()
-                except OSError as err2:
-                    self.log(f"cannot reopen the trigger FIFO: {err2}")
+                reader.open()
 
     # ---- watches
     def watch(self) -> None:
@@ -208,6 +222,7 @@ class Daemon:
         from .generate import generate
         from .install import install_result
         started = time.time()
+        self.build_started = time.monotonic()
         self.builds += 1
         why = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
         record = {"time": started, "reason": why, "builds": self.builds}
@@ -216,7 +231,8 @@ class Daemon:
             result = generate(self.s)
             for w in result.warnings:
                 lines.append(f"warning: {w}")
-            report = install_result(result, self.s.cdb, self.s, self.s.force)
+            report = install_result(result, self.s.cdb, self.s, self.s.force,
+                                    stop=self.stop_event)
         except Exception as err:            # a source error, or a bug: the daemon keeps running
             if not isinstance(err, UpdaterError):
                 err = f"internal error: {type(err).__name__}: {err}"
@@ -284,9 +300,18 @@ class Daemon:
 
     # ---- main loop
     def run(self) -> int:
-        reader = Reader(self.s.fifo, self.s.fifo_mode, self.log)
+        from .install import take_lock
+        try:                        # one daemon per tree: the second exits at once
+            self.instance = take_lock(self.s.cdb + ".daemon", 0, what="qmail-updater run")
+        except UpdaterError as err:
+            raise UpdaterError(f"{err}: exiting") from None
+        reader = Reader(self.s.fifo, self.s.fifo_mode, self.log, group=self.s.fifo_group)
+
+        def stop(n, f) -> None:
+            self.stop_event.set()
+            self.requests.put((STOP, True, False))
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda n, f: self.requests.put((STOP, True)))
+            signal.signal(sig, stop)
         for sig in (signal.SIGHUP, signal.SIGALRM):
             signal.signal(sig, lambda n, f: self.request(f"signal {signal.Signals(n).name}",
                                                          immediate=True))
@@ -297,12 +322,13 @@ class Daemon:
         self.build(["start"])
         while not self.stopping:
             now = time.monotonic()
-            deadlines = [d for d in (self.debounce.due(), self.retry_at) if d is not None]
+            deadlines = [d for d in (self.debounce.due(self.build_started), self.retry_at)
+                         if d is not None]
             if self.s.interval > 0:
                 deadlines.append(self.last_build + self.s.interval)
             timeout = max(0.0, min(deadlines) - now) if deadlines else 60.0
             try:
-                reason, immediate = self.requests.get(timeout=min(timeout, 60.0))
+                reason, immediate, fifo = self.requests.get(timeout=min(timeout, 60.0))
             except queue.Empty:
                 reason = None
             if reason == STOP:
@@ -310,14 +336,14 @@ class Daemon:
                 break
             now = time.monotonic()
             if reason is not None:
-                self.debounce.add(now, reason, immediate)
+                self.debounce.add(now, reason, immediate, fifo)
                 continue
             if self.observer is not None and not self.observer.is_alive():
                 self.log("the file watcher died; restarting it by polling")
                 self.polling = True
                 self.observer = None
                 self.watch()
-            due = self.debounce.due()
+            due = self.debounce.due(self.build_started)
             if due is not None and due <= now:
                 self.build(self.debounce.take())
             elif self.retry_at is not None and self.retry_at <= now:
@@ -326,6 +352,7 @@ class Daemon:
                 self.build(["safety net"])
         self.stop_watching()
         reader.close()
+        os.close(self.instance)
         self.log("stopped")
         return 0
 

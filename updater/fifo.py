@@ -43,38 +43,95 @@ def send(path: str, reason: str) -> str | None:
     return None
 
 
-class Reader:
-    """The daemon's end: created if missing, replaced if the path is not a FIFO,
-    recreated if deleted while we run."""
+def _group_id(group: str) -> int | None:
+    if not group:
+        return None
+    import grp
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
 
-    def __init__(self, path: str, mode: int, warn):
+
+class Reader:
+    """The daemon's end: created if missing (a regular file at the path is replaced),
+    recreated if deleted while we run, always with our mode and group.  A path we cannot
+    turn into a FIFO (a directory, say) is reported once and retried: the daemon keeps
+    running on file watches and the safety net meanwhile."""
+
+    RETRY = 30.0
+
+    def __init__(self, path: str, mode: int, warn, group: str = ""):
         self.path, self.mode, self.warn = path, mode, warn
+        self.gid = _group_id(group)
         self.fd = -1
         self.ino: tuple[int, int] | None = None
+        self.problem: str | None = None
+        self.retry_at = 0.0
         self.open()
 
-    def open(self) -> None:
+    def open(self) -> bool:
+        """(Re)open the FIFO; False (reported once) when it cannot be had."""
+        import time
+        try:
+            self._open()
+        except OSError as err:
+            problem = f"{self.path}: {err.strerror or err}"
+            if isinstance(err, IsADirectoryError) or (
+                    err.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EPERM)):
+                problem = f"{self.path} is a directory, not a FIFO"
+            if problem != self.problem:
+                self.warn(f"{problem}: no triggers until it is fixed (retrying every "
+                          f"{self.RETRY:g}s; file watches and the safety net go on)")
+            self.problem = problem
+            self.retry_at = time.monotonic() + self.RETRY
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.fd = -1
+            return False
+        if self.problem is not None:
+            self.warn(f"{self.path}: the trigger FIFO works again")
+        self.problem = None
+        return True
+
+    def _open(self) -> None:
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
             st = None
-        if st is not None and not stat.S_ISFIFO(st.st_mode):
-            self.warn(f"{self.path} is not a FIFO: replacing it with one")
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if st is not None and (not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid()):
+            self.warn(f"{self.path} is not our FIFO: replacing it with one")
             os.unlink(self.path)
             st = None
         if st is None:
-            os.mkfifo(self.path)
-            os.chmod(self.path, self.mode)          # exactly the mode, whatever the umask
+            os.mkfifo(self.path, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISFIFO(st.st_mode):
+                raise OSError(errno.EINVAL, "not a FIFO")
+            if self.gid is not None and st.st_gid != self.gid:
+                os.fchown(fd, -1, self.gid)
+            os.fchmod(fd, self.mode)            # exactly the mode, whatever the umask
+        except BaseException:
+            os.close(fd)
+            raise
         if self.fd >= 0:
             os.close(self.fd)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
-        st = os.fstat(self.fd)
+        self.fd = fd
         self.ino = (st.st_dev, st.st_ino)
 
     def check(self) -> None:
-        """Recreate the FIFO when its path was removed or replaced."""
+        """Recreate the FIFO when its path was removed or replaced; retry a broken one."""
+        import time
+        if self.fd < 0:
+            if time.monotonic() >= self.retry_at:
+                self.open()
+            return
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.path, follow_symlinks=False)
             same = (st.st_dev, st.st_ino) == self.ino and stat.S_ISFIFO(st.st_mode)
         except FileNotFoundError:
             same = False

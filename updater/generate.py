@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 from .config import Settings
 from .errors import SourceError
-from .qmail import (ENCODING, ERRORS, Account, MapEntry, UsersDb, accounts as load_accounts,
+from .qmail import (ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, accounts as load_accounts,
                     cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
                     parse_assign, parse_domain_map, read_text, read_users_cdb, users_db)
 from .routing import DomainKeys, Router
@@ -317,6 +317,7 @@ def sources(settings: Settings, plan: Plan, notes: Notes) -> Iterator[Found]:
 def generate(settings: Settings) -> Result:
     """The whole list, or a SourceError: never a partial list."""
     started = time.monotonic()
+    LIMITS["max_file_size"] = settings.max_file_size
     notes = Notes()
     plan, universe_ = plan_for(settings)
     handled = set(plan.local) | {d for d, _ in plan.virtual}

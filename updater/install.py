@@ -6,10 +6,12 @@ file; a refused or failed build leaves it untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import mmap
 import os
+import stat
 import struct
 import tempfile
 import time
@@ -242,19 +244,113 @@ def record_count(data: bytes) -> int | None:
     return sum(struct.unpack_from("<512L", data, 0)[1::2]) // 2
 
 
+LOCK_MODE = 0o600
+
+
+def open_lock(lock_path: str) -> int:
+    """Open (or create) a lock file only we can open: O_NOFOLLOW (a planted symlink is
+    refused), a regular file owned by our uid, mode 0600.  A lock file others could open
+    (an older version made it 0644: anyone could flock it and freeze every build) is
+    replaced by a new one, so a descriptor opened before does not hold the new lock."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    for _ in range(3):
+        try:
+            fd = os.open(lock_path, flags, LOCK_MODE)
+        except OSError as err:
+            why = "is a symbolic link" if err.errno == errno.ELOOP else err.strerror
+            raise InstallError(f"cannot open lock file: {why}", lock_path) from None
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and \
+                not st.st_mode & 0o077:
+            return fd
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InstallError("lock file is not a regular file: remove it", lock_path)
+        directory = os.path.dirname(lock_path) or "."
+        tmp_fd, tmp = tempfile.mkstemp(prefix=os.path.basename(lock_path) + ".", dir=directory)
+        os.close(tmp_fd)                       # mkstemp: 0600, ours
+        os.replace(tmp, lock_path)
+    raise InstallError("lock file keeps changing under us", lock_path)
+
+
+def lock_holder(fd: int) -> str:
+    """"pid N since HH:MM:SS", from what the holder wrote into the lock file."""
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").split()
+        pid, since = int(text[0]), float(text[1])
+        return f"pid {pid} since {time.strftime('%H:%M:%S', time.localtime(since))}"
+    except (OSError, ValueError, IndexError):
+        return "an unknown process"
+
+
+def take_lock(lock_path: str, timeout: float, stop=None, what: str = "build") -> int:
+    """An exclusive flock on ``lock_path``, waiting at most ``timeout`` seconds (and
+    giving up at once when ``stop`` is set: SIGTERM is honoured while we wait).  The
+    holder's pid and start time are written into the file for the next waiter's
+    message.  Returns the descriptor; closing it releases the lock."""
+    deadline = time.monotonic() + timeout
+    nap = 0.02
+    while True:
+        fd = open_lock(lock_path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if stop is not None and stop.is_set():
+                os.close(fd)
+                raise InstallError("stopping: gave up waiting for the lock", lock_path) from None
+            if time.monotonic() >= deadline:
+                holder = lock_holder(fd)
+                os.close(fd)
+                raise InstallError(f"another {what} holds the lock ({holder}); gave up after "
+                                   f"{timeout:g}s", lock_path) from None
+            os.close(fd)
+            time.sleep(nap)
+            nap = min(0.25, nap * 2)
+            continue
+        try:                                   # still the file at that name?
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path, follow_symlinks=False))
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {time.time():.0f}\n".encode(), 0)
+        return fd
+
+
 @contextlib.contextmanager
-def locked(path: str) -> Iterator[None]:
+def locked(path: str, timeout: float = 60.0, stop=None) -> Iterator[None]:
     """An exclusive lock beside the cdb, so two builders never interleave."""
-    lock_path = path + ".lock"
+    fd = take_lock(path + ".lock", timeout, stop)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, MODE)
-    except OSError as err:
-        raise InstallError(f"cannot open lock file: {err.strerror}", lock_path) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def check_target(path: str) -> None:
+    """The live cdb must be a regular file (or not exist yet) in a directory that not
+    everyone may write: a symlink is refused rather than followed or replaced."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as err:
+        raise InstallError(f"cannot stat: {err.strerror}", path) from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise InstallError("is a symbolic link: refusing to install through it (set "
+                           "VALIDRCPTTO_CDB to the real file)", path)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise InstallError("is not a regular file: refusing to replace it", path)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        dst = os.stat(directory)
+    except OSError as err:
+        raise InstallError(f"cannot use the directory: {err.strerror}", directory) from None
+    if dst.st_mode & 0o002 and not dst.st_mode & stat.S_ISVTX:
+        raise InstallError("directory is writable by everyone: refusing to install there",
+                           directory)
 
 
 def _temp_pattern(path: str) -> str:
@@ -347,26 +443,30 @@ def write_atomically(path: str, data) -> None:
         os.close(dfd)
 
 
-def install_result(result, path: str, settings, force: bool = False) -> Report:
+def install_result(result, path: str, settings, force: bool = False, stop=None) -> Report:
     """Install a ``generate.Result`` with the gate settings of ``settings``."""
     return install(result.sorted_keys(), path, rejects=result.rejects, present=result.keys,
-                   max_shrink=settings.max_shrink, force=force, domains=result.domains)
+                   max_shrink=settings.max_shrink, force=force, domains=result.domains,
+                   lock_timeout=settings.lock_timeout, stop=stop)
 
 
 def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
             present=None, max_shrink: float = 20.0, force: bool = False,
-            domains: frozenset[bytes] = frozenset()) -> Report:
+            domains: frozenset[bytes] = frozenset(), lock_timeout: float = 60.0,
+            stop=None) -> Report:
     """Install the sorted ``keys`` (``rejects`` get the value ``-``) at ``path`` if the
     file would change and the list passes the sanity gate (``domains``: the domains still
     served, none of which may lose all of its keys; ``present``: a fast container of the
     keys, if the caller has one).  Raises InstallRefused / InstallError, leaving ``path``
     alone."""
     started = time.monotonic()
+    check_target(path)
     try:
         image = make_cdb(keys, rejects)
     except OSError as err:
         raise InstallError(f"cannot build the cdb in memory: {err.strerror or err}", path) from None
-    with image, locked(path):
+    with image, locked(path, lock_timeout, stop):
+        check_target(path)
         remove_stale_temps(path)
         same = same_content(path, image)
         if same:

@@ -7,8 +7,10 @@ pure functions over lines; the ``read_*`` helpers are the only file I/O.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import stat
 from collections import namedtuple
 from typing import Iterable, Iterator, NamedTuple
 
@@ -28,17 +30,78 @@ def lower_ascii(text: str) -> str:
 
 # --------------------------------------------------------------------------- file I/O
 
-def read_text(path: str, *, required: bool = False) -> str | None:
-    """A whole file as text, or None when it does not exist (unless required)."""
+# The largest file the generator reads (UPDATER_MAX_FILE_SIZE; set by generate()).
+LIMITS = {"max_file_size": 1 << 30}
+
+
+class Unreadable(SourceError):
+    """Permission denied (as opposed to a file that is odd or broken)."""
+
+
+def open_checked(path: str, *, nofollow: bool = False, sized: bool = True) -> int | None:
+    """Open a file root reads on others' behalf: O_NONBLOCK (a FIFO planted under the
+    name never hangs the build), a regular file only, owned by root, by us or by the
+    owner of its directory (as qmail-local's owners are), and not larger than the limit.
+    ``nofollow``: a symlink is refused too (vpopmail never makes one).  None when the
+    file does not exist; otherwise a SourceError that never quotes the file."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    if nofollow:
+        flags |= os.O_NOFOLLOW
     try:
-        with open(path, encoding=ENCODING, errors=ERRORS) as f:
-            return f.read()
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        if required:
-            raise SourceError("missing", path) from None
         return None
     except OSError as err:
+        if nofollow and err.errno == errno.ELOOP:
+            raise SourceError("is a symbolic link: not read", path) from None
+        kind = Unreadable if err.errno in (errno.EACCES, errno.EPERM) else SourceError
+        raise kind(f"cannot read: {err.strerror}", path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError("is not a regular file: not read", path)
+        if st.st_uid not in (0, os.geteuid()):
+            try:
+                owner = os.stat(os.path.dirname(os.path.abspath(path))).st_uid
+            except OSError:
+                owner = None
+            if st.st_uid != owner:
+                raise SourceError(f"is owned by uid {st.st_uid}, neither root nor the owner "
+                                  "of its directory: not read", path)
+        limit = LIMITS["max_file_size"]
+        if sized and st.st_size > limit:
+            raise SourceError(f"is {st.st_size} bytes, more than UPDATER_MAX_FILE_SIZE "
+                              f"({limit}): not read", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_bytes(path: str, *, required: bool = False, nofollow: bool = False,
+               head: int | None = None) -> bytes | None:
+    """A whole file (checked by ``open_checked``), or None when it does not exist;
+    ``head``: only its first ``head`` bytes, whatever its size."""
+    fd = open_checked(path, nofollow=nofollow, sized=head is None)
+    if fd is None:
+        if required:
+            raise SourceError("missing", path)
+        return None
+    limit = LIMITS["max_file_size"] if head is None else head - 1
+    try:
+        with open(fd, "rb", closefd=True) as f:
+            data = f.read(limit + 1)
+    except OSError as err:
         raise SourceError(f"cannot read: {err.strerror}", path) from None
+    if len(data) > limit and head is None:
+        raise SourceError(f"grew past UPDATER_MAX_FILE_SIZE ({limit}) while read", path)
+    return data[:head] if head is not None else data
+
+
+def read_text(path: str, *, required: bool = False) -> str | None:
+    """A whole file as text, or None when it does not exist (unless required)."""
+    data = read_bytes(path, required=required)
+    return None if data is None else data.decode(ENCODING, ERRORS)
 
 
 def control_lines(text: str | None) -> list[tuple[int, str]]:
@@ -64,15 +127,21 @@ def first_line(path: str) -> str | None:
     return lines[0][1] if lines else None
 
 
-def cdb_keys(path: str, raw: bool = False) -> list[str] | list[bytes] | None:
+def cdb_keys(path: str, raw: bool = False, nofollow: bool = False
+             ) -> list[str] | list[bytes] | None:
     """Every key of a cdb file (as bytes if ``raw``), or None when it does not exist."""
     import cdbx
-    try:
-        db = cdbx.CDB(path)
-    except FileNotFoundError:
+    fd = open_checked(path, nofollow=nofollow)
+    if fd is None:
         return None
+    try:
+        db = cdbx.CDB(fd, close=True)
     except OSError as err:
+        os.close(fd)
         raise SourceError(f"cannot read cdb: {err.strerror or err}", path) from None
+    except Exception as err:
+        os.close(fd)
+        raise SourceError(f"corrupt cdb: {err}", path) from None
     try:
         return list(db) if raw else [k.decode(ENCODING, ERRORS) for k in db]
     except Exception as err:            # corrupt file: cdbx raises its own errors
@@ -195,12 +264,15 @@ def users_db(entries: list[Assign], source: str) -> UsersDb:
 def read_users_cdb(path: str) -> UsersDb | None:
     """users/cdb (what qmail-lspawn really reads), or None when it does not exist."""
     import cdbx
-    try:
-        db = cdbx.CDB(path)
-    except FileNotFoundError:
+    fd = open_checked(path)
+    if fd is None:
         return None
-    except OSError as err:
-        raise SourceError(f"cannot read cdb: {err.strerror or err}", path) from None
+    try:
+        db = cdbx.CDB(fd, close=True)
+    except Exception as err:
+        os.close(fd)
+        raise SourceError(f"cannot read cdb: {getattr(err, 'strerror', None) or err}",
+                          path) from None
     exact: dict[str, Assign] = {}
     prefix: dict[str, Assign] = {}
     wild = frozenset()

@@ -15,7 +15,9 @@ from typing import Callable
 
 from ..errors import SourceError
 from ..qmail import (Account, ENCODING, ERRORS, UsersDb, cdb_keys, fastforward_cdb, list_dir,
-                     read_text, runs)
+                     read_bytes, runs)
+
+HEAD = 1 << 20          # bytes of a .qmail file read to see what it runs
 from ..routing import Accepts, Rule
 from .vpopmail import check_names
 
@@ -91,7 +93,12 @@ class DiskView:
         hit = self._rules.get(path)
         if hit is not None:
             return hit
-        text = read_text(path)
+        try:                # what it runs is in its first lines; a user's odd file
+            data = read_bytes(path, head=HEAD)      # (FIFO, huge, not theirs) is skipped
+        except SourceError as err:
+            self.warn(f"{err} (taken as a file that delivers)")
+            data = None
+        text = data.decode(ENCODING, ERRORS) if data is not None else None
         args = runs(text, "vdelivermail")
         if args is not None:
             rule = Rule("vdelivermail", path, "bounce-no-mailbox" in args)

@@ -16,7 +16,7 @@ import re
 import subprocess
 
 from ..errors import SourceError
-from ..qmail import ENCODING, cdb_keys
+from ..qmail import ENCODING, Unreadable, cdb_keys, read_bytes
 
 _NAME = re.compile(rb"\n([^:\n]+):")      # a line's first field, if it has one
 _BAD = re.compile(rb"[\x00-\x20\x7f]")
@@ -58,19 +58,17 @@ def check_names(names: list[bytes], origin: str, warn) -> list[bytes]:
 def read_users(domain_dir: str, domain: str, vuserinfo: str | None) -> tuple[str, list[bytes]]:
     """(origin, lowercased user names) for one vpopmail domain."""
     path = os.path.join(domain_dir, "vpasswd")
+    denied = None
     try:
-        with open(path, "rb") as f:
-            return f"vpasswd {path}", parse_vpasswd(f.read(), path)
-    except FileNotFoundError:
-        denied = None
-    except PermissionError as err:
-        denied = SourceError(f"cannot read: {err.strerror}", path)
-    except OSError as err:
-        raise SourceError(f"cannot read: {err.strerror}", path) from None
+        data = read_bytes(path, nofollow=True)
+    except Unreadable as err:
+        denied, data = err, None
+    if data is not None:
+        return f"vpasswd {path}", parse_vpasswd(data, path)
     if denied is None:
         cdb_path = path + ".cdb"
         try:
-            keys = cdb_keys(cdb_path, raw=True)
+            keys = cdb_keys(cdb_path, raw=True, nofollow=True)
         except SourceError as err:
             if vuserinfo is None or not os.path.exists(cdb_path):
                 raise
