@@ -313,7 +313,8 @@ class Bench:
         fifo = os.path.join(self.root, "trigger")
         status = os.path.join(self.root, "status.json")
         env = {**env, "UPDATER_FIFO": fifo, "UPDATER_STATUS": status,
-               "UPDATER_QUIET": str(self.quiet), "UPDATER_MAX_DELAY": "30"}
+               "UPDATER_QUIET": str(self.quiet), "UPDATER_MAX_DELAY": "30",
+               "UPDATER_MIN_INTERVAL": "0"}   # the debounce alone, no FIFO floor
         log = open(os.path.join(self.root, "daemon.log"), "wb")
         daemon = subprocess.Popen(QU + ["run"], env=env, stderr=log, stdout=log)
         try:

@@ -199,6 +199,15 @@ def test_debouncer_rule():
     d.add(5, "now", immediate=True)
     assert d.due() == 5
     assert [backoff(n, 10, 600) for n in (1, 2, 3, 7, 8)] == [10, 20, 40, 600, 600]
+    # FIFO-only requests wait for the floor after the previous build; others do not
+    f = Debouncer(quiet=2, max_delay=30, floor=30)
+    f.add(100, "fifo: a", fifo=True)
+    assert f.due(last_build=90) == 120 and f.due(last_build=50) == 102
+    f.add(101, "modified vpasswd")
+    assert f.due(last_build=90) == 103
+    f.take()
+    f.add(200, "fifo: b", fifo=True)
+    assert f.due(last_build=195) == 225
 
 
 # --------------------------------------------------------------------------- watches
@@ -388,13 +397,20 @@ def test_fifo_flood_is_bounded_and_reasons_are_escaped(tree: Tree, running):
     """`cat /dev/zero > FIFO` as an unprivileged user: the daemon stays small and alive;
     terminal escapes written to the FIFO never reach the log or `status` raw."""
     setup_tree(tree)
-    r = running()
+    for p in [tree.root, *tree.root.parents]:          # reachable by other users
+        if p in (Path("/tmp"), Path("/")):
+            break
+        p.chmod(p.stat().st_mode | 0o711)
+    for p in (tree.root / "var", tree.qmail, tree.qmail / "control"):
+        p.chmod(0o755)
+    r = running(UPDATER_FIFO_GROUP="nogroup")           # the group the hook writes as
     fifo = tree.qmail / "control/validrcptto.trigger"
-    os.chmod(fifo, 0o666)
     flood = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                              "sh", "-c", f"exec cat /dev/zero > {fifo}"])
+                              "sh", "-c", f"exec cat /dev/zero > {fifo}"],
+                             stderr=subprocess.PIPE)
     try:
         time.sleep(3)
+        assert flood.poll() is None, flood.stderr.read()      # it is writing, not refused
         rss_kb = int(re.search(r"VmRSS:\s+(\d+)",
                                Path(f"/proc/{r.proc.pid}/status").read_text()).group(1))
     finally:

@@ -141,10 +141,11 @@ class Reader:
 
     def read(self, keep: int = 4096, drain: int = 1 << 20) -> bytes:
         """What was written since the last call (many writes coalesce into one request):
-        at most ``keep`` bytes are kept and at most ``drain`` bytes read per call, so a
-        writer that never stops (``cat /dev/zero > FIFO``) costs neither memory nor an
-        endless loop; the rest is read at the next wake-up."""
-        kept = bytearray()
+        the last ``keep`` bytes of at most ``drain`` bytes read per call, so a writer
+        that never stops (``cat /dev/zero > FIFO``) costs neither memory nor an endless
+        loop, and the newest trigger is the one kept; the rest is read at the next
+        wake-up.  NUL bytes carry nothing and are dropped."""
+        kept = b""
         total = 0
         while total < drain:
             try:
@@ -154,9 +155,10 @@ class Reader:
             if not chunk:
                 break
             total += len(chunk)
-            if len(kept) < keep:
-                kept += chunk[:keep - len(kept)]
-        return bytes(kept)
+            chunk = chunk.replace(b"\0", b"")
+            if chunk:
+                kept = (kept + chunk)[-keep:]
+        return kept
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -15,14 +15,14 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .config import Settings
 from .errors import SourceError
 from .qmail import (ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, accounts as load_accounts,
                     cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
                     parse_assign, parse_domain_map, read_text, read_users_cdb, users_db)
-from .routing import DomainKeys, Router
+from .routing import TAIL, DomainKeys, Router
 from .sources import Found, Notes, at
 from .sources.qmailtree import DiskView
 from .sources.site import site_entries
@@ -125,6 +125,15 @@ class Result:
     warnings: list[str]
     seconds: float = 0.0
     domains: frozenset[bytes] = frozenset()   # the domain universe (for the install gate)
+    user_origins: set[int] = field(default_factory=set)   # origins a local user controls
+    user_key: Callable[[bytes], bool] | None = None       # a key a local user controls?
+
+    def user_count(self) -> int:
+        """Keys a local user's own files decide (the install gate leaves them out)."""
+        if not self.user_origins:
+            return 0
+        own = self.user_origins
+        return sum(1 for i in self.keys.values() if i in own)
 
     def sorted_keys(self) -> list[bytes]:
         return sorted(self.keys)
@@ -148,11 +157,14 @@ def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Res
     without ``@`` there."""
     keys: dict[bytes, int] = {}
     origins: list[str] = []
+    user_origins: set[int] = set()
     denied: dict[bytes, int] = {}
     excluded: list[tuple[list[bytes], int]] = []
     for found in groups:
         index = len(origins)
         origins.append(found.origin)
+        if found.user:
+            user_origins.add(index)
         ks = found.keys if found.clean else normalise(found.keys, found.origin, notes)
         if found.reject:
             excluded.append((ks, index))
@@ -183,7 +195,7 @@ def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Res
                     keys[local] = keys[full]
                     if full in rejects:
                         rejects.add(local)
-    return Result(keys, origins, rejects, notes.warnings)
+    return Result(keys, origins, rejects, notes.warnings, user_origins=user_origins)
 
 
 # --------------------------------------------------------------------------- the build
@@ -258,23 +270,24 @@ def router_for(settings: Settings, notes: Notes, lazy: bool = False):
     view = DiskView(accts, users, settings.qmail_dir, notes.warn, users_of, aliases_of,
                     settings.qmail_ext, lazy)
     router = Router(users, view, accts, settings.uid_min, settings.uid_max, notes.warn)
-    return router, view, (db.close if db is not None else (lambda: None))
+    router.close = db.close if db is not None else (lambda: None)
+    return router, view
 
 
 def routed_keys(domain: str, keys: DomainKeys, notes: Notes) -> Iterator[Found]:
     """One domain's answers as Found groups: one per origin, refusals apart."""
-    groups: dict[tuple[str, bool], list[str]] = {}
+    groups: dict[tuple[str, bool, bool], list[str]] = {}
     for u, ans in keys.exact.items():
-        groups.setdefault((ans.origin, ans.ok), []).append(f"{u}@{domain}")
+        groups.setdefault((ans.origin, ans.ok, ans.user), []).append(f"{u}@{domain}")
     for p, ans in keys.prefix.items():
-        groups.setdefault((ans.origin, ans.ok), []).append(f"{p}default@{domain}" if p
-                                                           else "@" + domain)
+        groups.setdefault((ans.origin, ans.ok, ans.user), []).append(
+            f"{p}default@{domain}" if p else "@" + domain)
     root = keys.prefix.get("")
     if root is not None and root.ok:
         notes.warn(f"{root.origin} accepts every address at {domain}: @{domain} is a "
                    "catch-all")
-    for (origin, ok), ks in groups.items():
-        yield Found(origin, ks, deny=not ok)
+    for (origin, ok, user), ks in groups.items():
+        yield Found(origin, ks, deny=not ok, user=user)
     for origin, names in keys.bulk:
         yield Found(origin, at(names, domain), clean=bool(names) and isinstance(names[0], bytes))
     if not keys.bulk and not any(ans.ok for ans in keys.exact.values()) and \
@@ -283,14 +296,14 @@ def routed_keys(domain: str, keys: DomainKeys, notes: Notes) -> Iterator[Found]:
                    "~alias or bounces)")
 
 
-def sources(settings: Settings, plan: Plan, notes: Notes) -> Iterator[Found]:
+def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None = None
+            ) -> Iterator[Found]:
     """Every source, in a fixed order (the output does not depend on it: it is sorted)."""
     singles: dict[str, dict[str, str]] = {}
     for e in plan.singles:
         user, _, domain = e.left.rpartition("@")
         singles.setdefault(domain, {}).setdefault(user, lower_ascii(e.right) + "-" + user)
-    if plan.local or plan.virtual or plan.singles:
-        router, _view, close = router_for(settings, notes)
+    if router is not None:
         try:
             for domain in plan.local:
                 yield from routed_keys(domain, router.domain(domain, ""), notes)
@@ -305,7 +318,7 @@ def sources(settings: Settings, plan: Plan, notes: Notes) -> Iterator[Found]:
                     if not ans.ok or domain not in routed:     # routed: @domain says yes
                         yield Found(ans.origin, [f"{user}@{domain}"], deny=not ans.ok)
         finally:
-            close()
+            router.close()
     if plan.ldap:
         from .sources.ldap import ldap_entries
         yield from ldap_entries(settings, plan.ldap)
@@ -323,10 +336,34 @@ def generate(settings: Settings) -> Result:
     handled = set(plan.local) | {d for d, _ in plan.virtual}
     bare = first_line(settings.control("envnoathost")) or first_line(settings.control("me"))
     bare = lower_ascii(bare) if bare and lower_ascii(bare) in handled else None
-    result = merge(sources(settings, plan, notes), notes, bare)
+    router = None
+    if plan.local or plan.virtual or plan.singles:
+        router, _view = router_for(settings, notes)
+    result = merge(sources(settings, plan, notes, router), notes, bare)
     result.domains = frozenset(d.encode(ENCODING, ERRORS) for d in universe_)
+    if router is not None:
+        prepends = {d: "" for d in plan.local}
+        prepends.update((d, lower_ascii(e.right) + "-") for d, e in plan.virtual)
+        result.user_key = user_key_test(router, prepends, bare)
     result.seconds = time.monotonic() - started
     return result
+
+
+def user_key_test(router: Router, prepends: dict[str, str], bare: str | None):
+    """key -> whether a local user's own files decide it (for the install gate, which
+    must not be moved by what users create and delete in their homes)."""
+    def user_key(key: bytes) -> bool:
+        text = key.decode(ENCODING, ERRORS)
+        local, at, domain = text.rpartition("@")
+        if not at:
+            local, domain = text, bare
+        prepend = prepends.get(domain)
+        if prepend is None or not local:
+            return False
+        if local.endswith("-default"):
+            local = local[:-7] + TAIL
+        return router.user_owned(prepend + local)
+    return user_key
 
 
 # --------------------------------------------------------------------------- what to watch
@@ -357,7 +394,7 @@ def watch_targets(settings: Settings) -> dict[str, tuple[set[str], tuple[str, ..
     try:
         notes = Notes()
         plan, _ = plan_for(settings)
-        router, view, close = router_for(settings, notes, lazy=True)
+        router, view = router_for(settings, notes, lazy=True)
         try:
             add(view.alias_home(), (), (".qmail",))
             for domain in plan.local:
@@ -365,7 +402,7 @@ def watch_targets(settings: Settings) -> dict[str, tuple[set[str], tuple[str, ..
             for domain, entry in plan.virtual:
                 router.domain(domain, lower_ascii(entry.right) + "-")
         finally:
-            close()
+            router.close()
         for home, how in view.homes.items():
             if not how.startswith("account "):     # users' own homes: the FIFO's job
                 add(home, ("vpasswd", "vpasswd.cdb"), (".qmail",))

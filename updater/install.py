@@ -59,18 +59,23 @@ class Report:
         return "changes: " + " ".join(shown) + (f" (+{more} more)" if more > 0 else "")
 
 
-def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool) -> str | None:
-    """Why a new list must not replace the live one, or None (pure)."""
+def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool,
+         empty: bool | None = None, users: tuple[int, int] | None = None) -> str | None:
+    """Why a new list must not replace the live one, or None (pure).  The counts are of
+    the keys the admin controls; ``users``: (new, old) keys local users control, left
+    out of the counts; ``empty``: the whole new list is empty."""
     if force:
         return None
-    if new_count == 0:
+    if (new_count == 0) if empty is None else empty:
         return "refusing to install an empty list (--force installs it anyway)"
     if old_count and max_shrink > 0:
         shrink = (old_count - new_count) * 100.0 / old_count
         if shrink > max_shrink:
+            mine = f", not counting {users[1]} -> {users[0]} keys of local users' own " \
+                ".qmail files" if users and (users[0] or users[1]) else ""
             return (f"refusing to install: the list shrinks by {shrink:.1f}% "
-                    f"({old_count} -> {new_count} entries), more than the {max_shrink:g}% "
-                    "allowed (--max-shrink; --force installs it anyway)")
+                    f"({old_count} -> {new_count} entries{mine}), more than the "
+                    f"{max_shrink:g}% allowed (--max-shrink; --force installs it anyway)")
     return None
 
 
@@ -274,20 +279,38 @@ def open_lock(lock_path: str) -> int:
 
 
 def lock_holder(fd: int) -> str:
-    """"pid N since HH:MM:SS", from what the holder wrote into the lock file."""
+    """"pid N since HH:MM:SS" for whoever holds the flock on ``fd``'s file, from
+    /proc/locks and the holder's start time (nothing is written into the lock file, so
+    a build that changes nothing writes nothing)."""
     try:
-        text = os.pread(fd, 64, 0).decode("ascii", "replace").split()
-        pid, since = int(text[0]), float(text[1])
-        return f"pid {pid} since {time.strftime('%H:%M:%S', time.localtime(since))}"
-    except (OSError, ValueError, IndexError):
+        st = os.fstat(fd)
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and dev in fields:
+                    pid = int(fields[fields.index(dev) - 1])
+                    break
+            else:
+                return "an unknown process"
+    except (OSError, ValueError):
         return "an unknown process"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(x.split()[1]) for x in f if x.startswith("btime "))
+        since = boot + ticks / os.sysconf("SC_CLK_TCK")
+        return f"pid {pid} since {time.strftime('%H:%M:%S', time.localtime(since))}"
+    except (OSError, ValueError, IndexError, StopIteration):
+        return f"pid {pid}"
 
 
 def take_lock(lock_path: str, timeout: float, stop=None, what: str = "build") -> int:
     """An exclusive flock on ``lock_path``, waiting at most ``timeout`` seconds (and
     giving up at once when ``stop`` is set: SIGTERM is honoured while we wait).  The
-    holder's pid and start time are written into the file for the next waiter's
-    message.  Returns the descriptor; closing it releases the lock."""
+    refusal names the holder's pid and start time (from /proc/locks).  Returns the
+    descriptor; closing it releases the lock."""
     deadline = time.monotonic() + timeout
     nap = 0.02
     while True:
@@ -314,8 +337,6 @@ def take_lock(lock_path: str, timeout: float, stop=None, what: str = "build") ->
         if not same:
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {time.time():.0f}\n".encode(), 0)
         return fd
 
 
@@ -445,20 +466,23 @@ def write_atomically(path: str, data) -> None:
 
 def install_result(result, path: str, settings, force: bool = False, stop=None) -> Report:
     """Install a ``generate.Result`` with the gate settings of ``settings``."""
+    user_key = getattr(result, "user_key", None)
     return install(result.sorted_keys(), path, rejects=result.rejects, present=result.keys,
                    max_shrink=settings.max_shrink, force=force, domains=result.domains,
-                   lock_timeout=settings.lock_timeout, stop=stop)
+                   lock_timeout=settings.lock_timeout, stop=stop,
+                   user_keys=(result.user_count, user_key) if user_key else None)
 
 
 def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
             present=None, max_shrink: float = 20.0, force: bool = False,
             domains: frozenset[bytes] = frozenset(), lock_timeout: float = 60.0,
-            stop=None) -> Report:
+            stop=None, user_keys=None) -> Report:
     """Install the sorted ``keys`` (``rejects`` get the value ``-``) at ``path`` if the
     file would change and the list passes the sanity gate (``domains``: the domains still
     served, none of which may lose all of its keys; ``present``: a fast container of the
-    keys, if the caller has one).  Raises InstallRefused / InstallError, leaving ``path``
-    alone."""
+    keys, if the caller has one; ``user_keys``: (count of the new keys local users control,
+    test for one key) — the gate counts only the others).  Raises InstallRefused /
+    InstallError, leaving ``path`` alone."""
     started = time.monotonic()
     check_target(path)
     try:
@@ -472,13 +496,27 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
         if same:
             return Report(path, "unchanged", len(keys), seconds=time.monotonic() - started)
         old_count = record_count(live_header(path)) if same is not None else None
-        why = gate(len(keys), old_count, max_shrink, force)
-        if why:
-            raise InstallRefused(why, path)
         new = present if present is not None else set(keys)
+        if user_keys is None:
+            why = gate(len(keys), old_count, max_shrink, force)
+            if why:
+                raise InstallRefused(why, path)
         diff = compare_live(path, keys, new, rejects, image) if old_count is not None \
             else Changes(list(keys), [], [])
-        why = None if force else emptied(diff.removed, new, domains)
+        removed = diff.removed
+        if user_keys is not None:
+            # keys local users make in their own homes never move the gate
+            count, is_user = user_keys
+            new_user = count()
+            removed = [k for k in diff.removed if not is_user(k)]
+            old_user = new_user - sum(1 for k in diff.added if is_user(k)) + \
+                len(diff.removed) - len(removed)
+            why = gate(len(keys) - new_user, None if old_count is None else old_count - old_user,
+                       max_shrink, force, empty=len(keys) == 0,
+                       users=(new_user, old_user))
+            if why:
+                raise InstallRefused(why, path)
+        why = None if force else emptied(removed, new, domains)
         if why:
             raise InstallRefused(why, path)
         write_atomically(path, image)

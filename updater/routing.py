@@ -145,6 +145,7 @@ class View(Protocol):
 class Answer(NamedTuple):
     ok: bool
     origin: str
+    user: bool = False      # decided by a local user's own .qmail files (their home)
 
 
 @dataclass
@@ -201,22 +202,30 @@ class Router:
         t = self.target(local)
         if t.uid is not None and not (self.uid_min <= t.uid <= self.uid_max):
             return Answer(False, f"{t.how}: uid {t.uid} is outside the mail uid range")
+        user = t.uid is not None and t.dash != ""        # an extension in a user's home
         names = self.view.dotfiles(t.home, t.how)
         found = qmail_search(t.dash, t.ext, names)
         if found is None:
             if t.dash:
-                return Answer(False, f"no .qmail file in {t.home} ({t.how})")
+                return Answer(False, f"no .qmail file in {t.home} ({t.how})", user)
             return Answer(True, f"{t.how} ({t.home}): default delivery")
         name, at = found
         origin = f"{t.home}/{name}"
         if at is None:
-            return Answer(True, origin)
+            return Answer(True, origin, user)
         rule = self.view.rule(t.home, name)
         if rule.kind == "deliver" or (rule.kind == "vdelivermail" and not rule.bounce):
-            return Answer(True, origin)
+            return Answer(True, origin, user)
         default = lower_ascii(t.ext[at:])
         acc = self.view.accepts(rule, t.home, domain)
-        return Answer(accepted(acc, default), acc.origin)
+        return Answer(accepted(acc, default), acc.origin, user)
+
+    def user_owned(self, local: str) -> bool:
+        """Is local part ``local`` (after qmail-send) decided by a local user's own
+        files, i.e. an extension address in an account's home?  (``-default`` keys:
+        pass the prefix followed by TAIL.)"""
+        t = self.target(local)
+        return t.uid is not None and t.dash != ""
 
     # ---- one domain
     def domain(self, domain: str, prepend: str, singles: dict[str, str] | None = None

@@ -22,6 +22,7 @@ class Found:
     reject: bool = False             # written with the value "-" (site exclude file)
     clean: bool = False              # bytes keys already lowercased and checked
     deny: bool = False               # qmail would bounce these ("-" unless accepted elsewhere)
+    user: bool = False               # decided by a local user's own files (not the gate's)
 
 
 @dataclass(slots=True)
