@@ -306,6 +306,57 @@ class Bench:
         self.row(f"no-change rebuild, {fmt_n(n)}: time vs full rebuild", fmt_s(t),
                  fmt_s(self.full_rebuild_seconds), t / self.full_rebuild_seconds, "", None)
 
+    # ---- 4b. publishing to another MX
+    def bench_publish(self) -> None:
+        """Install -> visible on a receiver: `qmail-updater publish` of a cdb that changed
+        by one key to a local `rsync --daemon` (what the daemon runs after each install),
+        against `cp` of the same file (the floor: one local copy)."""
+        rsync = shutil.which("rsync")
+        n = self.sizes[-1]
+        if rsync is None:
+            self.row(f"publish to a receiver, {fmt_n(n)} keys (median)", "n/a", "n/a", None,
+                     "", None)
+            return
+        env = self.tree(n)
+        child(QU + ["build"], env)
+        recv = os.path.join(self.root, "receiver")
+        os.makedirs(recv)
+        conf = os.path.join(self.root, "rsyncd.conf")
+        with open(conf, "w") as f:
+            f.write(f"use chroot = false\n[mx]\npath = {recv}\nread only = false\n"
+                    f"uid = {os.getuid()}\ngid = {os.getgid()}\n")
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        daemon = subprocess.Popen([rsync, "--daemon", "--no-detach", "--address=127.0.0.1",
+                                   f"--port={port}", f"--config={conf}"])
+        try:
+            wait(lambda: _listening(port), 10, "rsync --daemon")
+            target = os.path.join(recv, "validrcptto.cdb")
+            penv = {**env, "UPDATER_PUBLISH": f"rsync://127.0.0.1:{port}/mx/validrcptto.cdb"}
+            child(QU + ["publish"], penv)
+            vpasswd = os.path.join(env["VPOPMAIL_DIR"], "domains",
+                                   trees.domain_dirs(env)[0][0], "vpasswd")
+            original = open(vpasswd, "rb").read()
+            times = []
+            for i in range(self.runs_for(n)):
+                with open(vpasswd, "ab") as f:
+                    f.write(b"pub%d:x:1:0::/d/p:NOQUOTA\n" % i)
+                child(QU + ["build"], env)                      # the install
+                times.append(child(QU + ["publish"], penv).seconds)
+                assert open(target, "rb").read() == open(env["VALIDRCPTTO_CDB"], "rb").read()
+            with open(vpasswd, "wb") as f:
+                f.write(original)
+            ours = statistics.median(times)
+            ref = median(lambda: child(["cp", env["VALIDRCPTTO_CDB"], target + ".cp"],
+                                       env).seconds, self.runs_for(n))
+        finally:
+            daemon.terminate()
+            daemon.wait()
+        self.row(f"install -> visible on a receiver (rsync), {fmt_n(n)} keys (median)",
+                 fmt_s(ours), fmt_s(ref), ours / ref, "", None)
+
     # ---- 5. the daemon
     def bench_daemon(self) -> None:
         n = self.sizes[1] if len(self.sizes) > 1 else self.sizes[0]
@@ -374,6 +425,12 @@ class Bench:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _listening(port: int) -> bool:
+    import socket
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
 
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items()
@@ -492,6 +549,7 @@ def main() -> None:
         bench.bench_write()
         bench.bench_checks()
         bench.bench_unchanged()
+        bench.bench_publish()
         bench.bench_daemon()
         bench.bench_memory()
     if args.out != "-":

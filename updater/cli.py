@@ -85,7 +85,15 @@ def cmd_build(args: "argparse.Namespace", settings: "config.Settings") -> int:
     log(report.line())
     if args.diff:
         out(report.diff_lines())
+    if settings.publish and report.status == "installed":
+        from .publish import publish_once
+        return publish_once(settings, settings.cdb, log)
     return EXIT_OK
+
+
+def cmd_publish(args: "argparse.Namespace", settings: "config.Settings") -> int:
+    from .publish import publish_once
+    return publish_once(settings, settings.cdb, log)
 
 
 def cmd_check(args: "argparse.Namespace", settings: "config.Settings") -> int:
@@ -139,8 +147,8 @@ def parser() -> "argparse.ArgumentParser":
                    help="plain keys (a rejecting key is followed by ' -'), or cdbmake input")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("build", help="generate and install validrcptto.cdb")
-    config.add_arguments(b, ("generate", "directory", "install"))
+    b = sub.add_parser("build", help="generate and install validrcptto.cdb (and publish it)")
+    config.add_arguments(b, ("generate", "directory", "install", "publish"))
     b.add_argument("--force", action="store_true", help="install even if the sanity gate refuses")
     b.add_argument("--diff", action="store_true", help="print added (+), removed (-) and "
                    "changed (~) keys")
@@ -159,8 +167,12 @@ def parser() -> "argparse.ArgumentParser":
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="the rebuild daemon (foreground, for supervise)")
-    config.add_arguments(r, ("generate", "directory", "install", "daemon"))
+    config.add_arguments(r, ("generate", "directory", "install", "daemon", "publish"))
     r.set_defaults(func=cmd_run)
+
+    pb = sub.add_parser("publish", help="push the live cdb to the other MX hosts now")
+    config.add_arguments(pb, ("install", "publish"))
+    pb.set_defaults(func=cmd_publish)
 
     t = sub.add_parser("trigger", help="ask the daemon for a build (never blocks)")
     t.add_argument("--fifo", help="the trigger FIFO [$UPDATER_FIFO]")
@@ -207,6 +219,17 @@ def cmd_status(args: "argparse.Namespace", settings: "config.Settings") -> int:
                 "%Y-%m-%d %H:%M:%S", time.localtime(st["last_success"])))
         if st.get("last_error"):
             lines.append(f"last error:   {shown(st['last_error'])}")
+        for spec, t in sorted((st.get("publish") or {}).items()):
+            if not isinstance(t, dict):
+                continue
+            state = "up to date" if t.get("up_to_date") else \
+                f"behind by {t.get('lag_seconds', 0)}s"
+            if isinstance(t.get("last_success"), (int, float)):
+                state += ", last success " + time.strftime(
+                    "%Y-%m-%d %H:%M:%S", time.localtime(t["last_success"]))
+            if t.get("last_error") and not t.get("up_to_date"):
+                state += f", last error: {shown(t['last_error'])}"
+            lines.append(f"publish:      {shown(spec)}: {state}")
         out(lines)
     return EXIT_FAIL if st.get("result") == "failed" else EXIT_OK
 

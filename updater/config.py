@@ -163,6 +163,23 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("poll", "UPDATER_POLL", _float, 0.0,
         "watch files by polling every N seconds instead of inotify (0 = inotify)",
         group="daemon"),
+    # publish to the other MX hosts
+    Opt("publish", "UPDATER_PUBLISH", _str, "",
+        "push each installed cdb to these targets: [user@]host:/path (ssh) or "
+        "rsync://host[:port]/module/path, separated by spaces or commas", group="publish"),
+    Opt("publish_timeout", "UPDATER_PUBLISH_TIMEOUT", _float, 30.0,
+        "seconds for connecting and for each rsync read or write (a push is killed after "
+        "twice this)", group="publish"),
+    Opt("rsync", "UPDATER_RSYNC", _str, "rsync", "the rsync program", group="publish"),
+    Opt("ssh_identity", "UPDATER_SSH_IDENTITY", _str, "",
+        "ssh private key for the ssh targets (default: ssh's own)", group="publish"),
+    Opt("ssh_known_hosts", "UPDATER_SSH_KNOWN_HOSTS", _str, "",
+        "known_hosts file with the targets' host keys (default: ssh's own); unknown hosts "
+        "are refused, never asked about", group="publish"),
+    Opt("ssh_port", "UPDATER_SSH_PORT", _int, 0, "ssh port (0: ssh's default)",
+        group="publish"),
+    Opt("rsync_password_file", "UPDATER_RSYNC_PASSWORD_FILE", _str, "",
+        "password file for rsync:// targets that need one", group="publish"),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -217,6 +234,13 @@ class Settings:
     status: str | None = None
     prom_file: str = ""
     poll: float = 0.0
+    publish: str = ""
+    publish_timeout: float = 30.0
+    rsync: str = "rsync"
+    ssh_identity: str = ""
+    ssh_known_hosts: str = ""
+    ssh_port: int = 0
+    rsync_password_file: str = ""
     force: bool = False
 
     def control(self, name: str) -> str:
@@ -245,6 +269,12 @@ class Settings:
             derived["fifo"] = self.control("validrcptto.trigger")
         if self.status is None:
             derived["status"] = self.control("validrcptto.status")
+        if self.publish:
+            from .publish import parse_targets
+            parse_targets(self.publish)                 # a malformed target: exit 2
+        if self.publish_timeout <= 0:
+            raise ConfigError(f"UPDATER_PUBLISH_TIMEOUT: must be positive, got "
+                              f"{self.publish_timeout}")
         if self.uid_min > self.uid_max:
             raise ConfigError(f"uid range is empty: {self.uid_min} > {self.uid_max}")
         return dataclasses.replace(self, **derived) if derived else self

@@ -21,6 +21,7 @@ from .errors import UpdaterError
 from .fifo import Reader
 
 STOP = "stop"
+STATUS = "\0status"           # a publish worker's news: rewrite the status file
 
 
 # --------------------------------------------------------------------------- rules (pure)
@@ -118,6 +119,12 @@ class Daemon:
         self.observer = None
         self.polling = settings.poll > 0
         self.targets: dict = {}
+        self.publisher = None
+        if settings.publish:
+            from .publish import Publisher, parse_targets
+            self.publisher = Publisher(settings, settings.cdb, log,
+                                       lambda: self.requests.put((STATUS, False, False)),
+                                       parse_targets(settings.publish))
         self.ignore = {os.path.abspath(p) for p in (
             settings.cdb, settings.cdb + ".lock", settings.cdb + ".daemon", settings.status,
             settings.fifo,
@@ -252,6 +259,10 @@ class Daemon:
             record.update(result=report.status, entries=report.entries, added=len(report.added),
                           removed=len(report.removed), error=None, failures=0,
                           last_success=started)
+            # every install goes out; so does the first list (a receiver may be stale)
+            if self.publisher is not None and (report.status == "installed" or
+                                               self.builds == 1):
+                self.publisher.installed()
         record["seconds"] = round(time.time() - started, 3)
         record["pending"] = self.requests.qsize()
         if "last_success" not in record and "last_success" in self.status:
@@ -269,6 +280,8 @@ class Daemon:
         self.watch()
 
     def write_status(self) -> None:
+        if self.publisher is not None:
+            self.status["publish"] = self.publisher.report()
         write_atomic(self.s.status, json.dumps(self.status, indent=1, sort_keys=True) + "\n")
         if self.s.prom_file:
             st = self.status
@@ -296,6 +309,22 @@ class Daemon:
                 "# TYPE qmail_updater_builds_total counter",
                 f"qmail_updater_builds_total {st['builds']}",
             ]
+            targets = st.get("publish") or {}
+            families = (
+                ("up_to_date", "gauge", "1 if the target holds the live list",
+                 lambda t: int(t["up_to_date"])),
+                ("lag_seconds", "gauge", "how long the target has been behind the live list",
+                 lambda t: t["lag_seconds"]),
+                ("last_success_timestamp_seconds", "gauge", "the last push that worked",
+                 lambda t: f"{t['last_success'] or 0:.3f}"),
+                ("failures", "gauge", "failed pushes since the last success",
+                 lambda t: t["failures"]))
+            for name, kind, text, value in families if targets else ():
+                lines += [f"# HELP qmail_updater_publish_{name} {text}",
+                          f"# TYPE qmail_updater_publish_{name} {kind}"]
+                for spec, t in sorted(targets.items()):
+                    label = spec.replace("\\", "\\\\").replace('"', '\\"')
+                    lines.append(f'qmail_updater_publish_{name}{{target="{label}"}} {value(t)}')
             write_atomic(self.s.prom_file, "\n".join(lines) + "\n")
 
     # ---- main loop
@@ -334,6 +363,13 @@ class Daemon:
             if reason == STOP:
                 self.stopping = True
                 break
+            if reason == STATUS:
+                if self.status:
+                    try:
+                        self.write_status()
+                    except OSError as err:
+                        self.log(f"cannot write the status file: {err}")
+                continue
             now = time.monotonic()
             if reason is not None:
                 self.debounce.add(now, reason, immediate, fifo)
@@ -351,6 +387,8 @@ class Daemon:
             elif self.s.interval > 0 and self.last_build + self.s.interval <= now:
                 self.build(["safety net"])
         self.stop_watching()
+        if self.publisher is not None:
+            self.publisher.stop()
         reader.close()
         os.close(self.instance)
         self.log("stopped")
