@@ -1,12 +1,20 @@
-"""validrcptto-smtpd --listen HOST:PORT: one asyncio event loop driving a
-``session.Session`` per connection (no threads, no select() fd limit).
+"""validrcptto-smtpd --listen HOST:PORT: the long-running server, the recommended
+deployment (no Python start-up per connection).
 
-Per connection it does what tcpserver + qmail-smtpd do: read the control files and
-open the cdb afresh (a renamed-in cdb takes effect at the next connection), set
-TCPREMOTEIP/TCPREMOTEPORT/TCPLOCALIP/TCPLOCALPORT, time out reads and writes after
-control/timeoutsmtpd, and stream DATA into qmail-queue.  ``--max-connections`` caps the
-sessions: past it, new clients get ``421`` and are closed.  accept() running out of
-descriptors is handled by asyncio (logged, retried after a pause), never fatal.
+One asyncio event loop per worker process drives a ``session.Session`` per connection
+(asyncio Protocols: no threads, no select() fd limit); ``--workers N`` processes share
+the port with SO_REUSEPORT.  Per connection it does what ``tcpserver -x RULES`` +
+qmail-smtpd do: tcpserver's rules (allow / deny / environment), the TCP* variables,
+qmail-smtpd's controls, a snapshot of validrcptto.cdb that nothing on disk can pull from
+under it (``cdbfile``), read and write time-outs (control/timeoutsmtpd), DATA streamed
+into qmail-queue.  Bounded: ``--max-connections`` in all and ``--max-per-ip`` per client
+(past either: ``421`` and close), a command line is at most 4 KiB, a read 64 KiB.  Out of
+descriptors on accept: one log line, accepting pauses a second, sessions go on.
+
+Lifecycle: bind (as root for port 25), then ``--user`` (its uid and gid, no
+supplementary groups); SIGHUP re-reads the controls and the rules; SIGTERM stops
+accepting, lets sessions finish for ``--grace`` seconds, then answers the rest ``421``
+between commands and closes them; exit 0.
 """
 
 from __future__ import annotations
@@ -14,20 +22,50 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 
 from . import session as S
-from .controls import Connection, ControlError, IpMe
+from .cdbfile import CdbCache
+from .controls import ControlError, IpMe, morercpthosts_path, read_controls
 
 PROG = "validrcptto-smtpd"
 READ_SIZE = 65536
 R_BUSY = b"421 too many connections, try again later (#4.3.2)\r\n"
+R_BUSY_IP = b"421 too many connections from your address, try again later (#4.3.2)\r\n"
+R_CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
+R_SHUTDOWN = b"421 service shutting down, closing connection (#4.3.2)\r\n"
 
 
 def log(text: str) -> None:
-    sys.stderr.write(f"{PROG}[{os.getpid()}]: {text}\n")
-    sys.stderr.flush()
+    try:
+        os.write(2, f"{PROG}[{os.getpid()}]: {text}\n".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+async def write_fd(fd: int, data: bytes) -> bool:
+    """Write all of ``data`` to a pipe from the event loop (no thread); False when the
+    reader went away."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+            continue
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        ready = loop.create_future()
+        loop.add_writer(fd, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(fd)
+    return True
 
 
 class AsyncQueue:
@@ -69,17 +107,7 @@ class AsyncQueue:
         if self.proc is not None:
             self.proc.stdin.close()
         if envelope is not None and self.proc is not None and not self.write_failed:
-            fd = self.env_w
-
-            def write_all() -> bool:
-                view = memoryview(envelope)
-                try:
-                    while view:
-                        view = view[os.write(fd, view):]
-                    return True
-                except OSError:
-                    return False
-            if not await asyncio.get_running_loop().run_in_executor(None, write_all):
+            if not await write_fd(self.env_w, envelope):
                 self.write_failed = True
         self._close_env()
         if self.proc is None:
@@ -100,150 +128,567 @@ class AsyncQueue:
             self.env_w = -1
 
 
-class Server:
-    def __init__(self, qmail_dir: str, env: dict[str, str], max_connections: int):
-        self.qmail_dir, self.env = qmail_dir, env
-        self.max = max_connections
-        self.active = 0
-        self.ipme = IpMe()
+class Limits:
+    """Connections in all and per client address, shared by the worker processes (a
+    lock and two counters in shared memory; addresses are hashed into slots, so a
+    collision can only make the per-address limit stricter)."""
+    SLOTS = 8192
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        peer = writer.get_extra_info("peername") or ("unknown", 0)
-        local = writer.get_extra_info("sockname") or ("unknown", 0)
-        if self.active >= self.max:
-            writer.write(R_BUSY)
-            await self._close(writer, 5)
+    def __init__(self, total: int, per_ip: int, workers: int):
+        import multiprocessing
+        self.total, self.per_ip = total, per_ip
+        self.lock = multiprocessing.Lock() if workers > 1 else None
+        self.count = multiprocessing.RawValue("i", 0) if workers > 1 else None
+        self.slots = multiprocessing.RawArray("i", self.SLOTS) if workers > 1 else None
+        self.local_count = 0
+        self.local_slots: dict[int, int] = {}
+
+    def take(self, ip: str) -> bytes | None:
+        """None when the connection may go on, else the reply that refuses it."""
+        slot = hash(ip) % self.SLOTS if self.slots is not None else ip
+        if self.lock is None:
+            if self.local_count >= self.total:
+                return R_BUSY
+            if self.per_ip and self.local_slots.get(slot, 0) >= self.per_ip:
+                return R_BUSY_IP
+            self.local_count += 1
+            self.local_slots[slot] = self.local_slots.get(slot, 0) + 1
+            return None
+        with self.lock:
+            if self.count.value >= self.total:
+                return R_BUSY
+            if self.per_ip and self.slots[slot] >= self.per_ip:
+                return R_BUSY_IP
+            self.count.value += 1
+            self.slots[slot] += 1
+        return None
+
+    def give(self, ip: str) -> None:
+        slot = hash(ip) % self.SLOTS if self.slots is not None else ip
+        if self.lock is None:
+            self.local_count -= 1
+            n = self.local_slots.get(slot, 0) - 1
+            if n > 0:
+                self.local_slots[slot] = n
+            else:
+                self.local_slots.pop(slot, None)
             return
-        self.active += 1
-        try:
-            await self.session(reader, writer, peer, local)
-        except Exception as err:                          # never takes the server down
-            log(f"session {peer[0]} ended by {type(err).__name__}: {err}")
-        finally:
-            self.active -= 1
-            await self._close(writer, 5)
+        with self.lock:
+            self.count.value -= 1
+            self.slots[slot] -= 1
 
-    async def _close(self, writer, timeout: float) -> None:
-        try:
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), timeout)
-        except (OSError, asyncio.TimeoutError):
-            writer.transport.abort()
 
-    async def session(self, reader, writer, peer, local) -> None:
-        env = dict(self.env)
-        env.update(TCPREMOTEIP=peer[0], TCPREMOTEPORT=str(peer[1]),
-                   TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]))
+class Worker:
+    """One process's state: the cached controls, cdb snapshots, rules; the sessions."""
+
+    def __init__(self, opts: "Options", limits: Limits):
+        self.o, self.limits = opts, limits
+        self.ipme = IpMe()
+        self.base_env = {k: v for k, v in os.environ.items()
+                         if not k.startswith("TCP") and k != "RELAYCLIENT"}
+        self.controls = None
+        self.cdbs: dict[str, CdbCache] = {}
+        self.rules = CdbCache(opts.rules, log) if opts.rules else None
+        self.sessions: set[SmtpProtocol] = set()
+        self.stopping = False
+        self.grace_over = False
+        self.serial = 0
+
+    def reload(self) -> None:
+        """SIGHUP: controls and rules are read again at the next connection."""
+        self.controls = None
+        for c in self.cdbs.values():
+            c.forget()
+        if self.rules is not None:
+            self.rules.forget()
+        log("SIGHUP: re-reading controls and rules")
+
+    def cdb(self, path: str):
+        cache = self.cdbs.get(path)
+        if cache is None:
+            cache = self.cdbs[path] = CdbCache(path, log)
+        return cache.current()
+
+    def setup(self, env: dict):
+        """qmail-smtpd's setup(): (controls, validrcptto, morercpthosts); ControlError."""
         try:
-            conn = Connection(self.qmail_dir, env, self.ipme)
+            if self.controls is None:
+                self.controls = read_controls(self.o.qmail_dir, {})
+            controls = self.controls
+            if env.get("DATABYTES") is not None:
+                databytes = S.scan_ulong(env["DATABYTES"]) & 0xFFFFFFFF
+                controls = controls._replace(databytes=databytes - (databytes == 0xFFFFFFFF))
+            cdb = self.cdb(env["VALIDRCPTTO_CDB"]) if env.get("VALIDRCPTTO_CDB") else None
+            more = None
+            if controls.rcpthosts is not None:
+                try:
+                    more = self.cdb(morercpthosts_path(self.o.qmail_dir))
+                except FileNotFoundError:
+                    more = None
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            raise ControlError(f"{where}{err.strerror or err}") from None
+        return controls, cdb, more
+
+
+class SmtpProtocol(asyncio.Protocol):
+    def __init__(self, worker: Worker):
+        self.w = worker
+        self.loop = asyncio.get_running_loop()
+        self.transport = None
+        self.session: S.Session | None = None
+        self.timer = None
+        self.write_timer = None
+        self.queue: AsyncQueue | None = None
+        self.backlog: list[bytes] = []        # input that came while the queue was busy
+        self.task = None
+        self.ip = "?"
+        self.counted = False
+        self.id = 0
+        self.done = False
+
+    # ---- connection
+    def connection_made(self, transport) -> None:
+        try:
+            self._connection_made(transport)
+        except Exception as err:                 # a bug: this connection ends, not us
+            log(f"session {self.ip} ended by {type(err).__name__}: {err}")
+            transport.abort()
+
+    def _connection_made(self, transport) -> None:
+        w = self.w
+        self.transport = transport
+        w.serial += 1
+        self.id = w.serial
+        peer = transport.get_extra_info("peername") or ("unknown", 0)
+        local = transport.get_extra_info("sockname") or ("unknown", 0)
+        self.ip = ip = peer[0]
+        if ip.startswith("::ffff:") and "." in ip:
+            self.ip = ip = ip[7:]
+        where = f"{local[0]}:{local[1]} {ip}:{peer[1]}"
+        env = dict(w.base_env)
+        if w.rules is not None:
+            from .tcprules import lookup
+            try:
+                rule = lookup(w.rules.current(), ip)
+            except OSError as err:           # tcpserver drops the connection, and logs
+                log(f"deny {self.id} {where}: cannot read rules: {err.strerror or err}")
+                transport.abort()
+                return
+            if not rule.allow:
+                if w.o.verbose:
+                    log(f"deny {self.id} {where}")
+                transport.abort()
+                return
+            for k, v in rule.env.items():
+                if v is None:
+                    env.pop(k, None)
+                else:
+                    env[k] = v
+        refusal = w.limits.take(ip)
+        if refusal is not None:
+            if w.o.verbose:
+                log(f"busy {self.id} {where}")
+            transport.write(refusal)
+            transport.close()
+            return
+        self.counted = True
+        w.sessions.add(self)
+        env.update(TCPREMOTEIP=ip, TCPREMOTEPORT=str(peer[1]), TCPLOCALIP=local[0],
+                   TCPLOCALPORT=str(local[1]))
+        if w.o.local_name:
+            env["TCPLOCALHOST"] = w.o.local_name
+        if w.o.verbose:
+            log(f"ok {self.id} {where}")
+        try:
+            controls, cdb, more = w.setup(env)
         except ControlError as err:
             log(f"unable to read controls: {err}")
-            writer.write(b"421 unable to read controls (#4.3.0)\r\n")
+            transport.write(R_CONTROLS)
+            self.finish()
             return
-        try:
-            await self.converse(reader, writer, conn)
-        finally:
-            conn.close()
+        self.timeout = controls.timeout
+        self.session = S.Session(controls, S.peer_from_env(env), S.policy_from_env(env),
+                                 validrcptto=cdb, morercpthosts=more, ipme=w.ipme,
+                                 clock=time.time, monotonic=time.monotonic)
+        self.program = env.get("QMAILQUEUE") or os.path.join(w.o.qmail_dir, "bin", "qmail-queue")
+        self.run(self.session.start())
 
-    async def converse(self, reader, writer, conn: Connection) -> None:
-        session, program = conn.session, conn.queue_program
-        timeout = conn.controls.timeout
-        queue: AsyncQueue | None = None
-        pending = session.start()
+    def connection_lost(self, exc) -> None:
+        self.done = True
+        self._cancel_timers()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        elif self.queue is not None:
+            asyncio.ensure_future(self.queue.abort())
+            self.queue = None
+        if self.counted:
+            self.counted = False
+            self.w.limits.give(self.ip)
+            self.w.sessions.discard(self)
+            if self.w.o.verbose:
+                ok = self.session is not None and self.session.quit
+                log(f"end {self.id} status {0 if ok else 1}")
+
+    def finish(self) -> None:
+        self._cancel_timers()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _cancel_timers(self) -> None:
+        for t in (self.timer, self.write_timer):
+            if t is not None:
+                t.cancel()
+        self.timer = self.write_timer = None
+
+    # ---- input
+    def data_received(self, data: bytes) -> None:
         try:
-            while True:
-                while pending:
-                    ev = pending.pop(0)
-                    kind = type(ev)
-                    if kind is S.Reply:
-                        writer.write(ev.data)
-                    elif kind is S.QueueData:
-                        await queue.put(ev.data)
-                    elif kind is S.Log:
-                        log(ev.text)
-                    elif kind is S.QueueOpen:
-                        queue = AsyncQueue(program, self.qmail_dir)
-                        pending[:0] = session.queue_opened(await queue.start())
-                    elif kind is S.QueueClose:
-                        await asyncio.wait_for(writer.drain(), timeout)
-                        status, failed = await queue.close(ev.envelope)
-                        queue = None
-                        pending[:0] = session.queue_closed(status, failed)
-                    elif kind is S.QueueAbort:
-                        if queue is not None:
-                            await queue.abort()
-                            queue = None
-                    elif kind is S.Close:
-                        await asyncio.wait_for(writer.drain(), timeout)
-                        return
-                await asyncio.wait_for(writer.drain(), timeout)
-                left = session.deadline - time.monotonic()
-                try:
-                    data = await asyncio.wait_for(reader.read(READ_SIZE), max(left, 0))
-                except asyncio.TimeoutError:
-                    pending = session.check_timeout()
-                    continue
-                except OSError:
-                    data = b""
-                pending = session.receive_data(data)
+            self._data_received(data)
+        except Exception as err:                 # a bug: this connection ends, not us
+            log(f"session {self.ip} ended by {type(err).__name__}: {err}")
+            self.transport.abort()
+
+    def _data_received(self, data: bytes) -> None:
+        if self.session is None or self.done:
+            return
+        if self.task is not None:               # the queue is busy: hold it
+            self.backlog.append(data)
+            self.transport.pause_reading()
+            return
+        self.run(self.session.receive_data(data))
+
+    def eof_received(self):
+        if self.session is not None and self.task is None:
+            self.run(self.session.receive_data(b""))
+        elif self.task is not None:
+            self.backlog.append(b"")
+        return False
+
+    def on_timeout(self) -> None:
+        self.timer = None
+        if self.session is not None and self.task is None and not self.done:
+            self.run(self.session.check_timeout())
+
+    # ---- output
+    def pause_writing(self) -> None:
+        # the client does not read: drop it if that lasts the whole time-out (qmail)
+        if self.write_timer is None:
+            self.write_timer = self.loop.call_later(self.timeout, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+
+    # ---- the session's events
+    def run(self, events: list) -> None:
+        """Carry out the events; the queue's are awaited in a task, input held meanwhile."""
+        while events:
+            ev = events.pop(0)
+            kind = type(ev)
+            if kind is S.Reply:
+                self.transport.write(ev.data)
+            elif kind is S.Log:
+                log(ev.text)
+            elif kind is S.Close:
+                self.finish()
+                return
+            else:
+                events.insert(0, ev)
+                self.task = self.loop.create_task(self.run_queue(events))
+                return
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.w.stopping and self.w.grace_over and self.session.idle():
+            self.transport.write(R_SHUTDOWN)
+            self.finish()
+            return
+        self.timer = self.loop.call_at(self.loop.time() + max(
+            0.0, self.session.deadline - time.monotonic()), self.on_timeout)
+
+    async def run_queue(self, events: list) -> None:
+        try:
+            await self._run_queue(events)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:                 # a bug: this connection ends, not us
+            log(f"session {self.ip} ended by {type(err).__name__}: {err}")
+            self.task = None
+            if self.queue is not None:
+                await self.queue.abort()
+                self.queue = None
+            self.transport.abort()
+
+    async def _run_queue(self, events: list) -> None:
+        try:
+            while events:
+                ev = events.pop(0)
+                kind = type(ev)
+                if kind is S.Reply:
+                    self.transport.write(ev.data)
+                elif kind is S.Log:
+                    log(ev.text)
+                elif kind is S.Close:
+                    self.finish()
+                    return
+                elif kind is S.QueueData:
+                    await self.queue.put(ev.data)
+                elif kind is S.QueueOpen:
+                    self.queue = AsyncQueue(self.program, self.w.o.qmail_dir)
+                    events[:0] = self.session.queue_opened(await self.queue.start())
+                elif kind is S.QueueClose:
+                    status, failed = await self.queue.close(ev.envelope)
+                    self.queue = None
+                    events[:0] = self.session.queue_closed(status, failed)
+                elif kind is S.QueueAbort:
+                    if self.queue is not None:
+                        await self.queue.abort()
+                        self.queue = None
+                if not events and self.backlog:
+                    events = self.session.receive_data(self.backlog.pop(0))
+        except asyncio.CancelledError:
+            if self.queue is not None:
+                await self.queue.abort()
+                self.queue = None
+            raise
         finally:
-            if queue is not None:
-                await queue.abort()
+            self.task = None
+        if self.done:
+            return
+        if self.backlog:
+            rest = self.backlog
+            self.backlog = []
+            for data in rest:
+                if self.task is not None or self.done:
+                    self.backlog.append(data)
+                    continue
+                self.run(self.session.receive_data(data))
+        if not self.done and self.task is None:
+            self.transport.resume_reading()
+            self.run([])
+
+    def shut_down(self) -> None:
+        """The grace period is over: 421 between commands, or after the reply owed."""
+        if self.done or self.session is None:
+            return
+        if self.task is None and self.session.idle():
+            self.transport.write(R_SHUTDOWN)
+            self.finish()
+        # a session in the middle of a command or a message gets its reply first, then
+        # run() ends it
+
+
+class Options:
+    def __init__(self):
+        self.qmail_dir = os.environ.get("QMAIL_DIR") or "/var/qmail"
+        self.listen: str | None = None
+        self.max_connections = 500
+        self.max_per_ip = 20
+        self.rules = ""
+        self.user = ""
+        self.workers = 1
+        self.grace = 10.0
+        self.verbose = True
+        self.local_name = ""
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
-async def serve(qmail_dir: str, listen: str, max_connections: int) -> None:
-    host, port = parse_listen(listen)
-    srv = Server(qmail_dir, dict(os.environ), max_connections)
-    server = await asyncio.start_server(srv.handle, host, port, limit=READ_SIZE,
-                                        reuse_address=True, backlog=256)
-    addr = server.sockets[0].getsockname()
+def bind(opts: Options, reuse_port: bool) -> socket.socket:
+    host, port = parse_listen(opts.listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6 and host == "::":
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def drop_privileges(user: str) -> None:
+    import pwd
+    pw = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+
+
+async def serve(opts: Options, sock: socket.socket, limits: Limits) -> None:
+    loop = asyncio.get_running_loop()
+    worker = Worker(opts, limits)
+    warned = [0.0]
+
+    def on_error(loop, context) -> None:        # one line, never a traceback
+        msg = context.get("message", "")
+        exc = context.get("exception")
+        if "out of system resource" in msg:
+            now = time.monotonic()
+            if now - warned[0] > 60:
+                warned[0] = now
+                log(f"accept: {exc}; pausing accepts for a second (sessions go on)")
+            return
+        log(f"{msg}: {type(exc).__name__ if exc else ''} {exc or ''}".strip())
+    loop.set_exception_handler(on_error)
+    server = await loop.create_server(lambda: SmtpProtocol(worker), sock=sock)
+    addr = sock.getsockname()
     log(f"listening on {addr[0]}:{addr[1]}")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload)
+    await stop.wait()
+    server.close()                              # no new connections
+    worker.stopping = True
+    log(f"SIGTERM: not accepting; {len(worker.sessions)} sessions have {opts.grace:g}s")
+    deadline = loop.time() + opts.grace
+    while worker.sessions and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    worker.grace_over = True
+    for p in list(worker.sessions):
+        p.shut_down()
+    deadline = loop.time() + 30                  # sessions owed a reply after a message
+    while worker.sessions and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for p in list(worker.sessions):
+        p.transport.abort()
     log("stopped")
 
 
-USAGE = ("usage: validrcptto-smtpd --listen HOST:PORT [--qmail-dir DIR] "
-         "[--max-connections N]\n")
+def run_worker(opts: Options, sock: socket.socket, limits: Limits) -> int:
+    try:
+        asyncio.run(serve(opts, sock, limits))
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
-def main(argv: list[str]) -> None:
-    qmail_dir = os.environ.get("QMAIL_DIR") or "/var/qmail"
-    listen = None
-    max_connections = 500
+def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits) -> int:
+    """The parent of ``--workers N``: starts them, restarts one that dies, passes
+    SIGTERM and SIGHUP on, and exits 0 once all have stopped after SIGTERM."""
+    children: dict[int, int] = {}                    # pid -> index of its socket
+    stopping = [False]
+
+    def start(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            for j, s in enumerate(socks):
+                if j != i:
+                    s.close()
+            os._exit(run_worker(opts, socks[i], limits))
+        children[pid] = i
+
+    def forward(sig, frame) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping[0] = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+            except ProcessLookupError:
+                pass
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for i in range(len(socks)):
+        start(i)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        i = children.pop(pid, None)
+        if i is not None and not stopping[0]:
+            log(f"worker {pid} ended ({status}); starting another")
+            time.sleep(0.5)
+            start(i)
+    log("stopped")
+    return 0
+
+
+USAGE = ("usage: validrcptto-smtpd --listen HOST:PORT [--qmail-dir DIR] [--rules CDB]\n"
+         "  [--max-connections N] [--max-per-ip N] [--workers N] [--user NAME]\n"
+         "  [--grace SECONDS] [--local-name NAME] [--quiet]\n")
+
+VALUED = {"--qmail-dir": "qmail_dir", "--listen": "listen", "--max-connections":
+          "max_connections", "--max-per-ip": "max_per_ip", "--rules": "rules",
+          "--user": "user", "--workers": "workers", "--grace": "grace",
+          "--local-name": "local_name"}
+
+
+def parse_args(argv: list[str]) -> Options:
+    opts = Options()
     i = 0
     while i < len(argv):
         a = argv[i]
         name, eq, value = a.partition("=")
-        if name in ("--qmail-dir", "--listen", "--max-connections"):
+        if name == "--quiet" and not eq:
+            opts.verbose = False
+        elif name in VALUED:
             if not eq:
                 if i + 1 >= len(argv):
-                    sys.stderr.write(f"{PROG}: {name} needs a value\n" + USAGE)
-                    sys.exit(2)
+                    raise ValueError(f"{name} needs a value")
                 value, i = argv[i + 1], i + 1
-            if name == "--qmail-dir":
-                qmail_dir = value
-            elif name == "--listen":
-                listen = value
-            else:
-                max_connections = S.scan_ulong(value) or 1
-            i += 1
+            attr = VALUED[name]
+            if attr in ("max_connections", "max_per_ip", "workers"):
+                if not value.isdigit():
+                    raise ValueError(f"{name}: not a number: {value!r}")
+                value = int(value)
+            elif attr == "grace":
+                value = float(value)
+            setattr(opts, attr, value)
         else:
-            sys.stderr.write(f"{PROG}: bad argument {a!r}\n" + USAGE)
-            sys.exit(2)
+            raise ValueError(f"bad argument {a!r}")
+        i += 1
+    if not opts.listen:
+        raise ValueError("--listen HOST:PORT is required")
+    if opts.workers == 0:
+        opts.workers = os.cpu_count() or 1
+    opts.max_connections = max(1, opts.max_connections)
+    if not opts.local_name:
+        try:
+            from .controls import readline
+            me = readline(os.path.join(opts.qmail_dir, "control", "me"))
+            opts.local_name = me.decode("utf-8", "surrogateescape") if me else ""
+        except ControlError:
+            opts.local_name = ""
+    return opts
+
+
+def main(argv: list[str]) -> None:
     try:
-        asyncio.run(serve(qmail_dir, listen, max_connections))
-    except KeyboardInterrupt:
-        pass
+        opts = parse_args(argv)
+    except ValueError as err:
+        sys.stderr.write(f"{PROG}: {err}\n" + USAGE)
+        sys.exit(2)
+    try:
+        socks = [bind(opts, opts.workers > 1) for _ in range(opts.workers)]
     except (OSError, ValueError) as err:
-        sys.stderr.write(f"{PROG}: cannot listen on {listen}: {err}\n")
+        sys.stderr.write(f"{PROG}: cannot listen on {opts.listen}: {err}\n")
         sys.exit(111)
+    limits = Limits(opts.max_connections, opts.max_per_ip, opts.workers)
+    # everything a session needs is loaded while we may still read it: after --user,
+    # the Python installation (root's, often) may be out of reach
+    import cdbx  # noqa: F401
+    import concurrent.futures.thread  # noqa: F401
+    from . import cdbfile, queue, tcprules  # noqa: F401
+    if opts.user:
+        try:
+            drop_privileges(opts.user)
+        except (KeyError, OSError) as err:
+            sys.stderr.write(f"{PROG}: cannot become {opts.user}: {err}\n")
+            sys.exit(111)
+    if opts.workers == 1:
+        sys.exit(run_worker(opts, socks[0], limits))
+    sys.exit(supervise_workers(opts, socks, limits))

@@ -488,6 +488,11 @@ class Session:
     def closed(self) -> bool:
         return self.mode == _DONE
 
+    def idle(self) -> bool:
+        """Between commands: every reply owed has been given, no command half read, no
+        message in progress (a server shutting down may say 421 now)."""
+        return self.mode == _CMD and not self.buf and not self.discarding
+
     def start(self) -> list:
         return [Reply(b"220 " + self.c.greeting + b" ESMTP\r\n")]
 

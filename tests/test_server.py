@@ -1,0 +1,369 @@
+"""validrcptto-smtpd --listen as a production server: tcpserver's rules (compiled by the
+real tcprules), limits, running out of descriptors, the cdb changing under open
+sessions, SIGTERM draining, SIGHUP, privileges, workers, and the shipped service dir
+under supervise."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, need, script
+from smtp_helpers import T1, free_port, make_cdb, smtp_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return smtp_tree(tmp_path)
+
+
+class Server:
+    def __init__(self, env: dict, *args: str, nofile: int | None = None):
+        self.port = free_port()
+        self.lines: list[str] = []
+
+        def limit():
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        self.proc = subprocess.Popen([script("validrcptto-smtpd"), "--listen",
+                                      f"127.0.0.1:{self.port}", *args], env=env,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + 15
+        while not any("listening on" in x for x in self.lines):
+            assert self.proc.poll() is None, self.lines
+            assert time.monotonic() < deadline, self.lines
+            time.sleep(0.02)
+
+    def connect(self, source: str = "127.0.0.1") -> "Client":
+        return Client(self.port, source)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+
+class Client:
+    def __init__(self, port: int, source: str = "127.0.0.1"):
+        self.sock = socket.socket()
+        self.sock.settimeout(20)
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
+        self.buf = b""
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                out, self.buf = self.buf, b""
+                return out
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line + b"\r\n"
+
+    def reply(self) -> bytes:
+        """One whole (possibly multi-line) reply."""
+        out = b""
+        while True:
+            line = self.line()
+            out += line
+            if len(line) < 4 or line[3:4] != b"-":
+                return out
+
+    def cmd(self, text: str) -> bytes:
+        self.sock.sendall(text.encode() + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def relayed(c: Client) -> None:
+    assert c.reply().startswith(b"220 ")
+    assert c.cmd("HELO x").startswith(b"250 ")
+    assert c.cmd("MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+
+
+# --------------------------------------------------------------------------- rules
+
+def test_tcprules_deny_relayclient_and_default(env, tmp_path):
+    tcprules = need("tcprules")
+    rules = tmp_path / "tcp.smtp"
+    rules.write_text('127.0.0.1:allow,RELAYCLIENT=""\n127.0.0.2:deny\n'
+                     '127.0.0.4:allow,VALIDRCPTTO_LIMIT="1"\n:allow\n')
+    cdb = tmp_path / "tcp.smtp.cdb"
+    subprocess.run([tcprules, str(cdb), str(cdb) + ".tmp"], stdin=open(rules), check=True)
+    srv = Server(env, "--rules", str(cdb))
+    try:
+        c = srv.connect("127.0.0.1")                  # RELAYCLIENT: no check, may relay
+        relayed(c)
+        assert c.cmd("RCPT TO:<nobody@example.com>") == b"250 ok\r\n"
+        assert c.cmd("RCPT TO:<x@elsewhere.example>") == b"250 ok\r\n"
+        c.close()
+        denied = srv.connect("127.0.0.2")
+        assert denied.sock.recv(100) == b""            # dropped without a banner
+        other = srv.connect("127.0.0.3")               # the default rule
+        relayed(other)
+        assert other.cmd("RCPT TO:<nobody@example.com>").startswith(b"553 sorry, this")
+        assert other.cmd("RCPT TO:<x@elsewhere.example>").startswith(b"553 sorry, that domain")
+        assert other.cmd("RCPT TO:<joe@example.com>") == b"250 ok\r\n"
+        other.close()
+        strict = srv.connect("127.0.0.4")              # VALIDRCPTTO_LIMIT from the rule
+        relayed(strict)
+        assert strict.cmd("RCPT TO:<nobody@example.com>").startswith(b"421 too many invalid")
+        # a new rules cdb takes effect at the next connection, no signal needed
+        rules.write_text('127.0.0.3:deny\n:allow\n')
+        subprocess.run([tcprules, str(cdb), str(cdb) + ".tmp"], stdin=open(rules), check=True)
+        assert srv.connect("127.0.0.3").sock.recv(100) == b""
+        log = srv.log()
+        assert "deny " in log and "127.0.0.2:" in log
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
+
+
+# --------------------------------------------------------------------------- limits
+
+def test_two_thousand_idle_connections_with_1024_descriptors(env):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 8192), max(hard, 8192)))
+    srv = Server(env, "--max-connections", "5000", "--max-per-ip", "0", "--quiet",
+                 nofile=1024)
+    socks = []
+    try:
+        first = srv.connect()
+        assert first.reply().startswith(b"220 ")
+        for _ in range(2000):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", srv.port))
+            socks.append(s)
+        time.sleep(3)
+        assert srv.proc.poll() is None
+        # an existing session still works while the server is out of descriptors
+        assert first.cmd("HELO x").startswith(b"250 ")
+        assert first.cmd("MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+        assert first.cmd("RCPT TO:<joe@example.com>") == b"250 ok\r\n"
+        assert first.cmd("QUIT").startswith(b"221 ")
+        for s in socks:
+            s.close()
+        socks = []
+        time.sleep(2)                                 # accepting resumes after a pause
+        again = srv.connect()
+        assert again.reply().startswith(b"220 ")
+        again.close()
+    finally:
+        for s in socks:
+            s.close()
+        assert srv.stop() == 0
+    log = srv.log()
+    assert "Traceback" not in log
+    assert log.count("pausing accepts") <= 2, log
+
+
+def test_per_ip_and_total_limits(env):
+    srv = Server(env, "--max-connections", "4", "--max-per-ip", "2")
+    try:
+        a, b = srv.connect(), srv.connect()
+        for c in (a, b):
+            assert c.reply().startswith(b"220 ")
+        third = srv.connect()
+        assert third.reply() == (b"421 too many connections from your address, try again later "
+                                 b"(#4.3.2)\r\n")
+        c, d = srv.connect("127.0.0.5"), srv.connect("127.0.0.6")
+        for x in (c, d):
+            assert x.reply().startswith(b"220 ")
+        assert srv.connect("127.0.0.7").reply() == \
+            b"421 too many connections, try again later (#4.3.2)\r\n"
+        a.close()
+        time.sleep(0.3)
+        e = srv.connect()
+        assert e.reply().startswith(b"220 ")
+    finally:
+        assert srv.stop() == 0
+
+
+# --------------------------------------------------------------------------- the cdb
+
+def test_cdb_truncated_rewritten_and_replaced_under_fifty_sessions(env, tmp_path):
+    cdb = tmp_path / "qmail/control/validrcptto.cdb"
+    srv = Server(env, "--max-per-ip", "0")
+    try:
+        sessions = [srv.connect() for _ in range(50)]
+        for c in sessions:
+            relayed(c)
+        old = cdb.read_bytes()
+        with open(cdb, "r+b") as f:                     # truncated in place
+            f.truncate(0)
+        for c in sessions[:25]:
+            assert c.cmd("RCPT TO:<joe@example.com>") == b"250 ok\r\n"
+        late = srv.connect()                            # a torn file: the last whole one
+        relayed(late)
+        assert late.cmd("RCPT TO:<joe@example.com>") == b"250 ok\r\n"
+        make_cdb(tmp_path / "new.cdb", {**T1, b"new@example.com": b""})
+        data = (tmp_path / "new.cdb").read_bytes()
+        with open(cdb, "r+b") as f:                     # rewritten in place, half, then all
+            f.write(data[:len(data) // 2])
+            f.flush()
+            for c in sessions[25:40]:
+                reply = c.cmd("RCPT TO:<joe@example.com>")
+                assert reply == b"250 ok\r\n", reply
+            f.write(data[len(data) // 2:])
+        fresh = srv.connect()
+        relayed(fresh)
+        assert fresh.cmd("RCPT TO:<new@example.com>") == b"250 ok\r\n"
+        cdb.write_bytes(old)
+        make_cdb(cdb, T1)                               # replaced by rename
+        for c in sessions[40:]:
+            assert c.cmd("RCPT TO:<joe@example.com>") == b"250 ok\r\n"
+            assert c.cmd("QUIT").startswith(b"221 ")
+        last = srv.connect()
+        relayed(last)
+        assert last.cmd("RCPT TO:<new@example.com>").startswith(b"553 ")
+        assert srv.proc.poll() is None
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+def test_sigterm_drains_sessions_then_421(env):
+    srv = Server(env, "--grace", "1.5")
+    idle = [srv.connect() for _ in range(5)]
+    for c in idle:
+        relayed(c)
+    busy = srv.connect()
+    relayed(busy)
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(OSError):                        # no longer accepting
+        socket.create_connection(("127.0.0.1", srv.port), timeout=2)
+    assert busy.cmd("RCPT TO:<joe@example.com>") == b"250 ok\r\n"     # within the grace
+    assert busy.cmd("QUIT").startswith(b"221 ")
+    for c in idle:                                      # after it: one whole 421, then EOF
+        assert c.reply() == b"421 service shutting down, closing connection (#4.3.2)\r\n"
+        assert c.sock.recv(10) == b""
+    assert srv.proc.wait(10) == 0
+    assert 1.5 <= time.monotonic() - started < 6
+    assert "Traceback" not in srv.log()
+
+
+def test_user_workers_and_ipv6(env, tmp_path):
+    need("setpriv")
+    for p in [tmp_path, *tmp_path.parents]:            # the queue program must be reachable
+        if p in (Path("/tmp"), Path("/")):
+            break
+        p.chmod(p.stat().st_mode | 0o711)
+    os.chmod(tmp_path / "queue", 0o777)
+    qq = tmp_path / "qmail/bin/qmail-queue"               # one nobody may run: sh, not ours
+    qq.write_text(f"#!/bin/sh\nn=$(ls {tmp_path}/queue | grep -c msg)\n"
+                  f"cat > {tmp_path}/queue/$n.msg && cat <&1 > {tmp_path}/queue/$n.env\n")
+    srv = Server(env, "--user", "nobody", "--workers", "2")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            kids = subprocess.run(["pgrep", "-P", str(srv.proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+            if len(kids) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(kids) == 2
+        for pid in kids + [str(srv.proc.pid)]:
+            status = Path(f"/proc/{pid}/status").read_text()
+            uid = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            groups = next(line for line in status.splitlines() if line.startswith("Groups:"))
+            assert uid.split()[1:] == ["65534"] * 4 and groups.split()[1:] == []
+        for _ in range(6):
+            c = srv.connect()
+            relayed(c)
+            assert c.cmd("RCPT TO:<joe@example.com>") == b"250 ok\r\n"
+            assert c.cmd("DATA").startswith(b"354 ")
+            c.sock.sendall(b"Subject: x\r\n\r\nhello\r\n.\r\n")
+            assert c.reply().startswith(b"250 ok ")
+            c.close()
+        assert len(list((tmp_path / "queue").glob("*.msg"))) == 6
+    finally:
+        assert srv.stop() == 0
+    if socket.has_ipv6:
+        port = free_port()
+        proc = subprocess.Popen([script("validrcptto-smtpd"), "--listen", f"[::1]:{port}"],
+                                env=env, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    s = socket.create_connection(("::1", port), timeout=2)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        pytest.skip("no IPv6 loopback here")
+                    time.sleep(0.05)
+            assert s.recv(100).startswith(b"220 ")
+            s.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+
+
+def test_shipped_service_under_supervise_and_svc_h(env, tmp_path):
+    svscan, svok, svc = (need(t) for t in ("svscan", "svok", "svc"))
+    tcprules = need("tcprules")
+    rules = tmp_path / "tcp.smtp.cdb"
+    subprocess.run([tcprules, str(rules), str(rules) + ".tmp"], input=b":allow\n", check=True)
+    services = tmp_path / "services"
+    svcdir = services / "validrcptto-smtpd"
+    shutil.copytree(ROOT / "service/validrcptto-smtpd", svcdir)
+    port = free_port()
+    settings = dict(QMAIL_DIR=env["QMAIL_DIR"], VALIDRCPTTO_CDB=env["VALIDRCPTTO_CDB"],
+                    TCPRULES=str(rules), IP="127.0.0.1", PORT=str(port), SMTPD_USER="",
+                    WORKERS="1", PATH=f"{BIN}:/usr/bin:/bin")
+    for name, value in settings.items():
+        (svcdir / "env" / name).write_text(f"{value}\n")
+    scan = subprocess.Popen([svscan, str(services)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def greeting() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                return s.recv(100)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert greeting() == b"220 mx.example.com ESMTP\r\n"
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        control = Path(env["QMAIL_DIR"]) / "control"
+        (control / "smtpgreeting").write_text("changed.example\n")
+        assert greeting() == b"220 mx.example.com ESMTP\r\n"    # controls are cached
+        subprocess.run([svc, "-h", str(svcdir)], check=True)
+        deadline = time.monotonic() + 10            # supervise passes the HUP on
+        while greeting() != b"220 changed.example ESMTP\r\n":
+            assert time.monotonic() < deadline, (svcdir / "log/main/current").read_text()
+            time.sleep(0.1)
+        assert "SIGHUP: re-reading controls and rules" in \
+            (svcdir / "log/main/current").read_text()
+        subprocess.run([tcprules, str(rules), str(rules) + ".tmp"], input=b":deny\n",
+                       check=True)
+        assert greeting() == b""
+    finally:
+        scan.terminate()
+        scan.wait()
+        subprocess.run([svc, "-dx", str(svcdir), str(svcdir / "log")])

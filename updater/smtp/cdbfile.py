@@ -1,0 +1,93 @@
+"""A cdb that a long-running server can read whatever happens to the file.
+
+``Snapshot`` copies the file into a private memfd and maps that: a lookup can never
+fault (SIGBUS) when the file on disk is truncated or rewritten in place, since nobody
+else can touch the copy.  ``CdbCache`` keeps the snapshot of one path and takes a new
+one when the file's (dev, inode, size, mtime) change; a copy that is not a whole cdb
+(the file was caught mid-write) is not used: the previous snapshot stays until the
+file settles.  Sessions keep the snapshot they started with (a cdb is opened once per
+connection, as in qmail-smtpd).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+
+from ..checker import CdbGetter
+
+
+def whole_cdb(data) -> bool:
+    """Its 256 hash tables lie after the header and end exactly at the end of the file
+    (the empty file, which cdb tools never write, is not whole either)."""
+    size = len(data)
+    if size < 2048:
+        return False
+    end = 2048
+    for pos, slots in struct.iter_unpack("<LL", data[:2048]):
+        if pos < 2048 or pos + slots * 8 > size:
+            return False
+        end = max(end, pos + slots * 8)
+    return end == size
+
+
+def snapshot(path: str) -> tuple[CdbGetter, tuple, bool]:
+    """(getter, identity, whole) for the file at ``path``; OSError when it cannot be
+    opened (qmail-smtpd: 421 unable to read controls)."""
+    import mmap
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(22, "not a regular file", path)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        mfd = os.memfd_create("validrcptto.cdb", os.MFD_CLOEXEC)
+        try:
+            copied = 0
+            while copied < st.st_size:
+                n = os.sendfile(mfd, fd, copied, st.st_size - copied)
+                if n == 0:
+                    break                               # truncated while we copied
+                copied += n
+            os.lseek(mfd, 0, os.SEEK_SET)
+            if copied:
+                with mmap.mmap(mfd, copied, prot=mmap.PROT_READ) as view:
+                    whole = whole_cdb(view)
+            else:
+                whole = False
+            if os.fstat(fd).st_size != st.st_size:
+                whole = False
+        except BaseException:
+            os.close(mfd)
+            raise
+    finally:
+        os.close(fd)
+    return CdbGetter(mfd), ident, whole
+
+
+class CdbCache:
+    def __init__(self, path: str, log):
+        self.path, self.log = path, log
+        self.getter: CdbGetter | None = None
+        self.ident: tuple | None = None
+        self.torn: tuple | None = None
+
+    def current(self) -> CdbGetter:
+        """The snapshot for a new connection; OSError when the file cannot be opened."""
+        st = os.stat(self.path)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if ident != self.ident and ident != self.torn:
+            getter, ident, whole = snapshot(self.path)
+            if whole or self.getter is None:
+                self.getter, self.ident, self.torn = getter, ident, None
+            else:                   # caught mid-write: keep the last whole one for now
+                getter.close()
+                if self.torn is None:
+                    self.log(f"{self.path} is not a whole cdb (being written?): "
+                             "keeping the previous one")
+                self.torn = ident
+        return self.getter
+
+    def forget(self) -> None:
+        self.ident = self.torn = None
