@@ -532,6 +532,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, help="runs per figure (default 5; 3 at 1M)")
     ap.add_argument("--quiet", type=float, default=0.5, help="daemon quiet period (s)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is not met")
+    ap.add_argument("--smtpd", action=argparse.BooleanOptionalAction, default=None,
+                    help="the SMTP server benchmarks (default: on, off with --quick)")
+    ap.add_argument("--qmail-smtpd", default=os.environ.get("QMAIL_SMTPD_REFERENCE"),
+                    help="the C qmail-smtpd to compare with [$QMAIL_SMTPD_REFERENCE]")
+    ap.add_argument("--qmail-smtpd-dir", default=os.environ.get("QMAIL_SMTPD_REFERENCE_DIR"),
+                    help="the qmail dir it was compiled for [$QMAIL_SMTPD_REFERENCE_DIR]")
+    ap.add_argument("--smtpd-seconds", type=float, default=5.0,
+                    help="seconds of load per SMTP measurement")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"),
                     help="markdown results file ('-': none)")
     args = ap.parse_args()
@@ -552,6 +560,10 @@ def main() -> None:
         bench.bench_publish()
         bench.bench_daemon()
         bench.bench_memory()
+        if args.smtpd if args.smtpd is not None else not args.quick:
+            import server_bench
+            server_bench.run(bench, args.qmail_smtpd, args.qmail_smtpd_dir,
+                             args.smtpd_seconds)
     if args.out != "-":
         with open(args.out, "w") as f:
             f.write(markdown(bench, sorted(sizes), runs, time.monotonic() - started))

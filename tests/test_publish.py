@@ -254,9 +254,12 @@ def test_a_dead_receiver_delays_nothing_and_catches_up(tree: Tree, sshd: Sshd, r
             wait_for(lambda: f"{name}@vpop.example" in keys_of(tree.cdb), 5, "the install")
             wait_for(lambda: cdbget(ssh_file, f"{name}@vpop.example"), 5, "the ssh receiver")
             assert time.monotonic() - started < 5
-        wait_for(lambda: (json.loads(status.read_text()).get("publish") or {}).get(
-            rsyncd.target(), {}).get("last_error"), 15, "the error in the status")
-        st = json.loads(status.read_text())["publish"]
+        def published() -> dict:
+            return json.loads(status.read_text()).get("publish") or {}
+        wait_for(lambda: published().get(rsyncd.target(), {}).get("last_error") and
+                 published().get(sshd.target(), {}).get("up_to_date"), 15,
+                 "the error and the other target's success in the status")
+        st = published()
         assert st[rsyncd.target()]["up_to_date"] is False and st[sshd.target()]["up_to_date"]
         shown = subprocess.run([script("qmail-updater"), "status"], env=env,
                                capture_output=True, text=True).stdout
