@@ -140,11 +140,11 @@ class Servers:
             argv = [self.smtpd, "--listen", f"127.0.0.1:{port}", "--workers", "0",
                     "--max-connections", "5000", "--max-per-ip", "0", "--quiet"]
         elif kind == "tcpserver" and self.tcpserver:
-            argv = [self.tcpserver, "-R", "-H", "-c", str(concurrency), "-b", "1000",
-                    "127.0.0.1", str(port), self.smtpd]
+            argv = [self.tcpserver, "-R", "-H", "-l", "mx.example.com", "-c", str(concurrency),
+                    "-b", "1000", "127.0.0.1", str(port), self.smtpd]
         elif kind == "c" and self.tcpserver and self.reference:
-            argv = [self.tcpserver, "-R", "-H", "-c", str(concurrency), "-b", "1000",
-                    "127.0.0.1", str(port), self.reference]
+            argv = [self.tcpserver, "-R", "-H", "-l", "mx.example.com", "-c", str(concurrency),
+                    "-b", "1000", "127.0.0.1", str(port), self.reference]
         else:
             return None
         proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL,

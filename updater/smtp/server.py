@@ -69,63 +69,105 @@ async def write_fd(fd: int, data: bytes) -> bool:
 
 
 class AsyncQueue:
-    """qmail-queue from the event loop: message on its fd 0 (a pipe we drain), the
-    envelope on its fd 1 at the end."""
+    """qmail-queue from the event loop: started with posix_spawn (no fork of this big
+    process, no helper thread), the message written to its fd 0 as it arrives, the
+    envelope to its fd 1 at the end, its exit noticed through a pidfd."""
 
     def __init__(self, program: str, qmail_dir: str):
         self.program, self.qmail_dir = program, qmail_dir
-        self.proc = None
-        self.env_w = -1
+        self.pid = 0
+        self.msg_w = self.env_w = -1
         self.status: int | None = 0
         self.write_failed = False
 
     async def start(self) -> int | None:
         try:
+            m_r, self.msg_w = os.pipe2(os.O_CLOEXEC)
             e_r, self.env_w = os.pipe2(os.O_CLOEXEC)
         except OSError:
+            self._close_pipes()
             return None
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                self.program, stdin=asyncio.subprocess.PIPE, stdout=e_r, cwd=self.qmail_dir)
+            # qmail-queue runs in QMAIL_DIR, which is the server's working directory
+            # (posix_spawn cannot chdir); qmail: chdir failing is 61, exec failing 120
+            if os.getcwd() != self.qmail_dir:
+                os.chdir(self.qmail_dir)
+            self.pid = os.posix_spawn(self.program, [self.program], os.environ,
+                                      file_actions=[(os.POSIX_SPAWN_DUP2, m_r, 0),
+                                                    (os.POSIX_SPAWN_DUP2, e_r, 1)])
         except OSError as err:
             self.status = 61 if err.filename == self.qmail_dir else 120
+            self.pid = 0
         finally:
+            os.close(m_r)
             os.close(e_r)
-        return self.proc.pid if self.proc is not None else os.getpid()
+        if not self.pid:
+            self._close_pipes()
+        return self.pid or os.getpid()
 
     async def put(self, data: bytes) -> None:
-        if self.proc is None or self.write_failed:
+        if self.msg_w == -1 or self.write_failed:
             self.write_failed = True
             return
-        try:
-            self.proc.stdin.write(data)
-            await self.proc.stdin.drain()
-        except (OSError, RuntimeError):
+        if not await write_fd(self.msg_w, data):
             self.write_failed = True
 
     async def close(self, envelope: bytes | None) -> tuple[int | None, bool]:
-        if self.proc is not None:
-            self.proc.stdin.close()
-        if envelope is not None and self.proc is not None and not self.write_failed:
+        self._close(self.msg_w)
+        self.msg_w = -1
+        if envelope is not None and self.pid and not self.write_failed:
             if not await write_fd(self.env_w, envelope):
                 self.write_failed = True
-        self._close_env()
-        if self.proc is None:
+        self._close_pipes()
+        if not self.pid:
             return self.status, self.write_failed
-        code = await self.proc.wait()
-        return (None if code < 0 else code), self.write_failed
+        code = await self._wait()
+        return code, self.write_failed
 
     async def abort(self) -> None:
-        if self.proc is not None:
-            self.proc.stdin.close()
-        self._close_env()
-        if self.proc is not None:
-            await self.proc.wait()
+        self._close_pipes()
+        if self.pid:
+            await self._wait()
 
-    def _close_env(self) -> None:
-        if self.env_w != -1:
-            os.close(self.env_w)
-            self.env_w = -1
+    async def _wait(self) -> int | None:
+        """The exit code (None: killed by a signal), without blocking the loop."""
+        pid, self.pid = self.pid, 0
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+        if pidfd != -1:
+            done = loop.create_future()
+            loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+            try:
+                await done
+            finally:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0 if pidfd != -1 else os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pidfd == -1 and _ == 0:
+                await asyncio.sleep(0.01)
+                continue
+            break
+        return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+
+    @staticmethod
+    def _close(fd: int) -> None:
+        if fd != -1:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _close_pipes(self) -> None:
+        self._close(self.msg_w)
+        self._close(self.env_w)
+        self.msg_w = self.env_w = -1
 
 
 class Limits:
@@ -655,6 +697,7 @@ def parse_args(argv: list[str]) -> Options:
         raise ValueError("--listen HOST:PORT is required")
     if opts.workers == 0:
         opts.workers = os.cpu_count() or 1
+    opts.qmail_dir = os.path.abspath(opts.qmail_dir)
     opts.max_connections = max(1, opts.max_connections)
     if not opts.local_name:
         try:
