@@ -358,7 +358,7 @@ def test_shipped_service_under_supervise_and_svc_h(env, tmp_path):
         while greeting() != b"220 changed.example ESMTP\r\n":
             assert time.monotonic() < deadline, (svcdir / "log/main/current").read_text()
             time.sleep(0.1)
-        assert "SIGHUP: re-reading controls and rules" in \
+        assert "SIGHUP: re-reading controls, rules and the TLS certificate" in \
             (svcdir / "log/main/current").read_text()
         subprocess.run([tcprules, str(rules), str(rules) + ".tmp"], input=b":deny\n",
                        check=True)

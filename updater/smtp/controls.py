@@ -119,6 +119,11 @@ def morercpthosts_path(qmail_dir: str) -> str:
     return os.path.join(qmail_dir, "control", "morercpthosts.cdb")
 
 
+def _log(text: str) -> None:
+    import sys
+    sys.stderr.write(f"validrcptto-smtpd[{os.getpid()}]: {text}\n")
+
+
 class Connection:
     """qmail-smtpd's setup() for one connection, shared by both front ends: the
     controls, the cdbs (validrcptto and morercpthosts, opened once), the session and the
@@ -145,7 +150,16 @@ class Connection:
             self.close()
             raise
         self.controls = controls
-        self.session = S.Session(controls, S.peer_from_env(env), S.policy_from_env(env),
+        self.tls = None
+        self.checkpassword = None
+        if env.get("CHECKPASSWORD") or env.get("TLS_CERT") or os.path.exists(
+                os.path.join(qmail_dir, "control", "servercert.pem")):
+            from .secure import checkpassword_argv, tls_context
+            self.checkpassword = checkpassword_argv(env)
+            self.tls = tls_context(qmail_dir, env, _log)
+        self.session = S.Session(controls, S.peer_from_env(env),
+                                 S.policy_from_env(env, tls=self.tls is not None,
+                                                   auth=self.checkpassword is not None),
                                  validrcptto=cdb, morercpthosts=more, ipme=ipme,
                                  clock=time.time, monotonic=time.monotonic)
         self.queue_program = env.get("QMAILQUEUE") or \

@@ -231,6 +231,10 @@ class Worker:
         self.controls = None
         self.cdbs: dict[str, CdbCache] = {}
         self.rules = CdbCache(opts.rules, log) if opts.rules else None
+        from .secure import checkpassword_argv, timeout_of
+        self.tls = opts.tls                       # loaded before --user (keys are private)
+        self.checkpw = checkpassword_argv(os.environ)
+        self.checkpw_timeout = timeout_of(os.environ)
         self.sessions: set[SmtpProtocol] = set()
         self.stopping = False
         self.grace_over = False
@@ -243,7 +247,13 @@ class Worker:
             c.forget()
         if self.rules is not None:
             self.rules.forget()
-        log("SIGHUP: re-reading controls and rules")
+        from .secure import tls_context
+        fresh = tls_context(self.o.qmail_dir, os.environ, log)        # renewed certificates
+        if fresh is not None or self.tls is None:
+            self.tls = fresh
+        else:
+            log("TLS: keeping the certificate loaded before")
+        log("SIGHUP: re-reading controls, rules and the TLS certificate")
 
     def cdb(self, path: str):
         cache = self.cdbs.get(path)
@@ -350,7 +360,9 @@ class SmtpProtocol(asyncio.Protocol):
             self.finish()
             return
         self.timeout = controls.timeout
-        self.session = S.Session(controls, S.peer_from_env(env), S.policy_from_env(env),
+        self.session = S.Session(controls, S.peer_from_env(env),
+                                 S.policy_from_env(env, tls=w.tls is not None,
+                                                   auth=w.checkpw is not None),
                                  validrcptto=cdb, morercpthosts=more, ipme=w.ipme,
                                  clock=time.time, monotonic=time.monotonic)
         self.program = env.get("QMAILQUEUE") or os.path.join(w.o.qmail_dir, "bin", "qmail-queue")
@@ -487,6 +499,22 @@ class SmtpProtocol(asyncio.Protocol):
                     if self.queue is not None:
                         await self.queue.abort()
                         self.queue = None
+                elif kind is S.StartTls:
+                    ctx = self.w.tls
+                    try:
+                        self.transport = await self.loop.start_tls(
+                            self.transport, self, ctx, server_side=True,
+                            ssl_handshake_timeout=self.timeout)
+                    except (OSError, ValueError, asyncio.TimeoutError) as err:
+                        log(f"TLS handshake with {self.ip} failed: {err}")
+                        self.transport.abort()
+                        return
+                    events[:0] = self.session.tls_started()
+                elif kind is S.CheckPassword:
+                    from .secure import check_async
+                    code = await check_async(self.w.checkpw, ev.user, ev.password,
+                                             self.w.checkpw_timeout)
+                    events[:0] = self.session.auth_result(code)
                 if not events and self.backlog:
                     events = self.session.receive_data(self.backlog.pop(0))
         except asyncio.CancelledError:
@@ -533,6 +561,8 @@ class Options:
         self.grace = 10.0
         self.verbose = True
         self.local_name = ""
+        self.checkpassword = ""
+        self.tls = None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -661,9 +691,9 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits)
 
 USAGE = ("usage: validrcptto-smtpd --listen HOST:PORT [--qmail-dir DIR] [--rules CDB]\n"
          "  [--max-connections N] [--max-per-ip N] [--workers N] [--user NAME]\n"
-         "  [--grace SECONDS] [--local-name NAME] [--quiet]\n")
+         "  [--grace SECONDS] [--local-name NAME] [--checkpassword 'PROG ARGS'] [--quiet]\n")
 
-VALUED = {"--qmail-dir": "qmail_dir", "--listen": "listen", "--max-connections":
+VALUED = {"--checkpassword": "checkpassword", "--qmail-dir": "qmail_dir", "--listen": "listen", "--max-connections":
           "max_connections", "--max-per-ip": "max_per_ip", "--rules": "rules",
           "--user": "user", "--workers": "workers", "--grace": "grace",
           "--local-name": "local_name"}
@@ -698,6 +728,8 @@ def parse_args(argv: list[str]) -> Options:
     if opts.workers == 0:
         opts.workers = os.cpu_count() or 1
     opts.qmail_dir = os.path.abspath(opts.qmail_dir)
+    if opts.checkpassword:
+        os.environ["CHECKPASSWORD"] = opts.checkpassword
     opts.max_connections = max(1, opts.max_connections)
     if not opts.local_name:
         try:
@@ -725,7 +757,9 @@ def main(argv: list[str]) -> None:
     # the Python installation (root's, often) may be out of reach
     import cdbx  # noqa: F401
     import concurrent.futures.thread  # noqa: F401
-    from . import cdbfile, queue, tcprules  # noqa: F401
+    import ssl  # noqa: F401
+    from . import cdbfile, queue, secure, tcprules  # noqa: F401
+    opts.tls = secure.tls_context(opts.qmail_dir, os.environ, log)
     if opts.user:
         try:
             drop_privileges(opts.user)

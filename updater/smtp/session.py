@@ -54,6 +54,19 @@ R_QQT = b"451 qqt failure (#4.3.0)\r\n"
 R_HOPS = b"554 too many hops, this message is looping (#5.4.6)\r\n"
 R_SIZE = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
 R_HELP = b"214 netqmail home page: http://qmail.org/netqmail\r\n"
+R_TLS_READY = b"220 ready for tls\r\n"
+R_TLS_AGAIN = b"454 TLS already active (#4.7.0)\r\n"
+R_TLS_PIPELINED = b"501 nothing may follow STARTTLS before the handshake (#5.5.1)\r\n"
+R_AUTH_OK = b"235 ok, go ahead (#2.0.0)\r\n"
+R_AUTH_BAD = b"535 authorization failed (#5.7.0)\r\n"
+R_AUTH_TEMP = b"454 temporary authentication failure (#4.3.0)\r\n"
+R_AUTH_MALFORMED = b"501 malformed auth input (#5.5.4)\r\n"
+R_AUTH_CANCELLED = b"501 auth exchange cancelled (#5.0.0)\r\n"
+R_AUTH_TYPE = b"504 auth type unimplemented (#5.5.1)\r\n"
+R_AUTH_AGAIN = b"503 you're already authenticated (#5.5.0)\r\n"
+R_AUTH_INMAIL = b"503 no auth during mail transaction (#5.5.0)\r\n"
+R_AUTH_NEEDTLS = b"538 encryption required for requested authentication mechanism (#5.7.11)\r\n"
+R_AUTH_TOOMANY = b"421 too many authentication failures, closing connection (#4.7.0)\r\n"
 
 
 # --------------------------------------------------------------------------- events
@@ -111,6 +124,19 @@ class QueueAbort(_Record):
 
 class Close(_Record):
     __slots__ = ()
+
+
+class StartTls(_Record):
+    """Start the TLS handshake now, then call ``tls_started()`` (or close on failure)."""
+    __slots__ = ()
+
+
+class CheckPassword(_Record):
+    """Run the checkpassword program; then ``auth_result(exit code or None)``."""
+    __slots__ = ("user", "password")
+
+    def __repr__(self) -> str:                    # never the password, not even in a repr
+        return f"CheckPassword(user={self.user!r}, password=...)"
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -265,15 +291,16 @@ def date822(when: float) -> bytes:
 
 
 def received_line(local: bytes, remoteip: bytes, remotehost: bytes, remoteinfo: bytes | None,
-                  helo: bytes | None, when: float) -> bytes:
-    """The header qmail-smtpd's received() prepends (protocol always SMTP)."""
+                  helo: bytes | None, when: float, proto: bytes = b"SMTP") -> bytes:
+    """The header qmail-smtpd's received() prepends (protocol SMTP; with TLS or AUTH,
+    RFC 3848's ESMTPS, ESMTPA, ESMTPSA)."""
     line = b"Received: from " + _safe(remotehost)
     if helo is not None:
         line += b" (HELO " + _safe(helo) + b")"
     line += b" ("
     if remoteinfo is not None:
         line += _safe(remoteinfo) + b"@"
-    return line + _safe(remoteip) + b")\n  by " + _safe(local) + b" with SMTP; " + \
+    return line + _safe(remoteip) + b")\n  by " + _safe(local) + b" with " + proto + b"; " + \
         date822(when) + b"\n"
 
 
@@ -429,9 +456,14 @@ class Peer(_Record):
 
 
 class Policy(_Record):
-    """VALIDRCPTTO_LIMIT (0: none), VALIDRCPTTO_LOG, MAXRCPT (0: none)."""
-    __slots__ = ("limit", "loglevel", "maxrcpt")
-    _defaults = {"limit": DEFAULT_LIMIT, "loglevel": 0, "maxrcpt": 0}
+    """VALIDRCPTTO_LIMIT (0: none), VALIDRCPTTO_LOG, MAXRCPT (0: none); tls: STARTTLS may
+    be offered (a certificate is loaded); auth: AUTH may be offered (a checkpassword
+    program is set); auth_plaintext: also before STARTTLS (AUTH_PLAINTEXT);
+    auth_failures: failed AUTH attempts before 421 (AUTH_MAX_FAILURES, default 3)."""
+    __slots__ = ("limit", "loglevel", "maxrcpt", "tls", "auth", "auth_plaintext",
+                 "auth_failures")
+    _defaults = {"limit": DEFAULT_LIMIT, "loglevel": 0, "maxrcpt": 0, "tls": False,
+                 "auth": False, "auth_plaintext": False, "auth_failures": 3}
 
 
 def peer_from_env(env) -> Peer:
@@ -447,13 +479,16 @@ def peer_from_env(env) -> Peer:
                 relayclient=b("RELAYCLIENT"))
 
 
-def policy_from_env(env) -> Policy:
+def policy_from_env(env, tls: bool = False, auth: bool = False) -> Policy:
     return Policy(limit=scan_ulong(env.get("VALIDRCPTTO_LIMIT", str(DEFAULT_LIMIT))),
                   loglevel=scan_ulong(env.get("VALIDRCPTTO_LOG")),
-                  maxrcpt=scan_ulong(env.get("MAXRCPT")))
+                  maxrcpt=scan_ulong(env.get("MAXRCPT")),
+                  tls=tls and env.get("DISABLETLS") is None, auth=auth,
+                  auth_plaintext=env.get("AUTH_PLAINTEXT", "") not in ("", "0"),
+                  auth_failures=scan_ulong(env.get("AUTH_MAX_FAILURES", "3")) or 3)
 
 
-_CMD, _DATA, _WAIT, _DONE = range(4)
+_CMD, _DATA, _WAIT, _DONE, _AUTH = range(5)
 
 
 class Session:
@@ -482,11 +517,55 @@ class Session:
         self.size = 0
         self.qp = 0
         self.deadline = self.mono() + controls.timeout
+        self.relay = peer.relayclient               # RELAYCLIENT, or b"" after AUTH
+        self.tls = False
+        self.user: bytes | None = None              # who authenticated
+        self.auth_failures = 0
+        self.auth_step: tuple = ()                  # ("plain",), ("user",), ("pass", u)
 
     # ---- driver interface
     @property
     def closed(self) -> bool:
         return self.mode == _DONE
+
+    def tls_started(self) -> list:
+        """The handshake is done: everything known before it is forgotten (RFC 3207)."""
+        self.tls = True
+        self.helo = None
+        self.seenmail = False
+        self.rcptto = bytearray()
+        self.mailfrom = b""
+        self.mode = _CMD
+        self.buf = b""
+        self.deadline = self.mono() + self.c.timeout
+        return []
+
+    def auth_result(self, code: int | None) -> list:
+        """The checkpassword program's exit code (None: it hung or could not run)."""
+        ev: list = []
+        user, self.auth_step = self.auth_step[1], ()
+        self.mode = _CMD
+        who = escape(user, 64)
+        if code == 0:
+            self.user = user
+            self.relay = b""
+            ev += [Log(f"AUTH ok user {who} [{self.remote}]"), Reply(R_AUTH_OK)]
+        elif code == 1:
+            self.auth_failures += 1
+            ev.append(Log(f"AUTH failed user {who} [{self.remote}]"))
+            if self.auth_failures >= self.policy.auth_failures:
+                ev += [Reply(R_AUTH_TOOMANY), Close()]
+                self.mode = _DONE
+                self.buf = b""
+                return ev
+            ev.append(Reply(R_AUTH_BAD))
+        else:
+            ev += [Log(f"AUTH temporary failure user {who} [{self.remote}]: "
+                       f"{'no answer' if code is None else f'exit {code}'}"),
+                   Reply(R_AUTH_TEMP)]
+        self.deadline = self.mono() + self.c.timeout
+        self._run(ev)
+        return ev
 
     def idle(self) -> bool:
         """Between commands: every reply owed has been given, no command half read, no
@@ -535,8 +614,10 @@ class Session:
             self.size = 0
             ev.append(Reply(b"354 go ahead\r\n"))
             p = self.peer
+            proto = b"SMTP" if not (self.tls or self.user) else \
+                b"ESMTP" + (b"S" if self.tls else b"") + (b"A" if self.user else b"")
             ev.append(QueueData(received_line(p.local, p.remoteip, p.remotehost,
-                                              p.remoteinfo, self.helo, self.clock())))
+                                              p.remoteinfo, self.helo, self.clock(), proto)))
         self.deadline = self.mono() + self.c.timeout
         self._run(ev)
         return ev
@@ -566,7 +647,7 @@ class Session:
                 self._data(ev)
                 continue
             buf, pos, n = self.buf, 0, len(self.buf)
-            while pos < n and self.mode == _CMD:
+            while pos < n and self.mode in (_CMD, _AUTH):
                 nl = buf.find(b"\n", pos)
                 if self.discarding:                      # the rest of an over-long line
                     if nl == -1:
@@ -584,11 +665,21 @@ class Session:
                     ev.append(Reply(R_TOOLONG))
                     continue
                 line, pos = buf[pos:nl], nl + 1
-                self._command(line, ev)
+                if self.mode == _AUTH:
+                    self._auth_line(line, ev)
+                else:
+                    self._command(line, ev)
+                    if self.mode == _WAIT and ev and type(ev[-1]) is StartTls:
+                        if pos < n:                      # bytes after STARTTLS: refused
+                            ev[-2:] = [Reply(R_TLS_PIPELINED)]
+                            self.mode, pos = _CMD, n
+                        else:
+                            self.buf = b""
+                            return
             if self.mode == _DONE:
                 return
             self.buf = buf[pos:]
-            if self.mode == _CMD:
+            if self.mode in (_CMD, _AUTH):
                 return                                   # no complete line left
 
     def _data(self, ev: list) -> None:
@@ -643,8 +734,101 @@ class Session:
         self._dohelo(arg)
 
     def smtp_ehlo(self, arg: bytes, ev: list) -> None:
-        ev.append(Reply(self._greet(b"250-") + b"\r\n250-PIPELINING\r\n250 8BITMIME\r\n"))
+        lines = [self._greet(b""), b"PIPELINING", b"8BITMIME"]
+        if self.policy.tls and not self.tls:
+            lines.append(b"STARTTLS")
+        if self._auth_offered():
+            lines += [b"AUTH LOGIN PLAIN", b"AUTH=LOGIN PLAIN"]
+        ev.append(Reply(b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]) +
+                        b"250 " + lines[-1] + b"\r\n"))
         self._dohelo(arg)
+
+    def _auth_offered(self) -> bool:
+        return self.policy.auth and (self.tls or self.policy.auth_plaintext)
+
+    def smtp_starttls(self, arg: bytes, ev: list) -> None:
+        if self.tls:
+            ev.append(Reply(R_TLS_AGAIN))
+        elif not self.policy.tls:
+            ev.append(Reply(R_UNIMPL))
+        else:
+            ev += [Reply(R_TLS_READY), StartTls()]
+            self.mode = _WAIT
+
+    def smtp_auth(self, arg: bytes, ev: list) -> None:
+        if not self.policy.auth:
+            ev.append(Reply(R_UNIMPL))
+            return
+        if not self._auth_offered():
+            ev.append(Reply(R_AUTH_NEEDTLS))
+            return
+        if self.user is not None:
+            ev.append(Reply(R_AUTH_AGAIN))
+            return
+        if self.seenmail:
+            ev.append(Reply(R_AUTH_INMAIL))
+            return
+        mech, _, initial = arg.partition(b" ")
+        mech, initial = mech.lower(), initial.strip()
+        if mech == b"plain":
+            if initial:
+                self._auth_plain(initial, ev)
+            else:
+                self.auth_step, self.mode = ("plain",), _AUTH
+                ev.append(Reply(b"334 \r\n"))
+        elif mech == b"login":
+            if initial:
+                self._auth_login_user(initial, ev)
+            else:
+                self.auth_step, self.mode = ("user",), _AUTH
+                ev.append(Reply(b"334 VXNlcm5hbWU6\r\n"))          # "Username:"
+        else:
+            ev.append(Reply(R_AUTH_TYPE))
+
+    def _auth_line(self, line: bytes, ev: list) -> None:
+        line = line.rstrip(b"\r").strip()
+        step, self.mode = self.auth_step, _CMD
+        if line == b"*":
+            self.auth_step = ()
+            ev.append(Reply(R_AUTH_CANCELLED))
+        elif step[0] == "plain":
+            self._auth_plain(line, ev)
+        elif step[0] == "user":
+            self._auth_login_user(line, ev)
+        else:
+            password = _b64(line)
+            if password is None:
+                self.auth_step = ()
+                ev.append(Reply(R_AUTH_MALFORMED))
+            else:
+                self._check(step[1], password, ev)
+
+    def _auth_plain(self, data: bytes, ev: list) -> None:
+        raw = _b64(data)
+        parts = raw.split(b"\0") if raw is not None else []
+        if len(parts) != 3 or not parts[1]:
+            self.auth_step = ()
+            ev.append(Reply(R_AUTH_MALFORMED))
+            return
+        self._check(parts[1], parts[2], ev)
+
+    def _auth_login_user(self, data: bytes, ev: list) -> None:
+        user = _b64(data)
+        if not user:
+            self.auth_step = ()
+            ev.append(Reply(R_AUTH_MALFORMED))
+            return
+        self.auth_step, self.mode = ("pass", user), _AUTH
+        ev.append(Reply(b"334 UGFzc3dvcmQ6\r\n"))                # "Password:"
+
+    def _check(self, user: bytes, password: bytes, ev: list) -> None:
+        if b"\0" in user or b"\0" in password:
+            self.auth_step = ()
+            ev.append(Reply(R_AUTH_MALFORMED))
+            return
+        self.auth_step = ("check", user)
+        self.mode = _WAIT
+        ev.append(CheckPassword(user, password))
 
     def _dohelo(self, arg: bytes) -> None:
         self.seenmail = False
@@ -695,7 +879,7 @@ class Session:
         if self.flagbarf:
             ev.append(Reply(R_BMF))
             return
-        relay = self.peer.relayclient
+        relay = self.relay
         if relay is not None:
             addr += relay
         else:
@@ -766,5 +950,13 @@ _COMMANDS = {
     b"rcpt": Session.smtp_rcpt, b"mail": Session.smtp_mail, b"data": Session.smtp_data,
     b"quit": Session.smtp_quit, b"helo": Session.smtp_helo, b"ehlo": Session.smtp_ehlo,
     b"rset": Session.smtp_rset, b"help": Session.smtp_help, b"noop": Session.smtp_noop,
-    b"vrfy": Session.smtp_vrfy,
+    b"vrfy": Session.smtp_vrfy, b"starttls": Session.smtp_starttls, b"auth": Session.smtp_auth,
 }
+
+
+def _b64(data: bytes) -> bytes | None:
+    import binascii
+    try:
+        return binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None

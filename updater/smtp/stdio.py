@@ -28,6 +28,7 @@ class Stdio:
     def __init__(self, rfd: int, wfd: int, timeout: float, log):
         self.rfd, self.wfd, self.timeout, self.log = rfd, wfd, timeout, log
         self.out: list[bytes] = []
+        self.tls = None                          # an ssl.SSLObject after STARTTLS
         for fd in {rfd, wfd}:
             try:
                 os.set_blocking(fd, False)
@@ -37,8 +38,14 @@ class Stdio:
     def flush(self) -> None:
         if not self.out:
             return
-        data = memoryview(b"".join(self.out))
+        data = b"".join(self.out)
         self.out.clear()
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self.outgoing.read()
+        self._send(memoryview(data))
+
+    def _send(self, data: memoryview) -> None:
         poller = select.poll()
         poller.register(self.wfd, select.POLLOUT)
         while data:
@@ -53,9 +60,7 @@ class Stdio:
             if not poller.poll(self.timeout * 1000):
                 raise Gone()                    # qmail: safewrite() _exit(1)s, no reply
 
-    def read(self, deadline: float) -> bytes | None:
-        """Bytes from the client; None when the deadline passed."""
-        self.flush()
+    def _raw_read(self, deadline: float) -> bytes | None:
         poller = select.poll()
         poller.register(self.rfd, select.POLLIN)
         while True:
@@ -69,6 +74,54 @@ class Stdio:
                     continue
                 except OSError:
                     return b""
+
+    def read(self, deadline: float) -> bytes | None:
+        """Bytes from the client; None when the deadline passed."""
+        self.flush()
+        if self.tls is None:
+            return self._raw_read(deadline)
+        import ssl
+        while True:
+            try:
+                return self.tls.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLError):
+                return b""
+            pending = self.outgoing.read()
+            if pending:
+                self._send(memoryview(pending))
+            data = self._raw_read(deadline)
+            if not data:
+                return data
+            self.incoming.write(data)
+
+    def start_tls(self, ctx, deadline: float) -> bool:
+        """The server side of the handshake over the two descriptors."""
+        import ssl
+        self.flush()
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = self.outgoing.read()
+                if pending:
+                    self._send(memoryview(pending))
+                data = self._raw_read(deadline)
+                if not data:
+                    return False
+                self.incoming.write(data)
+            except (ssl.SSLError, OSError) as err:
+                self.log(f"TLS handshake failed: {err}")
+                return False
+        pending = self.outgoing.read()
+        if pending:
+            self._send(memoryview(pending))
+        self.tls = tls
+        return True
 
 
 def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
@@ -117,6 +170,15 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
                 elif kind is S.Close:
                     io.flush()
                     return 0 if session.quit else 1    # qmail: only QUIT exits 0
+                elif kind is S.StartTls:
+                    if not io.start_tls(conn.tls, time.monotonic() + conn.controls.timeout):
+                        return 1
+                    pending[:0] = session.tls_started()
+                elif kind is S.CheckPassword:
+                    from .secure import check, timeout_of
+                    io.flush()
+                    code = check(conn.checkpassword, ev.user, ev.password, timeout_of(env))
+                    pending[:0] = session.auth_result(code)
             # the session wants input; qmail's deadline is per read
             data = io.read(session.deadline)
             if data is None:

@@ -1,0 +1,142 @@
+"""STARTTLS and SMTP AUTH for both front ends: the TLS context, and the checkpassword
+interface (cr.yp.to/checkpwd/interface.html).
+
+TLS: the certificate and key in one PEM file, ``control/servercert.pem`` as the qmail
+TLS patches have it, or ``TLS_CERT`` (and ``TLS_KEY`` for a separate key); TLS 1.2 or
+newer with the ssl module's defaults; ``DISABLETLS`` turns it off.  A certificate that
+cannot be loaded: no STARTTLS, one log line.
+
+AUTH: ``CHECKPASSWORD`` is the program and its arguments (shell words).  It gets
+``user\\0password\\0timestamp\\0`` on fd 3 and one more argument, ``true``, that it runs
+when the password is right: exit 0 = ok, 1 = wrong, anything else (111) = temporary.
+It is killed after ``CHECKPASSWORD_TIMEOUT`` seconds (default 10): a temporary failure.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shlex
+import signal
+import time
+
+TRUE = "/bin/true" if os.path.exists("/bin/true") else "/usr/bin/true"
+
+
+def tls_context(qmail_dir: str, env, log):
+    """An SSLContext for STARTTLS, or None (not configured, disabled, or unusable)."""
+    if env.get("DISABLETLS") is not None:
+        return None
+    cert = env.get("TLS_CERT") or os.path.join(qmail_dir, "control", "servercert.pem")
+    key = env.get("TLS_KEY") or cert
+    if not env.get("TLS_CERT") and not os.path.exists(cert):
+        return None                                  # not configured: no STARTTLS, quietly
+    import ssl
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        log(f"TLS: cannot load the certificate {cert}: "
+            f"{getattr(err, 'strerror', None) or err}; STARTTLS is not offered")
+        return None
+    return ctx
+
+
+def checkpassword_argv(env) -> list[str] | None:
+    text = env.get("CHECKPASSWORD") or ""
+    try:
+        argv = shlex.split(text)
+    except ValueError:
+        argv = text.split()
+    return argv or None
+
+
+def timeout_of(env) -> float:
+    try:
+        return max(0.1, float(env.get("CHECKPASSWORD_TIMEOUT") or 10))
+    except ValueError:
+        return 10.0
+
+
+def spawn(argv: list[str], user: bytes, password: bytes) -> tuple[int, int] | None:
+    """Start the checkpassword program with the credentials on fd 3: (pid, pidfd)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        data = user + b"\0" + password + b"\0" + str(int(time.time())).encode() + b"\0"
+        os.write(w, data[:60000])                   # fits the pipe: never blocks
+    finally:
+        os.close(w)
+    try:
+        pid = os.posix_spawn(argv[0], argv + [TRUE], os.environ, file_actions=[
+            (os.POSIX_SPAWN_DUP2, r, 3),
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)])
+    except OSError:
+        return None
+    finally:
+        os.close(r)
+    try:
+        return pid, os.pidfd_open(pid)
+    except OSError:
+        return pid, -1
+
+
+def reap(pid: int, pidfd: int, finished: bool) -> int | None:
+    """The exit code once it ended; a program still running is killed (None)."""
+    if not finished:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        status = None
+    if pidfd != -1:
+        os.close(pidfd)
+    if not finished or status is None:
+        return None
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+
+
+def check(argv: list[str], user: bytes, password: bytes, timeout: float) -> int | None:
+    """Blocking: for the one-process-per-connection front end."""
+    started = spawn(argv, user, password)
+    if started is None:
+        return None
+    pid, pidfd = started
+    if pidfd == -1:                                     # no pidfd (old kernel): poll
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            time.sleep(0.01)
+        return reap(pid, pidfd, False)
+    ready, _, _ = select.select([pidfd], [], [], timeout)
+    return reap(pid, pidfd, bool(ready))
+
+
+async def check_async(argv: list[str], user: bytes, password: bytes,
+                      timeout: float) -> int | None:
+    """From the event loop: the program runs while other sessions go on."""
+    import asyncio
+    started = spawn(argv, user, password)
+    if started is None:
+        return None
+    pid, pidfd = started
+    if pidfd == -1:
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: reap(pid, pidfd, True))
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    try:
+        await asyncio.wait_for(done, timeout)
+        finished = True
+    except asyncio.TimeoutError:
+        finished = False
+    finally:
+        loop.remove_reader(pidfd)
+    return reap(pid, pidfd, finished)
