@@ -34,8 +34,8 @@ def compile_tools(work: Path) -> tuple[str, str] | None:
     if gcc is None:
         return None
     load = work / "smtpload"
-    subprocess.run([gcc, "-O2", "-pthread", "-o", str(load), str(HERE / "smtpload.c")],
-                   check=True)
+    subprocess.run([gcc, "-O2", "-pthread", "-o", str(load), str(HERE / "smtpload.c"),
+                    "-lssl", "-lcrypto"], check=True)
     (work / "qq.c").write_text(QUEUE_C)
     qq = work / "qmail-queue"
     subprocess.run([gcc, "-O2", "-o", str(qq), str(work / "qq.c")], check=True)
@@ -173,9 +173,11 @@ def _nofile(n: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, n), max(hard, n)))
 
 
-def load(client: str, port: int, concurrency: int, seconds: float, databytes: int) -> dict:
+def load(client: str, port: int, concurrency: int, seconds: float, databytes: int,
+         tls: bool = False) -> dict:
     done = subprocess.run([client, "127.0.0.1", str(port), str(concurrency), str(seconds),
-                           str(databytes)], capture_output=True, text=True, check=True,
+                           str(databytes)] + (["tls"] if tls else []),
+                          capture_output=True, text=True, check=True,
                           preexec_fn=lambda: _nofile(8192))
     n, errors, elapsed, p50, p99, cpu = done.stdout.split()
     return dict(n=int(n), errors=int(errors), rate=int(n) / float(elapsed), p50=float(p50),
@@ -183,15 +185,15 @@ def load(client: str, port: int, concurrency: int, seconds: float, databytes: in
 
 
 def measure(servers: Servers, kind: str, client: str, concurrency: int, seconds: float,
-            databytes: int = 0) -> dict | None:
+            databytes: int = 0, tls: bool = False) -> dict | None:
     started = servers.start(kind)
     if started is None:
         return None
     proc, port = started
     try:
-        load(client, port, min(concurrency, 4), 0.5, databytes)       # warm up
+        load(client, port, min(concurrency, 4), 0.5, databytes, tls)  # warm up
         before = cpu_seconds(proc.pid)
-        got = load(client, port, concurrency, seconds, databytes)
+        got = load(client, port, concurrency, seconds, databytes, tls)
         time.sleep(0.3)                                    # let the last children be reaped
         got["server_cpu"] = (cpu_seconds(proc.pid) - before) / max(got["n"], 1)
         return got
@@ -256,6 +258,25 @@ def run(bench, reference: str | None, reference_dir: str | None, seconds: float 
                       "", None)
             bench.row(f"  load client CPU, {name}, {label}", f"{ours['client_cpu']:.2f} s",
                       f"{ref['client_cpu']:.2f} s" if ref else "n/a", None, "", None)
+    # STARTTLS: the same session after a handshake (a 2048-bit RSA certificate)
+    openssl = shutil.which("openssl")
+    if openssl:
+        d = work / "tls"
+        d.mkdir()
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=mx.example.com", "-keyout", str(d / "k.pem"),
+                        "-out", str(d / "c.pem")], check=True, capture_output=True)
+        (servers.ours_dir / "control/servercert.pem").write_bytes(
+            (d / "c.pem").read_bytes() + (d / "k.pem").read_bytes())
+        plain = measure(servers, "listen", client, 20, seconds)
+        tls = measure(servers, "listen", client, 20, seconds, tls=True)
+        bench.row("sessions/s, --listen, c=20, STARTTLS (vs the same without TLS)",
+                  f"{tls['rate']:.0f}", f"{plain['rate']:.0f}", tls["rate"] / plain["rate"],
+                  "", None)
+        bench.row("  p50 / p99 ms, --listen, c=20, STARTTLS",
+                  f"{tls['p50']:.1f} / {tls['p99']:.1f}",
+                  f"{plain['p50']:.1f} / {plain['p99']:.1f}", None, "", None)
+        (servers.ours_dir / "control/servercert.pem").unlink()
     ours_rss = idle_rss(servers, "listen")
     ref_rss = idle_rss(servers, "c")
     bench.row("RSS of the whole server, 1,000 idle connections (--listen vs C)",

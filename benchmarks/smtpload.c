@@ -1,10 +1,11 @@
 /* smtpload: an SMTP load client for the server benchmarks.
  *
- *   smtpload HOST PORT CONCURRENCY SECONDS DATABYTES
+ *   smtpload HOST PORT CONCURRENCY SECONDS DATABYTES [tls]
  *
  * CONCURRENCY threads, each running sessions back to back for SECONDS: connect, read
  * the banner, EHLO, MAIL, 5 RCPT (3 listed, 2 not), optionally DATA with DATABYTES of
- * body, QUIT.  Lockstep, as a real client: a command, then its reply.  Prints one line:
+ * body, QUIT; with "tls", EHLO, STARTTLS and the handshake first (then EHLO again).
+ * Lockstep, as a real client: a command, then its reply.  Prints one line:
  *   sessions errors seconds p50_ms p99_ms client_cpu_s
  */
 #define _GNU_SOURCE
@@ -20,8 +21,14 @@
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
+#include <openssl/ssl.h>
 
 static struct sockaddr_in addr;
+static SSL_CTX *tls_ctx;
+static __thread SSL *tls;
+
+static int rd(int fd, char *b, int n) { return tls ? SSL_read(tls, b, n) : read(fd, b, n); }
+static int wr(int fd, const char *b, int n) { return tls ? SSL_write(tls, b, n) : write(fd, b, n); }
 static double stop_at;
 static int databytes;
 static char *body;
@@ -50,7 +57,7 @@ static int reply(int fd, char *buf, int *have) {
       start = nl + 1;
     }
     if (*have >= 8000) return -1;
-    int r = read(fd, buf + *have, 8192 - *have);
+    int r = rd(fd, buf + *have, 8192 - *have);
     if (r <= 0) return -1;
     *have += r;
   }
@@ -58,7 +65,7 @@ static int reply(int fd, char *buf, int *have) {
 
 static int say(int fd, const char *s, int len) {
   while (len > 0) {
-    int w = write(fd, s, len);
+    int w = wr(fd, s, len);
     if (w <= 0) return -1;
     s += w; len -= w;
   }
@@ -78,6 +85,14 @@ static int session(void) {
     "RCPT TO:<x@example.net>\r\n", "RCPT TO:<nobody2@example.com>\r\n",
     "RCPT TO:<joe-list-a@example.com>\r\n"};
   if (reply(fd, buf, &have) != 220) goto bad;
+  if (tls_ctx) {
+    if (say(fd, cmds[0], strlen(cmds[0])) < 0 || reply(fd, buf, &have) != 250) goto bad;
+    if (say(fd, "STARTTLS\r\n", 10) < 0 || reply(fd, buf, &have) != 220) goto bad;
+    tls = SSL_new(tls_ctx);
+    SSL_set_fd(tls, fd);
+    if (SSL_connect(tls) != 1) goto bad;
+    have = 0;
+  }
   for (int i = 0; i < 7; i++) {
     if (say(fd, cmds[i], strlen(cmds[i])) < 0) goto bad;
     code = reply(fd, buf, &have);
@@ -89,9 +104,11 @@ static int session(void) {
     if (reply(fd, buf, &have) != 250) goto bad;
   }
   if (say(fd, "QUIT\r\n", 6) < 0 || reply(fd, buf, &have) != 221) goto bad;
+  if (tls) { SSL_free(tls); tls = 0; }
   close(fd);
   return 0;
 bad:
+  if (tls) { SSL_free(tls); tls = 0; }
   close(fd);
   return -1;
 }
@@ -116,7 +133,11 @@ static int cmp(const void *a, const void *b) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 6) { fprintf(stderr, "usage: smtpload HOST PORT CONCURRENCY SECONDS DATABYTES\n"); return 2; }
+  if (argc != 6 && argc != 7) { fprintf(stderr, "usage: smtpload HOST PORT CONCURRENCY SECONDS DATABYTES [tls]\n"); return 2; }
+  if (argc == 7) {
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, 0);
+  }
   addr.sin_family = AF_INET;
   addr.sin_port = htons(atoi(argv[2]));
   inet_pton(AF_INET, argv[1], &addr.sin_addr);

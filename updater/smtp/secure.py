@@ -49,6 +49,9 @@ def checkpassword_argv(env) -> list[str] | None:
         argv = shlex.split(text)
     except ValueError:
         argv = text.split()
+    if argv and "/" not in argv[0]:                # posix_spawn takes a path: find it now
+        import shutil
+        argv[0] = shutil.which(argv[0], path=env.get("PATH")) or argv[0]
     return argv or None
 
 

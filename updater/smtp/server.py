@@ -295,6 +295,7 @@ class SmtpProtocol(asyncio.Protocol):
         self.backlog: list[bytes] = []        # input that came while the queue was busy
         self.task = None
         self.ip = "?"
+        self.switching = False
         self.counted = False
         self.id = 0
         self.done = False
@@ -408,6 +409,10 @@ class SmtpProtocol(asyncio.Protocol):
             return
         if self.task is not None:               # the queue is busy: hold it
             self.backlog.append(data)
+            if self.switching:                  # mid-STARTTLS: the transport is changing
+                if sum(map(len, self.backlog)) > 65536:
+                    self.transport.abort()
+                return
             self.transport.pause_reading()
             return
         self.run(self.session.receive_data(data))
@@ -501,6 +506,7 @@ class SmtpProtocol(asyncio.Protocol):
                         self.queue = None
                 elif kind is S.StartTls:
                     ctx = self.w.tls
+                    self.switching = True
                     try:
                         self.transport = await self.loop.start_tls(
                             self.transport, self, ctx, server_side=True,
@@ -509,6 +515,8 @@ class SmtpProtocol(asyncio.Protocol):
                         log(f"TLS handshake with {self.ip} failed: {err}")
                         self.transport.abort()
                         return
+                    finally:
+                        self.switching = False
                     events[:0] = self.session.tls_started()
                 elif kind is S.CheckPassword:
                     from .secure import check_async

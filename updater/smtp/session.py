@@ -593,7 +593,7 @@ class Session:
 
     def check_timeout(self) -> list:
         """The read deadline passed (per the clock): ``451 timeout`` and close."""
-        if self.mode not in (_CMD, _DATA) or self.mono() < self.deadline:
+        if self.mode not in (_CMD, _DATA, _AUTH) or self.mono() < self.deadline:
             return []
         ev: list = []
         if self.mode == _DATA:
@@ -642,7 +642,7 @@ class Session:
 
     # ---- the machine
     def _run(self, ev: list) -> None:
-        while self.buf and self.mode in (_CMD, _DATA):
+        while self.buf and self.mode in (_CMD, _DATA, _AUTH):
             if self.mode == _DATA:
                 self._data(ev)
                 continue
