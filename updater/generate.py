@@ -128,6 +128,10 @@ class Result:
     user_origins: set[int] = field(default_factory=set)   # origins a local user controls
     user_key: Callable[[bytes], bool] | None = None       # a key a local user controls?
 
+    def is_user_key(self, key: bytes) -> bool:
+        """A key of this list that a local user's own files decide (by its origin)."""
+        return self.keys.get(key) in self.user_origins
+
     def user_count(self) -> int:
         """Keys a local user's own files decide (the install gate leaves them out)."""
         if not self.user_origins:

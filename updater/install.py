@@ -470,7 +470,8 @@ def install_result(result, path: str, settings, force: bool = False, stop=None) 
     return install(result.sorted_keys(), path, rejects=result.rejects, present=result.keys,
                    max_shrink=settings.max_shrink, force=force, domains=result.domains,
                    lock_timeout=settings.lock_timeout, stop=stop,
-                   user_keys=(result.user_count, user_key) if user_key else None)
+                   user_keys=(result.user_count, result.is_user_key, user_key)
+                   if user_key else None)
 
 
 def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
@@ -481,7 +482,7 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
     file would change and the list passes the sanity gate (``domains``: the domains still
     served, none of which may lose all of its keys; ``present``: a fast container of the
     keys, if the caller has one; ``user_keys``: (count of the new keys local users control,
-    test for one key) — the gate counts only the others).  Raises InstallRefused /
+    test for a new key, test for a removed key) — the gate counts only the others).  Raises InstallRefused /
     InstallError, leaving ``path`` alone."""
     started = time.monotonic()
     check_target(path)
@@ -506,11 +507,11 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
         removed = diff.removed
         if user_keys is not None:
             # keys local users make in their own homes never move the gate
-            count, is_user = user_keys
+            count, is_new_user, is_user = user_keys
             new_user = count()
             removed = [k for k in diff.removed if not is_user(k)]
-            old_user = new_user - sum(1 for k in diff.added if is_user(k)) + \
-                len(diff.removed) - len(removed)
+            added_user = sum(1 for k in diff.added if is_new_user(k)) if new_user else 0
+            old_user = new_user - added_user + len(diff.removed) - len(removed)
             why = gate(len(keys) - new_user, None if old_count is None else old_count - old_user,
                        max_shrink, force, empty=len(keys) == 0,
                        users=(new_user, old_user))
