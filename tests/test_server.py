@@ -367,3 +367,22 @@ def test_shipped_service_under_supervise_and_svc_h(env, tmp_path):
         scan.terminate()
         scan.wait()
         subprocess.run([svc, "-dx", str(svcdir), str(svcdir / "log")])
+
+
+def test_read_timeout_in_listen_mode(env, tmp_path):
+    (tmp_path / "qmail/control/timeoutsmtpd").write_text("1\n")
+    srv = Server(env)
+    try:
+        c = srv.connect()
+        assert c.reply().startswith(b"220 ")
+        started = time.monotonic()
+        assert c.reply() == b"451 timeout (#4.4.2)\r\n"      # qmail's words, then EOF
+        assert 1 <= time.monotonic() - started < 3
+        assert c.sock.recv(10) == b""
+        busy = srv.connect()                                  # each command restarts it
+        busy.reply()
+        for _ in range(4):
+            time.sleep(0.6)
+            assert busy.cmd("NOOP") == b"250 ok\r\n"
+    finally:
+        assert srv.stop() == 0

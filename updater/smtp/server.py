@@ -32,6 +32,7 @@ from .controls import ControlError, IpMe, morercpthosts_path, read_controls
 
 PROG = "validrcptto-smtpd"
 READ_SIZE = 65536
+SWEEP = 0.5                 # seconds between checks of the sessions' read deadlines
 R_BUSY = b"421 too many connections, try again later (#4.3.2)\r\n"
 R_BUSY_IP = b"421 too many connections from your address, try again later (#4.3.2)\r\n"
 R_CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
@@ -289,7 +290,6 @@ class SmtpProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport = None
         self.session: S.Session | None = None
-        self.timer = None
         self.write_timer = None
         self.queue: AsyncQueue | None = None
         self.backlog: list[bytes] = []        # input that came while the queue was busy
@@ -391,10 +391,9 @@ class SmtpProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _cancel_timers(self) -> None:
-        for t in (self.timer, self.write_timer):
-            if t is not None:
-                t.cancel()
-        self.timer = self.write_timer = None
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+        self.write_timer = None
 
     # ---- input
     def data_received(self, data: bytes) -> None:
@@ -425,7 +424,6 @@ class SmtpProtocol(asyncio.Protocol):
         return False
 
     def on_timeout(self) -> None:
-        self.timer = None
         if self.session is not None and self.task is None and not self.done:
             self.run(self.session.check_timeout())
 
@@ -457,14 +455,11 @@ class SmtpProtocol(asyncio.Protocol):
                 events.insert(0, ev)
                 self.task = self.loop.create_task(self.run_queue(events))
                 return
-        if self.timer is not None:
-            self.timer.cancel()
         if self.w.stopping and self.w.grace_over and self.session.idle():
             self.transport.write(R_SHUTDOWN)
             self.finish()
-            return
-        self.timer = self.loop.call_at(self.loop.time() + max(
-            0.0, self.session.deadline - time.monotonic()), self.on_timeout)
+        # the read deadline (session.deadline) is watched by the worker's sweeper: one
+        # timer for all sessions rather than one per command
 
     async def run_queue(self, events: list) -> None:
         try:
@@ -620,6 +615,14 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits) -> None:
         log(f"{msg}: {type(exc).__name__ if exc else ''} {exc or ''}".strip())
     loop.set_exception_handler(on_error)
     server = await loop.create_server(lambda: SmtpProtocol(worker), sock=sock)
+
+    def sweep() -> None:                        # read deadlines, checked twice a second
+        now = time.monotonic()
+        for p in list(worker.sessions):
+            if p.session is not None and p.session.deadline <= now:
+                p.on_timeout()
+        loop.call_later(SWEEP, sweep)
+    loop.call_later(SWEEP, sweep)
     addr = sock.getsockname()
     log(f"listening on {addr[0]}:{addr[1]}")
     stop = asyncio.Event()
