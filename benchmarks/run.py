@@ -518,7 +518,16 @@ def markdown(bench: Bench, sizes: list[int], runs: int, seconds: float) -> str:
             "References: full rebuild = per domain `awk -F: '{print $1\"@\"domain}' vpasswd` "
             "(as cdbmake records) piped into Debian's `cdbmake`; cdb write = `cdbmake` on the "
             "same records; per-connection work = reading and hashing a text list, as the "
-            "original approach did for every SMTP connection.", ""]
+            "original approach did for every SMTP connection.", "",
+            "SMTP servers (`benchmarks/server_bench.py`): one load client for all, in C "
+            "(`benchmarks/smtpload.c`, threads; its own CPU in the `load client CPU` rows); a "
+            "session is connect, EHLO, MAIL, 5 RCPT (3 listed, 2 not), QUIT, optionally DATA "
+            "with a 10 kB body into a qmail-queue stand-in written in C. The reference is "
+            "netqmail 1.06's qmail-smtpd (built from ../shared/reference: without the "
+            "validrcptto patch, so it does less per RCPT) under `tcpserver -R -H -l`; ours "
+            "runs as `--listen --workers 0` (one per CPU) and under the same tcpserver. "
+            "Server CPU is read from /proc (server, reaped children, live descendants). "
+            "Where a speed target is missed, README.md (Benchmarks) has the profile.", ""]
     return "\n".join(out)
 
 
