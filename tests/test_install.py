@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import Tree, need, script

@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import shlex
 import stat
-import string
-import subprocess
 from pathlib import Path
 
 import cdbx

@@ -84,6 +84,13 @@ def test_qmail_search_exact_then_default_chain():
     assert qmail_search("-", "q", frozenset([".qmail-a"])) is None
 
 
+def test_runs_and_fastforward_cdb():
+    text = "# comment\n&joe\n| /usr/bin/fastforward -d /etc/aliases.cdb\n"
+    assert runs(text, "fastforward") == ["-d", "/etc/aliases.cdb"]
+    assert fastforward_cdb(["-d", "/etc/aliases.cdb"]) == "/etc/aliases.cdb"
+    assert runs(text, "vdelivermail") is None
+
+
 def test_accepted_names_and_qmail_ext():
     acc = Accepts("o", [("o", ["ann", "bob-x"])], {"ann", "bob-x"}.__contains__)
     assert accepted(acc, "ann") and not accepted(acc, "ann-y") and accepted(acc, "bob-x")

@@ -12,7 +12,7 @@ import functools
 import os
 import stat
 from collections import namedtuple
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, NamedTuple
 
 from .errors import SourceError
 

@@ -31,7 +31,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Protocol
 
-from .qmail import Account, Assign, ENCODING, ERRORS, UsersDb, lower_ascii, lspawn_lookup
+from .qmail import Account, ENCODING, ERRORS, UsersDb, lower_ascii, lspawn_lookup
 
 TAIL = "/"              # "any other local part": no file, account or vpopmail user has a /
 GETPW_USERLEN = 32      # qmail-getpw: a user name is shorter than this, in bytes
