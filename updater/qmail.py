@@ -127,21 +127,28 @@ def first_line(path: str) -> str | None:
     return lines[0][1] if lines else None
 
 
-def cdb_keys(path: str, raw: bool = False, nofollow: bool = False
-             ) -> list[str] | list[bytes] | None:
-    """Every key of a cdb file (as bytes if ``raw``), or None when it does not exist."""
+def open_cdb_checked(path: str, nofollow: bool = False):
+    """A cdbx.CDB over a file checked by ``open_checked``; None when it does not exist."""
     import cdbx
     fd = open_checked(path, nofollow=nofollow)
     if fd is None:
         return None
     try:
-        db = cdbx.CDB(fd, close=True)
+        return cdbx.CDB(fd, close=True)
     except OSError as err:
         os.close(fd)
         raise SourceError(f"cannot read cdb: {err.strerror or err}", path) from None
     except Exception as err:
         os.close(fd)
         raise SourceError(f"corrupt cdb: {err}", path) from None
+
+
+def cdb_keys(path: str, raw: bool = False, nofollow: bool = False
+             ) -> list[str] | list[bytes] | None:
+    """Every key of a cdb file (as bytes if ``raw``), or None when it does not exist."""
+    db = open_cdb_checked(path, nofollow)
+    if db is None:
+        return None
     try:
         return list(db) if raw else [k.decode(ENCODING, ERRORS) for k in db]
     except Exception as err:            # corrupt file: cdbx raises its own errors
@@ -263,16 +270,9 @@ def users_db(entries: list[Assign], source: str) -> UsersDb:
 
 def read_users_cdb(path: str) -> UsersDb | None:
     """users/cdb (what qmail-lspawn really reads), or None when it does not exist."""
-    import cdbx
-    fd = open_checked(path)
-    if fd is None:
+    db = open_cdb_checked(path)
+    if db is None:
         return None
-    try:
-        db = cdbx.CDB(fd, close=True)
-    except Exception as err:
-        os.close(fd)
-        raise SourceError(f"cannot read cdb: {getattr(err, 'strerror', None) or err}",
-                          path) from None
     exact: dict[str, Assign] = {}
     prefix: dict[str, Assign] = {}
     wild = frozenset()

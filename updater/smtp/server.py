@@ -439,22 +439,31 @@ class SmtpProtocol(asyncio.Protocol):
             self.write_timer = None
 
     # ---- the session's events
+    def _plain(self, ev) -> bool | None:
+        """Carry out a Reply, Log or Close event (None: it was Close); False for the
+        events that must be awaited (queue, TLS, AUTH)."""
+        kind = type(ev)
+        if kind is S.Reply:
+            self.transport.write(ev.data)
+        elif kind is S.Log:
+            log(ev.text)
+        elif kind is S.Close:
+            self.finish()
+            return None
+        else:
+            return False
+        return True
+
     def run(self, events: list) -> None:
         """Carry out the events; the queue's are awaited in a task, input held meanwhile."""
         while events:
-            ev = events.pop(0)
-            kind = type(ev)
-            if kind is S.Reply:
-                self.transport.write(ev.data)
-            elif kind is S.Log:
-                log(ev.text)
-            elif kind is S.Close:
-                self.finish()
+            done = self._plain(events[0])
+            if done is None:
                 return
-            else:
-                events.insert(0, ev)
+            if not done:
                 self.task = self.loop.create_task(self.run_queue(events))
                 return
+            events.pop(0)
         if self.w.stopping and self.w.grace_over and self.session.idle():
             self.transport.write(R_SHUTDOWN)
             self.finish()
@@ -479,13 +488,11 @@ class SmtpProtocol(asyncio.Protocol):
             while events:
                 ev = events.pop(0)
                 kind = type(ev)
-                if kind is S.Reply:
-                    self.transport.write(ev.data)
-                elif kind is S.Log:
-                    log(ev.text)
-                elif kind is S.Close:
-                    self.finish()
+                done = self._plain(ev)
+                if done is None:
                     return
+                if done:
+                    pass
                 elif kind is S.QueueData:
                     await self.queue.put(ev.data)
                 elif kind is S.QueueOpen:
