@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import cdbx
+
+from conftest import script
 
 T1 = {
     b"joe@example.com": b"", b"joe-list-default@example.com": b"", b"postmaster": b"",
@@ -81,3 +86,68 @@ def wait_port(port: int, proc: subprocess.Popen, seconds: float = 10) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("server did not start")
+
+
+class Server:
+    def __init__(self, env: dict, *args: str, nofile: int | None = None):
+        self.port = free_port()
+        self.lines: list[str] = []
+
+        def limit():
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        self.proc = subprocess.Popen([script("validrcptto-smtpd"), "--listen",
+                                      f"127.0.0.1:{self.port}", *args], env=env,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + 15
+        while not any("listening on" in x for x in self.lines):
+            assert self.proc.poll() is None, self.lines
+            assert time.monotonic() < deadline, self.lines
+            time.sleep(0.02)
+
+    def connect(self, source: str = "127.0.0.1") -> "Client":
+        return Client(self.port, source)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+
+class Client:
+    def __init__(self, port: int, source: str = "127.0.0.1"):
+        self.sock = socket.socket()
+        self.sock.settimeout(20)
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
+        self.buf = b""
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                out, self.buf = self.buf, b""
+                return out
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line + b"\r\n"
+
+    def reply(self) -> bytes:
+        """One whole (possibly multi-line) reply."""
+        out = b""
+        while True:
+            line = self.line()
+            out += line
+            if len(line) < 4 or line[3:4] != b"-":
+                return out
+
+    def cmd(self, text: str) -> bytes:
+        self.sock.sendall(text.encode() + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()

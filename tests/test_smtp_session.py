@@ -256,6 +256,8 @@ def test_maxrcpt_and_small_memory_per_recipient():
     assert s.nrcpt == 3 and bytes(s.rcptto) == b"Tr@x\0" * 3
     s, _ = make(relayclient=b"")
     s.receive_data(b"MAIL FROM:<a@b>\r\n" + b"RCPT TO:<someone@catchall.example>\r\n" * 200000)
+    while s.pending:
+        s.proceed()
     assert s.nrcpt == 200000 and len(s.rcptto) == 200000 * 26
 
 
@@ -274,3 +276,19 @@ def test_log_escapes_client_bytes():
     for e in ev:
         if isinstance(e, S.Log):
             assert all(32 <= ord(c) < 127 for c in e.text), e.text
+
+
+def test_replies_come_in_batches_a_driver_can_pace():
+    """A client that pipelines thousands of commands without reading gets at most
+    BATCH replies per call; the rest waits in the session (bounded by one read) until
+    the driver asks for it with proceed()."""
+    s, _ = make()
+    flood = b"HELP\r\n" * 1000 + b"\n" * 1000 + b"NOOP\r\n"
+    got = [s.receive_data(flood)]
+    while s.pending:
+        assert len(got[-1]) == S.BATCH
+        got.append(s.proceed())
+    out = b"".join(replies(ev) for ev in got)
+    assert out == S.R_HELP * 1000 + S.R_UNIMPL * 1000 + b"250 ok\r\n"
+    assert not s.pending and s.proceed() == []
+    assert replies(s.receive_data(b"NOOP\r\n")) == b"250 ok\r\n"

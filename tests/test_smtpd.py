@@ -3,7 +3,6 @@ hostile input, and the --listen server picking up a renamed-in cdb."""
 
 from __future__ import annotations
 
-import os
 import re
 import smtplib
 import socket

@@ -7,6 +7,7 @@ runs one process per SMTP connection.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import namedtuple
 
@@ -52,22 +53,27 @@ def check(get, address: bytes) -> Verdict:
 
 class CdbGetter:
     """A lookup function over one open cdb.  A file that opens but is empty or corrupt
-    finds nothing (every recipient is then rejected, never deferred), as in qmail-smtpd."""
+    finds nothing (every recipient is then rejected, never deferred), as in qmail-smtpd.
+    ``strict``: a lookup that fails raises OSError (EPROTO) instead (tcpserver's rules:
+    an unreadable rule must not become "allow")."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, strict: bool = False):
         import cdbx
         self._db = None
+        self.strict = strict
         try:
             self._db = cdbx.CDB(fd, close=True)
         except Exception:
             os.close(fd)
 
     def __call__(self, key: bytes) -> bytes | None:
-        if self._db is None:
-            return None
         try:
+            if self._db is None:
+                raise ValueError("not open")
             return self._db.get(key)
         except Exception:
+            if self.strict:
+                raise OSError(errno.EPROTO, "not a cdb") from None
             return None
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ connection, as in qmail-smtpd).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -32,7 +33,7 @@ def whole_cdb(data) -> bool:
     return end == size
 
 
-def snapshot(path: str) -> tuple[CdbGetter, tuple, bool]:
+def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, tuple, bool]:
     """(getter, identity, whole) for the file at ``path``; OSError when it cannot be
     opened (qmail-smtpd: 421 unable to read controls)."""
     import mmap
@@ -63,12 +64,18 @@ def snapshot(path: str) -> tuple[CdbGetter, tuple, bool]:
             raise
     finally:
         os.close(fd)
-    return CdbGetter(mfd), ident, whole
+    return CdbGetter(mfd, strict=strict), ident, whole
 
 
 class CdbCache:
-    def __init__(self, path: str, log):
-        self.path, self.log = path, log
+    """``strict`` (tcpserver's rules): a file that is not a whole cdb is an error
+    (OSError EPROTO, as tcpserver's "protocol error") at every connection until a whole
+    one replaces it, and a lookup that fails raises instead of finding nothing.
+    Otherwise (validrcptto.cdb, morercpthosts.cdb) a file that was never whole is used
+    as qmail-smtpd would (every lookup finds nothing)."""
+
+    def __init__(self, path: str, log, strict: bool = False):
+        self.path, self.log, self.strict = path, log, strict
         self.getter: CdbGetter | None = None
         self.ident: tuple | None = None
         self.torn: tuple | None = None
@@ -77,6 +84,19 @@ class CdbCache:
         """The snapshot for a new connection; OSError when the file cannot be opened."""
         st = os.stat(self.path)
         ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if self.strict:
+            if ident == self.torn:
+                raise OSError(errno.EPROTO, "not a cdb", self.path)
+            if ident != self.ident:
+                getter, ident, whole = snapshot(self.path, strict=True)
+                if not whole:
+                    getter.close()
+                    self.torn = ident
+                    raise OSError(errno.EPROTO, "not a cdb", self.path)
+                if self.getter is not None:
+                    self.getter.close()
+                self.getter, self.ident, self.torn = getter, ident, None
+            return self.getter
         if ident != self.ident and ident != self.torn:
             getter, ident, whole = snapshot(self.path)
             if whole or self.getter is None:

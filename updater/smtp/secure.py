@@ -62,8 +62,10 @@ def timeout_of(env) -> float:
         return 10.0
 
 
-def spawn(argv: list[str], user: bytes, password: bytes) -> tuple[int, int] | None:
-    """Start the checkpassword program with the credentials on fd 3: (pid, pidfd)."""
+def spawn(argv: list[str], user: bytes, password: bytes,
+          env: dict[str, str] | None = None) -> int | None:
+    """Start the checkpassword program with the credentials on fd 3; its pid.  ``env``
+    is the session's environment (the tcpserver front end's own: os.environ)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         data = user + b"\0" + password + b"\0" + str(int(time.time())).encode() + b"\0"
@@ -71,75 +73,71 @@ def spawn(argv: list[str], user: bytes, password: bytes) -> tuple[int, int] | No
     finally:
         os.close(w)
     try:
-        pid = os.posix_spawn(argv[0], argv + [TRUE], os.environ, file_actions=[
-            (os.POSIX_SPAWN_DUP2, r, 3),
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)])
+        return os.posix_spawn(argv[0], argv + [TRUE], os.environ if env is None else env,
+                              file_actions=[
+                                  (os.POSIX_SPAWN_DUP2, r, 3),
+                                  (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                                  (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)])
     except OSError:
         return None
     finally:
         os.close(r)
-    try:
-        return pid, os.pidfd_open(pid)
-    except OSError:
-        return pid, -1
 
 
-def reap(pid: int, pidfd: int, finished: bool) -> int | None:
-    """The exit code once it ended; a program still running is killed (None)."""
-    if not finished:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        status = None
-    if pidfd != -1:
-        os.close(pidfd)
-    if not finished or status is None:
-        return None
+def _code(status: int) -> int | None:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
 
 
 def check(argv: list[str], user: bytes, password: bytes, timeout: float) -> int | None:
-    """Blocking: for the one-process-per-connection front end."""
-    started = spawn(argv, user, password)
-    if started is None:
+    """Blocking: for the one-process-per-connection front end.  None: killed after
+    ``timeout``, crashed, or not started (a temporary failure)."""
+    pid = spawn(argv, user, password)
+    if pid is None:
         return None
-    pid, pidfd = started
-    if pidfd == -1:                                     # no pidfd (old kernel): poll
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        pidfd = -1                                      # old kernel: poll
+    try:
+        while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-            time.sleep(0.01)
-        return reap(pid, pidfd, False)
-    ready, _, _ = select.select([pidfd], [], [], timeout)
-    return reap(pid, pidfd, bool(ready))
-
-
-async def check_async(argv: list[str], user: bytes, password: bytes,
-                      timeout: float) -> int | None:
-    """From the event loop: the program runs while other sessions go on."""
-    import asyncio
-    started = spawn(argv, user, password)
-    if started is None:
-        return None
-    pid, pidfd = started
-    if pidfd == -1:
-        return await asyncio.get_running_loop().run_in_executor(
-            None, lambda: reap(pid, pidfd, True))
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
-    try:
-        await asyncio.wait_for(done, timeout)
-        finished = True
-    except asyncio.TimeoutError:
-        finished = False
+                return _code(status)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if pidfd != -1:
+                select.select([pidfd], [], [], left)
+            else:
+                time.sleep(min(0.01, left))
     finally:
-        loop.remove_reader(pidfd)
-    return reap(pid, pidfd, finished)
+        if pidfd != -1:
+            os.close(pidfd)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    return None
+
+
+async def check_async(argv: list[str], user: bytes, password: bytes, timeout: float,
+                      env: dict[str, str]) -> int | None:
+    """From the event loop: the program runs while other sessions go on.  It is owned
+    until reaped: killed after ``timeout``, and killed and reaped if the session ends
+    (its task cancelled) while it runs."""
+    from .child import Child
+    pid = spawn(argv, user, password, env)
+    if pid is None:
+        return None
+    child = Child(pid)
+    try:
+        if not await child.wait(timeout):
+            return None
+        return child.exit_code()
+    finally:
+        child.kill()                                    # a no-op once reaped

@@ -28,10 +28,11 @@ import time
 
 from . import session as S
 from .cdbfile import CdbCache
+from .child import LIVE, Child, spawn
 from .controls import ControlError, IpMe, morercpthosts_path, read_controls
 
 PROG = "validrcptto-smtpd"
-READ_SIZE = 65536
+HOLD_MAX = 65536            # client input held while the session cannot take it
 SWEEP = 0.5                 # seconds between checks of the sessions' read deadlines
 R_BUSY = b"421 too many connections, try again later (#4.3.2)\r\n"
 R_BUSY_IP = b"421 too many connections from your address, try again later (#4.3.2)\r\n"
@@ -71,12 +72,17 @@ async def write_fd(fd: int, data: bytes) -> bool:
 
 class AsyncQueue:
     """qmail-queue from the event loop: started with posix_spawn (no fork of this big
-    process, no helper thread), the message written to its fd 0 as it arrives, the
-    envelope to its fd 1 at the end, its exit noticed through a pidfd."""
+    process, no helper thread) with the session's environment, the message written to
+    its fd 0 as it arrives, the envelope to its fd 1 at the end, its exit noticed
+    through a pidfd.  The process is owned (``child.Child``) until reaped, on every
+    path: ``abort`` closes the pipes (qmail-queue then gives up by itself, as it does
+    when qmail-smtpd dies) and kills it if it has not ended within ABORT_WAIT."""
 
-    def __init__(self, program: str, qmail_dir: str):
-        self.program, self.qmail_dir = program, qmail_dir
-        self.pid = 0
+    ABORT_WAIT = 5.0
+
+    def __init__(self, program: str, qmail_dir: str, env: dict[str, str]):
+        self.program, self.qmail_dir, self.env = program, qmail_dir, env
+        self.child: Child | None = None
         self.msg_w = self.env_w = -1
         self.status: int | None = 0
         self.write_failed = False
@@ -93,18 +99,17 @@ class AsyncQueue:
             # (posix_spawn cannot chdir); qmail: chdir failing is 61, exec failing 120
             if os.getcwd() != self.qmail_dir:
                 os.chdir(self.qmail_dir)
-            self.pid = os.posix_spawn(self.program, [self.program], os.environ,
-                                      file_actions=[(os.POSIX_SPAWN_DUP2, m_r, 0),
-                                                    (os.POSIX_SPAWN_DUP2, e_r, 1)])
+            self.child = spawn(self.program, [self.program], self.env,
+                               [(os.POSIX_SPAWN_DUP2, m_r, 0), (os.POSIX_SPAWN_DUP2, e_r, 1)])
         except OSError as err:
             self.status = 61 if err.filename == self.qmail_dir else 120
-            self.pid = 0
         finally:
             os.close(m_r)
             os.close(e_r)
-        if not self.pid:
+        if self.child is None:
             self._close_pipes()
-        return self.pid or os.getpid()
+            return os.getpid()
+        return self.child.pid
 
     async def put(self, data: bytes) -> None:
         if self.msg_w == -1 or self.write_failed:
@@ -116,46 +121,33 @@ class AsyncQueue:
     async def close(self, envelope: bytes | None) -> tuple[int | None, bool]:
         self._close(self.msg_w)
         self.msg_w = -1
-        if envelope is not None and self.pid and not self.write_failed:
+        if envelope is not None and self.child is not None and not self.write_failed:
             if not await write_fd(self.env_w, envelope):
                 self.write_failed = True
         self._close_pipes()
-        if not self.pid:
+        if self.child is None:
             return self.status, self.write_failed
-        code = await self._wait()
-        return code, self.write_failed
+        try:
+            await self.child.wait()
+        finally:                      # cancelled while waiting: still ours to reap
+            if not self.child.reaped:
+                self.child.kill()
+        return self.child.exit_code(), self.write_failed
 
     async def abort(self) -> None:
         self._close_pipes()
-        if self.pid:
-            await self._wait()
-
-    async def _wait(self) -> int | None:
-        """The exit code (None: killed by a signal), without blocking the loop."""
-        pid, self.pid = self.pid, 0
-        loop = asyncio.get_running_loop()
+        if self.child is None:
+            return
         try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            pidfd = -1
-        if pidfd != -1:
-            done = loop.create_future()
-            loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
-            try:
-                await done
-            finally:
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0 if pidfd != -1 else os.WNOHANG)
-            except ChildProcessError:
-                return None
-            if pidfd == -1 and _ == 0:
-                await asyncio.sleep(0.01)
-                continue
-            break
-        return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            await self.child.wait(self.ABORT_WAIT)
+        finally:
+            self.child.kill()         # a no-op once reaped
+
+    def kill(self) -> None:
+        """Synchronous: the pipes closed, the process killed and reaped (soon)."""
+        self._close_pipes()
+        if self.child is not None:
+            self.child.kill()
 
     @staticmethod
     def _close(fd: int) -> None:
@@ -172,53 +164,53 @@ class AsyncQueue:
 
 
 class Limits:
-    """Connections in all and per client address, shared by the worker processes (a
-    lock and two counters in shared memory; addresses are hashed into slots, so a
-    collision can only make the per-address limit stricter)."""
-    SLOTS = 8192
+    """Connections in all and per client address, across the worker processes.
+
+    Each worker counts its own sessions in its own row of shared memory (a total and
+    a table of per-address counters; addresses are hashed into slots, so a collision
+    can only make the per-address limit stricter).  A worker reads every row to
+    decide and writes only its own, so there is no lock for a dying worker to hold;
+    the supervisor zeroes the row of a worker that died before it starts the next
+    one.  Two workers deciding at the same instant may each admit one more: the
+    limits can be passed by at most (workers - 1) for a moment."""
+    SLOTS = 4096
 
     def __init__(self, total: int, per_ip: int, workers: int):
-        import multiprocessing
-        self.total, self.per_ip = total, per_ip
-        self.lock = multiprocessing.Lock() if workers > 1 else None
-        self.count = multiprocessing.RawValue("i", 0) if workers > 1 else None
-        self.slots = multiprocessing.RawArray("i", self.SLOTS) if workers > 1 else None
-        self.local_count = 0
-        self.local_slots: dict[int, int] = {}
+        self.total, self.per_ip, self.workers = total, per_ip, workers
+        if workers > 1:
+            import multiprocessing
+            self.counts = multiprocessing.RawArray("i", workers)
+            self.slots = multiprocessing.RawArray("i", workers * self.SLOTS)
+        else:
+            self.counts = [0]
+            self.slots = [0] * self.SLOTS
+        self.row = 0
+
+    def slot(self, ip: str) -> int:
+        import zlib
+        return zlib.crc32(ip.encode()) % self.SLOTS
 
     def take(self, ip: str) -> bytes | None:
         """None when the connection may go on, else the reply that refuses it."""
-        slot = hash(ip) % self.SLOTS if self.slots is not None else ip
-        if self.lock is None:
-            if self.local_count >= self.total:
-                return R_BUSY
-            if self.per_ip and self.local_slots.get(slot, 0) >= self.per_ip:
-                return R_BUSY_IP
-            self.local_count += 1
-            self.local_slots[slot] = self.local_slots.get(slot, 0) + 1
-            return None
-        with self.lock:
-            if self.count.value >= self.total:
-                return R_BUSY
-            if self.per_ip and self.slots[slot] >= self.per_ip:
-                return R_BUSY_IP
-            self.count.value += 1
-            self.slots[slot] += 1
+        if sum(self.counts) >= self.total:
+            return R_BUSY
+        slot = self.slot(ip)
+        if self.per_ip and sum(self.slots[r * self.SLOTS + slot]
+                               for r in range(self.workers)) >= self.per_ip:
+            return R_BUSY_IP
+        self.counts[self.row] += 1
+        self.slots[self.row * self.SLOTS + slot] += 1
         return None
 
     def give(self, ip: str) -> None:
-        slot = hash(ip) % self.SLOTS if self.slots is not None else ip
-        if self.lock is None:
-            self.local_count -= 1
-            n = self.local_slots.get(slot, 0) - 1
-            if n > 0:
-                self.local_slots[slot] = n
-            else:
-                self.local_slots.pop(slot, None)
-            return
-        with self.lock:
-            self.count.value -= 1
-            self.slots[slot] -= 1
+        self.counts[self.row] -= 1
+        self.slots[self.row * self.SLOTS + self.slot(ip)] -= 1
+
+    def clear(self, row: int) -> None:
+        """The worker of this row is dead: its sessions are gone with it."""
+        self.counts[row] = 0
+        base = row * self.SLOTS
+        self.slots[base:base + self.SLOTS] = [0] * self.SLOTS
 
 
 class Worker:
@@ -227,16 +219,18 @@ class Worker:
     def __init__(self, opts: "Options", limits: Limits):
         self.o, self.limits = opts, limits
         self.ipme = IpMe()
+        # tcpserver's children get its environment, less what it sets per connection
         self.base_env = {k: v for k, v in os.environ.items()
-                         if not k.startswith("TCP") and k != "RELAYCLIENT"}
+                         if not k.startswith("TCP") and k not in ("RELAYCLIENT", "PROTO")}
         self.controls = None
         self.cdbs: dict[str, CdbCache] = {}
-        self.rules = CdbCache(opts.rules, log) if opts.rules else None
+        self.rules = CdbCache(opts.rules, log, strict=True) if opts.rules else None
         from .secure import checkpassword_argv, timeout_of
         self.tls = opts.tls                       # loaded before --user (keys are private)
         self.checkpw = checkpassword_argv(os.environ)
         self.checkpw_timeout = timeout_of(os.environ)
         self.sessions: set[SmtpProtocol] = set()
+        self.cleanups: set[asyncio.Task] = set()   # qmail-queue aborts still running
         self.stopping = False
         self.grace_over = False
         self.serial = 0
@@ -255,6 +249,20 @@ class Worker:
         else:
             log("TLS: keeping the certificate loaded before")
         log("SIGHUP: re-reading controls, rules and the TLS certificate")
+
+    def cleanup(self, coro) -> None:
+        """Run a clean-up (a qmail-queue abort) to its end, whatever the session does."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
+
+    def rules_current(self):
+        """The rules cdb for a new connection; OSError (tcpserver drops the connection)
+        when it cannot be read or is not a whole cdb."""
+        return self.rules.current()
+
+    def rules_error(self, err: OSError) -> str:
+        return f"cannot read rules {self.o.rules}: {err.strerror or err}"
 
     def cdb(self, path: str):
         cache = self.cdbs.get(path)
@@ -285,6 +293,17 @@ class Worker:
 
 
 class SmtpProtocol(asyncio.Protocol):
+    """One connection: the session's events carried out on an asyncio transport.
+
+    Input the session has not taken yet (while a queue or AUTH step is awaited, or
+    while the client is not taking our replies) waits in ``backlog``.  Reading stops
+    while the client is not taking our replies (``out_paused``, from the transport's
+    write high-water mark) and while more than HOLD_MAX bytes wait; it goes on
+    otherwise, so a client hanging up is noticed at once, even during AUTH or while
+    qmail-queue works.  So one session holds at most: HOLD_MAX plus one read of
+    input, the transport's write buffer, and one batch of replies (session.BATCH
+    lines)."""
+
     def __init__(self, worker: Worker):
         self.w = worker
         self.loop = asyncio.get_running_loop()
@@ -292,9 +311,12 @@ class SmtpProtocol(asyncio.Protocol):
         self.session: S.Session | None = None
         self.write_timer = None
         self.queue: AsyncQueue | None = None
-        self.backlog: list[bytes] = []        # input that came while the queue was busy
-        self.task = None
+        self.backlog: list[bytes] = []        # input the session has not taken yet
+        self.held = 0                         # bytes in backlog
+        self.task: asyncio.Task | None = None
+        self.out_paused = False
         self.ip = "?"
+        self.env: dict[str, str] = {}
         self.switching = False
         self.counted = False
         self.id = 0
@@ -319,13 +341,13 @@ class SmtpProtocol(asyncio.Protocol):
         if ip.startswith("::ffff:") and "." in ip:
             self.ip = ip = ip[7:]
         where = f"{local[0]}:{local[1]} {ip}:{peer[1]}"
-        env = dict(w.base_env)
+        rule = None
         if w.rules is not None:
             from .tcprules import lookup
             try:
-                rule = lookup(w.rules.current(), ip)
+                rule = lookup(w.rules_current(), ip)
             except OSError as err:           # tcpserver drops the connection, and logs
-                log(f"deny {self.id} {where}: cannot read rules: {err.strerror or err}")
+                log(f"deny {self.id} {where}: {w.rules_error(err)}")
                 transport.abort()
                 return
             if not rule.allow:
@@ -333,11 +355,6 @@ class SmtpProtocol(asyncio.Protocol):
                     log(f"deny {self.id} {where}")
                 transport.abort()
                 return
-            for k, v in rule.env.items():
-                if v is None:
-                    env.pop(k, None)
-                else:
-                    env[k] = v
         refusal = w.limits.take(ip)
         if refusal is not None:
             if w.o.verbose:
@@ -347,10 +364,20 @@ class SmtpProtocol(asyncio.Protocol):
             return
         self.counted = True
         w.sessions.add(self)
-        env.update(TCPREMOTEIP=ip, TCPREMOTEPORT=str(peer[1]), TCPLOCALIP=local[0],
-                   TCPLOCALPORT=str(local[1]))
+        # the environment tcpserver gives qmail-smtpd (and so qmail-queue and
+        # checkpassword): its own, PROTO and the TCP* variables, then the rule's
+        env = dict(w.base_env)
+        env.update(PROTO="TCP", TCPREMOTEIP=ip, TCPREMOTEPORT=str(peer[1]),
+                   TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]))
         if w.o.local_name:
             env["TCPLOCALHOST"] = w.o.local_name
+        if rule is not None:
+            for k, v in rule.env.items():
+                if v is None:
+                    env.pop(k, None)
+                else:
+                    env[k] = v
+        self.env = env
         if w.o.verbose:
             log(f"ok {self.id} {where}")
         try:
@@ -361,6 +388,7 @@ class SmtpProtocol(asyncio.Protocol):
             self.finish()
             return
         self.timeout = controls.timeout
+        self.write_timeout = w.o.write_timeout or controls.timeout
         self.session = S.Session(controls, S.peer_from_env(env),
                                  S.policy_from_env(env, tls=w.tls is not None,
                                                    auth=w.checkpw is not None),
@@ -371,11 +399,13 @@ class SmtpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.done = True
+        self.backlog.clear()
+        self.held = 0
         self._cancel_timers()
         if self.task is not None and not self.task.done():
-            self.task.cancel()
-        elif self.queue is not None:
-            asyncio.ensure_future(self.queue.abort())
+            self.task.cancel()                   # its handlers kill what it started
+        elif self.queue is not None:             # between two reads of a message
+            self.w.cleanup(self.queue.abort())
             self.queue = None
         if self.counted:
             self.counted = False
@@ -398,45 +428,79 @@ class SmtpProtocol(asyncio.Protocol):
     # ---- input
     def data_received(self, data: bytes) -> None:
         try:
-            self._data_received(data)
+            if self.session is None or self.done:
+                return
+            self.backlog.append(data)
+            self.held += len(data)
+            if self.switching:                  # mid-STARTTLS: the transport is changing
+                if self.held > HOLD_MAX:
+                    self.transport.abort()
+                return
+            self.pump()
         except Exception as err:                 # a bug: this connection ends, not us
             log(f"session {self.ip} ended by {type(err).__name__}: {err}")
             self.transport.abort()
 
-    def _data_received(self, data: bytes) -> None:
-        if self.session is None or self.done:
-            return
-        if self.task is not None:               # the queue is busy: hold it
-            self.backlog.append(data)
-            if self.switching:                  # mid-STARTTLS: the transport is changing
-                if sum(map(len, self.backlog)) > 65536:
-                    self.transport.abort()
-                return
-            self.transport.pause_reading()
-            return
-        self.run(self.session.receive_data(data))
-
     def eof_received(self):
-        if self.session is not None and self.task is None:
-            self.run(self.session.receive_data(b""))
-        elif self.task is not None:
+        if self.session is not None and not self.done:
             self.backlog.append(b"")
+            self.pump()
         return False
 
     def on_timeout(self) -> None:
         if self.session is not None and self.task is None and not self.done:
             self.run(self.session.check_timeout())
 
+    def next_events(self) -> list | None:
+        """The session's next events from input already here, or None when there is
+        none or it must wait (the client is not reading, or it is closed)."""
+        if self.done or self.out_paused or self.session.closed:
+            return None
+        if self.session.pending:
+            return self.session.proceed()
+        if self.backlog:
+            data = self.backlog.pop(0)
+            self.held -= len(data)
+            return self.session.receive_data(data)
+        return None
+
+    def pump(self) -> None:
+        """Feed the session what it may take now; read more only when it took all."""
+        while self.task is None:
+            events = self.next_events()
+            if events is None:
+                break
+            self.run(events)
+        if self.done or self.transport.is_closing():
+            return
+        if self.out_paused or self.held > HOLD_MAX:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
     # ---- output
     def pause_writing(self) -> None:
-        # the client does not read: drop it if that lasts the whole time-out (qmail)
+        # the client does not read: stop reading from it (no more replies pile up),
+        # and drop it if that lasts the write time-out (qmail: timeoutsmtpd)
+        self.out_paused = True
+        self.transport.pause_reading()
         if self.write_timer is None:
-            self.write_timer = self.loop.call_later(self.timeout, self.transport.abort)
+            self.write_timer = self.loop.call_later(self.write_timeout, self._write_timed_out)
+
+    def _write_timed_out(self) -> None:
+        self.write_timer = None
+        if self.w.o.verbose:
+            log(f"session {self.id}: the client has not read for {self.write_timeout:g}s; "
+                "dropped")
+        self.transport.abort()
 
     def resume_writing(self) -> None:
+        self.out_paused = False
         if self.write_timer is not None:
             self.write_timer.cancel()
             self.write_timer = None
+        if self.session is not None and not self.done:
+            self.pump()
 
     # ---- the session's events
     def _plain(self, ev) -> bool | None:
@@ -477,11 +541,14 @@ class SmtpProtocol(asyncio.Protocol):
             raise
         except Exception as err:                 # a bug: this connection ends, not us
             log(f"session {self.ip} ended by {type(err).__name__}: {err}")
-            self.task = None
             if self.queue is not None:
-                await self.queue.abort()
+                self.queue.kill()
                 self.queue = None
             self.transport.abort()
+        finally:
+            self.task = None
+        if not self.done:
+            self.pump()
 
     async def _run_queue(self, events: list) -> None:
         try:
@@ -496,7 +563,7 @@ class SmtpProtocol(asyncio.Protocol):
                 elif kind is S.QueueData:
                     await self.queue.put(ev.data)
                 elif kind is S.QueueOpen:
-                    self.queue = AsyncQueue(self.program, self.w.o.qmail_dir)
+                    self.queue = AsyncQueue(self.program, self.w.o.qmail_dir, self.env)
                     events[:0] = self.session.queue_opened(await self.queue.start())
                 elif kind is S.QueueClose:
                     status, failed = await self.queue.close(ev.envelope)
@@ -504,8 +571,8 @@ class SmtpProtocol(asyncio.Protocol):
                     events[:0] = self.session.queue_closed(status, failed)
                 elif kind is S.QueueAbort:
                     if self.queue is not None:
-                        await self.queue.abort()
-                        self.queue = None
+                        queue, self.queue = self.queue, None
+                        await queue.abort()
                 elif kind is S.StartTls:
                     ctx = self.w.tls
                     self.switching = True
@@ -523,30 +590,15 @@ class SmtpProtocol(asyncio.Protocol):
                 elif kind is S.CheckPassword:
                     from .secure import check_async
                     code = await check_async(self.w.checkpw, ev.user, ev.password,
-                                             self.w.checkpw_timeout)
+                                             self.w.checkpw_timeout, self.env)
                     events[:0] = self.session.auth_result(code)
-                if not events and self.backlog:
-                    events = self.session.receive_data(self.backlog.pop(0))
+                if not events:                  # the next input, in this same task
+                    events = self.next_events() or []
         except asyncio.CancelledError:
-            if self.queue is not None:
-                await self.queue.abort()
-                self.queue = None
+            if self.queue is not None:          # the client is gone: qmail-queue too
+                queue, self.queue = self.queue, None
+                self.w.cleanup(queue.abort())
             raise
-        finally:
-            self.task = None
-        if self.done:
-            return
-        if self.backlog:
-            rest = self.backlog
-            self.backlog = []
-            for data in rest:
-                if self.task is not None or self.done:
-                    self.backlog.append(data)
-                    continue
-                self.run(self.session.receive_data(data))
-        if not self.done and self.task is None:
-            self.transport.resume_reading()
-            self.run([])
 
     def shut_down(self) -> None:
         """The grace period is over: 421 between commands, or after the reply owed."""
@@ -559,20 +611,96 @@ class SmtpProtocol(asyncio.Protocol):
         # run() ends it
 
 
+# The server's options: one table feeds argparse, --help and the README's table.
+# (flag, attribute, type, default, metavar, help); "" or None: the help says what.
+PARAMS: list[tuple[str, str, type, object, str, str]] = [
+    ("--listen", "listen", str, None, "HOST:PORT",
+     "listen on this address (0.0.0.0:25; [::]:25 for both families); without it, "
+     "SMTP on fd 0/1 as under tcpserver"),
+    ("--qmail-dir", "qmail_dir", str, None, "DIR",
+     "qmail's home: control/ and bin/qmail-queue (default: $QMAIL_DIR, else /var/qmail)"),
+    ("--rules", "rules", str, "", "CDB",
+     "tcprules cdb, read as tcpserver -x reads it and re-read when it changes; missing "
+     "or not a cdb: every connection is dropped (default: none, all allowed)"),
+    ("--max-connections", "max_connections", int, 500, "N",
+     "sessions in all, across the workers; past it: 421"),
+    ("--max-per-ip", "max_per_ip", int, 20, "N",
+     "sessions per client address, 0 for no limit; past it: 421"),
+    ("--workers", "workers", int, 1, "N", "processes sharing the port (0: one per CPU)"),
+    ("--user", "user", str, "", "NAME",
+     "run as this account once the port is bound: its uid and gid, no other groups "
+     "(default: stay as started, with a warning when that is root)"),
+    ("--grace", "grace", float, 10.0, "SECONDS",
+     "after SIGTERM, sessions have this long to finish; then 421 between commands"),
+    ("--write-timeout", "write_timeout", float, 0.0, "SECONDS",
+     "a client that leaves our replies unread this long is dropped "
+     "(0: control/timeoutsmtpd, as in qmail)"),
+    ("--local-name", "local_name", str, "", "NAME",
+     "TCPLOCALHOST for sessions (default: control/me)"),
+    ("--checkpassword", "checkpassword", str, "", "'PROG ARGS'",
+     "checkpassword program for AUTH (default: $CHECKPASSWORD; none: no AUTH)"),
+]
+
+
 class Options:
-    def __init__(self):
+    def __init__(self) -> None:
+        for _, attr, _, default, _, _ in PARAMS:
+            setattr(self, attr, default)
         self.qmail_dir = os.environ.get("QMAIL_DIR") or "/var/qmail"
-        self.listen: str | None = None
-        self.max_connections = 500
-        self.max_per_ip = 20
-        self.rules = ""
-        self.user = ""
-        self.workers = 1
-        self.grace = 10.0
         self.verbose = True
-        self.local_name = ""
-        self.checkpassword = ""
         self.tls = None
+
+
+def parser():
+    import argparse
+
+    from .. import __version__
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="qmail-smtpd with the validrcptto.cdb check: on fd 0/1 under "
+        "tcpserver (no options needed), or as a long-running server with --listen.  "
+        "Per-connection settings come from the environment as in qmail-smtpd "
+        "(VALIDRCPTTO_CDB, VALIDRCPTTO_LIMIT, VALIDRCPTTO_LOG, RELAYCLIENT, DATABYTES, "
+        "QMAILQUEUE, CHECKPASSWORD, TLS_CERT, ...: see the README).")
+    for flag, attr, kind, default, metavar, text in PARAMS:
+        if default not in (None, ""):
+            text += f" (default: {default:g})" if kind is float else f" (default: {default})"
+        p.add_argument(flag, dest=attr, type=kind, metavar=metavar, help=text)
+    p.add_argument("--quiet", dest="verbose", action="store_false", default=None,
+                   help="no ok/end/deny/busy line per connection (default: one each)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Options for either front end; argparse's exit 2 on a bad argument."""
+    ns = parser().parse_args(argv)
+    opts = Options()
+    for name, value in vars(ns).items():
+        if value is not None:
+            setattr(opts, name, value)
+    for flag, attr, kind, _, _, _ in PARAMS:
+        if kind in (int, float) and getattr(opts, attr) < 0:
+            parser().error(f"{flag} must not be negative")
+    if opts.listen is not None:
+        try:
+            parse_listen(opts.listen)
+        except ValueError as err:
+            parser().error(f"--listen: {err}")
+    if opts.workers == 0:
+        opts.workers = os.cpu_count() or 1
+    opts.qmail_dir = os.path.abspath(opts.qmail_dir)
+    if opts.checkpassword:
+        os.environ["CHECKPASSWORD"] = opts.checkpassword
+    opts.max_connections = max(1, opts.max_connections)
+    if not opts.local_name:
+        try:
+            from .controls import readline
+            me = readline(os.path.join(opts.qmail_dir, "control", "me"))
+            opts.local_name = me.decode("utf-8", "surrogateescape") if me else ""
+        except ControlError:
+            opts.local_name = ""
+    return opts
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -630,6 +758,11 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits) -> None:
                 p.on_timeout()
         loop.call_later(SWEEP, sweep)
     loop.call_later(SWEEP, sweep)
+    if worker.rules is not None:
+        try:
+            worker.rules_current()
+        except OSError as err:
+            log(f"{worker.rules_error(err)}; every connection is dropped until it is fixed")
     addr = sock.getsockname()
     log(f"listening on {addr[0]}:{addr[1]}")
     stop = asyncio.Event()
@@ -651,6 +784,11 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits) -> None:
         await asyncio.sleep(0.05)
     for p in list(worker.sessions):
         p.transport.abort()
+    await asyncio.sleep(0)                       # their connection_lost: tasks cancelled
+    if worker.cleanups:
+        await asyncio.wait(list(worker.cleanups), timeout=AsyncQueue.ABORT_WAIT + 1)
+    for child in list(LIVE):                     # nothing is left behind unreaped
+        child.kill()
     log("stopped")
 
 
@@ -676,6 +814,7 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits)
             for j, s in enumerate(socks):
                 if j != i:
                     s.close()
+            limits.row = i
             os._exit(run_worker(opts, socks[i], limits))
         children[pid] = i
 
@@ -699,6 +838,8 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits)
         except InterruptedError:
             continue
         i = children.pop(pid, None)
+        if i is not None:
+            limits.clear(i)                 # its sessions died with it
         if i is not None and not stopping[0]:
             log(f"worker {pid} ended ({status}); starting another")
             time.sleep(0.5)
@@ -707,64 +848,10 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits)
     return 0
 
 
-USAGE = ("usage: validrcptto-smtpd --listen HOST:PORT [--qmail-dir DIR] [--rules CDB]\n"
-         "  [--max-connections N] [--max-per-ip N] [--workers N] [--user NAME]\n"
-         "  [--grace SECONDS] [--local-name NAME] [--checkpassword 'PROG ARGS'] [--quiet]\n")
-
-VALUED = {"--checkpassword": "checkpassword", "--qmail-dir": "qmail_dir", "--listen": "listen", "--max-connections":
-          "max_connections", "--max-per-ip": "max_per_ip", "--rules": "rules",
-          "--user": "user", "--workers": "workers", "--grace": "grace",
-          "--local-name": "local_name"}
-
-
-def parse_args(argv: list[str]) -> Options:
-    opts = Options()
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        name, eq, value = a.partition("=")
-        if name == "--quiet" and not eq:
-            opts.verbose = False
-        elif name in VALUED:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"{name} needs a value")
-                value, i = argv[i + 1], i + 1
-            attr = VALUED[name]
-            if attr in ("max_connections", "max_per_ip", "workers"):
-                if not value.isdigit():
-                    raise ValueError(f"{name}: not a number: {value!r}")
-                value = int(value)
-            elif attr == "grace":
-                value = float(value)
-            setattr(opts, attr, value)
-        else:
-            raise ValueError(f"bad argument {a!r}")
-        i += 1
-    if not opts.listen:
-        raise ValueError("--listen HOST:PORT is required")
-    if opts.workers == 0:
-        opts.workers = os.cpu_count() or 1
-    opts.qmail_dir = os.path.abspath(opts.qmail_dir)
-    if opts.checkpassword:
-        os.environ["CHECKPASSWORD"] = opts.checkpassword
-    opts.max_connections = max(1, opts.max_connections)
-    if not opts.local_name:
-        try:
-            from .controls import readline
-            me = readline(os.path.join(opts.qmail_dir, "control", "me"))
-            opts.local_name = me.decode("utf-8", "surrogateescape") if me else ""
-        except ControlError:
-            opts.local_name = ""
-    return opts
-
-
-def main(argv: list[str]) -> None:
-    try:
-        opts = parse_args(argv)
-    except ValueError as err:
-        sys.stderr.write(f"{PROG}: {err}\n" + USAGE)
-        sys.exit(2)
+def main(opts: Options) -> None:
+    if os.geteuid() == 0 and not opts.user:
+        log("WARNING: running as root without --user: every session runs as root "
+            "(give --user qmaild, or SMTPD_USER in the service's env)")
     try:
         socks = [bind(opts, opts.workers > 1) for _ in range(opts.workers)]
     except (OSError, ValueError) as err:

@@ -15,9 +15,13 @@ driver to carry out, in order:
 - ``QueueAbort()``      the message is abandoned: close both pipes, reap qmail-queue;
 - ``Close()``           flush the replies so far and close the connection.
 
-A driver feeds one read (at most 64 KiB) at a time and carries out every event,
-answering QueueOpen/QueueClose, before it reads again: so the session never holds more
-than one read plus one partial command line (4 KiB) of client input.
+A driver feeds one read at a time and carries out every event, answering
+QueueOpen/QueueClose, before it reads again: so the session never holds more than one
+read plus one partial command line (4 KiB) of client input.  The replies one call may
+produce are bounded too: after BATCH command lines the session stops and ``pending``
+is true; the driver calls ``proceed()`` for the next batch once the client has taken
+the replies so far (a client that sends commands but never reads cannot make the
+server hold more than about BATCH replies of output beyond its transport buffer).
 
 Nothing here touches a socket, a file, a process or the clock: the controls, the
 lookups (rcpthosts' cdb, validrcptto.cdb, "is this IP mine") and ``clock`` are given to
@@ -29,14 +33,19 @@ one into qmail's ``451 timeout``.  Write time-outs belong to the driver (qmail j
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from ..checker import candidates, lower
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 MAXHOPS = 100
 COMMAND_LINE_MAX = 4096          # qmail-smtpd has no cap; longer lines get R_TOOLONG
 DEFAULT_TIMEOUT = 1200
 DEFAULT_LIMIT = 10
 TRY_LOG_MAX = 10                 # "trying:" lines per RCPT at VALIDRCPTTO_LOG=2
+BATCH = 256                      # command lines per call (each reply is < 1 KiB)
 
 R_TIMEOUT = b"451 timeout (#4.4.2)\r\n"
 R_STRAYLF = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
@@ -512,6 +521,7 @@ class Session:
         self.buf = b""
         self.discarding = False                   # inside an over-long command line
         self.mode = _CMD
+        self.held = False                         # lines left for proceed()
         self.quit = False                         # QUIT ended it (qmail exits 0)
         self.data: DataDecoder | None = None
         self.size = 0
@@ -565,6 +575,19 @@ class Session:
                    Reply(R_AUTH_TEMP)]
         self.deadline = self.mono() + self.c.timeout
         self._run(ev)
+        return ev
+
+    @property
+    def pending(self) -> bool:
+        """Whole command lines are waiting for ``proceed()`` (the last call stopped
+        after BATCH of them)."""
+        return self.held and self.mode in (_CMD, _AUTH)
+
+    def proceed(self) -> list:
+        """The next batch of the command lines already received."""
+        ev: list = []
+        if self.pending:
+            self._run(ev)
         return ev
 
     def idle(self) -> bool:
@@ -647,7 +670,13 @@ class Session:
                 self._data(ev)
                 continue
             buf, pos, n = self.buf, 0, len(self.buf)
+            lines = 0
+            self.held = False
             while pos < n and self.mode in (_CMD, _AUTH):
+                if lines == BATCH:
+                    self.held = True
+                    break
+                lines += 1
                 nl = buf.find(b"\n", pos)
                 if self.discarding:                      # the rest of an over-long line
                     if nl == -1:

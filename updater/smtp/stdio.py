@@ -179,6 +179,10 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
                     io.flush()
                     code = check(conn.checkpassword, ev.user, ev.password, timeout_of(env))
                     pending[:0] = session.auth_result(code)
+            if session.pending:                 # the next batch, once these are sent
+                io.flush()
+                pending = session.proceed()
+                continue
             # the session wants input; qmail's deadline is per read
             data = io.read(session.deadline)
             if data is None:
@@ -193,26 +197,13 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
         conn.close()
 
 
-USAGE = ("usage: validrcptto-smtpd [--qmail-dir DIR] [--listen HOST:PORT [server options]]\n"
-         "  speaks SMTP on stdin/stdout (under tcpserver), or listens itself with --listen\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a == "--listen" or a.startswith("--listen=") for a in argv):
-        from .server import main as server_main
-        server_main(argv)
+    if not argv:                     # under tcpserver: no option parsing at all
+        sys.exit(run(os.environ.get("QMAIL_DIR") or "/var/qmail", os.environ))
+    from .server import main as server_main, parse_args
+    opts = parse_args(argv)
+    if opts.listen is not None:
+        server_main(opts)
         return
-    qmail_dir = os.environ.get("QMAIL_DIR") or "/var/qmail"
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--qmail-dir" and i + 1 < len(argv):
-            qmail_dir, i = argv[i + 1], i + 2
-        elif a.startswith("--qmail-dir="):
-            qmail_dir, i = a.split("=", 1)[1], i + 1
-        else:
-            sys.stderr.write(USAGE if a in ("-h", "--help") else
-                             f"{PROG}: bad argument {a!r}\n" + USAGE)
-            sys.exit(0 if a in ("-h", "--help") else 2)
-    sys.exit(run(qmail_dir, os.environ))
+    sys.exit(run(opts.qmail_dir, os.environ))
