@@ -266,6 +266,58 @@ def test_refusal_under_a_catch_all_is_a_reject_key(tree: Tree):
     assert keys == {"@ex.test": "", "joe-default@ex.test": "-", "joe-x@ex.test": ""}
 
 
+def test_single_address_line_never_applies_at_a_local_domain(tree: Tree):
+    """qmail-send checks locals before virtualdomains: with no control/locals, me is
+    local, and Boss@mx2.test:dave is never used; boss goes to ~alias."""
+    tree.control("me", "mx2.test\n")
+    tree.control("rcpthosts", "mx2.test\n")
+    tree.control("virtualdomains", "Boss@mx2.test:dave\n")
+    tree.write("var/qmail/alias/.qmail-default", "./Maildir/\n")
+    done = tree.run("generate")
+    assert done.returncode == 0, done.stderr
+    keys = {k: v for k, _, v in (line.partition(" ") for line in done.stdout.splitlines())}
+    assert listed(keys, "boss@mx2.test") and listed(keys, "Boss@MX2.test")
+    assert "boss@mx2.test" not in keys
+    assert "boss@mx2.test never applies: mx2.test is in locals" in done.stderr
+
+
+@needs_root
+def test_bouncesaying_and_exit_100_are_refusals(tree: Tree):
+    base(tree, "ex.test\n", "ex.test\n")
+    alice = tree.account("alice", 1000, files=(".qmail",))
+    (alice / ".qmail-default").write_text("./Maildir/\n")
+    (alice / ".qmail-gone").write_text("|bouncesaying 'Alice has left'\n")
+    (alice / ".qmail-old-default").write_text("# retired\n&archive@example.org\n"
+                                              "| bouncesaying 'retired'\n")
+    (alice / ".qmail-dead").write_text("| exit 100\n")
+    (alice / ".qmail-maybe").write_text("|bouncesaying 'not you' condition-program\n")
+    (alice / ".qmail-later").write_text("|preline procmail\n|bouncesaying 'x'\n")
+    keys = printed(tree)
+    for refused in ("alice-gone", "alice-old-x", "alice-old-x-y", "alice-dead", "Alice-Gone"):
+        assert not listed(keys, refused + "@ex.test"), (refused, keys)
+    for accepted in ("alice", "alice-x", "alice-maybe", "alice-later", "alice-old"):
+        assert listed(keys, accepted + "@ex.test"), (accepted, keys)
+    (tree.root / "home/alice/.qmail").write_text("|bouncesaying 'moved'\n")
+    assert not listed(printed(tree), "alice@ex.test")
+
+
+@needs_root
+def test_vdelivermail_at_a_domain_vpopmail_does_not_know(tree: Tree):
+    """vdelivermail looks the user up in the domain named by $HOST; at a domain vpopmail
+    does not have, no user is found and its last argument decides, as for an unknown
+    user (vpopmail's usernotfound()): bounce-no-mailbox bounces, delete (or a forward)
+    takes the message.  Reached here through a users/cdb prefix at a local domain."""
+    base(tree, "local.test\n", "local.test\n")
+    for how, accepted in (("bounce-no-mailbox", False), ("delete", True)):
+        d = tree.vpop_domain("catch.test", users=("ann",),
+                             default=f"| /home/vpopmail/bin/vdelivermail '' {how}")
+        newu(tree.qmail)
+        keys = printed(tree)
+        assert listed(keys, "catch.test-x@local.test") is accepted, (how, keys)
+        assert listed(keys, "catch.test-ann@local.test") is accepted, (how, keys)
+        (d / ".qmail-default").unlink()
+
+
 # --------------------------------------------------------------------------- property
 
 ACCOUNTS = ["joe", "ann", "joe-virt", "sales", "Cap", "toor", "a" * 31, "b" * 32]

@@ -22,8 +22,8 @@ def test_lower_ascii_only():
 
 
 def test_map_lookup_order():
-    index = map_index(vmap("a.b.c:exact\n.b.c:parent\n.c:top\n:all\na.b.c:second"))
-    assert map_lookup(index, "a.b.c").right == "exact"          # first line wins
+    index = map_index(vmap("a.b.c:first\n.b.c:parent\n.c:top\n:all\na.b.c:exact"))
+    assert map_lookup(index, "a.b.c").right == "exact"      # the last line wins (constmap)
     assert map_lookup(index, "x.b.c").right == "parent"
     assert map_lookup(index, "y.c").right == "top"
     assert map_lookup(index, "z.org").right == "all"

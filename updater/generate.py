@@ -88,8 +88,10 @@ def classify(domains: dict[str, tuple[str, int | None]], locals_: set[str],
             if len(unhandled) > 1 else ""
         raise SourceError(f"{first} is listed but not handled by this server: not in locals, "
                           f"virtualdomains or smtproutes{more}", *domains[first])
+    # user@domain lines: qmail-send checks locals first, so they never apply at a
+    # local domain; "user@domain:" (empty) sends that address out to qmail-remote
     plan.singles = [e for e in virtualdomains
-                    if "@" in e.left and e.left.rpartition("@")[2] in domains and e.right]
+                    if "@" in e.left and e.left.rpartition("@")[2] in domains]
     return plan
 
 
@@ -303,10 +305,20 @@ def routed_keys(domain: str, keys: DomainKeys, notes: Notes) -> Iterator[Found]:
 def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None = None
             ) -> Iterator[Found]:
     """Every source, in a fixed order (the output does not depend on it: it is sorted)."""
-    singles: dict[str, dict[str, str]] = {}
-    for e in plan.singles:
+    singles: dict[str, dict[str, str]] = {}       # domain -> user -> local part
+    remote: dict[str, dict[str, MapEntry]] = {}      # "user@domain:" lines
+    local = set(plan.local)
+    for e in plan.singles:                           # the last of equal lines wins
         user, _, domain = e.left.rpartition("@")
-        singles.setdefault(domain, {}).setdefault(user, lower_ascii(e.right) + "-" + user)
+        if domain in local:
+            notes.warn(f"{e.path}:{e.line}: {e.left} never applies: {domain} is in "
+                       "locals, which qmail-send checks first")
+        elif e.right:
+            remote.get(domain, {}).pop(user, None)
+            singles.setdefault(domain, {})[user] = lower_ascii(e.right) + "-" + user
+        else:
+            singles.get(domain, {}).pop(user, None)
+            remote.setdefault(domain, {})[user] = e
     if router is not None:
         try:
             for domain in plan.local:
@@ -317,12 +329,15 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
                 yield from routed_keys(domain, keys, notes)
             routed = {d for d, _ in plan.routed}
             for domain, by_user in singles.items():      # routed or LDAP domains
-                for user, local in by_user.items():
-                    ans = router.resolve(local, domain)
+                for user, local_part in by_user.items():
+                    ans = router.resolve(local_part, domain)
                     if not ans.ok or domain not in routed:     # routed: @domain says yes
                         yield Found(ans.origin, [f"{user}@{domain}"], deny=not ans.ok)
         finally:
             router.close()
+    for domain, by_user in remote.items():           # the far side decides: accept
+        for user, e in by_user.items():
+            yield Found(f"{e.path}:{e.line} (delivered remotely)", [f"{user}@{domain}"])
     if plan.ldap:
         from .sources.ldap import ldap_entries
         yield from ldap_entries(settings, plan.ldap)

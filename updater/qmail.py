@@ -191,11 +191,9 @@ def parse_domain_map(lines: Iterable[tuple[int, str]], path: str) -> list[MapEnt
 
 
 def map_index(entries: Iterable[MapEntry]) -> dict[str, MapEntry]:
-    """First entry wins, as qmail's constmap does."""
-    index: dict[str, MapEntry] = {}
-    for e in entries:
-        index.setdefault(e.left, e)
-    return index
+    """The last of equal keys wins, as in qmail's constmap (each entry is put at the
+    head of its hash chain, and a lookup walks the chain from the head)."""
+    return {e.left: e for e in entries}
 
 
 def map_lookup(index: dict[str, MapEntry], domain: str) -> MapEntry | None:
@@ -370,6 +368,33 @@ def _shell_words(command: str) -> tuple[str, ...]:
         return tuple(shlex.split(command))
     except ValueError:                          # unbalanced quotes: qmail's sh would fail too
         return tuple(command.split())
+
+
+# qmail-local's permanent exit codes (a program exiting with one bounces the message)
+PERMANENT_EXITS = frozenset({64, 65, 70, 76, 77, 78, 100, 112})
+
+
+def always_bounces(argv: list[str]) -> bool:
+    """A program line that bounces every message: ``bouncesaying TEXT`` without a
+    program to ask (bouncesaying(1)), or ``exit N`` with a permanent code."""
+    if not argv:
+        return False
+    prog = os.path.basename(argv[0])
+    if prog == "bouncesaying":
+        return len(argv) <= 2
+    if prog == "exit" and len(argv) == 2 and argv[1].isdigit():
+        return int(argv[1]) in PERMANENT_EXITS
+    return False
+
+
+def bounces(text: str | None) -> bool:
+    """qmail-local bounces every message this .qmail file gets: its first program line
+    always bounces.  Forward and mailbox lines before it cannot stop that (qmail-local
+    runs the lines in order, and a program's permanent failure bounces the message,
+    its forwards unsent); any other program first may decide otherwise."""
+    for argv in delivery_commands(text):
+        return always_bounces(argv)
+    return False
 
 
 def runs(text: str | None, program: str) -> list[str] | None:

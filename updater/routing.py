@@ -107,7 +107,7 @@ class Target(NamedTuple):
 
 class Rule(NamedTuple):
     """What a .qmail file does with the addresses that reach it."""
-    kind: str                 # "deliver", "vdelivermail", "fastforward"
+    kind: str                 # "deliver", "bounce", "vdelivermail", "fastforward"
     arg: str = ""             # the fastforward cdb
     bounce: bool = False      # vdelivermail ... bounce-no-mailbox
 
@@ -211,9 +211,11 @@ class Router:
             return Answer(True, f"{t.how} ({t.home}): default delivery")
         name, at = found
         origin = f"{t.home}/{name}"
+        rule = self.view.rule(t.home, name)
+        if rule.kind == "bounce":
+            return Answer(False, f"{origin}: bounces every message", user)
         if at is None:
             return Answer(True, origin, user)
-        rule = self.view.rule(t.home, name)
         if rule.kind == "deliver" or (rule.kind == "vdelivermail" and not rule.bounce):
             return Answer(True, origin, user)
         default = lower_ascii(t.ext[at:])

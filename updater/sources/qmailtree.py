@@ -14,7 +14,7 @@ import stat
 from typing import Callable
 
 from ..errors import SourceError
-from ..qmail import (Account, ENCODING, ERRORS, UsersDb, cdb_keys, fastforward_cdb, list_dir,
+from ..qmail import (Account, ENCODING, ERRORS, UsersDb, bounces, cdb_keys, fastforward_cdb, list_dir,
                      read_bytes, runs)
 
 HEAD = 1 << 20          # bytes of a .qmail file read to see what it runs
@@ -100,7 +100,9 @@ class DiskView:
             data = None
         text = data.decode(ENCODING, ERRORS) if data is not None else None
         args = runs(text, "vdelivermail")
-        if args is not None:
+        if bounces(text):
+            rule = Rule("bounce", path)
+        elif args is not None:
             rule = Rule("vdelivermail", path, "bounce-no-mailbox" in args)
         else:
             args = runs(text, "fastforward")
