@@ -207,6 +207,107 @@ def test_fifo_owner_mode_and_floor(tree: Tree):
         daemon.wait(20)
 
 
+@pytest.fixture
+def vpopmail_account():
+    """vpopmail as its installs make it (groupadd vchkpw; useradd -g vchkpw vpopmail),
+    created for the test when the system has none, and removed after."""
+    import grp
+    import pwd
+    made = []
+    try:
+        grp.getgrnam("vchkpw")
+    except KeyError:
+        subprocess.run([need("groupadd"), "vchkpw"], check=True)
+        made.append(("groupdel", "vchkpw"))
+    try:
+        pwd.getpwnam("vpopmail")
+    except KeyError:
+        subprocess.run([need("useradd"), "-g", "vchkpw", "-M", "-d", "/nonexistent",
+                        "vpopmail"], check=True)
+        made.insert(0, ("userdel", "vpopmail"))
+    try:
+        yield pwd.getpwnam("vpopmail")
+    finally:
+        for cmd, name in made:
+            subprocess.run([need(cmd), name], capture_output=True)
+
+
+class Running:
+    def __init__(self, tree: Tree, **env: str):
+        self.proc = subprocess.Popen([script("qmail-updater"), "run"], env=tree.env(**env),
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        import threading
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+
+    def wait(self, text: str, seconds: float = 20) -> None:
+        wait_for(lambda: any(text in x for x in self.lines), seconds, repr(text))
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(20)
+
+
+def test_fifo_group_is_vpopmails_and_the_hook_says_what_happened(tree: Tree, vpopmail_account):
+    setup_tree(tree)
+    hook = tree.root / "onchange"                      # where any user can run it
+    shutil.copy(ROOT / "service/onchange", hook)
+    hook.chmod(0o755)
+    fifo = tree.qmail / "control/validrcptto.trigger"
+    vp = as_user(vpopmail_account.pw_uid, vpopmail_account.pw_gid,
+                 groups=str(vpopmail_account.pw_gid))
+    daemon = Running(tree, UPDATER_QUIET="0.2", UPDATER_MIN_INTERVAL="0")
+    try:
+        daemon.wait("build (start)")
+        st = fifo.stat()
+        assert st.st_gid == vpopmail_account.pw_gid and (st.st_mode & 0o777) == 0o620
+        done = subprocess.run(vp + [str(hook), "add_user", "new@vpop.example"],
+                              env=tree.env(), capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0 and done.stderr == ""
+        daemon.wait("build (fifo: add_user new@vpop.example)")
+        done = subprocess.run(as_user() + [str(hook), "add_user", "x@vpop.example"],
+                              env=tree.env(), capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0 and "onchange: permission denied writing" in done.stderr
+    finally:
+        daemon.stop()
+    done = subprocess.run(vp + [str(hook), "add_user", "x@vpop.example"], env=tree.env(),
+                          capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0 and "onchange: no daemon is reading" in done.stderr
+    assert tree.run("trigger", "x").returncode == 3
+    daemon = Running(tree, UPDATER_FIFO_GROUP="nosuchgroup")
+    try:
+        daemon.wait("there is no group 'nosuchgroup'")
+        daemon.wait("build (start)")
+        assert fifo.stat().st_gid == 0
+    finally:
+        daemon.stop()
+
+
+def test_a_held_build_is_visible(tree: Tree):
+    """A FIFO request held back by UPDATER_MIN_INTERVAL is logged with the time it is
+    held until, and `status` shows it and a live count of the pending requests."""
+    setup_tree(tree)
+    fifo = tree.qmail / "control/validrcptto.trigger"
+    daemon = Running(tree, UPDATER_QUIET="0.2", UPDATER_MIN_INTERVAL="60")
+    try:
+        daemon.wait("build (start)")
+        for n, who in enumerate(("a", "b"), 1):
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, f"add_user {who}@vpop.example\n".encode())
+            os.close(fd)
+            wait_for(lambda: f"pending:      {n} requests" in tree.run("status").stdout, 5,
+                     f"{n} pending in status")
+        assert sum("held until" in x and "(min-interval 60s)" in x for x in daemon.lines) == 1
+        shown = tree.run("status").stdout
+        assert re.search(r"held until:   \d\d:\d\d:\d\d \(min-interval\)", shown), shown
+        assert not any("build (fifo" in x for x in daemon.lines)
+        daemon.proc.send_signal(signal.SIGHUP)         # the admin's "now"
+        daemon.wait("build (fifo: add_user a@vpop.example")
+        wait_for(lambda: "held until" not in tree.run("status").stdout, 5, "held cleared")
+    finally:
+        daemon.stop()
+
+
 def test_trigger_path_that_is_a_directory(tree: Tree):
     setup_tree(tree)
     fifo = tree.qmail / "control/validrcptto.trigger"

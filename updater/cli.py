@@ -214,6 +214,9 @@ def cmd_status(args: "argparse.Namespace", settings: "config.Settings") -> int:
                  f"changes:      +{st.get('added', 0)} -{st.get('removed', 0)}",
                  f"builds:       {st.get('builds')} since the daemon started",
                  f"pending:      {st.get('pending', 0)} requests"]
+        if isinstance(st.get("held_until"), (int, float)):
+            lines.append("held until:   " + time.strftime(
+                "%H:%M:%S", time.localtime(st["held_until"])) + " (min-interval)")
         if isinstance(st.get("last_success"), (int, float)):
             lines.append("last success: " + time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(st["last_success"])))
@@ -253,17 +256,37 @@ def trigger(argv: Sequence[str]) -> int:
         elif a.startswith("--qmail-dir="):
             qmail_dir = a.split("=", 1)[1]
         elif a in ("-h", "--help"):
-            sys.stdout.write("usage: qmail-updater trigger [--fifo PATH] [--qmail-dir DIR] "
-                             "[REASON...]\n")
+            sys.stdout.write(TRIGGER_HELP)
+            return EXIT_OK
+        elif a == "--version":
+            sys.stdout.write(f"qmail-updater {__version__}\n")
             return EXIT_OK
         else:
             words.append(a)
     from .fifo import send
-    warning = send(fifo or os.path.join(qmail_dir, "control", "validrcptto.trigger"),
-                   " ".join(words))
+    status, warning = send(fifo or os.path.join(qmail_dir, "control", "validrcptto.trigger"),
+                           " ".join(words))
     if warning:
         log(f"warning: {warning}")
-    return EXIT_OK
+    return status
+
+
+TRIGGER_HELP = """usage: qmail-updater trigger [--fifo PATH] [--qmail-dir DIR] [REASON...]
+
+Ask the daemon for a build: one line (REASON, default "trigger") written to its trigger
+FIFO with a non-blocking open.  It never waits, daemon or not.
+
+options:
+  --fifo PATH      the trigger FIFO (default: $UPDATER_FIFO, else
+                   QMAIL_DIR/control/validrcptto.trigger)
+  --qmail-dir DIR  qmail's home (default: $QMAIL_DIR, else /var/qmail)
+  -h, --help       show this help and exit
+  --version        show the version and exit
+
+exit status: 0 written; 3 no daemon is reading the FIFO; 4 the FIFO does not exist;
+5 permission denied (not in the FIFO's group); 6 the path is not a FIFO, or another
+error.
+"""
 
 
 def run(argv: Sequence[str] | None, prog: str = PROG) -> int:

@@ -140,9 +140,10 @@ OPTIONS: tuple[Opt, ...] = (
         "trigger FIFO (default QMAIL_DIR/control/validrcptto.trigger)", group="daemon"),
     Opt("fifo_mode", "UPDATER_FIFO_MODE", _mode, 0o620,
         "octal mode of the trigger FIFO (set whenever the daemon opens it)", group="daemon"),
-    Opt("fifo_group", "UPDATER_FIFO_GROUP", _str, "vpopmail",
+    Opt("fifo_group", "UPDATER_FIFO_GROUP", _str, "",
         "group of the trigger FIFO, whose members (vpopmail's onchange hook) may write it "
-        "(empty, or a group that does not exist: the daemon's own group)", group="daemon"),
+        "(default: the vpopmail account's group, else vchkpw, else the daemon's own; a "
+        "named group that does not exist: a warning, and the daemon's own)", group="daemon"),
     Opt("min_interval", "UPDATER_MIN_INTERVAL", _float, 30.0,
         "seconds between two builds triggered through the FIFO (file changes: no floor)",
         group="daemon"),
@@ -224,7 +225,7 @@ class Settings:
     lock_timeout: float = 60.0
     fifo: str | None = None
     fifo_mode: int = 0o620
-    fifo_group: str = "vpopmail"
+    fifo_group: str = ""
     min_interval: float = 30.0
     quiet: float = 2.0
     max_delay: float = 30.0

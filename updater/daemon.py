@@ -41,11 +41,13 @@ class Debouncer:
     reasons: list[str] = field(default_factory=list)
     now_please: bool = False
     only_fifo: bool = True
+    count: int = 0                    # requests since the last build
 
     def add(self, now: float, reason: str, immediate: bool = False, fifo: bool = False) -> None:
         if self.first is None:
             self.first = now
         self.last = now
+        self.count += 1
         self.now_please = self.now_please or immediate
         self.only_fifo = self.only_fifo and fifo
         if len(self.reasons) < 20:
@@ -67,10 +69,19 @@ class Debouncer:
             due = max(due, last_build + self.floor)
         return due
 
+    def held(self, last_build: float | None = None) -> float | None:
+        """When the floor, not the quiet period, is what the pending build waits for:
+        the time it is held until; else None."""
+        if self.first is None or self.now_please or not self.only_fifo or last_build is None:
+            return None
+        quiet = min(self.last + self.quiet, self.first + self.max_delay)
+        floor = last_build + self.floor
+        return floor if floor > quiet else None
+
     def take(self) -> list[str]:
         reasons = self.reasons
         self.first = self.last = None
-        self.reasons, self.now_please, self.only_fifo = [], False, True
+        self.reasons, self.now_please, self.only_fifo, self.count = [], False, True, 0
         return reasons
 
 
@@ -116,6 +127,8 @@ class Daemon:
         self.last_build = 0.0
         self.builds = 0
         self.status: dict = {}
+        self.status_written = 0.0
+        self.status_due: float | None = None        # pending counts not written yet
         self.observer = None
         self.polling = settings.poll > 0
         self.targets: dict = {}
@@ -264,7 +277,8 @@ class Daemon:
                                                self.builds == 1):
                 self.publisher.installed()
         record["seconds"] = round(time.time() - started, 3)
-        record["pending"] = self.requests.qsize()
+        record["pending"] = self.debounce.count + self.requests.qsize()
+        record["held_until"] = None
         if "last_success" not in record and "last_success" in self.status:
             record["last_success"] = self.status["last_success"]
         if record["result"] == "failed" and record["error"]:
@@ -280,6 +294,8 @@ class Daemon:
         self.watch()
 
     def write_status(self) -> None:
+        self.status_written = time.monotonic()
+        self.status_due = None
         if self.publisher is not None:
             self.status["publish"] = self.publisher.report()
         write_atomic(self.s.status, json.dumps(self.status, indent=1, sort_keys=True) + "\n")
@@ -327,6 +343,31 @@ class Daemon:
                     lines.append(f'qmail_updater_publish_{name}{{target="{label}"}} {value(t)}')
             write_atomic(self.s.prom_file, "\n".join(lines) + "\n")
 
+    def show_pending(self, now: float, reason: str) -> None:
+        """Requests waiting for a build are visible: the status file counts them (at most
+        one write a second), and a build held back by the min-interval floor is logged
+        once with the time it is held until, and shown by ``status``."""
+        if not self.status:
+            return
+        held = self.debounce.held(self.build_started)
+        until = None if held is None else round(time.time() + held - now, 3)
+        if until is not None and self.status.get("held_until") is None:
+            clock = time.strftime("%H:%M:%S", time.localtime(until))
+            self.log(f"held until {clock} (min-interval {self.s.min_interval:g}s): {reason}")
+        changed = (until is None) != (self.status.get("held_until") is None)
+        self.status["pending"] = self.debounce.count
+        self.status["held_until"] = until
+        self.status_due = now if changed else max(now, self.status_written + 1.0)
+        self.flush_status(now)
+
+    def flush_status(self, now: float) -> None:
+        if self.status_due is not None and self.status_due <= now:
+            self.status_due = None
+            try:
+                self.write_status()
+            except OSError as err:
+                self.log(f"cannot write the status file: {err}")
+
     # ---- main loop
     def run(self) -> int:
         from .install import take_lock
@@ -351,8 +392,8 @@ class Daemon:
         self.build(["start"])
         while not self.stopping:
             now = time.monotonic()
-            deadlines = [d for d in (self.debounce.due(self.build_started), self.retry_at)
-                         if d is not None]
+            deadlines = [d for d in (self.debounce.due(self.build_started), self.retry_at,
+                                     self.status_due) if d is not None]
             if self.s.interval > 0:
                 deadlines.append(self.last_build + self.s.interval)
             timeout = max(0.0, min(deadlines) - now) if deadlines else 60.0
@@ -373,7 +414,9 @@ class Daemon:
             now = time.monotonic()
             if reason is not None:
                 self.debounce.add(now, reason, immediate, fifo)
+                self.show_pending(now, reason)
                 continue
+            self.flush_status(now)
             if self.observer is not None and not self.observer.is_alive():
                 self.log("the file watcher died; restarting it by polling")
                 self.polling = True

@@ -14,43 +14,66 @@ import os
 import stat
 
 
-def send(path: str, reason: str) -> str | None:
-    """Write one trigger; returns a warning when no daemon got it (never raises)."""
+# ``qmail-updater trigger`` exit statuses (the onchange hook says the same and exits 0)
+SENT, NO_READER, MISSING, DENIED, BROKEN = 0, 3, 4, 5, 6
+
+
+def send(path: str, reason: str) -> tuple[int, str | None]:
+    """Write one trigger, never blocking: (status, what went wrong or None)."""
     data = (reason.replace("\n", " ").strip()[:400] or "trigger").encode(
         "utf-8", "surrogateescape") + b"\n"
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return f"{path} does not exist: is qmail-updater run down? (nothing triggered)"
+        return MISSING, (f"{path} does not exist: is qmail-updater run running, with this "
+                         "QMAIL_DIR? (nothing triggered)")
     except OSError as err:
-        return f"{path}: {err.strerror} (nothing triggered)"
+        return BROKEN, f"{path}: {err.strerror} (nothing triggered)"
     if not stat.S_ISFIFO(st.st_mode):
-        return f"{path} is not a FIFO (nothing triggered)"
+        return BROKEN, f"{path} is not a FIFO (nothing triggered)"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     except OSError as err:
         if err.errno == errno.ENXIO:
-            return f"no daemon is reading {path} (nothing triggered)"
-        return f"{path}: {err.strerror} (nothing triggered)"
+            return NO_READER, (f"no daemon is reading {path}: is qmail-updater run down? "
+                               "(nothing triggered)")
+        if err.errno in (errno.EACCES, errno.EPERM):
+            return DENIED, (f"permission denied writing {path}: this user is not in its "
+                            "group (UPDATER_FIFO_GROUP) (nothing triggered)")
+        return BROKEN, f"{path}: {err.strerror} (nothing triggered)"
     try:
         os.write(fd, data)
     except BlockingIOError:
         pass                     # the pipe is full: a build is pending already
     except OSError as err:
-        return f"{path}: {err.strerror} (nothing triggered)"
+        return BROKEN, f"{path}: {err.strerror} (nothing triggered)"
     finally:
         os.close(fd)
-    return None
+    return SENT, None
 
 
-def _group_id(group: str) -> int | None:
-    if not group:
-        return None
+def fifo_gid(group: str, warn) -> int:
+    """The FIFO's group.  ``group`` named: that group (one that does not exist is one
+    warning, and the daemon's own group).  Unset: the group of the ``vpopmail``
+    account, as vpopmail installs make it (``useradd -g vchkpw vpopmail``), else the
+    group ``vchkpw``, else the daemon's own."""
     import grp
+    import pwd
+    if group:
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            warn(f"UPDATER_FIFO_GROUP: there is no group {group!r}: the trigger FIFO gets "
+                 "the daemon's own group, and vpopmail's onchange hook cannot write it")
+            return os.getegid()
     try:
-        return grp.getgrnam(group).gr_gid
+        return pwd.getpwnam("vpopmail").pw_gid
     except KeyError:
-        return None
+        pass
+    try:
+        return grp.getgrnam("vchkpw").gr_gid
+    except KeyError:
+        return os.getegid()
 
 
 class Reader:
@@ -63,7 +86,7 @@ class Reader:
 
     def __init__(self, path: str, mode: int, warn, group: str = ""):
         self.path, self.mode, self.warn = path, mode, warn
-        self.gid = _group_id(group)
+        self.gid = fifo_gid(group, warn)
         self.fd = -1
         self.ino: tuple[int, int] | None = None
         self.problem: str | None = None
@@ -112,7 +135,7 @@ class Reader:
             st = os.fstat(fd)
             if not stat.S_ISFIFO(st.st_mode):
                 raise OSError(errno.EINVAL, "not a FIFO")
-            if self.gid is not None and st.st_gid != self.gid:
+            if st.st_gid != self.gid:
                 os.fchown(fd, -1, self.gid)
             os.fchmod(fd, self.mode)            # exactly the mode, whatever the umask
         except BaseException:
