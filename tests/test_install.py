@@ -159,6 +159,45 @@ def test_emptied_domain_rule():
         "(--force installs it anyway)")
 
 
+def test_a_domain_whose_vpopmail_users_vanished_is_refused(tree: Tree):
+    """An emptied vpasswd: 3 users of small.example gone, its .qmail alias stays and the
+    whole list shrinks by 6 %: the shrink and emptied-domain rules pass it, the
+    per-source memory (CDB.sources) does not."""
+    tree.control("rcpthosts", "big.example\nsmall.example\n")
+    tree.control("virtualdomains", "big.example:big.example\nsmall.example:small.example\n")
+    set_users(tree.vpop_domain("big.example"), 46)
+    small = tree.vpop_domain("small.example", users=("ann", "bob", "cy"), files=(".qmail-info",))
+    assert tree.run("build").returncode == 0
+    good = tree.cdb.read_bytes()
+    (small / "vpasswd").write_text("")
+    done = tree.run("build")
+    assert done.returncode == 1, done.stderr
+    assert "refusing to install: the vpopmail users of small.example are gone (3 last " \
+        "time, none now); did a source return nothing? (--force installs it anyway)" in done.stderr
+    assert tree.cdb.read_bytes() == good
+    done = tree.run("build", "--force")
+    assert done.returncode == 0 and "+0 -3" in done.stderr
+    assert tree.run("build").returncode == 0          # the new state is remembered
+    (small / "vpasswd").write_text("dan:x:1:0::/d/dan:NOQUOTA\n")     # users again: fine
+    assert tree.run("build").returncode == 0
+    (small / "vpasswd").write_text("")               # the last user really deleted...
+    assert tree.run("build").returncode == 1         # ...needs --force, as documented
+    tree.control("rcpthosts", "big.example\n")       # or the domain leaving rcpthosts
+    tree.control("virtualdomains", "big.example:big.example\n")
+    assert tree.run("build").returncode == 0
+
+
+def test_vanished_source_rule():
+    from updater.install import vanished
+    old = {"x": {"users": 3, "valias": 0}, "y": {"ldap": 5}}
+    assert vanished(old, {"x": {"users": 1}, "y": {"ldap": 5}}, frozenset([b"x", b"y"])) is None
+    assert "vpopmail users of x are gone (3 last time" in vanished(
+        old, {"x": {"valias": 2}, "y": {"ldap": 5}}, frozenset([b"x", b"y"]))
+    assert "LDAP addresses of y are gone" in vanished(old, {"x": {"users": 3}},
+                                                      frozenset([b"x", b"y"]))
+    assert vanished(old, {"x": {"users": 3}}, frozenset([b"x"])) is None     # y left
+
+
 def test_unwritable_target_keeps_old_and_leaves_no_temp(tree: Tree):
     local_tree(tree, 5)
     done = tree.run("build", "--cdb", str(tree.root / "no/such/dir/validrcptto.cdb"))

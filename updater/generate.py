@@ -129,6 +129,9 @@ class Result:
     domains: frozenset[bytes] = frozenset()   # the domain universe (for the install gate)
     user_origins: set[int] = field(default_factory=set)   # origins a local user controls
     user_key: Callable[[bytes], bool] | None = None       # a key a local user controls?
+    # domain -> kind of source ("users", "valias", "ldap", ...) -> names it gave: the
+    # install gate refuses a list in which one of them gave nothing where it gave some
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def is_user_key(self, key: bytes) -> bool:
         """A key of this list that a local user's own files decide (by its origin)."""
@@ -302,8 +305,8 @@ def routed_keys(domain: str, keys: DomainKeys, notes: Notes) -> Iterator[Found]:
                    "~alias or bounces)")
 
 
-def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None = None
-            ) -> Iterator[Found]:
+def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None = None,
+            counts: dict[str, dict[str, int]] | None = None) -> Iterator[Found]:
     """Every source, in a fixed order (the output does not depend on it: it is sorted)."""
     singles: dict[str, dict[str, str]] = {}       # domain -> user -> local part
     remote: dict[str, dict[str, MapEntry]] = {}      # "user@domain:" lines
@@ -322,10 +325,15 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
     if router is not None:
         try:
             for domain in plan.local:
-                yield from routed_keys(domain, router.domain(domain, ""), notes)
+                keys = router.domain(domain, "")
+                if counts is not None and keys.sources:
+                    counts[domain] = keys.sources
+                yield from routed_keys(domain, keys, notes)
             for domain, entry in plan.virtual:
                 keys = router.domain(domain, lower_ascii(entry.right) + "-",
                                      singles.pop(domain, None))
+                if counts is not None and keys.sources:
+                    counts[domain] = keys.sources
                 yield from routed_keys(domain, keys, notes)
             routed = {d for d, _ in plan.routed}
             for domain, by_user in singles.items():      # routed or LDAP domains
@@ -340,7 +348,15 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
             yield Found(f"{e.path}:{e.line} (delivered remotely)", [f"{user}@{domain}"])
     if plan.ldap:
         from .sources.ldap import ldap_entries
-        yield from ldap_entries(settings, plan.ldap)
+        for found in ldap_entries(settings, plan.ldap):
+            if counts is not None:
+                for domain in plan.ldap:
+                    counts.setdefault(domain, {})["ldap"] = 0
+                for key in found.keys:
+                    domain = key.rpartition("@")[2]
+                    if domain in counts:
+                        counts[domain]["ldap"] = counts[domain].get("ldap", 0) + 1
+            yield found
     for domain, entry in plan.routed:
         yield Found(f"smtproutes {entry.path}:{entry.line}", ["@" + domain])
     yield from site_entries(settings.include, settings.exclude)
@@ -358,8 +374,10 @@ def generate(settings: Settings) -> Result:
     router = None
     if plan.local or plan.virtual or plan.singles:
         router, _view = router_for(settings, notes)
-    result = merge(sources(settings, plan, notes, router), notes, bare)
+    counts: dict[str, dict[str, int]] = {}
+    result = merge(sources(settings, plan, notes, router, counts), notes, bare)
     result.domains = frozenset(d.encode(ENCODING, ERRORS) for d in universe_)
+    result.sources = counts
     if router is not None:
         prepends = {d: "" for d in plan.local}
         prepends.update((d, lower_ascii(e.right) + "-") for d, e in plan.virtual)

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import fcntl
 import glob
+import json
 import mmap
 import os
 import stat
@@ -94,6 +95,55 @@ def emptied(removed: list[bytes], new, domains: frozenset[bytes]) -> str | None:
     name = gone[0].decode(ENCODING, ERRORS)
     return (f"refusing to install: {name} had {had} entries and now has none{more}; "
             "did a source return nothing? (--force installs it anyway)")
+
+
+KIND_WORDS = {"users": "vpopmail users", "valias": "valias entries", "ldap": "LDAP addresses",
+              "fastforward": "fastforward entries"}
+
+
+def vanished(old: dict, new: dict, domains: frozenset[bytes]) -> str | None:
+    """Why a list must not be installed because a source gave nothing for a domain we
+    still serve where it gave entries last time (a vpasswd emptied, a valias table or an
+    LDAP search returning nothing), although the domain keeps other keys; or None
+    (pure).  ``old``/``new``: domain -> kind of source -> names it gave."""
+    for domain in sorted(old):
+        if domain.encode(ENCODING, ERRORS) not in domains or not isinstance(old[domain], dict):
+            continue
+        for kind, had in sorted(old[domain].items()):
+            if isinstance(had, int) and had > 0 and new.get(domain, {}).get(kind, 0) == 0:
+                return (f"refusing to install: the {KIND_WORDS.get(kind, kind)} of {domain} "
+                        f"are gone ({had} last time, none now); did a source return nothing? "
+                        "(--force installs it anyway)")
+    return None
+
+
+def sources_path(path: str) -> str:
+    """What the last installed list's sources gave, per domain (JSON), beside the cdb."""
+    return path + ".sources"
+
+
+def read_sources(path: str) -> dict | None:
+    """Our own file: a regular file, not followed through a symlink, size-capped."""
+    try:
+        fd = os.open(sources_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = json.loads(os.read(fd, 16 << 20))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return data if isinstance(data, dict) else None
+
+
+def save_sources(path: str, counts: dict) -> None:
+    if read_sources(path) == counts:
+        return
+    write_atomically(sources_path(path),
+                     json.dumps(counts, sort_keys=True, separators=(",", ":")).encode())
 
 
 @dataclass
@@ -470,6 +520,7 @@ def install_result(result, path: str, settings, force: bool = False, stop=None) 
     return install(result.sorted_keys(), path, rejects=result.rejects, present=result.keys,
                    max_shrink=settings.max_shrink, force=force, domains=result.domains,
                    lock_timeout=settings.lock_timeout, stop=stop,
+                   sources=getattr(result, "sources", None),
                    user_keys=(result.user_count, result.is_user_key, user_key)
                    if user_key else None)
 
@@ -477,7 +528,7 @@ def install_result(result, path: str, settings, force: bool = False, stop=None) 
 def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
             present=None, max_shrink: float = 20.0, force: bool = False,
             domains: frozenset[bytes] = frozenset(), lock_timeout: float = 60.0,
-            stop=None, user_keys=None) -> Report:
+            stop=None, user_keys=None, sources: dict | None = None) -> Report:
     """Install the sorted ``keys`` (``rejects`` get the value ``-``) at ``path`` if the
     file would change and the list passes the sanity gate (``domains``: the domains still
     served, none of which may lose all of its keys; ``present``: a fast container of the
@@ -495,6 +546,8 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
         remove_stale_temps(path)
         same = same_content(path, image)
         if same:
+            if sources is not None:
+                save_sources(path, sources)
             return Report(path, "unchanged", len(keys), seconds=time.monotonic() - started)
         old_count = record_count(live_header(path)) if same is not None else None
         new = present if present is not None else set(keys)
@@ -518,9 +571,13 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
             if why:
                 raise InstallRefused(why, path)
         why = None if force else emptied(removed, new, domains)
+        if not why and not force and sources is not None and removed:
+            why = vanished(read_sources(path) or {}, sources, domains)
         if why:
             raise InstallRefused(why, path)
         write_atomically(path, image)
+        if sources is not None:
+            save_sources(path, sources)
         size = len(image)
     return Report(path, "installed", len(keys), diff.added, diff.removed, diff.changed,
                   time.monotonic() - started, size)

@@ -120,6 +120,7 @@ class Accepts(NamedTuple):
     contains: Callable[[str], bool]     # for one name
     ext: bool = False                   # each name also takes "-anything" (qmail-ext)
     everything: bool = False            # fastforward's ":@domain"
+    kinds: tuple[str, ...] = ("users", "valias")     # what each group is (install gate)
 
 
 def accepted(acc: Accepts, default: str) -> bool:
@@ -155,6 +156,7 @@ class DomainKeys:
     exact: dict[str, Answer] = field(default_factory=dict)
     prefix: dict[str, Answer] = field(default_factory=dict)
     bulk: list[tuple[str, list]] = field(default_factory=list)      # (origin, local parts)
+    sources: dict[str, int] = field(default_factory=dict)   # kind -> names it gave
 
 
 # --------------------------------------------------------------------------- the router
@@ -310,6 +312,8 @@ class Router:
             return
         deeper = any(len(q) > len(region) and q.startswith(region) for q in prefixes)
         for i, (origin, names) in enumerate(acc.groups):
+            kind = acc.kinds[min(i, len(acc.kinds) - 1)]
+            out.sources[kind] = out.sources.get(kind, 0) + len(names)
             if not names:
                 continue
             as_bytes = isinstance(names[0], bytes)

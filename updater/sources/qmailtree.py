@@ -141,11 +141,10 @@ class DiskView:
             names = check_names(names, origin, self.warn)
         groups = [(origin, names)]
         everyone = list(names)
-        if self.aliases_of is not None:
-            aliases = self.aliases_of(domain)
-            if aliases:
-                groups.append((origin.rsplit(" table ", 1)[0] + " table valias", aliases))
-                everyone += aliases
+        if self.aliases_of is not None:                 # counted even when empty
+            aliases = self.aliases_of(domain) or []
+            groups.append((origin.rsplit(" table ", 1)[0] + " table valias", aliases))
+            everyone += aliases
         return Accepts(origin, groups, _lazy_set(everyone), self.qmail_ext)
 
     def _fastforward(self, rule: Rule, home: str, domain: str) -> Accepts:
@@ -169,7 +168,8 @@ class DiskView:
                 elif dom:
                     everything = True
         origin = f"fastforward {cdb}"
-        return Accepts(origin, [(origin, names)], _lazy_set(names), False, everything)
+        return Accepts(origin, [(origin, names)], _lazy_set(names), False, everything,
+                       ("fastforward",))
 
 
 def _lazy_set(names: list) -> Callable[[str], bool]:
