@@ -106,14 +106,16 @@ def cmd_check(args: "argparse.Namespace", settings: "config.Settings") -> int:
         return EXIT_USAGE
     status = EXIT_OK
     lines = []
+    def shown(key: bytes) -> str:                # the empty key (<>) as ''
+        return key.decode(ENCODING, ERRORS) if key else "''"
     for address in args.address:
         raw = address.encode(ENCODING, ERRORS)
         verdict = check(getter, raw)
-        key = verdict.key.decode(ENCODING, ERRORS) if verdict.key is not None else "-"
+        key = shown(verdict.key) if verdict.key is not None else "-"
         word = "accept" if verdict.accepted else "reject"
-        line = f"{word} {address} {key}"
+        line = f"{word} {address or '<>'} {key}"
         if args.verbose:
-            line += " tried " + " ".join(k.decode(ENCODING, ERRORS) for k in verdict.tried)
+            line += " tried " + " ".join(shown(k) for k in verdict.tried)
         lines.append(line)
         if not verdict.accepted:
             status = EXIT_FAIL
@@ -124,7 +126,7 @@ def cmd_check(args: "argparse.Namespace", settings: "config.Settings") -> int:
 
 def cmd_demo(args: "argparse.Namespace", settings: "config.Settings") -> int:
     from .demo import run_demo
-    return run_demo(args.dir, out, log)
+    return run_demo(args.dir, out, log, keep=args.keep)
 
 
 # --------------------------------------------------------------------------- parser
@@ -163,7 +165,10 @@ def parser() -> "argparse.ArgumentParser":
     c.set_defaults(func=cmd_check)
 
     d = sub.add_parser("demo", help="build the bundled sample tree and show the result")
-    d.add_argument("--dir", help="build the sample here instead of a temporary directory")
+    d.add_argument("--dir", help="build the sample here (kept) instead of in a temporary "
+                   "directory that is removed at the end")
+    d.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory and print where it is")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="the rebuild daemon (foreground, for supervise)")
@@ -171,7 +176,7 @@ def parser() -> "argparse.ArgumentParser":
     r.set_defaults(func=cmd_run)
 
     pb = sub.add_parser("publish", help="push the live cdb to the other MX hosts now")
-    config.add_arguments(pb, ("install", "publish"))
+    config.add_arguments(pb, ("publish",), names=("cdb",))
     pb.set_defaults(func=cmd_publish)
 
     t = sub.add_parser("trigger", help="ask the daemon for a build (never blocks)")
@@ -322,16 +327,22 @@ def mkvalidrcptto_main() -> None:
     sys.exit(mkvalidrcptto(sys.argv[1:]))
 
 
+MKVALIDRCPTTO_HELP = (
+    "Drop-in for jms1's mkvalidrcptto: print every valid address of this qmail server, "
+    "one per line (-m: as cdbmake input), or write them as a cdb (-c FILE, atomically, "
+    "with the sanity gate).  -d shows where each key comes from on stderr; -n is "
+    "accepted and means no per-user -default keys, which is already the default "
+    "(UPDATER_QMAIL_EXT=1 adds them).")
+
+
 def mkvalidrcptto(argv: Sequence[str]) -> int:
-    """Drop-in for jms1's mkvalidrcptto: print the list (``-m``: as cdbmake input), or
-    write it as a cdb (``-c FILE``, atomically).  ``-d`` shows where each key comes
-    from on stderr; ``-n`` is accepted and means no per-user ``-default`` keys, which is
-    already the default (UPDATER_QMAIL_EXT=1 adds them)."""
+    """Drop-in for jms1's mkvalidrcptto (MKVALIDRCPTTO_HELP)."""
     import argparse
 
     from . import config
     from .errors import ConfigError, UpdaterError
-    p = argparse.ArgumentParser(prog="mkvalidrcptto", description=mkvalidrcptto.__doc__)
+    p = argparse.ArgumentParser(prog="mkvalidrcptto", description=MKVALIDRCPTTO_HELP)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-n", action="store_true", help="no per-user -default keys (the default)")
     p.add_argument("-m", action="store_true", help="print cdbmake input instead of keys")
     p.add_argument("-c", metavar="FILE", help="write the list to this cdb (atomically)")

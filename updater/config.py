@@ -130,7 +130,8 @@ OPTIONS: tuple[Opt, ...] = (
         "(default QMAIL_DIR/control/validrcptto.ldapdomains)", group="directory"),
     # install
     Opt("cdb", "VALIDRCPTTO_CDB", _str, None,
-        "the cdb to install (default QMAIL_DIR/control/validrcptto.cdb)", group="install"),
+        "validrcptto.cdb: the list that is installed, checked and published "
+        "(default QMAIL_DIR/control/validrcptto.cdb)", group="install"),
     Opt("max_shrink", "UPDATER_MAX_SHRINK", _float, 20.0,
         "refuse a list that shrinks by more than this percentage (0 = no limit)", group="install"),
     Opt("lock_timeout", "UPDATER_LOCK_TIMEOUT", _float, 60.0,
@@ -281,17 +282,35 @@ class Settings:
         return dataclasses.replace(self, **derived) if derived else self
 
 
-def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
-    """Add a flag for every option of the given groups (values are parsed later)."""
+def shown_default(opt: Opt) -> str:
+    """The default as --help and the README show it ("" when the help text says it)."""
+    d = opt.default
+    if d is None or d == "":
+        return ""
+    if opt.parse is _bool:
+        return "on" if d else "off"
+    if opt.parse is _mode:
+        return f"{d:o}"
+    if isinstance(d, float):
+        return f"{d:g}"
+    return str(d)
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...],
+                  names: tuple[str, ...] = ()) -> None:
+    """Add a flag for every option of the given groups and of ``names`` (values are
+    parsed later); each help ends with its environment variable and default."""
     for opt in OPTIONS:
-        if opt.group not in groups:
+        if opt.group not in groups and opt.name not in names:
             continue
+        default = shown_default(opt)
+        text = f"{opt.help} [${opt.env}" + (f"; default {default}]" if default else "]")
         if opt.parse is _bool:
             parser.add_argument(opt.cli, dest=opt.name, action="store_const", const="1",
-                                default=None, help=f"{opt.help} [${opt.env}]")
+                                default=None, help=text)
         else:
             parser.add_argument(opt.cli, dest=opt.name, metavar=opt.name.upper(),
-                                default=None, help=f"{opt.help} [${opt.env}]")
+                                default=None, help=text)
 
 
 def load(args: argparse.Namespace | None = None,

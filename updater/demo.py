@@ -16,12 +16,19 @@ from .sample import ADDRESSES, make_tree
 
 
 def run_demo(directory: str | None, out: Callable[[Sequence[str]], None],
-             log: Callable[[str], None]) -> int:
+             log: Callable[[str], None], keep: bool = False) -> int:
     if directory:
         os.makedirs(directory, exist_ok=True)
         return _demo(os.path.abspath(directory), out, log)
+    if keep:
+        tmp = tempfile.mkdtemp(prefix="qmail-updater-demo.")
+        code = _demo(tmp, out, log)
+        out(["", f"the sample tree is kept in {tmp}"])
+        return code
     with tempfile.TemporaryDirectory(prefix="qmail-updater-demo.") as tmp:
-        return _demo(tmp, out, log)
+        code = _demo(tmp, out, log)
+        out(["", f"removing the sample tree {tmp} (--keep or --dir DIR keeps it)"])
+    return code
 
 
 def _demo(root: str, out: Callable[[Sequence[str]], None], log: Callable[[str], None]) -> int:
