@@ -1,0 +1,112 @@
+"""The README's Deploy block, run as written: a virtual environment, the service
+directories, users/cdb and the rules compiled, the first list, qmail-smtpd's service
+replaced, both services up under a real svscan, and an unknown recipient refused from
+an address that is not a relay client.  Only the variables at its top point into a
+temporary root (and qmail-newu, which has no Debian package, is a stand-in)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CI, need
+
+HERE = Path(__file__).resolve().parent
+TOP = HERE.parent
+
+
+def deploy_block() -> str:
+    readme = (TOP / "README.md").read_text()
+    section = readme[readme.index("\n## Deploy\n"):]
+    return re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not CI, reason="the services run as root")
+def test_the_readme_deploy_block_as_written(tmp_path: Path):
+    for tool in ("svscan", "svstat", "svc", "tcprules", "swaks", "envdir", "multilog"):
+        need(tool)
+    root = tmp_path / "root"
+    qmail = root / "var/qmail"
+    for d in ("control", "users", "alias", "supervise", "bin"):
+        (qmail / d).mkdir(parents=True)
+    (qmail / "control/me").write_text("mx.deploy.test\n")
+    (qmail / "control/rcpthosts").write_text("deploy.test\n")
+    (qmail / "control/locals").write_text("deploy.test\n")
+    (qmail / "alias/.qmail-postmaster").write_text("&root@example.org\n")
+    (qmail / "users/assign").write_text(".\n")
+    newu = qmail / "bin/qmail-newu"                # a stand-in: writes users/cdb as qmail does
+    newu.write_text(f"#!{sys.executable}\nimport sys\nfrom pathlib import Path\n"
+                    f"sys.path.insert(0, {str(HERE)!r})\nfrom conftest import newu\n"
+                    f"newu(Path({str(qmail)!r}))\n")
+    newu.chmod(0o755)
+    for p in [tmp_path, *tmp_path.parents]:        # nobody (SMTPD_USER) walks down to it
+        if p in (Path("/tmp"), Path("/")):
+            break
+        p.chmod(p.stat().st_mode | 0o711)
+    for p in (root, root / "var", qmail, qmail / "control"):
+        p.chmod(0o755)
+    services = root / "service"
+    services.mkdir()
+    old = qmail / "supervise/qmail-smtpd"          # the service Deploy replaces, linked
+    (old / "log").mkdir(parents=True)              # into the scanned directory as usual
+    (services / "qmail-smtpd").symlink_to(old)
+    (old / "run").write_text("#!/bin/sh\nexec sleep 600\n")
+    (old / "log/run").write_text("#!/bin/sh\nexec sleep 600\n")
+    for f in (old / "run", old / "log/run"):
+        f.chmod(0o755)
+    (root / "etc").mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("UPDATER_", "VALIDRCPTTO_", "QMAIL_", "VPOPMAIL_", "TCP"))}
+    env.update(PREFIX=str(tmp_path / "venv"), QMAIL=str(qmail), SERVICE=str(services),
+               TCPRULES=str(root / "etc/tcp.smtp"), SMTPD_USER="nobody", IP="::",
+               PORT=str(port), CHECK_SERVER="::1")
+    scan = subprocess.Popen([need("svscan"), str(services)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15           # svscan has started the old service
+        while subprocess.run([need("svok"), str(old)]).returncode != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        done = subprocess.run(["bash", "-e", "-c", deploy_block()], cwd=TOP, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        out = done.stdout
+        assert f"ok: nobody-here@deploy.test refused (553" in out, out + done.stderr
+        assert re.search(r"/qmail-updater: up \(pid \d+\)", out), out
+        assert re.search(r"/validrcptto-smtpd: up \(pid \d+\)", out), out
+        assert not os.path.lexists(services / "qmail-smtpd")      # the old service is gone
+        assert subprocess.run([need("svok"), str(old)]).returncode != 0
+        assert (qmail / "users/cdb").exists() and (root / "etc/tcp.smtp.cdb").exists()
+        # the installed programs are the virtual environment's, found through env/PATH
+        assert (tmp_path / "venv/bin/validrcptto-smtpd").exists()
+        listed = subprocess.run([str(tmp_path / "venv/bin/qmail-updater"), "check", "--cdb",
+                                 str(qmail / "control/validrcptto.cdb"),
+                                 "postmaster@deploy.test"], capture_output=True, text=True)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        log = (qmail / "supervise/validrcptto-smtpd/log/main/current").read_text()
+        assert "listening on" in log and "WARNING" not in log
+    finally:
+        for s in ("validrcptto-smtpd", "qmail-updater"):
+            d = qmail / "supervise" / s
+            if d.exists():
+                subprocess.run([need("svc"), "-dx", str(d), str(d / "log")])
+        os.killpg(scan.pid, signal.SIGTERM)
+        scan.wait(10)
+        time.sleep(1)
+        shutil.rmtree(tmp_path / "venv", ignore_errors=True)
