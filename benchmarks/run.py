@@ -24,7 +24,7 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -126,7 +126,8 @@ def fmt_n(n: int) -> str:
 
 class Bench:
     def __init__(self, root: str, sizes: list[int], domains: int, runs: int, quiet: float):
-        self.root, self.sizes, self.domains, self.runs, self.quiet = root, sizes, domains, runs, quiet
+        self.root, self.sizes, self.domains = root, sizes, domains
+        self.runs, self.quiet = runs, quiet
         self.rows: list[Row] = []
         self.cdbmake = shutil.which("cdbmake")
         if not self.cdbmake:
@@ -301,7 +302,8 @@ class Bench:
         full = disk_bytes_written(["build", "--cdb", env["VALIDRCPTTO_CDB"] + ".new"], env)
         os.unlink(env["VALIDRCPTTO_CDB"] + ".new")
         t = median(lambda: child(QU + ["build"], env).seconds, self.runs_for(n))
-        self.row(f"no-change rebuild, {fmt_n(n)}: bytes written (vs full)", str(written), str(full), None,
+        self.row(f"no-change rebuild, {fmt_n(n)}: bytes written (vs full)", str(written),
+                 str(full), None,
                  "0 bytes", written == 0)
         self.row(f"no-change rebuild, {fmt_n(n)}: time vs full rebuild", fmt_s(t),
                  fmt_s(self.full_rebuild_seconds), t / self.full_rebuild_seconds, "", None)

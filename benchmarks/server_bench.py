@@ -23,7 +23,8 @@ HERE = Path(__file__).resolve().parent
 
 QUEUE_C = r"""
 #include <unistd.h>
-int main(void) { char b[65536]; while (read(0, b, sizeof b) > 0); while (read(1, b, sizeof b) > 0); return 0; }
+int main(void) { char b[65536];
+  while (read(0, b, sizeof b) > 0); while (read(1, b, sizeof b) > 0); return 0; }
 """
 KEYS = [b"joe@example.com", b"x@example.net", b"joe-list-default@example.com",
         b"postmaster"]

@@ -106,7 +106,7 @@ class Server:
             assert time.monotonic() < deadline, self.lines
             time.sleep(0.02)
 
-    def connect(self, source: str = "127.0.0.1") -> "Client":
+    def connect(self, source: str = "127.0.0.1") -> Client:
         return Client(self.port, source)
 
     def stop(self) -> int:

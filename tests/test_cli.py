@@ -31,8 +31,8 @@ def test_mkvalidrcptto_plain_cdbmake_and_cdb(tree: Tree, tmp_path):
     assert f"mkvalidrcptto: joe@example.com: account joe ({tree.root}/home/joe): default " \
         "delivery" in done.stderr
     dump = subprocess.run([need("cdbdump")], stdin=open(out, "rb"), capture_output=True).stdout
-    assert dump == ("+17,0:alias@example.com->\n+16,0:ann@vpop.example->\n"
-                    "+15,0:joe@example.com->\n+17,1:trap@vpop.example->-\n\n").encode()
+    assert dump == (b"+17,0:alias@example.com->\n+16,0:ann@vpop.example->\n"
+                    b"+15,0:joe@example.com->\n+17,1:trap@vpop.example->-\n\n")
 
 
 def test_mkvalidrcptto_errors(tree: Tree):

@@ -87,7 +87,7 @@ def test_the_readme_deploy_block_as_written(tmp_path: Path):
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
         out = done.stdout
-        assert f"ok: nobody-here@deploy.test refused (553" in out, out + done.stderr
+        assert "ok: nobody-here@deploy.test refused (553" in out, out + done.stderr
         assert re.search(r"/qmail-updater: up \(pid \d+\)", out), out
         assert re.search(r"/validrcptto-smtpd: up \(pid \d+\)", out), out
         assert not os.path.lexists(services / "qmail-smtpd")      # the old service is gone

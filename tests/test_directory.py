@@ -80,7 +80,8 @@ CREATE TABLE vpopmail (pw_name char(32) not null, pw_domain varchar(96) not null
   pw_passwd varchar(128), pw_uid int, pw_gid int, pw_gecos varchar(48), pw_dir varchar(160),
   pw_shell varchar(20), pw_clear_passwd varchar(128), primary key (pw_name, pw_domain));
 INSERT INTO vpopmail (pw_name, pw_domain, pw_passwd, pw_dir, pw_shell) VALUES
-  ('ann', 'one.example', 'x', '/d/ann', 'NOQUOTA'), ('Bob', 'one.example', 'x', '/d/bob', 'NOQUOTA'),
+  ('ann', 'one.example', 'x', '/d/ann', 'NOQUOTA'),
+  ('Bob', 'one.example', 'x', '/d/bob', 'NOQUOTA'),
   ('cat', 'two-b.example', 'x', '/d/cat', 'NOQUOTA'), ('dan', 'elsewhere.example', 'x', '/d', '');
 CREATE TABLE valias (alias char(32) not null, domain varchar(96) not null,
   valias_line text not null, index (alias, domain));
@@ -206,7 +207,8 @@ def test_mysql_localhost_means_the_socket(tree: Tree, mariadb: MariaDB, tmp_path
         assert option_socket([str(tmp_path / "my.cnf")], env={}) == str(mariadb.socket)
         assert option_socket([str(tmp_path / "none.cnf")], env={}) == "/run/mysqld/mysqld.sock"
         # 127.0.0.1 stays TCP, which this server does not offer
-        tree.write("home/vpopmail/etc/vpopmail.mysql", f"127.0.0.1|{mariadb.port}|vpop|x|vpopmail\n")
+        tree.write("home/vpopmail/etc/vpopmail.mysql",
+                   f"127.0.0.1|{mariadb.port}|vpop|x|vpopmail\n")
         done = tree.run("generate", "--mysql", MYSQL_UNIX_PORT=str(mariadb.socket))
         assert done.returncode == 1 and "(2003)" in done.stderr
     finally:
@@ -394,7 +396,8 @@ def test_ldap_configured_without_domains_file(tree: Tree, slapd: Slapd):
 
 def test_ldap_addresses_rule():
     from updater.sources.ldap import addresses
-    values = {"mail": ["A@B.example"], "proxyAddresses": ["SMTP:A@B.example", "smtp:c@b.example",
-                                                          "X400:c=US;", "sip:x@b.example", b"smtp:d@e"]}
+    values = {"mail": ["A@B.example"],
+              "proxyAddresses": ["SMTP:A@B.example", "smtp:c@b.example", "X400:c=US;",
+                                 "sip:x@b.example", b"smtp:d@e"]}
     assert addresses(values, ["mail", "proxyAddresses"]) == [
         "a@b.example", "a@b.example", "c@b.example", "d@e"]

@@ -315,7 +315,8 @@ def test_changed_stretch_agrees_with_sets(old, added, gone, rejects, seed, tmp_p
     dropped = set(seed.sample(old_keys, min(gone, len(old_keys))))
     new_keys = sorted((old - dropped) | added)
     old_rejects = {k for k in old if seed.random() < 0.2}
-    new_rejects = {k for k in new_keys if k in rejects or (k in old_rejects and seed.random() < 0.7)}
+    new_rejects = {k for k in new_keys
+                   if k in rejects or (k in old_rejects and seed.random() < 0.7)}
     value = lambda k, rej: b"-" if k in rej else b""                     # noqa: E731
     expect = Changes(sorted(set(new_keys) - old), sorted(old - set(new_keys)),
                      sorted(k for k in set(new_keys) & old

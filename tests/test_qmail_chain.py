@@ -235,7 +235,7 @@ def build(root: Path, spec: dict) -> tuple[Tree, list[str], list[str], list[tupl
     tree.control("virtualdomains", "".join(f"{a}:{b}\n" for a, b in vd))
     tree.control("smtproutes", "routed.test:relay.example\n")
     domains = set(locals_) | {"routed.test"}
-    for left, right in vd:
+    for left, _ in vd:
         if "@" not in left:
             domains.add("a.sub.test" if left.startswith(".") else left)
     domains = sorted(domains)
@@ -312,7 +312,7 @@ def qmail_answers(tree: Tree, chain: tuple[Path, Path], probes: list[tuple[str, 
         input=json.dumps(job), capture_output=True, text=True, timeout=300,
         env=dict(os.environ, USERS_CDB=str(tree.qmail / "users/cdb")))
     assert done.returncode == 0, done.stderr
-    for (lp, domain, address), (_, _, how, code, said) in zip(local_jobs,
+    for (lp, _, address), (_, _, how, code, said) in zip(local_jobs,
                                                              json.loads(done.stdout)):
         assert code in (0, 100), f"{address} -> {lp}: qmail deferred ({how}: exit {code} {said})"
         answers[address] = (code == 0, f"{lp} via {how}: {said}")

@@ -114,7 +114,8 @@ class Qmail:
         else:
             name = None
             for i in range(len(safe), -1, -1):
-                if (i == 0 or safe[i - 1] == "-") and exists(".qmail" + dash + safe[:i] + "default"):
+                if (i == 0 or safe[i - 1] == "-") and \
+                        exists(".qmail" + dash + safe[:i] + "default"):
                     name, default = ".qmail" + dash + safe[:i] + "default", ext[i:]
                     break
         if name is None:

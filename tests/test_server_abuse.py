@@ -110,7 +110,7 @@ def test_a_client_that_never_reads_cannot_grow_the_server(env):
                 while time.monotonic() < deadline:
                     try:
                         sent[i] += s.send(chunk)
-                    except socket.timeout:
+                    except TimeoutError:
                         continue
             except OSError:
                 pass                                  # dropped: what we want
@@ -187,7 +187,7 @@ def test_sessions_that_hang_up_leave_no_process_or_descriptor(env, tmp_path, kin
         time.sleep(0.2)
         base = fds(pid)
         threads = []
-        for i in range(500):
+        for _ in range(500):
             t = threading.Thread(target=abusive, args=(srv.port, kind))
             t.start()
             threads.append(t)

@@ -197,7 +197,8 @@ def test_badmailfrom_databytes_and_hops(pair):
     same(pair, HEAD + b"RCPT TO:<joe@example.com>\r\nDATA\r\n" + b"y" * 300 + b"\r\n.\r\nQUIT\r\n",
          DATABYTES="0")
     for n in (99, 100):
-        hops = b"".join(b"%s: x\r\n" % (b"Received" if i % 2 else b"dElIvErEd-To") for i in range(n))
+        hops = b"".join(b"%s: x\r\n" % (b"Received" if i % 2 else b"dElIvErEd-To")
+                        for i in range(n))
         same(pair, HEAD + b"RCPT TO:<joe@example.com>\r\nDATA\r\n" + hops + b"\r\nbody\r\n.\r\n"
              b"QUIT\r\n")
     hops = b"Subject: x\r\n\r\n" + b"Received: x\r\n" * 150
@@ -238,7 +239,8 @@ ADDR = st.one_of(
                      b"", b"x@[127.0.0.1]", b"x@[10.9.8.7]", b"\"quoted user\"@example.com",
                      b"back\\>slash@example.com", b"@route,@r2:joe@example.com",
                      b"user@", b"a b@example.com", b"tab\there@example.com"]),
-    st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"").replace(b"\0", b"") + b"@example.com"),
+    st.binary(max_size=20).map(
+        lambda b: b.replace(b"\n", b"").replace(b"\0", b"") + b"@example.com"),
     st.integers(890, 905).map(lambda n: b"a" * (n - 12) + b"@example.com"))
 
 ARG_FORM = st.sampled_from([b"<%s>", b" <%s>", b"%s", b":%s", b":<%s> SIZE=10", b": %s x",

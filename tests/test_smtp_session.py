@@ -162,7 +162,8 @@ def test_pipelined_commands_get_replies_in_order():
 def test_limit_sequence_counts_per_connection():
     s, _ = make(S.Policy(limit=3))
     s.start()
-    ev = s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<joe@example.com>\r\n"
+    ev = s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\n"
+                        b"RCPT TO:<joe@example.com>\r\n"
                         b"RSET\r\nHELO y\r\nMAIL FROM:<a@b>\r\nRCPT TO:<neg@example.com>\r\n"
                         b"RCPT TO:<y@elsewhere.org>\r\nRCPT TO:<z@example.com>\r\nNOOP\r\n")
     assert replies(ev) == (b"250 ok\r\n" + S.R_NOTVALID + b"250 ok\r\n250 flushed\r\n"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from . import __version__
 
@@ -45,7 +46,7 @@ def out(lines: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------- commands
 
-def _build_result(settings: "config.Settings"):
+def _build_result(settings: config.Settings):
     from .generate import generate
     result = generate(settings)
     for w in result.warnings:
@@ -53,7 +54,7 @@ def _build_result(settings: "config.Settings"):
     return result
 
 
-def cmd_generate(args: "argparse.Namespace", settings: "config.Settings") -> int:
+def cmd_generate(args: argparse.Namespace, settings: config.Settings) -> int:
     result = _build_result(settings)
     write_list(result, args.format, args.origins)
     return EXIT_OK
@@ -78,7 +79,7 @@ def write_list(result, fmt: str = "plain", origins: bool = False) -> None:
     sys.stdout.buffer.flush()
 
 
-def cmd_build(args: "argparse.Namespace", settings: "config.Settings") -> int:
+def cmd_build(args: argparse.Namespace, settings: config.Settings) -> int:
     from .install import install_result
     result = _build_result(settings)
     report = install_result(result, settings.cdb, settings, settings.force)
@@ -91,12 +92,12 @@ def cmd_build(args: "argparse.Namespace", settings: "config.Settings") -> int:
     return EXIT_OK
 
 
-def cmd_publish(args: "argparse.Namespace", settings: "config.Settings") -> int:
+def cmd_publish(args: argparse.Namespace, settings: config.Settings) -> int:
     from .publish import publish_once
     return publish_once(settings, settings.cdb, log)
 
 
-def cmd_check(args: "argparse.Namespace", settings: "config.Settings") -> int:
+def cmd_check(args: argparse.Namespace, settings: config.Settings) -> int:
     from .checker import check, open_cdb
     path = args.cdb or os.environ.get("VALIDRCPTTO_CDB") or settings.cdb
     try:
@@ -124,14 +125,14 @@ def cmd_check(args: "argparse.Namespace", settings: "config.Settings") -> int:
     return status
 
 
-def cmd_demo(args: "argparse.Namespace", settings: "config.Settings") -> int:
+def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
     from .demo import run_demo
     return run_demo(args.dir, out, log, keep=args.keep)
 
 
 # --------------------------------------------------------------------------- parser
 
-def parser() -> "argparse.ArgumentParser":
+def parser() -> argparse.ArgumentParser:
     import argparse
 
     from . import config
@@ -193,12 +194,12 @@ def parser() -> "argparse.ArgumentParser":
     return p
 
 
-def cmd_run(args: "argparse.Namespace", settings: "config.Settings") -> int:
+def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
     from .daemon import Daemon
     return Daemon(settings, log).run()
 
 
-def cmd_status(args: "argparse.Namespace", settings: "config.Settings") -> int:
+def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
     import json
     import time
 

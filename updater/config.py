@@ -10,7 +10,8 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from .errors import ConfigError
 
@@ -248,7 +249,7 @@ class Settings:
     def control(self, name: str) -> str:
         return os.path.join(self.qmail_dir, "control", name)
 
-    def resolve(self) -> "Settings":
+    def resolve(self) -> Settings:
         """Fill the defaults that depend on other settings."""
         derived: dict[str, Any] = {}
         if self.include is None:

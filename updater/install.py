@@ -17,7 +17,7 @@ import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
 
 from .errors import InstallError, InstallRefused
 from .qmail import ENCODING, ERRORS
@@ -533,7 +533,8 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
     file would change and the list passes the sanity gate (``domains``: the domains still
     served, none of which may lose all of its keys; ``present``: a fast container of the
     keys, if the caller has one; ``user_keys``: (count of the new keys local users control,
-    test for a new key, test for a removed key) — the gate counts only the others).  Raises InstallRefused /
+    test for a new key, test for a removed key) — the gate counts only the others;
+    ``sources``: what each source gave per domain, see ``vanished``).  Raises InstallRefused /
     InstallError, leaving ``path`` alone."""
     started = time.monotonic()
     check_target(path)

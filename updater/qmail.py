@@ -12,7 +12,8 @@ import functools
 import os
 import stat
 from collections import namedtuple
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Iterable
 
 from .errors import SourceError
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
+from collections.abc import Callable
 
 from .qmail import Account, ENCODING, ERRORS, UsersDb, lower_ascii, lspawn_lookup
 

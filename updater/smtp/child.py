@@ -20,7 +20,7 @@ import asyncio
 import os
 import signal
 
-LIVE: set["Child"] = set()          # every child not reaped yet (tests and shutdown)
+LIVE: set[Child] = set()          # every child not reaped yet (tests and shutdown)
 
 
 class Child:
@@ -77,7 +77,7 @@ class Child:
             loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
             try:
                 await asyncio.wait_for(ready, timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
             finally:
                 if self.pidfd == fd:

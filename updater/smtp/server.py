@@ -216,7 +216,7 @@ class Limits:
 class Worker:
     """One process's state: the cached controls, cdb snapshots, rules; the sessions."""
 
-    def __init__(self, opts: "Options", limits: Limits):
+    def __init__(self, opts: Options, limits: Limits):
         self.o, self.limits = opts, limits
         self.ipme = IpMe()
         # tcpserver's children get its environment, less what it sets per connection
@@ -580,7 +580,7 @@ class SmtpProtocol(asyncio.Protocol):
                         self.transport = await self.loop.start_tls(
                             self.transport, self, ctx, server_side=True,
                             ssl_handshake_timeout=self.timeout)
-                    except (OSError, ValueError, asyncio.TimeoutError) as err:
+                    except (TimeoutError, OSError, ValueError) as err:
                         log(f"TLS handshake with {self.ip} failed: {err}")
                         self.transport.abort()
                         return

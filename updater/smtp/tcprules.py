@@ -11,7 +11,8 @@ except that with no key at all tcpserver allows too.  Pure: the cdb comes in as 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 
 class Rule(NamedTuple):

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import SourceError
-from ..qmail import (Account, ENCODING, ERRORS, UsersDb, bounces, cdb_keys, fastforward_cdb, list_dir,
-                     read_bytes, runs)
-
-HEAD = 1 << 20          # bytes of a .qmail file read to see what it runs
+from ..qmail import (ENCODING, ERRORS, Account, UsersDb, bounces, cdb_keys, fastforward_cdb,
+                     list_dir, read_bytes, runs)
 from ..routing import Accepts, Rule
 from .vpopmail import check_names
+
+HEAD = 1 << 20          # bytes of a .qmail file read to see what it runs
 
 
 class DiskView:

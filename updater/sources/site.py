@@ -9,7 +9,7 @@ them even where a ``-default`` or ``@domain`` entry would accept, and an exclude
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import SourceError
 from ..qmail import lower_ascii, read_control

@@ -87,7 +87,7 @@ def read_users(domain_dir: str, domain: str, vuserinfo: str | None) -> tuple[str
 def run_vuserinfo(program: str, domain: str) -> list[bytes]:
     argv = [program, "-n", "-D", domain]
     try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        done = subprocess.run(argv, capture_output=True,
                               timeout=300, check=False)
     except OSError as err:
         raise SourceError(f"cannot run: {err.strerror}", program) from None
