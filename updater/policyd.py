@@ -1,0 +1,325 @@
+"""validrcptto-policyd: validrcptto.cdb for Postfix, as a policy service and a socketmap.
+
+One asyncio loop; each connection is a ``postfix.Conversation`` (the protocol is told
+apart by its first byte, so one listener serves both).  The answer is the checker's
+(``checker.check``) over a private snapshot of the cdb (``smtp.cdbfile``: replaced or
+rewritten files are picked up at the next request, a torn one is never read), for the
+domains of qmail's rcpthosts / morercpthosts.cdb (qmail-smtpd's own rule: without an
+rcpthosts file every domain is ours).  Bounded: requests (64 KiB), connections
+(``--max-connections``), idle connections (``--idle-timeout``), and the replies a client
+leaves unread (reading stops, and it is dropped after ``--idle-timeout``).
+
+Lifecycle: bind (``--listen`` HOST:PORT or unix:PATH, several allowed), then
+``--user``; SIGHUP re-reads rcpthosts; SIGTERM closes the listeners and the idle
+connections, gives busy ones a second, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import __version__
+from .checker import check
+from .postfix import Answer, Conversation, Reply, Settings
+from .smtp.cdbfile import CdbCache
+from .smtp.controls import ControlError, morercpthosts_path, readfile
+from .smtp.session import escape, rcpthosts_allows
+
+PROG = "validrcptto-policyd"
+SWEEP = 1.0
+
+
+def log(text: str) -> None:
+    try:
+        os.write(2, f"{PROG}[{os.getpid()}]: {text}\n".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+class Lookup:
+    """address -> Answer, with the cdb snapshot and rcpthosts re-read when they change."""
+
+    def __init__(self, cdb: str, qmail_dir: str):
+        self.cdb = CdbCache(cdb, log)
+        self.rcpthosts_path = os.path.join(qmail_dir, "control", "rcpthosts")
+        self.more = CdbCache(morercpthosts_path(qmail_dir), log)
+        self.hosts: frozenset[bytes] | None = None
+        self.hosts_ident: tuple | None = ()
+        self.cdb_path = cdb
+
+    def reload(self) -> None:
+        self.hosts_ident = ()
+        self.cdb.forget()
+        self.more.forget()
+
+    def _hosts(self) -> frozenset[bytes] | None:
+        try:
+            st = os.stat(self.rcpthosts_path)
+            ident: tuple | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            ident = None
+        if ident != self.hosts_ident:
+            try:
+                lines = readfile(self.rcpthosts_path)
+            except ControlError as err:
+                log(f"cannot read rcpthosts: {err}; keeping the previous list")
+                return self.hosts
+            self.hosts = None if lines is None else frozenset(x.lower() for x in lines)
+            self.hosts_ident = ident
+        return self.hosts
+
+    def __call__(self, address: bytes) -> Answer:
+        hosts = self._hosts()
+        more = None
+        if hosts is not None:
+            try:
+                more = self.more.current()
+            except OSError:
+                more = None
+        if not rcpthosts_allows(address, hosts, more):
+            return Answer(None, address)
+        try:
+            getter = self.cdb.current()
+        except OSError as err:
+            return Answer(None, address, unavailable=f"{self.cdb_path}: {err.strerror or err}")
+        verdict = check(getter, address)
+        return Answer(verdict.accepted, address, verdict.key)
+
+
+class Server:
+    def __init__(self, opts: argparse.Namespace, lookup: Lookup):
+        self.o, self.lookup = opts, lookup
+        self.settings = Settings(reject=opts.reject_action, unavailable=opts.unavailable_action,
+                                 map_name=opts.map_name.encode())
+        self.conns: set[PolicyProtocol] = set()
+        self.serial = 0
+
+    def note(self, conn: PolicyProtocol, reply: Reply) -> None:
+        a = reply.answer
+        if reply.error:
+            log(f"{conn.id} {conn.peer}: {reply.error}; closing")
+            return
+        if a is None or self.o.verbose == 0:
+            return
+        if a.unavailable:
+            log(f"{conn.id} {conn.kind}: {escape(a.address)}: unavailable: {a.unavailable}")
+        elif a.accepted is False and self.o.verbose >= 1:
+            key = "-" if a.key is None else escape(a.key)
+            log(f"{conn.id} {conn.kind}: reject {escape(a.address)} (key {key})")
+        elif self.o.verbose >= 2:
+            what = "not ours" if a.accepted is None else "accept"
+            key = "" if a.key is None else f" (key {escape(a.key)})"
+            log(f"{conn.id} {conn.kind}: {what} {escape(a.address)}{key}")
+
+
+class PolicyProtocol(asyncio.Protocol):
+    def __init__(self, server: Server):
+        self.s = server
+        self.conv = Conversation(server.lookup, server.settings)
+        self.transport: asyncio.Transport | None = None
+        self.last = time.monotonic()
+        self.paused = False
+        self.id = 0
+        self.peer = "?"
+
+    @property
+    def kind(self) -> str:
+        return self.conv.kind or "-"
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        s = self.s
+        s.serial += 1
+        self.id = s.serial
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if len(s.conns) >= s.o.max_connections:
+            log(f"{self.id} {self.peer}: more than {s.o.max_connections} connections; closing")
+            transport.abort()
+            return
+        s.conns.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.s.conns.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last = time.monotonic()
+        try:
+            replies = self.conv.receive_data(data)
+        except Exception as err:                     # a bug: this connection ends, not us
+            log(f"{self.id} {self.peer}: {type(err).__name__}: {err}; closing")
+            self.transport.abort()
+            return
+        for reply in replies:
+            self.s.note(self, reply)
+            if reply.data:
+                self.transport.write(reply.data)
+            if reply.close:
+                self.transport.close()
+                return
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self) -> None:                  # the client does not read
+        self.paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.last = time.monotonic()
+        self.transport.resume_reading()
+
+
+def parse_listen(text: str) -> tuple[str, object]:
+    if text.startswith("unix:"):
+        return "unix", text[5:]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT or unix:PATH, got {text!r}")
+    return "inet", (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def bind(spec: str, mode: int, owner: str) -> socket.socket:
+    kind, where = parse_listen(spec)
+    if kind == "unix":
+        path = str(where)
+        try:
+            if os.path.exists(path) and not os.path.isdir(path):
+                os.unlink(path)                      # a stale socket of ours
+        except OSError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        os.chmod(path, mode)
+        if owner:
+            import grp
+            import pwd
+            user, _, group = owner.partition(":")
+            uid = pwd.getpwnam(user).pw_uid if user else -1
+            gid = grp.getgrnam(group).gr_gid if group else -1
+            os.chown(path, uid, gid)
+    else:
+        host, port = where  # type: ignore[misc]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    sock.listen(256)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(opts: argparse.Namespace, socks: list[socket.socket]) -> None:
+    loop = asyncio.get_running_loop()
+    lookup = Lookup(opts.cdb, opts.qmail_dir)
+    server = Server(opts, lookup)
+    servers = [await loop.create_server(lambda: PolicyProtocol(server), sock=s) for s in socks]
+
+    def sweep() -> None:
+        limit = time.monotonic() - opts.idle_timeout
+        for c in list(server.conns):
+            if c.last < limit:
+                c.transport.abort()
+        loop.call_later(SWEEP, sweep)
+    loop.call_later(SWEEP, sweep)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def hup() -> None:
+        lookup.reload()
+        log("SIGHUP: re-reading rcpthosts and the cdb")
+    loop.add_signal_handler(signal.SIGHUP, hup)
+    for s in socks:
+        name = s.getsockname()
+        log(f"listening on {name if isinstance(name, str) else '%s:%s' % name[:2]}")
+    await stop.wait()
+    for srv in servers:
+        srv.close()
+    await asyncio.sleep(1.0)                      # answers in flight go out
+    for c in list(server.conns):
+        c.transport.abort()
+    log("stopped")
+
+
+PARAMS: list[tuple[str, str, type, object, str, str]] = [
+    ("--listen", "listen", str, None, "ADDR",
+     "HOST:PORT or unix:PATH to listen on (may be given more than once; required)"),
+    ("--qmail-dir", "qmail_dir", str, None, "DIR",
+     "qmail's home: control/rcpthosts and morercpthosts.cdb say which domains are ours "
+     "(default: $QMAIL_DIR, else /var/qmail)"),
+    ("--cdb", "cdb", str, None, "CDB",
+     "the list (default: $VALIDRCPTTO_CDB, else QMAIL_DIR/control/validrcptto.cdb)"),
+    ("--reject-action", "reject_action", str, Settings.reject, "TEXT",
+     "policy answer for a refused recipient ({address} is replaced by the recipient; "
+     "Postfix itself puts \"<ADDRESS>: Recipient address rejected:\" before the text)"),
+    ("--unavailable-action", "unavailable_action", str, Settings.unavailable, "TEXT",
+     "policy answer when the cdb cannot be read"),
+    ("--map-name", "map_name", str, "validrcptto", "NAME", "the socketmap's name"),
+    ("--max-connections", "max_connections", int, 200, "N", "connections in all"),
+    ("--idle-timeout", "idle_timeout", float, 600.0, "SECONDS",
+     "a connection idle this long (or leaving answers unread) is closed"),
+    ("--socket-mode", "socket_mode", str, "0660", "MODE", "mode of unix: sockets"),
+    ("--socket-owner", "socket_owner", str, "", "USER:GROUP",
+     "owner of unix: sockets (default: the starting user)"),
+    ("--user", "user", str, "", "NAME", "run as this account once bound"),
+    ("--verbose", "verbose", int, 1, "N",
+     "log: 0 errors only, 1 also each refusal, 2 every decision"),
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="validrcptto.cdb for Postfix: a policy service "
+        "(check_policy_service) and a socketmap (relay_recipient_maps), told apart by the "
+        "first byte of each connection.")
+    for flag, attr, kind, default, metavar, text in PARAMS:
+        if default not in (None, ""):
+            text += f" (default: {default})"
+        p.add_argument(flag, dest=attr, type=kind, metavar=metavar, help=text,
+                       action="append" if attr == "listen" else "store",
+                       default=None if attr == "listen" else default)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    opts = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if not opts.listen:
+        p.error("--listen is required")
+    opts.qmail_dir = os.path.abspath(opts.qmail_dir or os.environ.get("QMAIL_DIR") or
+                                     "/var/qmail")
+    opts.cdb = opts.cdb or os.environ.get("VALIDRCPTTO_CDB") or \
+        os.path.join(opts.qmail_dir, "control", "validrcptto.cdb")
+    try:
+        mode = int(opts.socket_mode, 8)
+        socks = [bind(spec, mode, opts.socket_owner) for spec in opts.listen]
+    except (OSError, ValueError, KeyError) as err:
+        sys.stderr.write(f"{PROG}: cannot listen: {err}\n")
+        sys.exit(111)
+    import cdbx  # noqa: F401  (loaded before --user: the installation may be root's)
+    if opts.user:
+        import pwd
+        try:
+            pw = pwd.getpwnam(opts.user)
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+        except (KeyError, OSError) as err:
+            sys.stderr.write(f"{PROG}: cannot become {opts.user}: {err}\n")
+            sys.exit(111)
+    elif os.geteuid() == 0:
+        log("WARNING: running as root without --user")
+    try:
+        asyncio.run(serve(opts, socks))
+    except KeyboardInterrupt:
+        pass
+    sys.exit(0)
