@@ -239,7 +239,7 @@ async def serve(opts: argparse.Namespace, socks: list[socket.socket]) -> None:
     loop.add_signal_handler(signal.SIGHUP, hup)
     for s in socks:
         name = s.getsockname()
-        log(f"listening on {name if isinstance(name, str) else '%s:%s' % name[:2]}")
+        log("listening on " + (name if isinstance(name, str) else f"{name[0]}:{name[1]}"))
     await stop.wait()
     for srv in servers:
         srv.close()

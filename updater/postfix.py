@@ -22,8 +22,8 @@ the driver).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 MAX_REQUEST = 65536              # Postfix's policy requests are a few hundred bytes
 MAX_ATTRIBUTES = 100
@@ -82,7 +82,7 @@ class Conversation:
                 self.closed = True
                 self.buf = b""
         if not self.closed and len(self.buf) > MAX_REQUEST:
-            out.append(self._fail("request larger than %d bytes" % MAX_REQUEST))
+            out.append(self._fail(f"request larger than {MAX_REQUEST} bytes"))
         return out
 
     def _fail(self, why: str) -> Reply:
@@ -99,11 +99,11 @@ class Conversation:
             return None
         block, self.buf = self.buf[:end + 1], self.buf[end + 2:]
         if len(block) > MAX_REQUEST:
-            return self._fail("request larger than %d bytes" % MAX_REQUEST)
+            return self._fail(f"request larger than {MAX_REQUEST} bytes")
         attrs: dict[bytes, bytes] = {}
         lines = block.split(b"\n")[:-1]
         if len(lines) > MAX_ATTRIBUTES:
-            return self._fail("more than %d attributes" % MAX_ATTRIBUTES)
+            return self._fail(f"more than {MAX_ATTRIBUTES} attributes")
         for line in lines:
             name, eq, value = line.partition(b"=")
             if not eq or not name or b"\0" in line or not _text(name):
@@ -135,7 +135,7 @@ class Conversation:
             return self._fail("malformed netstring length")
         size = int(digits)
         if size > MAX_REQUEST:
-            return self._fail("netstring longer than %d bytes" % MAX_REQUEST)
+            return self._fail(f"netstring longer than {MAX_REQUEST} bytes")
         start = colon + 1
         if len(self.buf) < start + size + 1:
             return None
