@@ -61,6 +61,7 @@ class CdbGetter:
         import cdbx
         self._db = None
         self.strict = strict
+        self.entries = 0                    # records, when the opener counted them
         try:
             self._db = cdbx.CDB(fd, close=True)
         except Exception:

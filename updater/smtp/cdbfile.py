@@ -33,9 +33,16 @@ def whole_cdb(data) -> bool:
     return end == size
 
 
+def entries(data) -> int:
+    """The number of records a whole cdb holds (each hash table has two slots per
+    record)."""
+    return sum(slots for _, slots in struct.iter_unpack("<LL", data[:2048])) // 2
+
+
 def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, tuple, bool]:
     """(getter, identity, whole) for the file at ``path``; OSError when it cannot be
-    opened (qmail-smtpd: 421 unable to read controls)."""
+    opened (qmail-smtpd: 421 unable to read controls).  The getter's ``entries`` is the
+    number of records of a whole file."""
     import mmap
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -52,9 +59,11 @@ def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, tuple, bool]:
                     break                               # truncated while we copied
                 copied += n
             os.lseek(mfd, 0, os.SEEK_SET)
+            count = 0
             if copied:
                 with mmap.mmap(mfd, copied, prot=mmap.PROT_READ) as view:
                     whole = whole_cdb(view)
+                    count = entries(view) if whole else 0
             else:
                 whole = False
             if os.fstat(fd).st_size != st.st_size:
@@ -64,7 +73,9 @@ def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, tuple, bool]:
             raise
     finally:
         os.close(fd)
-    return CdbGetter(mfd, strict=strict), ident, whole
+    getter = CdbGetter(mfd, strict=strict)
+    getter.entries = count
+    return getter, ident, whole
 
 
 class CdbCache:
@@ -79,6 +90,16 @@ class CdbCache:
         self.getter: CdbGetter | None = None
         self.ident: tuple | None = None
         self.torn: tuple | None = None
+
+    @property
+    def entries(self) -> int:
+        """Records in the snapshot in use (0 before the first, or when it was not whole)."""
+        return getattr(self.getter, "entries", 0) if self.getter is not None else 0
+
+    @property
+    def mtime(self) -> float:
+        """When the file the snapshot was copied from was last written."""
+        return self.ident[3] / 1e9 if self.ident else 0.0
 
     def current(self) -> CdbGetter:
         """The snapshot for a new connection; OSError when the file cannot be opened."""

@@ -29,6 +29,7 @@ import time
 from . import session as S
 from .cdbfile import CdbCache
 from .child import LIVE, Child, spawn
+from .metrics import Metrics
 from .controls import ControlError, IpMe, morercpthosts_path, read_controls
 
 PROG = "validrcptto-smtpd"
@@ -216,8 +217,8 @@ class Limits:
 class Worker:
     """One process's state: the cached controls, cdb snapshots, rules; the sessions."""
 
-    def __init__(self, opts: Options, limits: Limits):
-        self.o, self.limits = opts, limits
+    def __init__(self, opts: Options, limits: Limits, metrics: Metrics):
+        self.o, self.limits, self.metrics = opts, limits, metrics
         self.ipme = IpMe()
         # tcpserver's children get its environment, less what it sets per connection
         self.base_env = {k: v for k, v in os.environ.items()
@@ -264,11 +265,15 @@ class Worker:
     def rules_error(self, err: OSError) -> str:
         return f"cannot read rules {self.o.rules}: {err.strerror or err}"
 
-    def cdb(self, path: str):
+    def cdb(self, path: str, shown: bool = False):
         cache = self.cdbs.get(path)
         if cache is None:
             cache = self.cdbs[path] = CdbCache(path, log)
-        return cache.current()
+        getter = cache.current()
+        if shown:                                   # the validrcptto.cdb, for /metrics
+            self.metrics.set("cdb_entries", cache.entries)
+            self.metrics.set("cdb_mtime", cache.mtime)
+        return getter
 
     def setup(self, env: dict):
         """qmail-smtpd's setup(): (controls, validrcptto, morercpthosts); ControlError."""
@@ -279,7 +284,8 @@ class Worker:
             if env.get("DATABYTES") is not None:
                 databytes = S.scan_ulong(env["DATABYTES"]) & 0xFFFFFFFF
                 controls = controls._replace(databytes=databytes - (databytes == 0xFFFFFFFF))
-            cdb = self.cdb(env["VALIDRCPTTO_CDB"]) if env.get("VALIDRCPTTO_CDB") else None
+            cdb = self.cdb(env["VALIDRCPTTO_CDB"], shown=True) \
+                if env.get("VALIDRCPTTO_CDB") else None
             more = None
             if controls.rcpthosts is not None:
                 try:
@@ -318,6 +324,8 @@ class SmtpProtocol(asyncio.Protocol):
         self.ip = "?"
         self.env: dict[str, str] = {}
         self.switching = False
+        self.shutdown = False                 # we said 421 shutting down
+        self.started = 0.0
         self.counted = False
         self.id = 0
         self.done = False
@@ -347,22 +355,28 @@ class SmtpProtocol(asyncio.Protocol):
             try:
                 rule = lookup(w.rules_current(), ip)
             except OSError as err:           # tcpserver drops the connection, and logs
+                w.metrics.add("connections_refused.rules")
                 log(f"deny {self.id} {where}: {w.rules_error(err)}")
                 transport.abort()
                 return
             if not rule.allow:
+                w.metrics.add("connections_refused.rules")
                 if w.o.verbose:
                     log(f"deny {self.id} {where}")
                 transport.abort()
                 return
         refusal = w.limits.take(ip)
         if refusal is not None:
+            w.metrics.add("connections_refused.busy" if refusal is R_BUSY
+                          else "connections_refused.per_ip")
             if w.o.verbose:
                 log(f"busy {self.id} {where}")
             transport.write(refusal)
             transport.close()
             return
         self.counted = True
+        self.started = time.monotonic()
+        w.metrics.add("sessions_open")
         w.sessions.add(self)
         # the environment tcpserver gives qmail-smtpd (and so qmail-queue and
         # checkpassword): its own, PROTO and the TCP* variables, then the rule's
@@ -411,6 +425,12 @@ class SmtpProtocol(asyncio.Protocol):
             self.counted = False
             self.w.limits.give(self.ip)
             self.w.sessions.discard(self)
+            m = self.w.metrics
+            m.add("sessions_open", -1)
+            if self.session is not None:
+                m.session_ended(self.session.counts,
+                                "shutdown" if self.shutdown else self.session.end_reason,
+                                time.monotonic() - self.started)
             if self.w.o.verbose:
                 ok = self.session is not None and self.session.quit
                 log(f"end {self.id} status {0 if ok else 1}")
@@ -529,6 +549,7 @@ class SmtpProtocol(asyncio.Protocol):
                 return
             events.pop(0)
         if self.w.stopping and self.w.grace_over and self.session.idle():
+            self.shutdown = True
             self.transport.write(R_SHUTDOWN)
             self.finish()
         # the read deadline (session.deadline) is watched by the worker's sweeper: one
@@ -605,6 +626,7 @@ class SmtpProtocol(asyncio.Protocol):
         if self.done or self.session is None:
             return
         if self.task is None and self.session.idle():
+            self.shutdown = True
             self.transport.write(R_SHUTDOWN)
             self.finish()
         # a session in the middle of a command or a message gets its reply first, then
@@ -637,6 +659,8 @@ PARAMS: list[tuple[str, str, type, object, str, str]] = [
      "(0: control/timeoutsmtpd, as in qmail)"),
     ("--local-name", "local_name", str, "", "NAME",
      "TCPLOCALHOST for sessions (default: control/me)"),
+    ("--metrics", "metrics", str, "", "HOST:PORT",
+     "serve Prometheus metrics at http://HOST:PORT/metrics (all workers summed)"),
     ("--checkpassword", "checkpassword", str, "", "'PROG ARGS'",
      "checkpassword program for AUTH (default: $CHECKPASSWORD; none: no AUTH)"),
 ]
@@ -733,9 +757,9 @@ def drop_privileges(user: str) -> None:
     os.setuid(pw.pw_uid)
 
 
-async def serve(opts: Options, sock: socket.socket, limits: Limits) -> None:
+async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Metrics) -> None:
     loop = asyncio.get_running_loop()
-    worker = Worker(opts, limits)
+    worker = Worker(opts, limits, metrics)
     warned = [0.0]
 
     def on_error(loop, context) -> None:        # one line, never a traceback
@@ -792,18 +816,20 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits) -> None:
     log("stopped")
 
 
-def run_worker(opts: Options, sock: socket.socket, limits: Limits) -> int:
+def run_worker(opts: Options, sock: socket.socket, limits: Limits, metrics: Metrics) -> int:
     try:
-        asyncio.run(serve(opts, sock, limits))
+        asyncio.run(serve(opts, sock, limits, metrics))
     except KeyboardInterrupt:
         pass
     return 0
 
 
-def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits) -> int:
-    """The parent of ``--workers N``: starts them, restarts one that dies, passes
-    SIGTERM and SIGHUP on, and exits 0 once all have stopped after SIGTERM."""
-    children: dict[int, int] = {}                    # pid -> index of its socket
+def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
+                      metrics: Metrics, httpd=None) -> int:
+    """The parent of ``--workers N``: starts them (and, with --metrics, a process that
+    serves /metrics: this one forks, so it runs no threads), restarts one that dies,
+    passes SIGTERM and SIGHUP on, and exits 0 once all have stopped after SIGTERM."""
+    children: dict[int, int] = {}                    # pid -> index of its socket (-1: metrics)
     stopping = [False]
 
     def start(i: int) -> None:
@@ -811,11 +837,18 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits)
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            if i == -1:
+                for s in socks:
+                    s.close()
+                httpd.serve_forever()
+                os._exit(0)
             for j, s in enumerate(socks):
                 if j != i:
                     s.close()
-            limits.row = i
-            os._exit(run_worker(opts, socks[i], limits))
+            if httpd is not None:
+                httpd.socket.close()
+            limits.row = metrics.row = i
+            os._exit(run_worker(opts, socks[i], limits, metrics))
         children[pid] = i
 
     def forward(sig, frame) -> None:
@@ -830,6 +863,8 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits)
         signal.signal(sig, forward)
     for i in range(len(socks)):
         start(i)
+    if httpd is not None:
+        start(-1)
     while children:
         try:
             pid, status = os.wait()
@@ -838,10 +873,12 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits)
         except InterruptedError:
             continue
         i = children.pop(pid, None)
-        if i is not None:
+        if i is not None and i >= 0:
             limits.clear(i)                 # its sessions died with it
+            metrics.retire(i)               # its counters stay counted
         if i is not None and not stopping[0]:
-            log(f"worker {pid} ended ({status}); starting another")
+            what = "metrics server" if i == -1 else "worker"
+            log(f"{what} {pid} ended ({status}); starting another")
             time.sleep(0.5)
             start(i)
     log("stopped")
@@ -858,6 +895,15 @@ def main(opts: Options) -> None:
         sys.stderr.write(f"{PROG}: cannot listen on {opts.listen}: {err}\n")
         sys.exit(111)
     limits = Limits(opts.max_connections, opts.max_per_ip, opts.workers)
+    metrics = Metrics(opts.workers)
+    httpd = None
+    if opts.metrics:
+        try:
+            from .metrics import bind as bind_metrics, server as metrics_server
+            httpd = metrics_server(metrics, bind_metrics(opts.metrics))
+        except (OSError, ValueError) as err:
+            sys.stderr.write(f"{PROG}: cannot serve metrics on {opts.metrics}: {err}\n")
+            sys.exit(111)
     # everything a session needs is loaded while we may still read it: after --user,
     # the Python installation (root's, often) may be out of reach
     import cdbx  # noqa: F401
@@ -872,5 +918,8 @@ def main(opts: Options) -> None:
             sys.stderr.write(f"{PROG}: cannot become {opts.user}: {err}\n")
             sys.exit(111)
     if opts.workers == 1:
-        sys.exit(run_worker(opts, socks[0], limits))
-    sys.exit(supervise_workers(opts, socks, limits))
+        if httpd is not None:
+            import threading
+            threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        sys.exit(run_worker(opts, socks[0], limits, metrics))
+    sys.exit(supervise_workers(opts, socks, limits, metrics, httpd))

@@ -532,6 +532,18 @@ class Session:
         self.user: bytes | None = None              # who authenticated
         self.auth_failures = 0
         self.auth_step: tuple = ()                  # ("plain",), ("user",), ("pass", u)
+        # what happened, for the driver's metrics: "rcpt.accepted.validrcptto", ... -> n
+        self.counts: dict[str, int] = {}
+        self.end = ""                               # why it ended: quit, timeout, limit, error
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + n
+
+    @property
+    def end_reason(self) -> str:
+        """quit, timeout, limit (invalid recipients, AUTH failures), or error (anything
+        else: the client went away, a bare LF, a write that failed)."""
+        return "quit" if self.quit else self.end or "error"
 
     # ---- driver interface
     @property
@@ -541,6 +553,7 @@ class Session:
     def tls_started(self) -> list:
         """The handshake is done: everything known before it is forgotten (RFC 3207)."""
         self.tls = True
+        self.count("tls")
         self.helo = None
         self.seenmail = False
         self.rcptto = bytearray()
@@ -556,6 +569,7 @@ class Session:
         user, self.auth_step = self.auth_step[1], ()
         self.mode = _CMD
         who = escape(user, 64)
+        self.count("auth.ok" if code == 0 else "auth.failed" if code == 1 else "auth.tempfail")
         if code == 0:
             self.user = user
             self.relay = b""
@@ -564,6 +578,8 @@ class Session:
             self.auth_failures += 1
             ev.append(Log(f"AUTH failed user {who} [{self.remote}]"))
             if self.auth_failures >= self.policy.auth_failures:
+                self.count("hangup.auth_failures")
+                self.end = "limit"
                 ev += [Reply(R_AUTH_TOOMANY), Close()]
                 self.mode = _DONE
                 self.buf = b""
@@ -622,6 +638,7 @@ class Session:
         if self.mode == _DATA:
             ev.append(QueueAbort())
         self.mode = _DONE
+        self.end = "timeout"
         ev += [Reply(R_TIMEOUT), Close()]
         return ev
 
@@ -629,6 +646,7 @@ class Session:
         ev: list = []
         if qp is None:
             self.mode = _CMD
+            self.count("message.tempfail")
             ev.append(Reply(R_QQT))
         else:
             self.qp = qp
@@ -658,6 +676,9 @@ class Session:
             reply = R_HOPS
         elif overflow:
             reply = R_SIZE
+        self.count("message.queued" if reply.startswith(b"250") else
+                   "message.rejected" if reply.startswith(b"5") else "message.tempfail")
+        self.count("bytes", self.size)
         ev: list = [Reply(reply)]
         self.deadline = self.mono() + self.c.timeout
         self._run(ev)
@@ -727,6 +748,8 @@ class Session:
             else:
                 ev.append(QueueData(piece))
         if end is False:
+            self.end = "error"
+            self.count("message.rejected")
             ev += [QueueAbort(), Reply(R_STRAYLF), Close()]
             self.mode = _DONE
             self.buf = b""
@@ -899,26 +922,35 @@ class Session:
 
     def smtp_rcpt(self, arg: bytes, ev: list) -> None:
         if not self.seenmail:
+            self.count("rcpt.rejected.syntax")
             ev.append(Reply(R_MAILFIRST))
             return
         addr = self._addr(arg)
         if addr is None:
+            self.count("rcpt.rejected.syntax")
             ev.append(Reply(R_SYNTAX))
             return
         if self.flagbarf:
+            self.count("rcpt.rejected.badmailfrom")
             ev.append(Reply(R_BMF))
             return
         relay = self.relay
         if relay is not None:
             addr += relay
+            why = "auth" if self.user is not None else "relayclient"
         else:
             if not rcpthosts_allows(addr, self.c.rcpthosts, self.more):
+                self.count("rcpt.rejected.rcpthosts")
                 ev.append(Reply(R_NOGATEWAY))
                 return
+            why = "rcpthosts" if self.validrcptto is None else "validrcptto"
             if self.validrcptto is not None and not self._valid(addr, ev):
                 self.invalid += 1
+                self.count("rcpt.rejected.validrcptto")
                 limit = self.policy.limit
                 if limit and self.invalid >= limit:
+                    self.count("hangup.invalid_limit")
+                    self.end = "limit"
                     ev += [Log(self._vlog("excessive violations, hanging up")),
                            Reply(R_TOOMANY), Close()]
                     self.mode = _DONE
@@ -927,8 +959,10 @@ class Session:
                 ev.append(Reply(R_NOTVALID))
                 return
         if self.policy.maxrcpt and self.nrcpt >= self.policy.maxrcpt:
+            self.count("rcpt.rejected.maxrcpt")
             ev.append(Reply(R_MAXRCPT))
             return
+        self.count("rcpt.accepted." + why)
         self.rcptto += b"T" + addr + b"\0"
         self.nrcpt += 1
         ev.append(Reply(b"250 ok\r\n"))
