@@ -342,8 +342,13 @@ def test_status_file_and_prometheus_textfile(tree: Tree, running):
     assert st["result"] == "installed" and st["entries"] == 5 and st["added"] == 5
     assert st["reason"] == "start" and st["error"] is None
     text = prom.read_text()
-    assert "qmail_updater_entries 5\n" in text
-    assert "qmail_updater_last_build_success 1\n" in text
+    assert "qmail_updater_entries 5.0\n" in text               # prometheus-client's format
+    assert "qmail_updater_last_build_success 1.0\n" in text
+    assert "qmail_updater_builds_total 1.0\n" in text
+    from prometheus_client.parser import text_string_to_metric_families
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"qmail_updater_entries", "qmail_updater_builds",
+            "qmail_updater_last_build_timestamp_seconds"} <= names
     done = subprocess.run([script("qmail-updater"), "status", "--json"], env=tree.env(),
                           capture_output=True, text=True)
     assert done.returncode == 0 and json.loads(done.stdout)["entries"] == 5

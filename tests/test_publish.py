@@ -226,7 +226,7 @@ def test_daemon_under_supervise_publishes_each_install(tree: Tree, sshd: Sshd, r
                              json.loads(status.read_text()).get("publish", {}).values()), 10,
                  "the status")
         text = (prom / "qmail_updater.prom").read_text()
-        assert f'qmail_updater_publish_up_to_date{{target="{rsyncd.target()}"}} 1' in text
+        assert f'qmail_updater_publish_up_to_date{{target="{rsyncd.target()}"}} 1.0' in text
     finally:
         scan.terminate()
         scan.wait()

@@ -300,48 +300,7 @@ class Daemon:
             self.status["publish"] = self.publisher.report()
         write_atomic(self.s.status, json.dumps(self.status, indent=1, sort_keys=True) + "\n")
         if self.s.prom_file:
-            st = self.status
-            ok = 0 if st["result"] == "failed" else 1
-            lines = [
-                "# HELP qmail_updater_last_build_success 1 if the last build succeeded",
-                "# TYPE qmail_updater_last_build_success gauge",
-                f"qmail_updater_last_build_success {ok}",
-                "# HELP qmail_updater_last_build_timestamp_seconds when the last build ran",
-                "# TYPE qmail_updater_last_build_timestamp_seconds gauge",
-                f"qmail_updater_last_build_timestamp_seconds {st['time']:.3f}",
-                "# HELP qmail_updater_entries keys in the live validrcptto.cdb",
-                "# TYPE qmail_updater_entries gauge",
-                f"qmail_updater_entries {st.get('entries') or 0}",
-                "# HELP qmail_updater_last_build_added keys added by the last build",
-                "# TYPE qmail_updater_last_build_added gauge",
-                f"qmail_updater_last_build_added {st.get('added', 0)}",
-                "# HELP qmail_updater_last_build_removed keys removed by the last build",
-                "# TYPE qmail_updater_last_build_removed gauge",
-                f"qmail_updater_last_build_removed {st.get('removed', 0)}",
-                "# HELP qmail_updater_last_build_duration_seconds how long the last build took",
-                "# TYPE qmail_updater_last_build_duration_seconds gauge",
-                f"qmail_updater_last_build_duration_seconds {st['seconds']}",
-                "# HELP qmail_updater_builds_total builds since the daemon started",
-                "# TYPE qmail_updater_builds_total counter",
-                f"qmail_updater_builds_total {st['builds']}",
-            ]
-            targets = st.get("publish") or {}
-            families = (
-                ("up_to_date", "gauge", "1 if the target holds the live list",
-                 lambda t: int(t["up_to_date"])),
-                ("lag_seconds", "gauge", "how long the target has been behind the live list",
-                 lambda t: t["lag_seconds"]),
-                ("last_success_timestamp_seconds", "gauge", "the last push that worked",
-                 lambda t: f"{t['last_success'] or 0:.3f}"),
-                ("failures", "gauge", "failed pushes since the last success",
-                 lambda t: t["failures"]))
-            for name, kind, text, value in families if targets else ():
-                lines += [f"# HELP qmail_updater_publish_{name} {text}",
-                          f"# TYPE qmail_updater_publish_{name} {kind}"]
-                for spec, t in sorted(targets.items()):
-                    label = spec.replace("\\", "\\\\").replace('"', '\\"')
-                    lines.append(f'qmail_updater_publish_{name}{{target="{label}"}} {value(t)}')
-            write_atomic(self.s.prom_file, "\n".join(lines) + "\n")
+            write_atomic(self.s.prom_file, prometheus_text(self.status))
 
     def show_pending(self, now: float, reason: str) -> None:
         """Requests waiting for a build are visible: the status file counts them (at most
@@ -436,6 +395,53 @@ class Daemon:
         os.close(self.instance)
         self.log("stopped")
         return 0
+
+
+def prometheus_text(st: dict) -> str:
+    """The node-exporter textfile for a status record, in prometheus-client's format
+    (written by ``write_atomic``, not ``write_to_textfile``, whose temporary file has a
+    predictable name a local user could plant a symlink at)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import CollectorRegistry
+
+    class Status:
+        def collect(self):
+            p = "qmail_updater_"
+            for name, text, value in (
+                    ("last_build_success", "1 if the last build succeeded",
+                     0 if st["result"] == "failed" else 1),
+                    ("last_build_timestamp_seconds", "when the last build ran", st["time"]),
+                    ("entries", "keys in the live validrcptto.cdb", st.get("entries") or 0),
+                    ("last_build_added", "keys added by the last build", st.get("added", 0)),
+                    ("last_build_removed", "keys removed by the last build",
+                     st.get("removed", 0)),
+                    ("last_build_duration_seconds", "how long the last build took",
+                     st["seconds"]),
+                    ("pending_requests", "build requests waiting now",
+                     st.get("pending") or 0)):
+                yield GaugeMetricFamily(p + name, text, value=value)
+            yield CounterMetricFamily(p + "builds", "builds since the daemon started",
+                                      value=st.get("builds") or 0)
+            targets = st.get("publish") or {}
+            for name, text, value in (
+                    ("up_to_date", "1 if the target holds the live list",
+                     lambda t: int(t["up_to_date"])),
+                    ("lag_seconds", "how long the target has been behind the live list",
+                     lambda t: t["lag_seconds"]),
+                    ("last_success_timestamp_seconds", "the last push that worked",
+                     lambda t: t["last_success"] or 0),
+                    ("failures", "failed pushes since the last success",
+                     lambda t: t["failures"])):
+                if targets:
+                    fam = GaugeMetricFamily(p + "publish_" + name, text, labels=["target"])
+                    for spec, t in sorted(targets.items()):
+                        fam.add_metric([spec], value(t))
+                    yield fam
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Status())
+    return generate_latest(registry).decode()
 
 
 def printable(data: bytes, backslash: bool = True) -> str:
