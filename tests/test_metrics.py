@@ -251,3 +251,54 @@ def _no_proxy(monkeypatch):
     """urllib must talk to the server itself, whatever proxy the machine sets."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     monkeypatch.delenv("http_proxy", raising=False)
+
+
+def test_report_on_a_captured_multilog_file(tmp_path: Path):
+    """The server's stderr through the real multilog; then `qmail-updater report`."""
+    from conftest import script
+    env = {**smtp_tree(tmp_path), "VALIDRCPTTO_LIMIT": "3"}
+    logdir = tmp_path / "log"
+    port = free_port()
+    server = subprocess.Popen([script("validrcptto-smtpd"), "--listen", f"127.0.0.1:{port}"],
+                              env=env, stderr=subprocess.PIPE)
+    multilog = subprocess.Popen([need("multilog"), "t", str(logdir)], stdin=server.stderr)
+    server.stderr.close()
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                s = Session(port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        s.cmd("HELO x")
+        s.cmd("MAIL FROM:<a@b.example>")
+        for rcpt in ("nobody@example.com", "Other@Example.COM", "joe@example.com",
+                     "x@blockdom.net"):
+            s.cmd(f"RCPT TO:<{rcpt}>")
+        s.close()
+        s = Session(port)
+        s.cmd("HELO x")
+        s.cmd("MAIL FROM:<a@b.example>")
+        for n in range(3):
+            s.cmd(f"RCPT TO:<harvest{n}@example.com>")             # the third: 421
+        s.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+        multilog.wait(10)
+    current = logdir / "current"
+    assert current.read_text().startswith("@4000")
+    done = subprocess.run([script("qmail-updater"), "report", "--since", "1h", str(current)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "sessions:             2\n" in out
+    assert "recipients refused:   6 (not in the validrcptto list)" in out
+    assert "hung up:              2 (too many invalid recipients)" in out
+    assert "       5  example.com\n" in out and "       1  blockdom.net\n" in out
+    assert "nobody" not in out and "harvest" not in out              # counts, no addresses
+    old = subprocess.run([script("qmail-updater"), "report", "--since", "0", str(current)],
+                         capture_output=True, text=True, timeout=60)
+    assert "recipients refused:   0" in old.stdout                   # nothing that recent

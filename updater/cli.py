@@ -186,12 +186,39 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("reason", nargs="*", help="logged by the daemon as the reason")
     t.set_defaults(func=None)
 
+    rp = sub.add_parser("report", help="what validrcptto-smtpd refused, from its multilog files")
+    rp.add_argument("--since", default="24h",
+                    help="only lines this recent: 90m, 24h, 7d (default: 24h)")
+    rp.add_argument("--top", type=int, default=10,
+                    help="how many domains to list (default: 10)")
+    rp.add_argument("logfile", nargs="+", help="multilog files (current, @*.s)")
+    rp.set_defaults(func=cmd_report)
+
     st = sub.add_parser("status", help="what the daemon's last build did")
     st.add_argument("--status", help="the status file [$UPDATER_STATUS]")
     st.add_argument("--qmail-dir", dest="qmail_dir", help="qmail's home [$QMAIL_DIR]")
     st.add_argument("--json", action="store_true", help="print the status file as it is")
     st.set_defaults(func=cmd_status)
     return p
+
+
+def cmd_report(args: argparse.Namespace, settings: config.Settings) -> int:
+    from .report import Report, read, since
+    try:
+        start = since(args.since)
+    except ValueError as err:
+        log(f"--since: {err}")
+        return EXIT_USAGE
+    report = Report()
+    for path in args.logfile:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                read(f, start, report)
+        except OSError as err:
+            log(f"{path}: {err.strerror}")
+            return EXIT_FAIL
+    out(report.lines(args.top))
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:

@@ -1,0 +1,112 @@
+"""``qmail-updater report``: what validrcptto-smtpd refused, from its multilog files.
+
+For admins without Prometheus.  Reads lines as multilog writes them (``@`` + a TAI64N
+label, a space, the line; lines without a label are taken as recent), keeps those since
+a moment, and counts: recipients refused by the list (and the domains they were for:
+counts only, never an address), sessions hung up (too many invalid recipients, too many
+AUTH failures), AUTH failures, connections denied by the rules and refused as busy.
+Pure apart from reading the files; every line is bounded and what is printed comes
+from our own log format (the domain part is printed escaped).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+LINE_MAX = 8192
+_TAI = re.compile(r"@([0-9a-f]{16})[0-9a-f]{8} ")
+_NOT_FOUND = re.compile(r"validrcptto \[[^\]]*\] not found: (.*)$")
+_HANGUP = re.compile(r"validrcptto \[[^\]]*\] excessive violations, hanging up$")
+_AUTH_FAILED = re.compile(r"AUTH failed user ")
+_AUTH_LIMIT = re.compile(r"too many authentication failures")
+_DENY = re.compile(r"\]: deny \d+ ")
+_BUSY = re.compile(r"\]: busy \d+ ")
+_OK = re.compile(r"\]: ok \d+ ")
+
+
+def tai64n(label: str) -> float:
+    """Seconds since the epoch of a TAI64N label's first 16 hex digits (TAI is 10 s
+    ahead of UTC in the label, as tai64nlocal counts it)."""
+    return int(label, 16) - (1 << 62) - 10
+
+
+def since(text: str, now: float | None = None) -> float:
+    """``24h``, ``90m``, ``7d``, ``3600`` (seconds) -> the moment that long ago."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not m:
+        raise ValueError(f"expected a duration like 24h, 90m, 7d: {text!r}")
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    return (time.time() if now is None else now) - float(m.group(1)) * scale
+
+
+@dataclass
+class Report:
+    rejected: int = 0
+    domains: Counter = field(default_factory=Counter)
+    hangups_invalid: int = 0
+    hangups_auth: int = 0
+    auth_failed: int = 0
+    sessions: int = 0
+    denied: int = 0
+    busy: int = 0
+    first: float | None = None
+    last: float | None = None
+
+    def add(self, line: str, when: float | None) -> None:
+        if when is not None:
+            self.first = when if self.first is None else min(self.first, when)
+            self.last = when if self.last is None else max(self.last, when)
+        m = _NOT_FOUND.search(line)
+        if m:
+            self.rejected += 1
+            address = m.group(1)
+            at = address.rfind("@")
+            self.domains[address[at + 1:].lower() if at != -1 else "(no domain)"] += 1
+        elif _HANGUP.search(line):
+            self.hangups_invalid += 1
+        elif _AUTH_FAILED.search(line):
+            self.auth_failed += 1
+        elif _AUTH_LIMIT.search(line):
+            self.hangups_auth += 1
+        elif _OK.search(line):
+            self.sessions += 1
+        elif _DENY.search(line):
+            self.denied += 1
+        elif _BUSY.search(line):
+            self.busy += 1
+
+    def lines(self, top: int = 10) -> list[str]:
+        fmt = "%Y-%m-%d %H:%M:%S"
+        span = (f"{time.strftime(fmt, time.localtime(self.first))} to "
+                f"{time.strftime(fmt, time.localtime(self.last))}") if self.first else "-"
+        out = [f"period:               {span}",
+               f"sessions:             {self.sessions}",
+               f"recipients refused:   {self.rejected} (not in the validrcptto list)",
+               f"hung up:              {self.hangups_invalid} (too many invalid recipients), "
+               f"{self.hangups_auth} (too many AUTH failures)",
+               f"AUTH failures:        {self.auth_failed}",
+               f"connections refused:  {self.denied} (rules), {self.busy} (limits)"]
+        if self.domains:
+            out.append(f"refused recipients by domain (top {top}):")
+            for domain, n in self.domains.most_common(top):
+                out.append(f"  {n:>8}  {domain}")
+        return out
+
+
+def read(lines: Iterable[str], start: float | None, report: Report | None = None) -> Report:
+    report = report or Report()
+    for line in lines:
+        line = line[:LINE_MAX].rstrip("\n")
+        when = None
+        m = _TAI.match(line)
+        if m:
+            when = tai64n(m.group(1))
+            if start is not None and when < start:
+                continue
+            line = line[m.end():]
+        report.add(line, when)
+    return report
