@@ -287,3 +287,36 @@ def test_shipped_service_dir_under_svscan(qdir, tmp_path):
         subprocess.run([svc, "-dx", str(svcdir), str(svcdir / "log")])
         os.killpg(scan.pid, signal.SIGTERM)
         scan.wait(10)
+
+
+def test_metrics_endpoint_counts_every_answer(qdir):
+    import urllib.request
+    mport = free_port()
+    pd = Policyd(qdir, "--metrics", f"127.0.0.1:{mport}")
+    try:
+        with socket.create_connection(("127.0.0.1", pd.port), timeout=10) as s:
+            policy(s, b"joe@example.com")
+            policy(s, b"nobody@example.com")
+            policy(s, b"x@notours.test")
+        with socket.create_connection(("127.0.0.1", pd.port), timeout=10) as s:
+            socketmap(s, b"nobody@example.com")
+        with socket.create_connection(("127.0.0.1", pd.port), timeout=10) as s:
+            s.sendall(b"\x00\xff\n\n")
+            s.recv(10)
+        time.sleep(0.3)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) \
+            .read().decode()
+        got = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                   if line and not line.startswith("#"))
+        assert got['validrcptto_policyd_requests_total{protocol="policy",result="accept"}'] \
+            == "1.0"
+        assert got['validrcptto_policyd_requests_total{protocol="policy",result="reject"}'] \
+            == "1.0"
+        assert got['validrcptto_policyd_requests_total{protocol="policy",result="not_ours"}'] \
+            == "1.0"
+        assert got['validrcptto_policyd_requests_total{protocol="socketmap",result="reject"}'] \
+            == "1.0"
+        assert got["validrcptto_policyd_bad_requests_total"] == "1.0"
+        assert got["validrcptto_cdb_entries"] == "11.0"
+    finally:
+        assert pd.stop() == 0

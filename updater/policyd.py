@@ -92,9 +92,21 @@ class Lookup:
         return Answer(verdict.accepted, address, verdict.key)
 
 
+class Counts:
+    """What the service answered, for --metrics (one process: plain numbers)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str], int] = {}
+        self.errors = 0
+
+    def add(self, kind: str, result: str) -> None:
+        self.requests[kind, result] = self.requests.get((kind, result), 0) + 1
+
+
 class Server:
     def __init__(self, opts: argparse.Namespace, lookup: Lookup):
         self.o, self.lookup = opts, lookup
+        self.counts = Counts()
         self.settings = Settings(reject=opts.reject_action, unavailable=opts.unavailable_action,
                                  map_name=opts.map_name.encode())
         self.conns: set[PolicyProtocol] = set()
@@ -103,8 +115,12 @@ class Server:
     def note(self, conn: PolicyProtocol, reply: Reply) -> None:
         a = reply.answer
         if reply.error:
+            self.counts.errors += 1
             log(f"{conn.id} {conn.peer}: {reply.error}; closing")
             return
+        self.counts.add(conn.kind, "dunno" if a is None else "unavailable" if a.unavailable
+                        else "not_ours" if a.accepted is None
+                        else "accept" if a.accepted else "reject")
         if a is None or self.o.verbose == 0:
             return
         if a.unavailable:
@@ -216,10 +232,42 @@ def bind(spec: str, mode: int, owner: str) -> socket.socket:
     return sock
 
 
-async def serve(opts: argparse.Namespace, socks: list[socket.socket]) -> None:
+def metrics_collector(server: Server):
+    """/metrics: requests by protocol and result, bad requests, open connections, and
+    the cdb snapshot in use."""
+    class Collector:
+        def collect(self):
+            from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+            fam = CounterMetricFamily("validrcptto_policyd_requests",
+                                      "lookups answered, by protocol and result",
+                                      labels=["protocol", "result"])
+            for kind in ("policy", "socketmap"):
+                for result in ("accept", "reject", "not_ours", "unavailable", "dunno"):
+                    fam.add_metric([kind, result], server.counts.requests.get((kind, result), 0))
+            yield fam
+            yield CounterMetricFamily("validrcptto_policyd_bad_requests",
+                                      "connections closed for a malformed request",
+                                      value=server.counts.errors)
+            yield GaugeMetricFamily("validrcptto_policyd_connections_open",
+                                    "connections open now", value=len(server.conns))
+            cdb = server.lookup.cdb
+            yield GaugeMetricFamily("validrcptto_cdb_entries",
+                                    "keys in the validrcptto.cdb snapshot in use",
+                                    value=cdb.entries)
+            yield GaugeMetricFamily("validrcptto_cdb_snapshot_age_seconds",
+                                    "seconds since the cdb in use was written",
+                                    value=time.time() - cdb.mtime if cdb.mtime else 0.0)
+    return Collector()
+
+
+async def serve(opts: argparse.Namespace, socks: list[socket.socket], httpd=None) -> None:
     loop = asyncio.get_running_loop()
     lookup = Lookup(opts.cdb, opts.qmail_dir)
     server = Server(opts, lookup)
+    if httpd is not None:
+        httpd.RequestHandlerClass.registry.register(metrics_collector(server))
+        import threading
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
     servers = [await loop.create_server(lambda: PolicyProtocol(server), sock=s) for s in socks]
 
     def sweep() -> None:
@@ -270,6 +318,8 @@ PARAMS: list[tuple[str, str, type, object, str, str]] = [
     ("--socket-owner", "socket_owner", str, "", "USER:GROUP",
      "owner of unix: sockets (default: the starting user)"),
     ("--user", "user", str, "", "NAME", "run as this account once bound"),
+    ("--metrics", "metrics", str, "", "HOST:PORT",
+     "serve Prometheus metrics at http://HOST:PORT/metrics"),
     ("--verbose", "verbose", int, 1, "N",
      "log: 0 errors only, 1 also each refusal, 2 every decision"),
 ]
@@ -305,6 +355,14 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, KeyError) as err:
         sys.stderr.write(f"{PROG}: cannot listen: {err}\n")
         sys.exit(111)
+    httpd = None
+    if opts.metrics:
+        try:
+            from .smtp.metrics import bind as bind_metrics, http_server
+            httpd = http_server(bind_metrics(opts.metrics))
+        except (OSError, ValueError) as err:
+            sys.stderr.write(f"{PROG}: cannot serve metrics on {opts.metrics}: {err}\n")
+            sys.exit(111)
     import cdbx  # noqa: F401  (loaded before --user: the installation may be root's)
     if opts.user:
         import pwd
@@ -319,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     elif os.geteuid() == 0:
         log("WARNING: running as root without --user")
     try:
-        asyncio.run(serve(opts, socks))
+        asyncio.run(serve(opts, socks, httpd))
     except KeyboardInterrupt:
         pass
     sys.exit(0)

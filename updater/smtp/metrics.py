@@ -163,16 +163,18 @@ def bind(listen: str):
     return sock
 
 
-def server(metrics: Metrics, sock):
-    """An HTTP server for /metrics (prometheus-client's handler) on ``sock``; call its
-    ``serve_forever`` from a thread (one worker) or from a process of its own (the
-    supervisor of several workers forks: it must not have threads)."""
+def http_server(sock, collector: Any = None):
+    """An HTTP server for /metrics (prometheus-client's handler and a registry of our
+    own, ``.RequestHandlerClass.registry``) on ``sock``; call its ``serve_forever`` from
+    a thread, or from a process of its own when the caller forks (the supervisor of
+    several workers must not have threads)."""
     import http.server
 
     from prometheus_client.exposition import MetricsHandler
     from prometheus_client.registry import CollectorRegistry
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics)      # a collector: anything with collect()
+    if collector is not None:
+        registry.register(collector)      # a collector: anything with collect()
 
     class Handler(MetricsHandler.factory(registry)):  # type: ignore[misc]
         def log_message(self, format: str, *args: Any) -> None:
@@ -184,3 +186,7 @@ def server(metrics: Metrics, sock):
     httpd.socket.close()
     httpd.socket = sock
     return httpd
+
+
+def server(metrics: Metrics, sock):
+    return http_server(sock, metrics)
