@@ -575,6 +575,8 @@ def main() -> None:
             import server_bench
             server_bench.run(bench, args.qmail_smtpd, args.qmail_smtpd_dir,
                              args.smtpd_seconds)
+            import policyd_bench
+            policyd_bench.run(bench, args.smtpd_seconds)
     if args.out != "-":
         with open(args.out, "w") as f:
             f.write(markdown(bench, sorted(sizes), runs, time.monotonic() - started))

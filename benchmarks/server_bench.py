@@ -135,11 +135,12 @@ class Servers:
         self.smtpd = shutil.which("validrcptto-smtpd") or \
             str(Path(sys.executable).parent / "validrcptto-smtpd")
 
-    def start(self, kind: str, concurrency: int = 400) -> tuple[subprocess.Popen, int] | None:
+    def start(self, kind: str, concurrency: int = 400, extra: tuple[str, ...] = ()
+              ) -> tuple[subprocess.Popen, int] | None:
         port = free_port()
         if kind == "listen":
             argv = [self.smtpd, "--listen", f"127.0.0.1:{port}", "--workers", "0",
-                    "--max-connections", "5000", "--max-per-ip", "0", "--quiet"]
+                    "--max-connections", "5000", "--max-per-ip", "0", "--quiet", *extra]
         elif kind == "tcpserver" and self.tcpserver:
             argv = [self.tcpserver, "-R", "-H", "-l", "mx.example.com", "-c", str(concurrency),
                     "-b", "1000", "127.0.0.1", str(port), self.smtpd]
@@ -186,11 +187,25 @@ def load(client: str, port: int, concurrency: int, seconds: float, databytes: in
 
 
 def measure(servers: Servers, kind: str, client: str, concurrency: int, seconds: float,
-            databytes: int = 0, tls: bool = False) -> dict | None:
-    started = servers.start(kind)
+            databytes: int = 0, tls: bool = False, metrics: bool = False) -> dict | None:
+    mport = free_port()
+    started = servers.start(kind, extra=("--metrics", f"127.0.0.1:{mport}") if metrics else ())
     if started is None:
         return None
     proc, port = started
+    scraping = [metrics]
+
+    def scrape() -> None:                   # as Prometheus would, but every second
+        import urllib.request
+        while scraping[0]:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
+            except OSError:
+                pass
+            time.sleep(1.0)
+    if metrics:
+        import threading
+        threading.Thread(target=scrape, daemon=True).start()
     try:
         load(client, port, min(concurrency, 4), 0.5, databytes, tls)  # warm up
         before = cpu_seconds(proc.pid)
@@ -199,6 +214,7 @@ def measure(servers: Servers, kind: str, client: str, concurrency: int, seconds:
         got["server_cpu"] = (cpu_seconds(proc.pid) - before) / max(got["n"], 1)
         return got
     finally:
+        scraping[0] = False
         servers.stop(proc)
 
 
@@ -259,6 +275,13 @@ def run(bench, reference: str | None, reference_dir: str | None, seconds: float 
                       "", None)
             bench.row(f"  load client CPU, {name}, {label}", f"{ours['client_cpu']:.2f} s",
                       f"{ref['client_cpu']:.2f} s" if ref else "n/a", None, "", None)
+    # --metrics, scraped every second, against the same server without it
+    plain = measure(servers, "listen", client, 20, seconds)
+    scraped = measure(servers, "listen", client, 20, seconds, metrics=True)
+    ratio = scraped["rate"] / plain["rate"]
+    bench.row("sessions/s, --listen, c=20, --metrics scraped every 1 s (vs without)",
+              f"{scraped['rate']:.0f}", f"{plain['rate']:.0f}", ratio, ">= 0.95x",
+              ratio >= 0.95)
     # STARTTLS: the same session after a handshake (a 2048-bit RSA certificate)
     openssl = shutil.which("openssl")
     if openssl:
