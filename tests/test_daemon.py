@@ -15,39 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, Tree, need, script
-from test_generate import without_dac_override
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def setup_tree(tree: Tree, users: int = 3) -> Path:
-    tree.control("me", "mail.example.com\n")
-    tree.control("rcpthosts", "example.com\nvpop.example\n")
-    tree.control("locals", "example.com\n")
-    tree.control("virtualdomains", "vpop.example:vpop.example\n")
-    tree.account("joe")
-    d = tree.vpop_domain("vpop.example", users=tuple(f"u{i}" for i in range(users)))
-    return d
-
-
-def keys_of(path: Path) -> set[str]:
-    import cdbx
-    db = cdbx.CDB(str(path))
-    try:
-        return {k.decode() for k in db}
-    finally:
-        db.close()
-
-
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
-
+from daemon_helpers import ROOT, keys_of, setup_tree, wait_for, without_dac_override
 
 class Running:
     """``qmail-updater run`` as a child process, its stderr collected line by line."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 
+from daemon_helpers import without_dac_override
 from conftest import Tree, need
 
 
@@ -290,15 +290,6 @@ def test_missing_domain_directory(tree: Tree):
     d.rename(d.with_name("moved"))
     assert failing(tree) == (f"qmail-updater: {d}: home directory of {tree.qmail}/users/cdb "
                              "entry '+vpop.example-' does not exist")
-
-
-def without_dac_override() -> list[str]:
-    """root reads every file whatever its mode; drop that power (util-linux setpriv) so a
-    mode-000 directory is unreadable, as it is to a non-root builder."""
-    if os.geteuid() != 0:
-        return []
-    caps = "-dac_override,-dac_read_search"
-    return [need("setpriv"), "--bounding-set", caps, "--inh-caps", caps]
 
 
 def test_unreadable_domain_dir(tree: Tree):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, CI, Tree, need, script
-from test_daemon import ROOT, keys_of, setup_tree, wait_for
+from daemon_helpers import ROOT, keys_of, setup_tree, wait_for
 
 MALLORY = 4321                   # an unprivileged local user with no group in common
 

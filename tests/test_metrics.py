@@ -302,3 +302,59 @@ def test_report_on_a_captured_multilog_file(tmp_path: Path):
     old = subprocess.run([script("qmail-updater"), "report", "--since", "0", str(current)],
                          capture_output=True, text=True, timeout=60)
     assert "recipients refused:   0" in old.stdout                   # nothing that recent
+
+
+def test_tcpserver_mode_keeps_a_textfile(tmp_path: Path):
+    """Under tcpserver each session is a process: METRICS_TEXTFILE adds each one to
+    totals kept beside the textfile, which node-exporter's textfile collector reads."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from conftest import script
+    env = smtp_tree(tmp_path)
+    textfile = tmp_path / "validrcptto_smtpd.prom"
+    port = free_port()
+    server = subprocess.Popen([need("tcpserver"), "-HR", "-l", "mx.example.com", "127.0.0.1",
+                               str(port), script("validrcptto-smtpd")],
+                              env={**env, "METRICS_TEXTFILE": str(textfile)},
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                s = Session(port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        s.cmd("HELO x")
+        s.cmd("MAIL FROM:<a@b.example>")
+        assert s.cmd("RCPT TO:<nobody@example.com>").startswith(b"553")
+        assert s.cmd("RCPT TO:<joe@example.com>").startswith(b"250")
+        s.cmd("QUIT")
+        s.close()
+        s = Session(port)
+        s.cmd("HELO x")
+        s.cmd("MAIL FROM:<a@b.example>")
+        s.cmd("RCPT TO:<joe@example.com>")
+        s.close()                                               # no QUIT: "error"
+        deadline = time.monotonic() + 10
+        got: dict[str, float] = {}
+        while got.get('validrcptto_smtpd_sessions_total{end="error"}') != 1.0:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.1)
+            if textfile.exists():
+                got = {}
+                for fam in text_string_to_metric_families(textfile.read_text()):
+                    for sample in fam.samples:
+                        tags = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                        got[f"{sample.name}{{{tags}}}" if tags else sample.name] = sample.value
+        assert got['validrcptto_smtpd_sessions_total{end="quit"}'] == 1.0
+        assert got['validrcptto_smtpd_rcpt_total{reason="validrcptto",result="accepted"}'] == 2.0
+        assert got['validrcptto_smtpd_rcpt_total{reason="validrcptto",result="rejected"}'] == 1.0
+        assert got["validrcptto_smtpd_session_duration_seconds_count"] == 2.0
+        assert got["validrcptto_cdb_entries"] == 11.0
+        assert (tmp_path / "validrcptto_smtpd.prom.data").stat().st_size == 8 * len(
+            __import__("updater.smtp.metrics", fromlist=["SLOTS"]).SLOTS)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(10)

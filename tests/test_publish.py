@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, Tree, need, script
-from test_daemon import ROOT, keys_of, setup_tree, wait_for
+from daemon_helpers import ROOT, keys_of, setup_tree, wait_for
 
 
 def free_port() -> int:

@@ -230,7 +230,8 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
     import json
     import time
 
-    from .daemon import printable, read_status
+    from .daemon import read_status
+    from .textsafe import printable
     st = read_status(settings.status)
     if st is None:
         log(f"{settings.status}: no status yet (is qmail-updater run running?)")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from .config import Settings
 from .errors import UpdaterError
 from .fifo import Reader
+from .retry import backoff
+from .textsafe import printable
 
 STOP = "stop"
 STATUS = "\0status"           # a publish worker's news: rewrite the status file
@@ -83,11 +85,6 @@ class Debouncer:
         self.first = self.last = None
         self.reasons, self.now_please, self.only_fifo, self.count = [], False, True, 0
         return reasons
-
-
-def backoff(failures: int, first: float, longest: float) -> float:
-    """Delay before retry number ``failures`` (1, 2, ...): doubling, capped."""
-    return min(longest, first * (2 ** max(0, failures - 1)))
 
 
 def interesting(path: str, targets: dict[str, tuple[set[str], tuple[str, ...]]],
@@ -442,14 +439,6 @@ def prometheus_text(st: dict) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Status())
     return generate_latest(registry).decode()
-
-
-def printable(data: bytes, backslash: bool = True) -> str:
-    """Bytes from others (the FIFO) for logs and status: printable ASCII as is, the rest
-    as \\xNN (a backslash too, unless ``backslash`` is False: for text escaped before),
-    so no terminal escape or forged line gets through."""
-    return "".join(chr(b) if 32 <= b < 127 and (b != 92 or not backslash) else f"\\x{b:02x}"
-                   for b in data)
 
 
 def write_atomic(path: str, text: str, mode: int = 0o644) -> None:

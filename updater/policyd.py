@@ -51,14 +51,21 @@ class Lookup:
         self.more = CdbCache(morercpthosts_path(qmail_dir), log)
         self.hosts: frozenset[bytes] | None = None
         self.hosts_ident: tuple | None = ()
+        self.hosts_checked = -1e9
+        self.more_getter = None
         self.cdb_path = cdb
 
     def reload(self) -> None:
         self.hosts_ident = ()
+        self.hosts_checked = -1e9
         self.cdb.forget()
         self.more.forget()
 
     def _hosts(self) -> frozenset[bytes] | None:
+        now = time.monotonic()            # rcpthosts changes rarely: a stat a second
+        if now < self.hosts_checked + 1.0:
+            return self.hosts
+        self.hosts_checked = now
         try:
             st = os.stat(self.rcpthosts_path)
             ident: tuple | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -75,13 +82,14 @@ class Lookup:
         return self.hosts
 
     def __call__(self, address: bytes) -> Answer:
+        checked = self.hosts_checked
         hosts = self._hosts()
-        more = None
-        if hosts is not None:
-            try:
-                more = self.more.current()
+        if hosts is not None and self.hosts_checked != checked:
+            try:                            # morercpthosts.cdb: with rcpthosts, once a second
+                self.more_getter = self.more.current()
             except OSError:
-                more = None
+                self.more_getter = None
+        more = self.more_getter if hosts is not None else None
         if not rcpthosts_allows(address, hosts, more):
             return Answer(None, address)
         try:

@@ -100,7 +100,7 @@ def push(target: Target, source: str, settings) -> str | None:
         lines = [line for line in done.stderr.decode("utf-8", "replace").splitlines()
                  if line.strip()]
         detail = lines[0][:200] if lines else ""
-        from .daemon import printable
+        from .textsafe import printable
         return f"rsync exited {done.returncode}" + (
             f": {printable(detail.encode(), backslash=False)}" if detail else "")
     return None
@@ -173,7 +173,7 @@ class Publisher:
             self.lock.notify_all()
 
     def _worker(self, target: Target) -> None:
-        from .daemon import backoff
+        from .retry import backoff
         st = self.states[target.spec]
         while True:
             with self.lock:

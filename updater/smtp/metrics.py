@@ -67,15 +67,14 @@ FROM_SESSION = {"tls": "tls_sessions", "bytes": "bytes_received",
 class Metrics:
     def __init__(self, workers: int):
         self.workers = workers
-        import multiprocessing
+        self.rows: Any = [0.0] * WIDTH
+        self.retired: Any = [0.0] * WIDTH
         if workers > 1:
-            self.rows: Any = multiprocessing.RawArray("d", workers * WIDTH)
-        else:
-            self.rows = [0.0] * WIDTH
-        # counters of dead workers: shared, since /metrics may be served by a process
-        # other than the supervisor that folds them in
-        self.retired: Any = multiprocessing.RawArray("d", WIDTH) if workers > 1 \
-            else [0.0] * WIDTH
+            import multiprocessing
+            self.rows = multiprocessing.RawArray("d", workers * WIDTH)
+            # counters of dead workers: shared, since /metrics may be served by a
+            # process other than the supervisor that folds them in
+            self.retired = multiprocessing.RawArray("d", WIDTH)
         self.row = 0
 
     def add(self, slot: str, n: float = 1.0) -> None:
@@ -104,7 +103,7 @@ class Metrics:
                 self.retired[i] += self.rows[base + i]
             self.rows[base + i] = 0.0
 
-    # ---- exposition (prometheus-client)
+    # ---- exposition
     def totals(self) -> list[float]:
         out = list(self.retired)
         for r in range(self.workers):
@@ -113,41 +112,136 @@ class Metrics:
                 out[i] += self.rows[base + i]
         return out
 
+    def gauges(self) -> tuple[float, float, float]:
+        """(open sessions, cdb entries, cdb mtime) of the newest snapshot in use."""
+        rows = [[self.rows[r * WIDTH + SLOTS[g]] for g in GAUGES] for r in range(self.workers)]
+        newest = max(rows, key=lambda r: r[2])
+        return sum(r[0] for r in rows), newest[1], newest[2]
+
     def collect(self) -> Iterator[Any]:
+        """prometheus-client's collector interface."""
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                             HistogramMetricFamily)
-        t = self.totals()
-        p = "validrcptto_smtpd_"
-        for name, text, label, values in COUNTERS:
-            fam = CounterMetricFamily(p + name, text, labels=[label])
-            for v in values:
-                fam.add_metric([v], t[SLOTS[f"{name}.{v}"]])
+        for name, kind, text, labels, samples in families(self.totals(), self.gauges()):
+            if kind == "histogram":
+                buckets = [(le, v) for (le,), v in samples[:-1]]
+                yield HistogramMetricFamily(name, text, buckets=buckets,
+                                            sum_value=samples[-1][1])
+                continue
+            fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, text, labels=labels)
+            for values, value in samples:
+                fam.add_metric(list(values), value)
             yield fam
-        fam = CounterMetricFamily(p + "rcpt", "RCPT commands by answer and reason",
-                                  labels=["result", "reason"])
-        for result, reasons in RCPT_REASONS.items():
-            for r in reasons:
-                fam.add_metric([result, r], t[SLOTS[f"rcpt.{result}.{r}"]])
-        yield fam
-        yield CounterMetricFamily(p + "bytes_received", "message bytes received",
-                                  value=t[SLOTS["bytes_received"]])
-        yield CounterMetricFamily(p + "tls_sessions", "STARTTLS handshakes completed",
-                                  value=t[SLOTS["tls_sessions"]])
-        buckets, acc = [], 0.0
-        for i, bound in enumerate(list(BUCKETS) + [float("inf")]):
-            acc += t[SLOTS[f"duration.{i}"]]
-            buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", acc))
-        yield HistogramMetricFamily(p + "session_duration_seconds", "SMTP session length",
-                                    buckets=buckets, sum_value=t[SLOTS["duration.sum"]])
-        rows = [[self.rows[r * WIDTH + SLOTS[g]] for g in GAUGES] for r in range(self.workers)]
-        yield GaugeMetricFamily(p + "sessions_open", "sessions open now",
-                                value=sum(r[0] for r in rows))
-        newest = max(rows, key=lambda r: r[2])
-        yield GaugeMetricFamily("validrcptto_cdb_entries",
-                                "keys in the validrcptto.cdb snapshot in use", value=newest[1])
-        age = time.time() - newest[2] if newest[2] else 0.0
-        yield GaugeMetricFamily("validrcptto_cdb_snapshot_age_seconds",
-                                "seconds since the cdb in use was written", value=age)
+
+
+def families(t: list[float], gauges: tuple[float, float, float]) -> list[tuple]:
+    """Every metric as (name, kind, help, label names, [(label values, value)]); a
+    histogram's samples are its cumulative buckets by ``le``, then ("sum",) and the sum."""
+    p = "validrcptto_smtpd_"
+    out: list[tuple] = []
+    for name, text, label, values in COUNTERS:
+        out.append((p + name, "counter", text, [label],
+                    [((v,), t[SLOTS[f"{name}.{v}"]]) for v in values]))
+    out.append((p + "rcpt", "counter", "RCPT commands by answer and reason",
+                ["result", "reason"],
+                [((result, r), t[SLOTS[f"rcpt.{result}.{r}"]])
+                 for result, reasons in RCPT_REASONS.items() for r in reasons]))
+    out.append((p + "bytes_received", "counter", "message bytes received", [],
+                [((), t[SLOTS["bytes_received"]])]))
+    out.append((p + "tls_sessions", "counter", "STARTTLS handshakes completed", [],
+                [((), t[SLOTS["tls_sessions"]])]))
+    samples, acc = [], 0.0
+    for i, bound in enumerate(list(BUCKETS) + [float("inf")]):
+        acc += t[SLOTS[f"duration.{i}"]]
+        samples.append((("+Inf" if bound == float("inf") else f"{bound:g}",), acc))
+    samples.append((("sum",), t[SLOTS["duration.sum"]]))
+    out.append((p + "session_duration_seconds", "histogram", "SMTP session length", ["le"],
+                samples))
+    open_, entries, mtime = gauges
+    out.append((p + "sessions_open", "gauge", "sessions open now", [], [((), open_)]))
+    out.append(("validrcptto_cdb_entries", "gauge",
+                "keys in the validrcptto.cdb snapshot in use", [], [((), entries)]))
+    out.append(("validrcptto_cdb_snapshot_age_seconds", "gauge",
+                "seconds since the cdb in use was written", [],
+                [((), time.time() - mtime if mtime else 0.0)]))
+    return out
+
+
+def text(fams: list[tuple]) -> str:
+    """The Prometheus text format, written here rather than by prometheus-client: the
+    tcpserver front end runs once per connection and cannot pay its import."""
+    lines = []
+    for name, kind, help_, labels, samples in fams:
+        base = name + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {base} {help_}", f"# TYPE {base} {kind}"]
+        for values, value in samples:
+            if kind == "histogram":
+                if values == ("sum",):
+                    lines.append(f"{name}_sum {value!r}")
+                    lines.append(f"{name}_count {samples[-2][1]!r}")
+                else:
+                    lines.append(f'{name}_bucket{{le="{values[0]}"}} {value!r}')
+                continue
+            tags = ",".join(f'{k}="{v}"' for k, v in zip(labels, values))
+            lines.append(f"{base}{{{tags}}} {value!r}" if tags else f"{base} {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def cdb_header(path: str) -> tuple[int, float]:
+    """(entries, mtime) of a cdb file from its header; (0, 0.0) when unreadable."""
+    import os
+    import struct
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 0, 0.0
+    try:
+        head = os.pread(fd, 2048, 0)
+        mtime = os.fstat(fd).st_mtime
+    except OSError:
+        return 0, 0.0
+    finally:
+        os.close(fd)
+    if len(head) < 2048:
+        return 0, mtime
+    return sum(slots for _, slots in struct.iter_unpack("<LL", head)) // 2, mtime
+
+
+def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
+               cdb: tuple[int, float]) -> None:
+    """tcpserver mode: add one session to the totals kept in ``path``.data (under an
+    exclusive lock, opened without following a symlink) and rewrite the textfile
+    ``path`` (a temporary file and a rename) for node-exporter's textfile collector."""
+    import fcntl
+    import os
+    import struct
+    import tempfile
+    data_path = path + ".data"
+    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, WIDTH * 8, 0)
+        m = Metrics(1)
+        if len(raw) == WIDTH * 8:
+            m.rows = list(struct.unpack(f"<{WIDTH}d", raw))
+        m.session_ended(counts, end, seconds)
+        m.set("sessions_open", 0.0)
+        m.set("cdb_entries", float(cdb[0]))
+        m.set("cdb_mtime", cdb[1])
+        os.pwrite(fd, struct.pack(f"<{WIDTH}d", *m.rows), 0)
+        directory, base = os.path.split(os.path.abspath(path))
+        tfd, tmp = tempfile.mkstemp(prefix=f".{base}.", dir=directory)
+        try:
+            with os.fdopen(tfd, "w") as f:
+                os.fchmod(f.fileno(), 0o644)
+                f.write(text(families(m.totals(), m.gauges())))
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    finally:
+        os.close(fd)
 
 
 def bind(listen: str):

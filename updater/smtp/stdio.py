@@ -141,6 +141,7 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
         return 1
     io = Stdio(rfd, wfd, conn.controls.timeout, log)
     session, qq_program = conn.session, conn.queue_program
+    started = time.monotonic()
     queue = None
     pending = session.start()
     try:
@@ -195,6 +196,15 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
         if queue is not None:
             queue.abort()
         conn.close()
+        textfile = env.get("METRICS_TEXTFILE")
+        if textfile:                    # the totals of every session, for node-exporter
+            from .metrics import accumulate, cdb_header
+            try:
+                accumulate(textfile, session.counts, session.end_reason,
+                           time.monotonic() - started,
+                           cdb_header(env.get("VALIDRCPTTO_CDB") or ""))
+            except OSError as err:
+                log(f"METRICS_TEXTFILE {textfile}: {err.strerror or err}")
 
 
 def main(argv: list[str] | None = None) -> None:

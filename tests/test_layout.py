@@ -1,0 +1,66 @@
+"""The package's layering: no import cycle inside updater/, counting the imports made
+inside functions too (a cycle broken only by a lazy import is still a cycle)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "updater"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for p in PKG.rglob("*.py"):
+        parts = p.relative_to(PKG.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = p
+    return out
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                if f"{target}.{alias.name}" in known:
+                    found.add(f"{target}.{alias.name}")
+            if target in known:
+                found.add(target)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known}
+    found.discard(name)
+    # a package's __init__ importing its own modules is not a cycle of the layers
+    return {m for m in found if not (path.name == "__init__.py" and m.startswith(name + "."))}
+
+
+def test_no_import_cycle():
+    known = modules()
+    graph = {n: imports(n, p, known) for n, p in known.items()}
+    cycles = []
+
+    def visit(node: str, stack: list[str], done: set[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt in stack:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in done:
+                done.add(nxt)
+                visit(nxt, stack + [nxt], done)
+    for n in sorted(graph):
+        visit(n, [n], {n})
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles[:10])
+
+
+def test_the_cycle_detector_finds_one(tmp_path):
+    """The detector itself: a lazy import that closes a loop is found."""
+    known = {"updater.a": tmp_path / "a.py", "updater.b": tmp_path / "b.py"}
+    known["updater.a"].write_text("from . import b\n")
+    known["updater.b"].write_text("def f():\n    from .a import x\n")
+    assert imports("updater.b", known["updater.b"], known) == {"updater.a"}
+    assert imports("updater.a", known["updater.a"], known) == {"updater.b"}
