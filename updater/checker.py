@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import namedtuple
+from collections.abc import Callable, Iterator
 
 # accepted: bool; key: the key that decided (None when nothing was found); value: its
 # value; tried: every key looked up, in order.
@@ -21,7 +22,7 @@ def lower(address: bytes) -> bytes:
     return address.lower()
 
 
-def candidates(address: bytes):
+def candidates(address: bytes) -> Iterator[bytes]:
     """Keys to try, in order, for an already lowercased address:
     the address; then, split at the last ``@``, ``user-up-to-each-dash`` + ``default``
     from the last dash to the first; then ``@domain``.  No ``@``: the address only."""
@@ -39,7 +40,7 @@ def candidates(address: bytes):
     yield domain
 
 
-def check(get, address: bytes) -> Verdict:
+def check(get: Callable[[bytes], bytes | None], address: bytes) -> Verdict:
     """The first key found decides: a value starting with ``-`` rejects, anything else
     (the empty value included) accepts; no key found rejects."""
     tried = []
@@ -71,7 +72,8 @@ class CdbGetter:
         try:
             if self._db is None:
                 raise ValueError("not open")
-            return self._db.get(key)
+            value: bytes | None = self._db.get(key)
+            return value
         except Exception:
             if self.strict:
                 raise OSError(errno.EPROTO, "not a cdb") from None

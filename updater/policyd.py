@@ -23,13 +23,19 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .checker import check
 from .postfix import Answer, Conversation, Reply, Settings
-from .smtp.cdbfile import CdbCache
+from .checker import CdbGetter
+from .smtp.cdbfile import CdbCache, Ident
 from .smtp.controls import ControlError, morercpthosts_path, readfile
 from .smtp.session import escape, rcpthosts_allows
+
+if TYPE_CHECKING:
+    import http.server
 
 PROG = "validrcptto-policyd"
 SWEEP = 1.0
@@ -50,9 +56,9 @@ class Lookup:
         self.rcpthosts_path = os.path.join(qmail_dir, "control", "rcpthosts")
         self.more = CdbCache(morercpthosts_path(qmail_dir), log)
         self.hosts: frozenset[bytes] | None = None
-        self.hosts_ident: tuple | None = ()
+        self.hosts_ident: Ident | None | tuple[()] = ()       # () : never looked
         self.hosts_checked = -1e9
-        self.more_getter = None
+        self.more_getter: CdbGetter | None = None
         self.cdb_path = cdb
 
     def reload(self) -> None:
@@ -68,7 +74,7 @@ class Lookup:
         self.hosts_checked = now
         try:
             st = os.stat(self.rcpthosts_path)
-            ident: tuple | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            ident: Ident | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             ident = None
         if ident != self.hosts_ident:
@@ -143,10 +149,11 @@ class Server:
 
 
 class PolicyProtocol(asyncio.Protocol):
+    transport: asyncio.Transport               # set by connection_made, first of all
+
     def __init__(self, server: Server):
         self.s = server
         self.conv = Conversation(server.lookup, server.settings)
-        self.transport: asyncio.Transport | None = None
         self.last = time.monotonic()
         self.paused = False
         self.id = 0
@@ -156,7 +163,8 @@ class PolicyProtocol(asyncio.Protocol):
     def kind(self) -> str:
         return self.conv.kind or "-"
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         s = self.s
         s.serial += 1
@@ -169,7 +177,7 @@ class PolicyProtocol(asyncio.Protocol):
             return
         s.conns.add(self)
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.s.conns.discard(self)
 
     def data_received(self, data: bytes) -> None:
@@ -188,7 +196,7 @@ class PolicyProtocol(asyncio.Protocol):
                 self.transport.close()
                 return
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         return False
 
     def pause_writing(self) -> None:                  # the client does not read
@@ -201,19 +209,20 @@ class PolicyProtocol(asyncio.Protocol):
         self.transport.resume_reading()
 
 
-def parse_listen(text: str) -> tuple[str, object]:
+def parse_listen(text: str) -> tuple[str, str, int]:
+    """("unix", PATH, 0) or ("inet", HOST, PORT)."""
     if text.startswith("unix:"):
-        return "unix", text[5:]
+        return "unix", text[5:], 0
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"expected HOST:PORT or unix:PATH, got {text!r}")
-    return "inet", (host.strip("[]") or "0.0.0.0", int(port))
+    return "inet", host.strip("[]") or "0.0.0.0", int(port)
 
 
 def bind(spec: str, mode: int, owner: str) -> socket.socket:
-    kind, where = parse_listen(spec)
+    kind, where, port = parse_listen(spec)
     if kind == "unix":
-        path = str(where)
+        path = where
         try:
             if os.path.exists(path) and not os.path.isdir(path):
                 os.unlink(path)                      # a stale socket of ours
@@ -230,7 +239,7 @@ def bind(spec: str, mode: int, owner: str) -> socket.socket:
             gid = grp.getgrnam(group).gr_gid if group else -1
             os.chown(path, uid, gid)
     else:
-        host, port = where  # type: ignore[misc]
+        host = where
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -240,11 +249,11 @@ def bind(spec: str, mode: int, owner: str) -> socket.socket:
     return sock
 
 
-def metrics_collector(server: Server):
+def metrics_collector(server: Server) -> Any:
     """/metrics: requests by protocol and result, bad requests, open connections, and
     the cdb snapshot in use."""
     class Collector:
-        def collect(self):
+        def collect(self) -> Iterator[Any]:
             from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
             fam = CounterMetricFamily("validrcptto_policyd_requests",
                                       "lookups answered, by protocol and result",
@@ -268,12 +277,14 @@ def metrics_collector(server: Server):
     return Collector()
 
 
-async def serve(opts: argparse.Namespace, socks: list[socket.socket], httpd=None) -> None:
+async def serve(opts: argparse.Namespace, socks: list[socket.socket],
+                httpd: http.server.ThreadingHTTPServer | None = None) -> None:
     loop = asyncio.get_running_loop()
     lookup = Lookup(opts.cdb, opts.qmail_dir)
     server = Server(opts, lookup)
     if httpd is not None:
-        httpd.RequestHandlerClass.registry.register(metrics_collector(server))
+        httpd.RequestHandlerClass.registry.register(  # type: ignore[attr-defined]
+            metrics_collector(server))
         import threading
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
     servers = [await loop.create_server(lambda: PolicyProtocol(server), sock=s) for s in socks]

@@ -46,7 +46,7 @@ def since(text: str, now: float | None = None) -> float:
 @dataclass
 class Report:
     rejected: int = 0
-    domains: Counter = field(default_factory=Counter)
+    domains: Counter[str] = field(default_factory=Counter)
     hangups_invalid: int = 0
     hangups_auth: int = 0
     auth_failed: int = 0

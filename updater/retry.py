@@ -6,4 +6,4 @@ from __future__ import annotations
 
 def backoff(failures: int, first: float, longest: float) -> float:
     """Delay before retry number ``failures`` (1, 2, ...): doubling, capped."""
-    return min(longest, first * (2 ** max(0, failures - 1)))
+    return float(min(longest, first * (2 ** max(0, failures - 1))))

@@ -12,14 +12,19 @@ connection, as in qmail-smtpd).
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import struct
+from collections.abc import Callable
 
 from ..checker import CdbGetter
 
 
-def whole_cdb(data) -> bool:
+Ident = tuple[int, int, int, int]          # (dev, inode, size, mtime in ns)
+
+
+def whole_cdb(data: bytes | mmap.mmap) -> bool:
     """Its 256 hash tables lie after the header and end exactly at the end of the file
     (the empty file, which cdb tools never write, is not whole either)."""
     size = len(data)
@@ -33,17 +38,16 @@ def whole_cdb(data) -> bool:
     return end == size
 
 
-def entries(data) -> int:
+def entries(data: bytes | mmap.mmap) -> int:
     """The number of records a whole cdb holds (each hash table has two slots per
     record)."""
-    return sum(slots for _, slots in struct.iter_unpack("<LL", data[:2048])) // 2
+    return int(sum(slots for _, slots in struct.iter_unpack("<LL", data[:2048])) // 2)
 
 
-def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, tuple, bool]:
+def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, Ident, bool]:
     """(getter, identity, whole) for the file at ``path``; OSError when it cannot be
     opened (qmail-smtpd: 421 unable to read controls).  The getter's ``entries`` is the
     number of records of a whole file."""
-    import mmap
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -85,16 +89,16 @@ class CdbCache:
     Otherwise (validrcptto.cdb, morercpthosts.cdb) a file that was never whole is used
     as qmail-smtpd would (every lookup finds nothing)."""
 
-    def __init__(self, path: str, log, strict: bool = False):
+    def __init__(self, path: str, log: Callable[[str], None], strict: bool = False):
         self.path, self.log, self.strict = path, log, strict
         self.getter: CdbGetter | None = None
-        self.ident: tuple | None = None
-        self.torn: tuple | None = None
+        self.ident: Ident | None = None
+        self.torn: Ident | None = None
 
     @property
     def entries(self) -> int:
         """Records in the snapshot in use (0 before the first, or when it was not whole)."""
-        return getattr(self.getter, "entries", 0) if self.getter is not None else 0
+        return self.getter.entries if self.getter is not None else 0
 
     @property
     def mtime(self) -> float:
@@ -117,6 +121,7 @@ class CdbCache:
                 if self.getter is not None:
                     self.getter.close()
                 self.getter, self.ident, self.torn = getter, ident, None
+            assert self.getter is not None      # a whole snapshot was taken above, or before
             return self.getter
         if ident != self.ident and ident != self.torn:
             getter, ident, whole = snapshot(self.path)
@@ -128,6 +133,7 @@ class CdbCache:
                     self.log(f"{self.path} is not a whole cdb (being written?): "
                              "keeping the previous one")
                 self.torn = ident
+        assert self.getter is not None          # set by the first snapshot, always
         return self.getter
 
     def forget(self) -> None:

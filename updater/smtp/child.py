@@ -74,7 +74,10 @@ class Child:
         ready = loop.create_future()
         if self.pidfd != -1:
             fd = self.pidfd
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            def wake() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+            loop.add_reader(fd, wake)
             try:
                 await asyncio.wait_for(ready, timeout)
             except TimeoutError:
@@ -120,6 +123,6 @@ class Child:
 
 
 def spawn(program: str, argv: list[str], env: dict[str, str],
-          file_actions: list) -> Child:
+          file_actions: list[tuple[int, ...]]) -> Child:
     """posix_spawn (no fork of the big worker, no helper thread); OSError as it raises."""
     return Child(os.posix_spawn(program, argv, env, file_actions=file_actions))

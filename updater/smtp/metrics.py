@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:                 # the tcpserver front end imports this per connection
+    import http.server
+    import socket
 
 BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -135,11 +139,15 @@ class Metrics:
             yield fam
 
 
-def families(t: list[float], gauges: tuple[float, float, float]) -> list[tuple]:
+# (name, kind, help, label names, [(label values, value)])
+Family = tuple[str, str, str, list[str], list[tuple[tuple[str, ...], float]]]
+
+
+def families(t: list[float], gauges: tuple[float, float, float]) -> list[Family]:
     """Every metric as (name, kind, help, label names, [(label values, value)]); a
     histogram's samples are its cumulative buckets by ``le``, then ("sum",) and the sum."""
     p = "validrcptto_smtpd_"
-    out: list[tuple] = []
+    out: list[Family] = []
     for name, text, label, values in COUNTERS:
         out.append((p + name, "counter", text, [label],
                     [((v,), t[SLOTS[f"{name}.{v}"]]) for v in values]))
@@ -151,7 +159,8 @@ def families(t: list[float], gauges: tuple[float, float, float]) -> list[tuple]:
                 [((), t[SLOTS["bytes_received"]])]))
     out.append((p + "tls_sessions", "counter", "STARTTLS handshakes completed", [],
                 [((), t[SLOTS["tls_sessions"]])]))
-    samples, acc = [], 0.0
+    samples: list[tuple[tuple[str, ...], float]] = []
+    acc = 0.0
     for i, bound in enumerate(list(BUCKETS) + [float("inf")]):
         acc += t[SLOTS[f"duration.{i}"]]
         samples.append((("+Inf" if bound == float("inf") else f"{bound:g}",), acc))
@@ -168,7 +177,7 @@ def families(t: list[float], gauges: tuple[float, float, float]) -> list[tuple]:
     return out
 
 
-def text(fams: list[tuple]) -> str:
+def text(fams: list[Family]) -> str:
     """The Prometheus text format, written here rather than by prometheus-client: the
     tcpserver front end runs once per connection and cannot pay its import."""
     lines = []
@@ -244,7 +253,7 @@ def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
         os.close(fd)
 
 
-def bind(listen: str):
+def bind(listen: str) -> socket.socket:
     """The /metrics socket, bound while we may still bind (before --user)."""
     import socket
     host, _, port = listen.rpartition(":")
@@ -257,7 +266,7 @@ def bind(listen: str):
     return sock
 
 
-def http_server(sock, collector: Any = None):
+def http_server(sock: socket.socket, collector: Any = None) -> http.server.ThreadingHTTPServer:
     """An HTTP server for /metrics (prometheus-client's handler and a registry of our
     own, ``.RequestHandlerClass.registry``) on ``sock``; call its ``serve_forever`` from
     a thread, or from a process of its own when the caller forks (the supervisor of
@@ -282,5 +291,5 @@ def http_server(sock, collector: Any = None):
     return httpd
 
 
-def server(metrics: Metrics, sock):
+def server(metrics: Metrics, sock: socket.socket) -> http.server.ThreadingHTTPServer:
     return http_server(sock, metrics)

@@ -11,8 +11,8 @@ except that with no key at all tcpserver allows too.  Pure: the cdb comes in as 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
-from collections.abc import Callable
 
 
 class Rule(NamedTuple):
@@ -21,7 +21,7 @@ class Rule(NamedTuple):
     key: bytes | None               # the key that decided (None: no rule matched)
 
 
-def keys(ip: str, host: str | None = None, info: str | None = None):
+def keys(ip: str, host: str | None = None, info: str | None = None) -> Iterator[bytes]:
     """The keys tcpserver tries, in order."""
     if info:
         yield f"{info}@{ip}".encode()
