@@ -120,6 +120,7 @@ class Server:
 
 class Client:
     def __init__(self, port: int, source: str = "127.0.0.1"):
+        self.banner = b""
         self.sock = socket.socket()
         self.sock.settimeout(20)
         self.sock.bind((source, 0))
@@ -151,3 +152,35 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def greeted(port: int, source: str = "127.0.0.1", wait: float = 0.0) -> Client:
+    """A client whose greeting has been read (``.banner``); ``wait``: seconds to keep
+    trying while the server is not listening yet."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            c = Client(port, source)
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+    c.banner = c.reply()
+    return c
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of every child process of ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            out.append((int(entry), fields[0]))
+    return out

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CI, need
+from smtp_helpers import free_port
 
 HERE = Path(__file__).resolve().parent
 TOP = HERE.parent
@@ -27,13 +28,6 @@ def deploy_block() -> str:
     readme = (TOP / "README.md").read_text()
     section = readme[readme.index("\n## Deploy\n"):]
     return re.search(r"```sh\n(.*?)```", section, re.S).group(1)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(os.geteuid() != 0 and not CI, reason="the services run as root")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from smtp_helpers import Server, free_port, smtp_tree
+from smtp_helpers import Server, children, free_port, greeted, smtp_tree
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -29,50 +29,6 @@ def scrape(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-class Session:
-    def __init__(self, port: int, source: str = "127.0.0.1"):
-        self.sock = socket.socket()
-        self.sock.settimeout(20)
-        self.sock.bind((source, 0))
-        self.sock.connect(("127.0.0.1", port))
-        self.buf = b""
-        self.banner = self.reply()
-
-    def reply(self) -> bytes:
-        while True:
-            lines = self.buf.split(b"\r\n")
-            for i, line in enumerate(lines[:-1]):
-                if len(line) < 4 or line[3:4] != b"-":
-                    out = b"\r\n".join(lines[:i + 1]) + b"\r\n"
-                    self.buf = b"\r\n".join(lines[i + 1:])
-                    return out
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                out, self.buf = self.buf, b""
-                return out
-            self.buf += chunk
-
-    def cmd(self, line: str) -> bytes:
-        self.sock.sendall(line.encode() + b"\r\n")
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_every_counter_moves_by_exactly_what_happened(tmp_path: Path):
@@ -104,7 +60,7 @@ def test_every_counter_moves_by_exactly_what_happened(tmp_path: Path):
         before = scrape(mport)
         p = srv.port
         # RCPT outcomes, one session
-        s = Session(p)
+        s = greeted(p)
         s.cmd("HELO x")
         assert s.cmd("RCPT TO:<joe@example.com>").startswith(b"503")          # syntax
         s.cmd("MAIL FROM:<a@b.example>")
@@ -123,7 +79,7 @@ def test_every_counter_moves_by_exactly_what_happened(tmp_path: Path):
         # a relay client, a permanent and a temporary qmail-queue failure
         for source, answer in (("127.0.0.3", b"250"), ("127.0.0.4", b"554"),
                                ("127.0.0.5", b"451")):
-            s = Session(p, source)
+            s = greeted(p, source)
             s.cmd("HELO x")
             s.cmd("MAIL FROM:<a@b.example>")
             assert s.cmd("RCPT TO:<x@elsewhere.example>" if source == "127.0.0.3"
@@ -132,26 +88,26 @@ def test_every_counter_moves_by_exactly_what_happened(tmp_path: Path):
             assert s.cmd("Subject: x\r\n\r\nhi\r\n.").startswith(answer), source
             s.close()                                                         # error end
         # the invalid-recipient limit
-        s = Session(p, "127.0.0.6")
+        s = greeted(p, "127.0.0.6")
         s.cmd("HELO x")
         s.cmd("MAIL FROM:<a@b.example>")
         assert s.cmd("RCPT TO:<n1@example.com>").startswith(b"553")
         assert s.cmd("RCPT TO:<n2@example.com>").startswith(b"421")
         s.close()
         # AUTH: ok, failed twice (hang-up), temporary; then STARTTLS
-        s = Session(p)
+        s = greeted(p)
         s.cmd("EHLO x")
         plain = lambda who: base64.b64encode(b"\0" + who + b"\0pw").decode()
         assert s.cmd("AUTH PLAIN " + plain(b"good")).startswith(b"235")
         s.cmd("QUIT")
         s.close()
-        s = Session(p)
+        s = greeted(p)
         s.cmd("EHLO x")
         assert s.cmd("AUTH PLAIN " + plain(b"slow")).startswith(b"454")
         assert s.cmd("AUTH PLAIN " + plain(b"bad")).startswith(b"535")
         assert s.cmd("AUTH PLAIN " + plain(b"bad")).startswith(b"421")
         s.close()
-        s = Session(p)
+        s = greeted(p)
         s.cmd("EHLO x")
         assert s.cmd("STARTTLS").startswith(b"220")
         ctx = ssl.create_default_context()
@@ -167,8 +123,8 @@ def test_every_counter_moves_by_exactly_what_happened(tmp_path: Path):
             d.bind(("127.0.0.2", 0))
             d.connect(("127.0.0.1", p))
             assert d.recv(100) == b""
-        held = [Session(p, "127.0.0.7") for _ in range(3)]
-        extra = Session(p, "127.0.0.7")
+        held = [greeted(p, "127.0.0.7") for _ in range(3)]
+        extra = greeted(p, "127.0.0.7")
         assert extra.banner.startswith(b"421 too many connections from your address")
         extra.close()
         for h in held:
@@ -207,7 +163,7 @@ def test_every_counter_moves_by_exactly_what_happened(tmp_path: Path):
         assert after["validrcptto_cdb_entries"] == 11
         assert 0 <= after["validrcptto_cdb_snapshot_age_seconds"] < 600
         # the workers and the metrics process killed with SIGKILL: no count is lost
-        killed = children(srv.proc.pid)
+        killed = [pid for pid, _ in children(srv.proc.pid)]
         assert len(killed) == 3
         for w in killed:
             os.kill(w, signal.SIGKILL)
@@ -225,7 +181,7 @@ def test_every_counter_moves_by_exactly_what_happened(tmp_path: Path):
         for k in want:
             if not k.endswith("_open"):
                 assert kept[k] == after[k], k
-        s = Session(p)                              # the new workers serve and count
+        s = greeted(p)                              # the new workers serve and count
         s.cmd("QUIT")
         s.close()
         time.sleep(0.5)
@@ -264,21 +220,14 @@ def test_report_on_a_captured_multilog_file(tmp_path: Path):
     multilog = subprocess.Popen([need("multilog"), "t", str(logdir)], stdin=server.stderr)
     server.stderr.close()
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                s = Session(port)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        s = greeted(port, wait=15)
         s.cmd("HELO x")
         s.cmd("MAIL FROM:<a@b.example>")
         for rcpt in ("nobody@example.com", "Other@Example.COM", "joe@example.com",
                      "x@blockdom.net"):
             s.cmd(f"RCPT TO:<{rcpt}>")
         s.close()
-        s = Session(port)
+        s = greeted(port)
         s.cmd("HELO x")
         s.cmd("MAIL FROM:<a@b.example>")
         for n in range(3):
@@ -318,21 +267,14 @@ def test_tcpserver_mode_keeps_a_textfile(tmp_path: Path):
                               env={**env, "METRICS_TEXTFILE": str(textfile)},
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                s = Session(port)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        s = greeted(port, wait=15)
         s.cmd("HELO x")
         s.cmd("MAIL FROM:<a@b.example>")
         assert s.cmd("RCPT TO:<nobody@example.com>").startswith(b"553")
         assert s.cmd("RCPT TO:<joe@example.com>").startswith(b"250")
         s.cmd("QUIT")
         s.close()
-        s = Session(port)
+        s = greeted(port)
         s.cmd("HELO x")
         s.cmd("MAIL FROM:<a@b.example>")
         s.cmd("RCPT TO:<joe@example.com>")

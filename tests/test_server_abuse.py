@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need, script
-from smtp_helpers import Server, free_port, smtp_tree
+from smtp_helpers import Server, children, free_port, smtp_tree
 
 
 @pytest.fixture
@@ -36,22 +36,6 @@ def rss_kb(pid: int) -> int:
 
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, state) of every child process."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid:
-            out.append((int(entry), fields[0]))
-    return out
 
 
 def settle(pid: int, fd_count: int, seconds: float = 15) -> tuple[int, list]:

@@ -384,12 +384,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(111)
     import cdbx  # noqa: F401  (loaded before --user: the installation may be root's)
     if opts.user:
-        import pwd
+        from .smtp.server import drop_privileges
         try:
-            pw = pwd.getpwnam(opts.user)
-            os.setgroups([])
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
+            drop_privileges(opts.user)
         except (KeyError, OSError) as err:
             sys.stderr.write(f"{PROG}: cannot become {opts.user}: {err}\n")
             sys.exit(111)
