@@ -227,8 +227,12 @@ def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
     import struct
     import tempfile
     data_path = path + ".data"
-    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK |
+                 os.O_CLOEXEC, 0o644)
     try:
+        import stat
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(22, "not a regular file", data_path)
         fcntl.flock(fd, fcntl.LOCK_EX)
         raw = os.pread(fd, WIDTH * 8, 0)
         m = Metrics(1)

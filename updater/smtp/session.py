@@ -33,12 +33,9 @@ one into qmail's ``451 timeout``.  Write time-outs belong to the driver (qmail j
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable       # (not typing: start-up counts here)
 
 from ..checker import candidates, lower
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 MAXHOPS = 100
 COMMAND_LINE_MAX = 4096          # qmail-smtpd has no cap; longer lines get R_TOOLONG
@@ -580,7 +577,8 @@ class Session:
             if self.auth_failures >= self.policy.auth_failures:
                 self.count("hangup.auth_failures")
                 self.end = "limit"
-                ev += [Reply(R_AUTH_TOOMANY), Close()]
+                ev += [Log(f"AUTH too many authentication failures [{self.remote}], "
+                           "hanging up"), Reply(R_AUTH_TOOMANY), Close()]
                 self.mode = _DONE
                 self.buf = b""
                 return ev
