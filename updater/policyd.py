@@ -30,6 +30,7 @@ from . import __version__
 from .checker import check
 from .postfix import Answer, Conversation, Reply, Settings
 from .checker import CdbGetter
+from .netsock import listen_tcp
 from .smtp.cdbfile import CdbCache, Ident
 from .smtp.controls import ControlError, morercpthosts_path, readfile
 from .smtp.session import escape, rcpthosts_allows
@@ -239,11 +240,7 @@ def bind(spec: str, mode: int, owner: str) -> socket.socket:
             gid = grp.getgrnam(group).gr_gid if group else -1
             os.chown(path, uid, gid)
     else:
-        host = where
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        return listen_tcp(where, port, 256)
     sock.listen(256)
     sock.setblocking(False)
     return sock

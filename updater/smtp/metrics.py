@@ -259,15 +259,9 @@ def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
 
 def bind(listen: str) -> socket.socket:
     """The /metrics socket, bound while we may still bind (before --user)."""
-    import socket
+    from ..netsock import listen_tcp
     host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, int(port)))
-    sock.listen(16)
-    return sock
+    return listen_tcp(host.strip("[]") or "0.0.0.0", int(port), 16, blocking=True)
 
 
 def http_server(sock: socket.socket, collector: Any = None) -> http.server.ThreadingHTTPServer:

@@ -735,18 +735,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def bind(opts: Options, reuse_port: bool) -> socket.socket:
+    from ..netsock import listen_tcp
     host, port = parse_listen(opts.listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6 and host == "::":
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+    return listen_tcp(host, port, 1024, reuse_port=reuse_port)
 
 
 def drop_privileges(user: str) -> None:
