@@ -570,6 +570,8 @@ def main() -> None:
         bench.bench_unchanged()
         bench.bench_publish()
         bench.bench_daemon()
+        import incremental_bench
+        incremental_bench.run(bench)
         bench.bench_memory()
         if args.smtpd if args.smtpd is not None else not args.quick:
             import server_bench

@@ -153,6 +153,16 @@ OPTIONS: tuple[Opt, ...] = (
         "seconds without a new request before a build starts", group="daemon"),
     Opt("max_delay", "UPDATER_MAX_DELAY", _float, 30.0,
         "seconds after the first pending request when a build starts anyway", group="daemon"),
+    Opt("incremental", "UPDATER_INCREMENTAL", _bool, True,
+        "redo only the domains a request names or whose files changed (0: every build "
+        "is full)", group="daemon"),
+    Opt("target_quiet", "UPDATER_TARGET_QUIET", _float, 0.05,
+        "quiet period of a request naming a mailbox or alias being added (vpopmail's "
+        "add_user, valias_insert, ...); removals wait UPDATER_QUIET", group="daemon"),
+    Opt("target_interval", "UPDATER_TARGET_INTERVAL", _float, 1.0,
+        "seconds from the end of a build to the next incremental one (at least the last "
+        "build's own duration): bursts coalesce, the daemon is never busy more than half "
+        "the time", group="daemon"),
     Opt("interval", "UPDATER_INTERVAL", _float, 3600.0,
         "seconds between safety-net full builds (0 = never)", group="daemon"),
     Opt("retry_min", "UPDATER_RETRY_MIN", _float, 10.0,
@@ -231,6 +241,9 @@ class Settings:
     min_interval: float = 30.0
     quiet: float = 2.0
     max_delay: float = 30.0
+    incremental: bool = True
+    target_quiet: float = 0.05
+    target_interval: float = 1.0
     interval: float = 3600.0
     retry_min: float = 10.0
     retry_max: float = 600.0

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from .config import Settings
 from .errors import SourceError
+from .inputs import Inputs
 from .qmail import (ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, accounts as load_accounts,
                     cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
                     parse_assign, parse_domain_map, read_text, read_users_cdb, users_db)
@@ -132,6 +133,7 @@ class Result:
     # domain -> kind of source ("users", "valias", "ldap", ...) -> names it gave: the
     # install gate refuses a list in which one of them gave nothing where it gave some
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    bare: bytes | None = None       # the envnoathost domain (its keys also come bare)
 
     def is_user_key(self, key: bytes) -> bool:
         """A key of this list that a local user's own files decide (by its origin)."""
@@ -305,9 +307,37 @@ def routed_keys(domain: str, keys: DomainKeys, notes: Notes) -> Iterator[Found]:
                    "~alias or bounces)")
 
 
+def part_of(key: str, bare: str | None) -> str:
+    """The domain a key belongs to (its incremental unit): the part after the last
+    ``@``; a key without ``@`` belongs to the envnoathost domain, whose keys make it."""
+    at = key.rfind("@")
+    return lower_ascii(key[at + 1:]) if at >= 0 else (bare or "")
+
+
 def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None = None,
-            counts: dict[str, dict[str, int]] | None = None) -> Iterator[Found]:
-    """Every source, in a fixed order (the output does not depend on it: it is sorted)."""
+            counts: dict[str, dict[str, int]] | None = None,
+            only: frozenset[str] | None = None, bare: str | None = None) -> Iterator[Found]:
+    """Every source, in a fixed order (the output does not depend on it: it is sorted).
+    ``only``: just the keys of these domains (an incremental build); the keys of one
+    domain never depend on another domain's sources."""
+    def want(domain: str) -> bool:
+        return only is None or domain in only
+
+    tracer = getattr(getattr(router, "view", None), "tracer", None)
+
+    def domain_keys(domain: str, prepend: str, singles_=None) -> DomainKeys:
+        assert router is not None
+        if tracer is not None:
+            tracer.domain = domain
+        try:
+            keys = router.domain(domain, prepend, singles_)
+        finally:
+            if tracer is not None:
+                tracer.domain = None
+        if counts is not None and keys.sources:
+            counts[domain] = keys.sources
+        return keys
+
     singles: dict[str, dict[str, str]] = {}       # domain -> user -> local part
     remote: dict[str, dict[str, MapEntry]] = {}      # "user@domain:" lines
     local = set(plan.local)
@@ -316,6 +346,8 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
         if domain in local:
             notes.warn(f"{e.path}:{e.line}: {e.left} never applies: {domain} is in "
                        "locals, which qmail-send checks first")
+        elif not want(domain):
+            continue
         elif e.right:
             remote.get(domain, {}).pop(user, None)
             singles.setdefault(domain, {})[user] = lower_ascii(e.right) + "-" + user
@@ -325,20 +357,21 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
     if router is not None:
         try:
             for domain in plan.local:
-                keys = router.domain(domain, "")
-                if counts is not None and keys.sources:
-                    counts[domain] = keys.sources
-                yield from routed_keys(domain, keys, notes)
+                if want(domain):
+                    yield from routed_keys(domain, domain_keys(domain, ""), notes)
             for domain, entry in plan.virtual:
-                keys = router.domain(domain, lower_ascii(entry.right) + "-",
-                                     singles.pop(domain, None))
-                if counts is not None and keys.sources:
-                    counts[domain] = keys.sources
-                yield from routed_keys(domain, keys, notes)
+                if want(domain):
+                    keys = domain_keys(domain, lower_ascii(entry.right) + "-",
+                                       singles.pop(domain, None))
+                    yield from routed_keys(domain, keys, notes)
             routed = {d for d, _ in plan.routed}
             for domain, by_user in singles.items():      # routed or LDAP domains
                 for user, local_part in by_user.items():
+                    if tracer is not None:
+                        tracer.domain = domain
                     ans = router.resolve(local_part, domain)
+                    if tracer is not None:
+                        tracer.domain = None
                     if not ans.ok or domain not in routed:     # routed: @domain says yes
                         yield Found(ans.origin, [f"{user}@{domain}"], deny=not ans.ok)
         finally:
@@ -346,11 +379,12 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
     for domain, by_user in remote.items():           # the far side decides: accept
         for user, e in by_user.items():
             yield Found(f"{e.path}:{e.line} (delivered remotely)", [f"{user}@{domain}"])
-    if plan.ldap:
+    ldap = [d for d in plan.ldap if want(d)]
+    if ldap:
         from .sources.ldap import ldap_entries
-        for found in ldap_entries(settings, plan.ldap):
+        for found in ldap_entries(settings, ldap):
             if counts is not None:
-                for domain in plan.ldap:
+                for domain in ldap:
                     counts.setdefault(domain, {})["ldap"] = 0
                 for key in found.keys:
                     domain = key.rpartition("@")[2]
@@ -358,12 +392,22 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
                         counts[domain]["ldap"] = counts[domain].get("ldap", 0) + 1
             yield found
     for domain, entry in plan.routed:
-        yield Found(f"smtproutes {entry.path}:{entry.line}", ["@" + domain])
-    yield from site_entries(settings.include, settings.exclude)
+        if want(domain):
+            yield Found(f"smtproutes {entry.path}:{entry.line}", ["@" + domain])
+    for found in site_entries(settings.include, settings.exclude):
+        if only is not None:
+            keys = [k for k in found.keys if part_of(k, bare) in only]
+            if not keys:
+                continue
+            found = dataclasses.replace(found, keys=keys)
+        yield found
 
 
-def generate(settings: Settings) -> Result:
-    """The whole list, or a SourceError: never a partial list."""
+def generate(settings: Settings, only: frozenset[str] | None = None,
+             tracer: Inputs | None = None) -> Result:
+    """The whole list, or a SourceError: never a partial list.  ``only``: just the keys
+    of these domains (``part_of``), for an incremental build; ``tracer`` records what was
+    read for each domain."""
     started = time.monotonic()
     LIMITS["max_file_size"] = settings.max_file_size
     notes = Notes()
@@ -373,17 +417,33 @@ def generate(settings: Settings) -> Result:
     bare = lower_ascii(bare) if bare and lower_ascii(bare) in handled else None
     router = None
     if plan.local or plan.virtual or plan.singles:
-        router, _view = router_for(settings, notes)
+        router, view = router_for(settings, notes)
+        view.tracer = tracer
     counts: dict[str, dict[str, int]] = {}
-    result = merge(sources(settings, plan, notes, router, counts), notes, bare)
+    result = merge(sources(settings, plan, notes, router, counts, only, bare), notes, bare)
     result.domains = frozenset(d.encode(ENCODING, ERRORS) for d in universe_)
     result.sources = counts
+    result.bare = bare.encode(ENCODING, ERRORS) if bare else None
     if router is not None:
         prepends = {d: "" for d in plan.local}
         prepends.update((d, lower_ascii(e.right) + "-") for d, e in plan.virtual)
         result.user_key = user_key_test(router, prepends, bare)
     result.seconds = time.monotonic() - started
     return result
+
+
+GLOBAL_USERS = ("users/assign", "users/cdb")
+
+
+def global_inputs(settings: Settings) -> list[str]:
+    """The files every domain's keys may depend on: a change to one of them means a
+    full build (the control files, users/assign and users/cdb, passwd, the site files,
+    the LDAP domain list)."""
+    paths = [settings.control(name) for name in CONTROL_FILES]
+    paths += [os.path.join(settings.qmail_dir, rel) for rel in GLOBAL_USERS]
+    paths += [p for p in (settings.passwd or "/etc/passwd", settings.include, settings.exclude,
+                          settings.ldap_domains if settings.ldap_uri else None) if p]
+    return [os.path.abspath(p) for p in paths]
 
 
 def user_key_test(router: Router, prepends: dict[str, str], bare: str | None):

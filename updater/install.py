@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from collections.abc import Iterator
 
 from .errors import InstallError, InstallRefused
+from .inputs import Ident, identity
 from .qmail import ENCODING, ERRORS
 
 MODE = 0o644
@@ -37,6 +38,8 @@ class Report:
     changed: list[bytes] = field(default_factory=list)
     seconds: float = 0.0
     bytes_written: int = 0
+    identity: Ident | None = None    # of the live file after this build (inputs.identity)
+    phases: dict[str, float] = field(default_factory=dict)   # seconds per step (incremental)
 
     def line(self) -> str:
         if self.status == "unchanged":
@@ -514,10 +517,13 @@ def write_atomically(path: str, data) -> None:
         os.close(dfd)
 
 
-def install_result(result, path: str, settings, force: bool = False, stop=None) -> Report:
-    """Install a ``generate.Result`` with the gate settings of ``settings``."""
+def install_result(result, path: str, settings, force: bool = False, stop=None,
+                   keys: list[bytes] | None = None) -> Report:
+    """Install a ``generate.Result`` with the gate settings of ``settings`` (``keys``:
+    its sorted keys, when the caller has them)."""
     user_key = getattr(result, "user_key", None)
-    return install(result.sorted_keys(), path, rejects=result.rejects, present=result.keys,
+    return install(result.sorted_keys() if keys is None else keys, path,
+                   rejects=result.rejects, present=result.keys,
                    max_shrink=settings.max_shrink, force=force, domains=result.domains,
                    lock_timeout=settings.lock_timeout, stop=stop,
                    sources=getattr(result, "sources", None),
@@ -549,7 +555,8 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
         if same:
             if sources is not None:
                 save_sources(path, sources)
-            return Report(path, "unchanged", len(keys), seconds=time.monotonic() - started)
+            return Report(path, "unchanged", len(keys), seconds=time.monotonic() - started,
+                          identity=identity(path))
         old_count = record_count(live_header(path)) if same is not None else None
         new = present if present is not None else set(keys)
         if user_keys is None:
@@ -580,5 +587,53 @@ def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
         if sources is not None:
             save_sources(path, sources)
         size = len(image)
+        now = identity(path)
     return Report(path, "installed", len(keys), diff.added, diff.removed, diff.changed,
-                  time.monotonic() - started, size)
+                  time.monotonic() - started, size, now)
+
+
+class LiveChanged(InstallError):
+    """The live cdb is not the file an incremental build's delta applies to."""
+
+
+def install_delta(keys: list[bytes], path: str, *, rejects: set[bytes], changes: Changes,
+                  expect: Ident | None, users: tuple[int, int], old_count: int,
+                  removed_admin: list[bytes], new_keys, domains: frozenset[bytes],
+                  sources: dict, max_shrink: float, force: bool, lock_timeout: float,
+                  stop=None, started: float | None = None) -> Report:
+    """Install the sorted ``keys`` of an incremental build: the previous list (whose
+    file had the identity ``expect``) with ``changes`` applied.  The live file is neither
+    read nor compared: the changes are known.  The same gate as ``install``:
+    ``users``: (new, old) keys local users control, left out of the shrink count;
+    ``removed_admin``: the removed keys that are not theirs; ``new_keys``: the changed
+    domains' keys now (a domain none of them names has lost everything).  Raises
+    LiveChanged when someone else replaced the live file since."""
+    started = time.monotonic() if started is None else started
+    check_target(path)
+    t0 = time.monotonic()
+    try:
+        image = make_cdb(keys, rejects)
+    except OSError as err:
+        raise InstallError(f"cannot build the cdb in memory: {err.strerror or err}", path) from None
+    t1 = time.monotonic()
+    with image, locked(path, lock_timeout, stop):
+        check_target(path)
+        if expect is None or identity(path) != expect:
+            raise LiveChanged("the live cdb is not the one the last build installed", path)
+        remove_stale_temps(path)
+        why = gate(len(keys) - users[0], old_count - users[1], max_shrink, force,
+                   empty=len(keys) == 0, users=users)
+        if not why and not force:
+            why = emptied(removed_admin, new_keys, domains)
+        if not why and not force and removed_admin:
+            why = vanished(read_sources(path) or {}, sources, domains)
+        if why:
+            raise InstallRefused(why, path)
+        write_atomically(path, image)
+        save_sources(path, sources)
+        size = len(image)
+        now = identity(path)
+    done = time.monotonic()
+    return Report(path, "installed", len(keys), changes.added, changes.removed,
+                  changes.changed, done - started, size, now,
+                  {"cdb": t1 - t0, "install": done - t1})

@@ -10,10 +10,10 @@ fastforward file accepts at a domain.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 
 from ..errors import SourceError
+from ..inputs import Inputs, dotqmail_files
 from ..qmail import (ENCODING, ERRORS, Account, UsersDb, bounces, cdb_keys, fastforward_cdb,
                      list_dir, read_bytes, runs)
 from ..routing import Accepts, Rule
@@ -43,6 +43,7 @@ class DiskView:
         self._ff: dict[str, list[str]] = {}
         self.homes: dict[str, str] = {}     # every directory looked at -> how it was found
         self.files: set[str] = set()        # every file read (fastforward cdbs)
+        self.tracer: Inputs | None = None   # records what each domain read (incremental)
 
     # ---- qmail-getpw
     def account(self, name: str) -> Account | None:
@@ -65,6 +66,8 @@ class DiskView:
     # ---- qmail-local
     def dotfiles(self, home: str, how: str) -> frozenset[str]:
         """The regular files (symlinks followed) named ``.qmail*`` in a home."""
+        if self.tracer is not None:
+            self.tracer.touch(home)
         hit = self._dotfiles.get(home)
         if hit is not None:
             return hit
@@ -77,19 +80,15 @@ class DiskView:
                 names = []
             else:
                 raise SourceError(f"home directory of {how} does not exist", home)
-        found = []
-        for name in names:
-            if name.startswith(".qmail"):
-                try:
-                    if stat.S_ISREG(os.stat(os.path.join(home, name)).st_mode):
-                        found.append(name)
-                except OSError:
-                    pass
-        self._dotfiles[home] = result = frozenset(found)
+        self._dotfiles[home] = result = dotqmail_files(home, names)
+        if self.tracer is not None:
+            self.tracer.listed(home, result)
         return result
 
     def rule(self, home: str, name: str) -> Rule:
         path = os.path.join(home, name)
+        if self.tracer is not None:
+            self.tracer.touch(path)
         hit = self._rules.get(path)
         if hit is not None:
             return hit
@@ -136,6 +135,9 @@ class DiskView:
                            lambda name: False)
         if self.lazy:
             return Accepts(rule.arg, [], lambda name: False, self.qmail_ext)
+        if self.tracer is not None:       # vpasswd (named even for MySQL: alias domains
+            for name in ("vpasswd", "vpasswd.cdb"):         # share it with their domain)
+                self.tracer.touch(os.path.join(home, name))
         origin, names = self.users_of(home, domain)
         if names and isinstance(names[0], bytes):
             names = check_names(names, origin, self.warn)
@@ -149,6 +151,8 @@ class DiskView:
 
     def _fastforward(self, rule: Rule, home: str, domain: str) -> Accepts:
         cdb = rule.arg
+        if self.tracer is not None:
+            self.tracer.touch(os.path.abspath(cdb))
         keys = self._ff.get(cdb)
         if keys is None:
             self.files.add(os.path.abspath(cdb))

@@ -1,0 +1,115 @@
+"""Incremental builds in the daemon (issue 21), at the largest tree (1,000 domains x
+1,000 addresses with the default sizes), against a cold full build in the same run:
+
+- a new mailbox: its vpasswd line appended, ``add_user USER@DOMAIN`` written to the FIFO
+  as the onchange hook does, until the live cdb answers for it (median of the runs), and
+  where the daemon spent that time (its status file's phases);
+- 1,000 add_user requests in 10 s over many domains: builds, and how long after the last
+  request every address is live;
+- the daemon's peak RSS (VmHWM: the start-up full build and every incremental one).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+
+import trees
+from run import QU, fmt_n, fmt_s, has_key, read_json, wait
+
+MB = 1024
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _request(fifo: str, line: str) -> None:
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)        # what the onchange hook does
+    try:
+        os.write(fd, line.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def _append(path: str, name: str) -> None:
+    with open(path, "ab") as f:
+        f.write(b"%s:$1$Xy7pQ2aZ$Gk3oV9bW2sLq8eN1rT5uH0:1:0::/d/%s:NOQUOTA\n"
+                % (name.encode(), name.encode()))
+
+
+def run(bench) -> None:
+    n = bench.sizes[-1]
+    env = dict(bench.tree(n))
+    root = os.path.dirname(env["VALIDRCPTTO_CDB"])
+    fifo, status = os.path.join(root, "inc.trigger"), os.path.join(root, "inc.status.json")
+    env.update(UPDATER_FIFO=fifo, UPDATER_STATUS=status)      # the shipped defaults else
+    cdb = env["VALIDRCPTTO_CDB"]
+    log = open(os.path.join(root, "inc-daemon.log"), "wb")
+    daemon = subprocess.Popen(QU + ["run"], env=env, stderr=log, stdout=log)
+    try:
+        wait(lambda: (read_json(status) or {}).get("builds", 0) >= 1, 300, "first build")
+        doms = trees.domain_dirs(env)
+        latencies, phases = [], []
+        for i in range(bench.runs):
+            domain, ddir = doms[(i * 37) % len(doms)]
+            name = f"newmbox{i}"
+            before = read_json(status)["builds"]
+            _append(os.path.join(ddir, "vpasswd"), name)
+            started = time.perf_counter()
+            _request(fifo, f"add_user {name}@{domain}")
+            key = f"{name}@{domain}".encode()
+            wait(lambda: has_key(cdb, key), 60, "the new mailbox")
+            latencies.append(time.perf_counter() - started)
+            wait(lambda: read_json(status)["builds"] > before, 10, "the status")
+            st = read_json(status)
+            if st.get("incremental"):
+                phases.append(st.get("phases") or {})
+            time.sleep(2.5)                  # past the watch event's own (unchanged) build
+        lat = statistics.median(latencies)
+        full = bench.full_rebuild_seconds
+        ok = lat <= 1.0 and lat / full <= 0.4
+        bench.row(f"new mailbox -> live (add_user, incremental), {fmt_n(n)}", fmt_s(lat),
+                  fmt_s(full), lat / full, "<= 1.0 s, <= 0.4x", ok)
+        bench.row("  stretch goal", fmt_s(lat), "", None, "<= 0.25 s", lat <= 0.25)
+        if phases:
+            for step in ("check", "read", "merge", "cdb", "install"):
+                values = [p.get(step, 0.0) for p in phases]
+                bench.row(f"  of which {step}", fmt_s(statistics.median(values)), "", None,
+                          "", None)
+        # 1,000 vaddusers in 10 s, spread over the domains
+        time.sleep(3)
+        before = read_json(status)["builds"]
+        keys = []
+        started = time.perf_counter()
+        for i in range(1000):
+            domain, ddir = doms[(i * 7) % len(doms)]
+            name = f"burst{i}"
+            _append(os.path.join(ddir, "vpasswd"), name)
+            _request(fifo, f"add_user {name}@{domain}")
+            keys.append(f"{name}@{domain}".encode())
+            time.sleep(max(0.0, started + (i + 1) / 100 - time.perf_counter()))
+        last = time.perf_counter()
+        wait(lambda: has_key(cdb, keys[-1]) and all(has_key(cdb, k) for k in keys[::50]),
+             60, "the burst")
+        lag = time.perf_counter() - last
+        missing = sum(1 for k in keys if not has_key(cdb, k))
+        time.sleep(4)                        # the watch events' trailing build, if any
+        builds = read_json(status)["builds"] - before
+        bench.row("1,000 add_user in 10 s: builds", str(builds), "", None, "<= 10",
+                  builds <= 10)
+        bench.row("  every address live after the last request", fmt_s(lag), "", None,
+                  "<= 2 s", lag <= 2.0 and missing == 0)
+        hwm = _vm_hwm_kb(daemon.pid)
+        bench.row(f"peak RSS of the daemon, {fmt_n(n)} (full + incremental builds)",
+                  f"{hwm / MB:.0f} MB", "", None, "<= 300 MB", hwm / MB <= 300)
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        log.close()

@@ -1,0 +1,363 @@
+"""Incremental builds: the list an incremental build installs is the one a full build of
+the same tree installs, byte for byte, over generated sequences of changes; and the
+daemon applies a new mailbox at once, coalesces bursts, and falls back to a full build
+whenever a global input changed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import Tree, newu
+from daemon_helpers import ROOT, Running, keys_of, wait_for
+
+VPOP = ["v0.example", "v1.example", "v2.example"]
+ALIAS = "a0.example"                      # a vpopmail alias domain of v0.example
+LOCAL = "loc.example"                     # in locals; also envnoathost (bare keys)
+ROUTED = "r.example"
+NAMES = ["ann", "bob", "cy", "dee", "eve-x", "fay", "list", "postmaster"]
+DEFAULTS = {
+    "vdelivermail": "| /home/vpopmail/bin/vdelivermail '' bounce-no-mailbox",
+    "catchall": "./Maildir/",
+    "bounce": "| bouncesaying 'no such user'",
+}
+
+
+def make_tree(root: Path) -> Tree:
+    t = Tree(root)
+    t.control("me", f"{LOCAL}\n")
+    t.control("rcpthosts", "".join(d + "\n" for d in [LOCAL, ROUTED, ALIAS, *VPOP]))
+    t.control("locals", f"{LOCAL}\n")
+    t.control("virtualdomains", "".join(f"{d}:{d}\n" for d in VPOP) + f"{ALIAS}:{VPOP[0]}\n")
+    t.control("smtproutes", f"{ROUTED}:[192.0.2.1]\n")
+    t.account("joe", files=(".qmail-list",))
+    (t.qmail / "alias/.qmail-postmaster").write_text("&joe\n")
+    for d in VPOP:
+        t.vpop_domain(d, users=("ann", "bob"))
+    v0 = t.vpop / "domains" / VPOP[0]            # what vaddaliasdomain adds
+    t.assign_lines.append(f"+{ALIAS}-:{ALIAS}:89:89:{v0}:-::")
+    t.write("var/qmail/users/assign", "\n".join(t.assign_lines) + "\n.\n")
+    newu(t.qmail)
+    return t
+
+
+def settings_for(t: Tree, cdb: Path):
+    from updater.config import load
+    return load(environ=t.env(VALIDRCPTTO_CDB=str(cdb)))
+
+
+def replace(path: Path, text: str) -> None:
+    """Write as vpopmail does: a new file renamed over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Clock:
+    """Unique timestamps for changes no request names: the incremental build finds
+    those by stat(), and two same-size writes inside one timestamp tick are its
+    documented blind spot, which these tests are not about."""
+
+    def __init__(self) -> None:
+        self.ns = time.time_ns() + 10**9
+
+    def touch(self, *paths: Path) -> None:
+        for p in paths:
+            if p.exists():
+                self.ns += 10**6
+                os.utime(p, ns=(self.ns, self.ns))
+
+
+def apply(t: Tree, op: tuple, clock: Clock, named: bool) -> set[str]:
+    """Make one change; returns the domains a request names (empty: none named)."""
+    kind, i, j = op
+    d = VPOP[i % len(VPOP)]
+    ddir = t.vpop / "domains" / d
+    name = NAMES[j % len(NAMES)]
+    changed: list[Path] = []
+    if kind in ("add_user", "del_user"):
+        vp = ddir / "vpasswd"
+        lines = [x for x in vp.read_text().splitlines() if not x.startswith(name + ":")]
+        if kind == "add_user":
+            lines.append(f"{name}:$1$xx$yy:1:0:{name}:{ddir}/{name}:NOQUOTA")
+        replace(vp, "".join(x + "\n" for x in lines))
+        changed = [vp, ddir]
+    elif kind in ("add_qmail", "del_qmail"):
+        f = ddir / f".qmail-{name.replace('.', ':')}"
+        if kind == "add_qmail":
+            f.write_text("&someone@example.net\n")
+        elif f.exists():
+            f.unlink()
+        changed = [f, ddir]
+    elif kind == "default":
+        f = ddir / ".qmail-default"
+        replace(f, list(DEFAULTS.values())[j % len(DEFAULTS)] + "\n")
+        changed = [f, ddir]
+    elif kind in ("joe_add", "joe_del"):
+        home = t.root / "home/joe"
+        f = home / f".qmail-{name}"
+        if kind == "joe_add":
+            f.write_text("./Maildir/\n")
+        elif f.exists():
+            f.unlink()
+        changed, d = [f, home], LOCAL
+    elif kind in ("include", "exclude"):
+        target = [LOCAL, ROUTED, *VPOP][i % 5]
+        t.control(f"validrcptto.{kind}", f"{name}@{target}\n" if j % 3 else "")
+        return set()
+    if not named:
+        clock.touch(*changed)
+        return set()
+    return {d}
+
+
+OPS = st.tuples(st.sampled_from(["add_user", "del_user", "add_qmail", "del_qmail", "default",
+                                 "joe_add", "joe_del", "include", "exclude"]),
+                st.integers(0, 20), st.integers(0, 20))
+EXAMPLES = int(os.environ.get("QMAIL_INCREMENTAL_EXAMPLES", "40"))
+
+
+def step(s, snap, named: set[str]):
+    """What the daemon does: incremental when it can tell, else full."""
+    from updater import incremental
+    from updater.install import LiveChanged
+    try:
+        report, snap, _, _ = incremental.build(s, snap, named, force=True)
+        return report, snap, "incremental"
+    except (incremental.NeedFull, LiveChanged):
+        report, snap, _ = incremental.full(s, force=True)
+        return report, snap, "full"
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(ops=st.lists(st.tuples(OPS, st.booleans()), min_size=1, max_size=10))
+def test_incremental_equals_full_byte_for_byte(ops):
+    from updater import incremental
+    root = Path(tempfile.mkdtemp(prefix="inc-"))
+    try:
+        t = make_tree(root)
+        live, reference = root / "live.cdb", root / "full.cdb"
+        s, s_full = settings_for(t, live), settings_for(t, reference)
+        _, snap, _ = incremental.full(s, force=True)
+        clock = Clock()
+        kinds = []
+        for op, named in ops:
+            names = apply(t, op, clock, named)
+            report, snap, kind = step(s, snap, names)
+            kinds.append(kind)
+            incremental.full(s_full, force=True)
+            assert live.read_bytes() == reference.read_bytes(), (op, named, kind, report.line())
+            if op[0] not in ("include", "exclude"):
+                assert kind == "incremental", op       # a domain's own change: no full build
+    finally:
+        shutil.rmtree(root)
+
+
+def test_a_named_change_in_a_shared_directory_redoes_the_alias_domain(tmp_path: Path):
+    from updater import incremental
+    t = make_tree(tmp_path / "t")
+    s = settings_for(t, tmp_path / "live.cdb")
+    _, snap, _ = incremental.full(s)
+    vp = t.vpop / "domains" / VPOP[0] / "vpasswd"
+    vp.write_text(vp.read_text() + f"new:x:1:0::{vp.parent}/new:NOQUOTA\n")
+    report, snap, _, redone = incremental.build(s, snap, {VPOP[0]})
+    assert redone == {VPOP[0], ALIAS}
+    assert report.added == [b"new@a0.example", b"new@v0.example"]
+
+
+def test_incremental_builds_pass_the_same_gate(tmp_path: Path):
+    """A domain whose vpasswd is emptied loses all its mailboxes: refused, as a full
+    build refuses it; the live file and the snapshot stay as they were."""
+    from updater import incremental
+    from updater.errors import InstallRefused
+    t = make_tree(tmp_path / "t")
+    live = tmp_path / "live.cdb"
+    s = settings_for(t, live)
+    _, snap, _ = incremental.full(s)
+    before = live.read_bytes()
+    (t.vpop / "domains" / VPOP[1] / "vpasswd").write_text("")
+    with pytest.raises(InstallRefused, match="v1.example"):
+        incremental.build(s, snap, {VPOP[1]})
+    assert live.read_bytes() == before
+    with pytest.raises(InstallRefused, match="v1.example"):
+        incremental.full(s)                   # the full build says the same
+
+
+def test_someone_else_replacing_the_live_cdb_means_a_full_build(tmp_path: Path):
+    from updater import incremental
+    from updater.install import LiveChanged
+    t = make_tree(tmp_path / "t")
+    live = tmp_path / "live.cdb"
+    s = settings_for(t, live)
+    _, snap, _ = incremental.full(s)
+    done = t.run("build", env=t.env(VALIDRCPTTO_CDB=str(live)))
+    assert done.returncode == 0 and "unchanged" in done.stderr, done.stderr
+    snap2 = snap                                       # a build that changed nothing
+    shutil.copy(live, tmp_path / "backup.cdb")         # an admin restores a copy
+    os.replace(tmp_path / "backup.cdb", live)
+    vp = t.vpop / "domains" / VPOP[2] / "vpasswd"
+    vp.write_text(vp.read_text() + f"zed:x:1:0::{vp.parent}/zed:NOQUOTA\n")
+    with pytest.raises(LiveChanged):
+        incremental.build(s, snap2, {VPOP[2]})
+
+
+@given(keys=st.lists(st.binary(min_size=1, max_size=6), unique=True),
+       added=st.lists(st.binary(min_size=1, max_size=6), unique=True),
+       cut=st.integers(0, 100))
+def test_splice_matches_sorting_the_set(keys, added, cut):
+    from updater.incremental import splice
+    keys.sort()
+    removed = sorted(keys[: cut % (len(keys) + 1)])
+    added = sorted(set(added) - set(keys))
+    assert splice(keys, added, removed) == sorted((set(keys) - set(removed)) | set(added))
+
+
+def test_onchange_requests_that_name_a_domain():
+    from updater.daemon import onchange_target
+    assert onchange_target("add_user joe@Example.COM") == ("example.com", True)
+    assert onchange_target("mod_user joe@example.com") == ("example.com", True)
+    assert onchange_target("valias_insert sales@example.com") == ("example.com", True)
+    assert onchange_target("add_user joe@example.com after") == ("example.com", True)
+    assert onchange_target("del_user joe@example.com") == ("example.com", False)
+    assert onchange_target("valias_delete sales@example.com") == ("example.com", False)
+    assert onchange_target("valias_delete_domain example.com") == ("example.com", False)
+    for full in ("add_domain example.com", "del_domain example.com", "burst 1", "",
+                 "add_user joe@exa mple.com", "add_user joe@ex/../ample", "add_user joe",
+                 "add_user joe@" + "a" * 300, "add_user a@b c"):
+        assert onchange_target(full) is None, full
+
+
+def test_debouncer_targeted_rule():
+    from updater.daemon import Debouncer
+    d = Debouncer(quiet=2, max_delay=30, floor=30, fast_quiet=0.05, fast_max_delay=1,
+                  fast_floor=1)
+    d.target(100, "add_user a@x", {"x"}, fast=True)
+    assert d.due() == pytest.approx(100.05)
+    assert d.due(last_build=99, last_end=99.5, last_seconds=0.3) == pytest.approx(100.5)
+    assert d.due(last_end=99.5, last_seconds=2.0) == pytest.approx(101.5)  # half-busy bound
+    for i in range(50):                              # a burst: at most fast_max_delay
+        d.target(100 + i * 0.03, "add_user", {f"d{i}"}, fast=True)
+    assert d.due() == pytest.approx(101)
+    d.add(100.2, "fifo: burst", fifo=True)         # a full request held by the floor ...
+    assert d.full_due(last_build=90) == 120
+    reasons, domains = d.take_targeted(102)         # ... does not hold the targeted build
+    assert len(domains) == 51 and d.full_due(last_build=90) == 120 and d.count == 1
+    d.target(200, "del_user a@x", {"x"}, fast=False)   # a removal waits the quiet period
+    d.target(200.5, "moved .../y/vpasswd", {"y"}, fast=False, settles=True)
+    assert d.targeted_due() == 202.5
+    d.target(201, "add_user b@z", {"z"}, fast=True)
+    assert d.take_targeted(201.1) == (["del_user a@x", "moved .../y/vpasswd",
+                                       "add_user b@z"], {"z"})
+    d.settle(201.1, {"x", "y", "z"})               # the watched change is answered,
+    assert d.take_targeted() == ([], {"x"})         # the removal report is not
+
+
+# --------------------------------------------------------------------------- the daemon
+
+def onchange(t: Tree, *args: str) -> None:
+    subprocess.run([str(ROOT / "service/onchange"), *args], env=t.env(), check=True)
+
+
+def add_user(t: Tree, domain: str, name: str) -> None:
+    vp = t.vpop / "domains" / domain / "vpasswd"
+    replace(vp, vp.read_text() + f"{name}:x:1:0::{vp.parent}/{name}:NOQUOTA\n")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    started: list[Running] = []
+    t = make_tree(tmp_path / "t")
+
+    def start(**env: str) -> Running:
+        r = Running(t, **env)
+        started.append(r)
+        return r
+    yield t, start
+    for r in started:
+        r.stop()
+
+
+def test_new_mailbox_is_live_at_once_and_the_safety_net_agrees(daemon):
+    t, start = daemon
+    r = start(UPDATER_QUIET="2", UPDATER_MIN_INTERVAL="30", UPDATER_INTERVAL="6")
+    add_user(t, VPOP[1], "newbie")
+    onchange(t, "add_user", f"newbie@{VPOP[1]}")
+    wait_for(lambda: "newbie@v1.example" in keys_of(t.cdb), 5, "the new mailbox")
+    r.wait(r"build \(.*fifo: add_user newbie@v1.example.*\): installed .* \+1 -0.* "
+           r"\[incremental: 1 domain: v1.example\]")
+    assert "newbie@v1.example" in keys_of(t.cdb)
+    add_user(t, VPOP[0], "shared")                 # the alias domain comes along
+    onchange(t, "add_user", f"shared@{VPOP[0]}")
+    r.wait(r"\+2 -0.*\[incremental: 2 domains: a0.example, v0.example\]")
+    assert {"shared@v0.example", "shared@a0.example"} <= keys_of(t.cdb)
+    vp = t.vpop / "domains" / VPOP[1] / "vpasswd"  # del_user comes before the deletion
+    onchange(t, "del_user", f"newbie@{VPOP[1]}")
+    replace(vp, "".join(x + "\n" for x in vp.read_text().splitlines()
+                        if not x.startswith("newbie:")))
+    wait_for(lambda: "newbie@v1.example" not in keys_of(t.cdb), 10, "the removal")
+    r.wait(r"-1.*\[incremental")
+    r.wait(r"build \(safety net\): unchanged", 20)  # the full build finds nothing to do
+
+
+def test_a_burst_of_add_user_coalesces(daemon):
+    t, start = daemon
+    r = start(UPDATER_QUIET="2", UPDATER_MIN_INTERVAL="30")
+    before = r.builds()
+    fifo = str(t.qmail / "control/validrcptto.trigger")
+    started = time.monotonic()
+    names = []
+    for i in range(300):                           # 300 vaddusers in about 3 s
+        d = VPOP[i % 3]
+        add_user(t, d, f"burst{i}")
+        names.append(f"burst{i}@{d}")
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, f"add_user burst{i}@{d}\n".encode())
+        os.close(fd)
+        time.sleep(max(0.0, started + (i + 1) * 0.01 - time.monotonic()))
+    wait_for(lambda: set(names) <= keys_of(t.cdb), 10, "every address of the burst")
+    time.sleep(2.5)                                # and the watch events' builds
+    builds = r.builds() - before
+    assert 1 <= builds <= 3 + (time.monotonic() - started), r.lines
+    assert r.count(r"incremental build not possible") == 0
+
+
+def test_a_held_full_request_does_not_hold_a_new_mailbox(daemon):
+    t, start = daemon
+    r = start(UPDATER_QUIET="0.3", UPDATER_MIN_INTERVAL="60")
+    done = t.run("trigger", "something")           # a full build, held by the floor
+    assert done.returncode == 0, done.stderr
+    r.wait(r"held until")
+    add_user(t, VPOP[2], "quick")
+    onchange(t, "add_user", f"quick@{VPOP[2]}")
+    wait_for(lambda: "quick@v2.example" in keys_of(t.cdb), 5, "the new mailbox")
+    r.wait(r"\[incremental: 1 domain: v2.example\]")
+    assert r.count(r"build \(fifo: something") == 0
+
+
+def test_a_global_change_makes_the_targeted_build_full(daemon):
+    t, start = daemon
+    r = start(UPDATER_QUIET="3")
+    t.control("validrcptto.include", f"extra@{VPOP[0]}\n")
+    add_user(t, VPOP[1], "late")
+    onchange(t, "add_user", f"late@{VPOP[1]}")
+    r.wait(r"incremental build not possible \(.*validrcptto.include changed\): full build")
+    wait_for(lambda: {"late@v1.example", "extra@v0.example"} <= keys_of(t.cdb), 5,
+             "both changes")
+
+
+def test_incremental_off_builds_everything(daemon):
+    t, start = daemon
+    r = start(UPDATER_QUIET="0.3", UPDATER_INCREMENTAL="0")
+    add_user(t, VPOP[1], "plain")
+    onchange(t, "add_user", f"plain@{VPOP[1]}")
+    wait_for(lambda: "plain@v1.example" in keys_of(t.cdb), 5, "the new mailbox")
+    time.sleep(0.5)
+    assert r.count(r"\[incremental") == 0

@@ -1,0 +1,227 @@
+"""Incremental builds: redo only the domains that changed, and install the new list from
+the previous one plus the delta.
+
+The keys of one domain depend only on that domain's own inputs (its home, its vpasswd,
+its ``.qmail`` files, its valias table) and on the *global* inputs every domain shares
+(the control files, users/cdb, passwd, the site files).  So after a full build the
+daemon keeps a ``Snapshot`` of the live list: its keys, sorted, grouped by domain, with
+what each domain was derived from (``inputs.Inputs``) and the identity of every global
+input.  An incremental build then
+
+1. stat()s the global inputs: any change means a full build (``NeedFull``);
+2. takes the domains named by the requests, plus every domain whose recorded inputs are
+   no longer what they were, plus the domains that share a user list with those (vpopmail
+   alias domains);
+3. runs the ordinary generator on just those domains (``generate(only=...)``, the same
+   code as a full build) and diffs their keys against the snapshot's;
+4. splices the delta into the sorted list and writes the cdb from it, through the same
+   gate as a full build, if the live file is still the one the snapshot describes.
+
+The cdb written is the one a full build of the same tree writes, byte for byte: both are
+made from the same sorted keys by the same writer (tests/test_incremental.py holds them
+to it over generated sequences of changes).
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .config import Settings
+from .generate import Result, generate, global_inputs
+from .inputs import Ident, Inputs, identities
+from .install import Changes, Report, install_delta
+from .qmail import ENCODING, ERRORS
+
+MAX_DOMAINS = 200       # more changed domains than this: a full build is as cheap
+SPLICE_LIMIT = 64       # up to this many added + removed keys: insert/delete in place
+
+
+class NeedFull(Exception):
+    """The incremental path cannot answer: the reason, for the log."""
+
+
+def part_of(key: bytes, bare: bytes | None) -> bytes:
+    at = key.rfind(b"@")
+    return key[at + 1:] if at >= 0 else (bare or b"")
+
+
+def split(keys: list[bytes], bare: bytes | None) -> dict[bytes, list[bytes]]:
+    """The sorted keys grouped by domain (``generate.part_of``), each group sorted."""
+    parts: defaultdict[bytes, list[bytes]] = defaultdict(list)
+    default = bare or b""
+    for k in keys:
+        _, at, d = k.rpartition(b"@")
+        parts[d if at else default].append(k)
+    return dict(parts)
+
+
+@dataclass
+class Snapshot:
+    """The live list as the last build installed it, and what it was derived from."""
+    keys: list[bytes]                       # sorted
+    rejects: set[bytes]
+    parts: dict[bytes, list[bytes]]         # domain -> its keys
+    user: set[bytes]                        # keys local users' own files decide
+    sources: dict[str, dict[str, int]]      # domain -> source kind -> names it gave
+    domains: frozenset[bytes]
+    bare: bytes | None
+    globals: dict[str, Ident | None]
+    inputs: Inputs
+    live: Ident | None                      # the installed file's identity
+    builds: int = 0                         # incremental builds since the full one
+
+    @classmethod
+    def of(cls, result: Result, keys: list[bytes], inputs: Inputs,
+           globals_: dict[str, Ident | None], live: Ident | None) -> Snapshot:
+        user = {k for k, i in result.keys.items() if i in result.user_origins} \
+            if result.user_origins else set()
+        return cls(keys, set(result.rejects), split(keys, result.bare), user,
+                   dict(result.sources), result.domains, result.bare, globals_, inputs, live)
+
+
+@dataclass
+class Delta:
+    keys: list[bytes]
+    rejects: set[bytes]
+    parts: dict[bytes, list[bytes]]
+    user: set[bytes]
+    changes: Changes
+    new_keys: set[bytes] = field(default_factory=set)     # the redone domains' keys now
+
+    @property
+    def empty(self) -> bool:
+        c = self.changes
+        return not (c.added or c.removed or c.changed)
+
+
+def diff(snap: Snapshot, redone: set[bytes], result: Result) -> Delta:
+    """The new list: the snapshot with the ``redone`` domains' keys replaced by those
+    of ``result`` (a build of just those domains).  Pure."""
+    fresh: dict[bytes, list[bytes]] = {d: [] for d in redone}
+    for k in result.keys:
+        d = part_of(k, snap.bare)
+        if d not in fresh:
+            raise NeedFull(f"the build of {len(redone)} domain(s) gave a key of another: "
+                           f"{k.decode(ENCODING, ERRORS)!r}")
+        fresh[d].append(k)
+    added: list[bytes] = []
+    removed: list[bytes] = []
+    changed: list[bytes] = []
+    rejects = snap.rejects
+    new_keys: set[bytes] = set()
+    for d, ks in fresh.items():
+        old = set(snap.parts.get(d, ()))
+        new = set(ks)
+        new_keys |= new
+        added += new - old
+        removed += old - new
+        changed += [k for k in new & old if (k in rejects) != (k in result.rejects)]
+    added.sort()
+    removed.sort()
+    changed.sort()
+    parts = dict(snap.parts)
+    for d, ks in fresh.items():
+        if ks:
+            parts[d] = sorted(ks)
+        else:
+            parts.pop(d, None)
+    new_rejects = set(rejects)
+    new_rejects.difference_update(removed)
+    for k in new_keys:
+        if k in result.rejects:
+            new_rejects.add(k)
+        else:
+            new_rejects.discard(k)
+    user = set(snap.user)
+    user.difference_update(removed)
+    for k in new_keys:
+        if result.is_user_key(k):
+            user.add(k)
+        else:
+            user.discard(k)
+    return Delta(splice(snap.keys, added, removed), new_rejects, parts, user,
+                 Changes(added, removed, changed), new_keys)
+
+
+def splice(keys: list[bytes], added: list[bytes], removed: list[bytes]) -> list[bytes]:
+    """``keys`` (sorted) without ``removed`` and with ``added`` (both sorted), as a new
+    sorted list: a few keys are moved in place (one memmove each), many by one pass."""
+    if not added and not removed:
+        return keys
+    if len(added) + len(removed) <= SPLICE_LIMIT:
+        out = list(keys)
+        for k in removed:
+            i = bisect_left(out, k)
+            if i < len(out) and out[i] == k:
+                del out[i]
+        for k in added:
+            out.insert(bisect_left(out, k), k)
+        return out
+    gone = set(removed)
+    out = [k for k in keys if k not in gone] if gone else list(keys)
+    out += added
+    out.sort()                       # two sorted runs: timsort merges them in one pass
+    return out
+
+
+def build(settings: Settings, snap: Snapshot, named: set[str], stop=None,
+          force: bool = False) -> tuple[Report, Snapshot, list[str], set[str]]:
+    """Redo the ``named`` domains and whatever else changed; install.  Returns (report,
+    the new snapshot, warnings, the domains redone); NeedFull when only a full build
+    can tell."""
+    started = time.monotonic()
+    now = identities(global_inputs(settings))
+    if now != snap.globals:
+        moved = sorted(p for p in now.keys() | snap.globals.keys()
+                       if now.get(p) != snap.globals.get(p))
+        raise NeedFull(f"{moved[0]} changed" if moved else "the global inputs changed")
+    todo = set(named) | snap.inputs.changed()
+    todo |= snap.inputs.sharing(todo)
+    if len(todo) > MAX_DOMAINS:
+        raise NeedFull(f"{len(todo)} domains to redo")
+    checked = time.monotonic()
+    tracer = Inputs()
+    result = generate(settings, only=frozenset(todo), tracer=tracer)
+    read = time.monotonic()
+    if result.bare != snap.bare or result.domains != snap.domains:
+        raise NeedFull("the domains we serve changed")
+    redone = {d.encode(ENCODING, ERRORS) for d in todo}
+    delta = diff(snap, redone, result)
+    sources = {d: c for d, c in snap.sources.items() if d not in todo}
+    sources.update(result.sources)
+    inputs = snap.inputs.replace(tracer, todo)
+    phases = {"check": checked - started, "read": read - checked,
+              "merge": time.monotonic() - read}
+    if delta.empty:
+        report = Report(settings.cdb, "unchanged", len(snap.keys),
+                        seconds=time.monotonic() - started, identity=snap.live, phases=phases)
+        new = Snapshot(snap.keys, snap.rejects, snap.parts, snap.user, sources, snap.domains,
+                       snap.bare, snap.globals, inputs, snap.live, snap.builds + 1)
+        return report, new, result.warnings, todo
+    removed_admin = [k for k in delta.changes.removed if k not in snap.user]
+    report = install_delta(
+        delta.keys, settings.cdb, rejects=delta.rejects, changes=delta.changes,
+        expect=snap.live, users=(len(delta.user), len(snap.user)), old_count=len(snap.keys),
+        removed_admin=removed_admin, new_keys=delta.new_keys, domains=snap.domains,
+        sources=sources, max_shrink=settings.max_shrink, force=force or settings.force,
+        lock_timeout=settings.lock_timeout, stop=stop, started=started)
+    report.phases = {**phases, **report.phases}
+    new = Snapshot(delta.keys, delta.rejects, delta.parts, delta.user, sources, snap.domains,
+                   snap.bare, snap.globals, inputs, report.identity, snap.builds + 1)
+    return report, new, result.warnings, todo
+
+
+def full(settings: Settings, stop=None, force: bool = False
+         ) -> tuple[Report, Snapshot, list[str]]:
+    """A full build that also records what an incremental build starts from: (report,
+    snapshot, warnings).  A refused list raises (the caller keeps no snapshot)."""
+    from .install import install_result
+    globals_ = identities(global_inputs(settings))     # taken before anything is read
+    tracer = Inputs()
+    result = generate(settings, tracer=tracer)
+    keys = result.sorted_keys()
+    report = install_result(result, settings.cdb, settings, force, stop=stop, keys=keys)
+    return report, Snapshot.of(result, keys, tracer, globals_, report.identity), result.warnings
