@@ -361,3 +361,21 @@ def test_incremental_off_builds_everything(daemon):
     wait_for(lambda: "plain@v1.example" in keys_of(t.cdb), 5, "the new mailbox")
     time.sleep(0.5)
     assert r.count(r"\[incremental") == 0
+
+
+def test_a_request_for_a_domain_we_do_not_serve_reads_nothing(tmp_path: Path, monkeypatch):
+    """A FIFO writer naming made-up domains costs a stat of the recorded inputs: no
+    domain is read, nothing is written."""
+    from updater import incremental
+    t = make_tree(tmp_path / "t")
+    live = tmp_path / "live.cdb"
+    s = settings_for(t, live)
+    _, snap, _ = incremental.full(s)
+    before = os.stat(live)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the generator ran")
+    monkeypatch.setattr(incremental, "generate", no_reading)
+    report, snap2, _, redone = incremental.build(s, snap, {"nosuch.example", "x" * 60})
+    assert report.status == "unchanged" and redone == set() and snap2 is snap
+    assert os.stat(live).st_mtime_ns == before.st_mtime_ns

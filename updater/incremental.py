@@ -178,8 +178,15 @@ def build(settings: Settings, snap: Snapshot, named: set[str], stop=None,
         moved = sorted(p for p in now.keys() | snap.globals.keys()
                        if now.get(p) != snap.globals.get(p))
         raise NeedFull(f"{moved[0]} changed" if moved else "the global inputs changed")
-    todo = set(named) | snap.inputs.changed()
+    # a domain we do not serve has no keys but the site files' (a global input)
+    todo = {d for d in named if d.encode(ENCODING, ERRORS) in snap.domains}
+    todo |= snap.inputs.changed()
     todo |= snap.inputs.sharing(todo)
+    if not todo:
+        report = Report(settings.cdb, "unchanged", len(snap.keys),
+                        seconds=time.monotonic() - started, identity=snap.live,
+                        phases={"check": time.monotonic() - started})
+        return report, snap, [], set()
     if len(todo) > MAX_DOMAINS:
         raise NeedFull(f"{len(todo)} domains to redo")
     checked = time.monotonic()

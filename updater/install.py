@@ -442,23 +442,29 @@ def remove_stale_temps(path: str) -> int:
     return n
 
 
+def write_cdb(f, keys: list[bytes], rejects: set[bytes]) -> None:
+    """The cdb of the sorted ``keys`` (``rejects`` with the value ``-``) into the open
+    file ``f``, records in key order: the same keys give the same bytes."""
+    import cdbx
+    maker = cdbx.CDB.make(f)
+    add = maker.add
+    if rejects:
+        for key in keys:
+            add(key, REJECT if key in rejects else b"")
+    else:
+        for key in keys:
+            add(key, b"")
+    maker.commit().close()
+    f.flush()
+
+
 def make_cdb(keys: list[bytes], rejects: set[bytes]) -> mmap.mmap:
     """The complete cdb image, built in memory (a memfd: nothing touches the disk) and
     returned as a read-only map of it, so it is never copied."""
-    import cdbx
     fd = os.memfd_create("validrcptto.cdb") if hasattr(os, "memfd_create") else None
     f = os.fdopen(fd, "w+b") if fd is not None else tempfile.TemporaryFile()
     with f:
-        maker = cdbx.CDB.make(f)
-        add = maker.add
-        if rejects:
-            for key in keys:
-                add(key, REJECT if key in rejects else b"")
-        else:
-            for key in keys:
-                add(key, b"")
-        maker.commit().close()
-        f.flush()
+        write_cdb(f, keys, rejects)
         return mmap.mmap(f.fileno(), os.fstat(f.fileno()).st_size, prot=mmap.PROT_READ)
 
 
@@ -487,9 +493,10 @@ def live_header(path: str) -> bytes:
         raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
 
 
-def write_atomically(path: str, data) -> None:
+def write_atomically(path: str, data=None, fill=None) -> None:
     """A unique temp file in the target's directory, fsync, rename over ``path``,
-    fsync the directory: the live name is always the old or the new complete file."""
+    fsync the directory: the live name is always the old or the new complete file.
+    The content: ``data``, or what ``fill(f)`` writes into the open file."""
     directory = os.path.dirname(path) or "."
     prefix = os.path.basename(_temp_pattern(path))
     try:
@@ -497,9 +504,12 @@ def write_atomically(path: str, data) -> None:
     except OSError as err:
         raise InstallError(f"cannot create a temporary file: {err.strerror}", directory) from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            for offset in range(0, len(data), CHUNK):
-                f.write(data[offset:offset + CHUNK])
+        with os.fdopen(fd, "w+b") as f:
+            if fill is not None:
+                fill(f)
+            else:
+                for offset in range(0, len(data), CHUNK):
+                    f.write(data[offset:offset + CHUNK])
             f.flush()
             os.fchmod(f.fileno(), MODE)
             os.fsync(f.fileno())
@@ -610,30 +620,28 @@ def install_delta(keys: list[bytes], path: str, *, rejects: set[bytes], changes:
     LiveChanged when someone else replaced the live file since."""
     started = time.monotonic() if started is None else started
     check_target(path)
-    t0 = time.monotonic()
-    try:
-        image = make_cdb(keys, rejects)
-    except OSError as err:
-        raise InstallError(f"cannot build the cdb in memory: {err.strerror or err}", path) from None
-    t1 = time.monotonic()
-    with image, locked(path, lock_timeout, stop):
+    why = gate(len(keys) - users[0], old_count - users[1], max_shrink, force,
+               empty=len(keys) == 0, users=users)
+    if not why and not force:
+        why = emptied(removed_admin, new_keys, domains)
+    with locked(path, lock_timeout, stop):
         check_target(path)
         if expect is None or identity(path) != expect:
             raise LiveChanged("the live cdb is not the one the last build installed", path)
-        remove_stale_temps(path)
-        why = gate(len(keys) - users[0], old_count - users[1], max_shrink, force,
-                   empty=len(keys) == 0, users=users)
-        if not why and not force:
-            why = emptied(removed_admin, new_keys, domains)
         if not why and not force and removed_admin:
             why = vanished(read_sources(path) or {}, sources, domains)
         if why:
             raise InstallRefused(why, path)
-        write_atomically(path, image)
+        remove_stale_temps(path)
+        t0 = time.monotonic()
+        # straight into the temp file beside the live one (no image in memory: nothing
+        # to compare, the changes are known), fsynced and renamed as always
+        write_atomically(path, fill=lambda f: write_cdb(f, keys, rejects))
+        t1 = time.monotonic()
         save_sources(path, sources)
-        size = len(image)
         now = identity(path)
     done = time.monotonic()
+    size = now[2] if now is not None else 0
     return Report(path, "installed", len(keys), changes.added, changes.removed,
                   changes.changed, done - started, size, now,
                   {"cdb": t1 - t0, "install": done - t1})
