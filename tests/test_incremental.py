@@ -6,6 +6,7 @@ whenever a global input changed."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -294,6 +295,9 @@ def test_new_mailbox_is_live_at_once_and_the_safety_net_agrees(daemon):
     r.wait(r"build \(.*fifo: add_user newbie@v1.example.*\): installed .* \+1 -0.* "
            r"\[incremental: 1 domain: v1.example\]")
     assert "newbie@v1.example" in keys_of(t.cdb)
+    shown = t.run("status").stdout
+    assert re.search(r"builds: +\d+ since the daemon started, [1-9]\d* of them incremental",
+                     shown), shown
     add_user(t, VPOP[0], "shared")                 # the alias domain comes along
     onchange(t, "add_user", f"shared@{VPOP[0]}")
     r.wait(r"\+2 -0.*\[incremental: 2 domains: a0.example, v0.example\]")

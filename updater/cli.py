@@ -246,7 +246,9 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
                  f"reason:       {shown(st.get('reason', ''))}",
                  f"entries:      {st.get('entries')}",
                  f"changes:      +{st.get('added', 0)} -{st.get('removed', 0)}",
-                 f"builds:       {st.get('builds')} since the daemon started",
+                 f"builds:       {st.get('builds')} since the daemon started, "
+                 f"{st.get('incremental_builds', 0)} of them incremental"
+                 f"{' (the last one too)' if st.get('incremental') else ''}",
                  f"pending:      {st.get('pending', 0)} requests"]
         if isinstance(st.get("held_until"), (int, float)):
             lines.append("held until:   " + time.strftime(

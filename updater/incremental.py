@@ -24,6 +24,7 @@ to it over generated sequences of changes).
 
 from __future__ import annotations
 
+import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
@@ -37,6 +38,12 @@ from .qmail import ENCODING, ERRORS
 
 MAX_DOMAINS = 200       # more changed domains than this: a full build is as cheap
 SPLICE_LIMIT = 64       # up to this many added + removed keys: insert/delete in place
+
+
+def live_path(settings: Settings) -> str:
+    if settings.cdb is None:                       # Settings.resolve() sets it
+        raise NeedFull("no cdb path")
+    return settings.cdb
 
 
 class NeedFull(Exception):
@@ -167,12 +174,14 @@ def splice(keys: list[bytes], added: list[bytes], removed: list[bytes]) -> list[
     return out
 
 
-def build(settings: Settings, snap: Snapshot, named: set[str], stop=None,
+def build(settings: Settings, snap: Snapshot, named: set[str],
+          stop: threading.Event | None = None,
           force: bool = False) -> tuple[Report, Snapshot, list[str], set[str]]:
     """Redo the ``named`` domains and whatever else changed; install.  Returns (report,
     the new snapshot, warnings, the domains redone); NeedFull when only a full build
     can tell."""
     started = time.monotonic()
+    path = live_path(settings)
     now = identities(global_inputs(settings))
     if now != snap.globals:
         moved = sorted(p for p in now.keys() | snap.globals.keys()
@@ -183,7 +192,7 @@ def build(settings: Settings, snap: Snapshot, named: set[str], stop=None,
     todo |= snap.inputs.changed()
     todo |= snap.inputs.sharing(todo)
     if not todo:
-        report = Report(settings.cdb, "unchanged", len(snap.keys),
+        report = Report(path, "unchanged", len(snap.keys),
                         seconds=time.monotonic() - started, identity=snap.live,
                         phases={"check": time.monotonic() - started})
         return report, snap, [], set()
@@ -203,14 +212,14 @@ def build(settings: Settings, snap: Snapshot, named: set[str], stop=None,
     phases = {"check": checked - started, "read": read - checked,
               "merge": time.monotonic() - read}
     if delta.empty:
-        report = Report(settings.cdb, "unchanged", len(snap.keys),
+        report = Report(path, "unchanged", len(snap.keys),
                         seconds=time.monotonic() - started, identity=snap.live, phases=phases)
         new = Snapshot(snap.keys, snap.rejects, snap.parts, snap.user, sources, snap.domains,
                        snap.bare, snap.globals, inputs, snap.live, snap.builds + 1)
         return report, new, result.warnings, todo
     removed_admin = [k for k in delta.changes.removed if k not in snap.user]
     report = install_delta(
-        delta.keys, settings.cdb, rejects=delta.rejects, changes=delta.changes,
+        delta.keys, path, rejects=delta.rejects, changes=delta.changes,
         expect=snap.live, users=(len(delta.user), len(snap.user)), old_count=len(snap.keys),
         removed_admin=removed_admin, new_keys=delta.new_keys, domains=snap.domains,
         sources=sources, max_shrink=settings.max_shrink, force=force or settings.force,
@@ -221,7 +230,7 @@ def build(settings: Settings, snap: Snapshot, named: set[str], stop=None,
     return report, new, result.warnings, todo
 
 
-def full(settings: Settings, stop=None, force: bool = False
+def full(settings: Settings, stop: threading.Event | None = None, force: bool = False
          ) -> tuple[Report, Snapshot, list[str]]:
     """A full build that also records what an incremental build starts from: (report,
     snapshot, warnings).  A refused list raises (the caller keeps no snapshot)."""
@@ -230,5 +239,6 @@ def full(settings: Settings, stop=None, force: bool = False
     tracer = Inputs()
     result = generate(settings, tracer=tracer)
     keys = result.sorted_keys()
-    report = install_result(result, settings.cdb, settings, force, stop=stop, keys=keys)
+    report = install_result(result, live_path(settings), settings, force, stop=stop,
+                            keys=keys)
     return report, Snapshot.of(result, keys, tracer, globals_, report.identity), result.warnings
