@@ -114,7 +114,8 @@ def test_trigger_during_a_build_makes_exactly_one_more(tree: Tree, running):
 
 
 def test_debouncer_rule():
-    from updater.daemon import Debouncer, backoff
+    from updater.debounce import Debouncer
+    from updater.retry import backoff
     d = Debouncer(quiet=2, max_delay=30)
     assert d.due() is None
     d.add(100, "a")
@@ -378,7 +379,7 @@ def test_status_reader_tolerates_a_partial_file(tree: Tree):
 def test_status_write_never_follows_a_planted_symlink(tmp_path: Path):
     """The old writer used PATH.tmp.PID; whoever can write the directory could plant a
     link there and have root overwrite any file."""
-    from updater.daemon import write_atomic
+    from updater.atomicfile import replace as write_atomic
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     victim.chmod(0o600)

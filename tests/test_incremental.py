@@ -222,7 +222,7 @@ def test_splice_matches_sorting_the_set(keys, added, cut):
 
 
 def test_onchange_requests_that_name_a_domain():
-    from updater.daemon import onchange_target
+    from updater.debounce import onchange_target
     assert onchange_target("add_user joe@Example.COM") == ("example.com", True)
     assert onchange_target("mod_user joe@example.com") == ("example.com", True)
     assert onchange_target("valias_insert sales@example.com") == ("example.com", True)
@@ -237,7 +237,7 @@ def test_onchange_requests_that_name_a_domain():
 
 
 def test_debouncer_targeted_rule():
-    from updater.daemon import Debouncer
+    from updater.debounce import Debouncer
     d = Debouncer(quiet=2, max_delay=30, floor=30, fast_quiet=0.05, fast_max_delay=1,
                   fast_floor=1)
     d.target(100, "add_user a@x", {"x"}, fast=True)

@@ -230,7 +230,7 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
     import json
     import time
 
-    from .daemon import read_status
+    from .status import read_status
     from .textsafe import printable
     st = read_status(settings.status)
     if st is None:

@@ -432,6 +432,8 @@ def generate(settings: Settings, only: frozenset[str] | None = None,
     return result
 
 
+CONTROL_FILES = ("rcpthosts", "morercpthosts.cdb", "locals", "me", "virtualdomains",
+                 "smtproutes", "envnoathost")
 GLOBAL_USERS = ("users/assign", "users/cdb")
 
 
@@ -461,50 +463,3 @@ def user_key_test(router: Router, prepends: dict[str, str], bare: str | None):
             local = local[:-7] + TAIL
         return router.user_owned(prepend + local)
     return user_key
-
-
-# --------------------------------------------------------------------------- what to watch
-
-CONTROL_FILES = ("rcpthosts", "morercpthosts.cdb", "locals", "me", "virtualdomains",
-                 "smtproutes", "envnoathost")
-
-
-def watch_targets(settings: Settings) -> dict[str, tuple[set[str], tuple[str, ...]]]:
-    """directory -> (file names, name prefixes) whose change can change the list.
-
-    Directories rather than files, so a replace-by-rename is seen.  When the control
-    files cannot be read (the build is failing), the control, users and alias
-    directories are still watched, so fixing them triggers the next build."""
-    targets: dict[str, tuple[set[str], tuple[str, ...]]] = {}
-
-    def add(directory: str, names=(), prefixes=()) -> None:
-        got_names, got_prefixes = targets.setdefault(os.path.abspath(directory), (set(), ()))
-        got_names.update(names)
-        targets[os.path.abspath(directory)] = (got_names, tuple(set(got_prefixes) | set(prefixes)))
-
-    add(os.path.join(settings.qmail_dir, "control"), CONTROL_FILES)
-    add(os.path.join(settings.qmail_dir, "users"), ("assign", "cdb"))
-    for site in (settings.include, settings.exclude):
-        add(os.path.dirname(site), (os.path.basename(site),))
-    if settings.passwd:
-        add(os.path.dirname(os.path.abspath(settings.passwd)), (os.path.basename(settings.passwd),))
-    try:
-        notes = Notes()
-        plan, _ = plan_for(settings)
-        router, view = router_for(settings, notes, lazy=True)
-        try:
-            add(view.alias_home(), (), (".qmail",))
-            for domain in plan.local:
-                router.domain(domain, "")
-            for domain, entry in plan.virtual:
-                router.domain(domain, lower_ascii(entry.right) + "-")
-        finally:
-            router.close()
-        for home, how in view.homes.items():
-            if not how.startswith("account "):     # users' own homes: the FIFO's job
-                add(home, ("vpasswd", "vpasswd.cdb"), (".qmail",))
-        for path in view.files:
-            add(os.path.dirname(path), (os.path.basename(path),))
-    except SourceError:
-        pass
-    return targets
