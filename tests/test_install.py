@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import given, settings, strategies as st
 
 from conftest import Tree, need, script
-from updater.install import gate
+from updater.gate import gate
 
 
 def local_tree(tree: Tree, users: int) -> None:
@@ -143,7 +143,7 @@ def test_gate_rule():
 
 
 def test_emptied_domain_rule():
-    from updater.install import emptied
+    from updater.gate import emptied
     old = {b"a@x", b"b@x", b"c@y", b"@z"}
 
     def check(new, domains):
@@ -188,7 +188,7 @@ def test_a_domain_whose_vpopmail_users_vanished_is_refused(tree: Tree):
 
 
 def test_vanished_source_rule():
-    from updater.install import vanished
+    from updater.gate import vanished
     old = {"x": {"users": 3, "valias": 0}, "y": {"ldap": 5}}
     assert vanished(old, {"x": {"users": 1}, "y": {"ldap": 5}}, frozenset([b"x", b"y"])) is None
     assert "vpopmail users of x are gone (3 last time" in vanished(
@@ -310,7 +310,8 @@ keys_st = st.sets(st.binary(min_size=1, max_size=12).map(lambda b: b.replace(b"@
 def test_changed_stretch_agrees_with_sets(old, added, gone, rejects, seed, tmp_path_factory):
     """The quick diff (only the differing stretch parsed) equals the plain set difference,
     and the streaming diff too; the quick one is used whenever it can be."""
-    from updater.install import Changes, changed_stretch, compare_live, make_cdb
+    from updater.cdbdiff import Changes, changed_stretch, compare_live
+    from updater.install import make_cdb
     old_keys = sorted(old)
     dropped = set(seed.sample(old_keys, min(gone, len(old_keys))))
     new_keys = sorted((old - dropped) | added)
@@ -336,7 +337,8 @@ def test_changed_stretch_agrees_with_sets(old, added, gone, rejects, seed, tmp_p
 def test_compare_live_with_a_foreign_record_order(tmp_path: Path):
     """A live cdb written by another tool in another order still diffs right."""
     import cdbx
-    from updater.install import Changes, compare_live, make_cdb
+    from updater.cdbdiff import Changes, compare_live
+    from updater.install import make_cdb
     keys = sorted(b"u%03d@d.example" % i for i in range(300))
     live = tmp_path / "live.cdb"
     maker = cdbx.CDB.make(str(live))

@@ -265,7 +265,7 @@ class Daemon:
 
     # ---- main loop
     def run(self) -> int:
-        from .install import take_lock
+        from .lock import take_lock
         cdb = self.s.cdb or ""
         try:                        # one daemon per tree: the second exits at once
             instance = take_lock(cdb + ".daemon", 0, what="qmail-updater run")

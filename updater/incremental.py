@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from .config import Settings
 from .generate import Result, generate, global_inputs
 from .inputs import Ident, Inputs, identities
-from .install import Changes, Report, install_delta
+from .cdbdiff import Changes
+from .install import Report, install_delta
 from .qmail import ENCODING, ERRORS
 
 MAX_DOMAINS = 200       # more changed domains than this: a full build is as cheap

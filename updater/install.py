@@ -6,26 +6,26 @@ file; a refused or failed build leaves it untouched.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import glob
 import json
 import mmap
 import os
 import stat
-import struct
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from collections.abc import Iterator
+from typing import Any, BinaryIO
 
+from . import atomicfile
+from .cdbdiff import CHUNK, REJECT, Changes, compare_live, record_count
 from .errors import InstallError, InstallRefused
+from .gate import emptied, gate, vanished
 from .inputs import Ident, identity
+from .lock import locked
 from .qmail import ENCODING, ERRORS
 
 MODE = 0o644
-REJECT = b"-"          # the value of a key that rejects (REFERENCE §1)
-CHUNK = 1 << 20        # compare and copy files a MiB at a time
 
 
 @dataclass
@@ -63,63 +63,6 @@ class Report:
         return "changes: " + " ".join(shown) + (f" (+{more} more)" if more > 0 else "")
 
 
-def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool,
-         empty: bool | None = None, users: tuple[int, int] | None = None) -> str | None:
-    """Why a new list must not replace the live one, or None (pure).  The counts are of
-    the keys the admin controls; ``users``: (new, old) keys local users control, left
-    out of the counts; ``empty``: the whole new list is empty."""
-    if force:
-        return None
-    if (new_count == 0) if empty is None else empty:
-        return "refusing to install an empty list (--force installs it anyway)"
-    if old_count and max_shrink > 0:
-        shrink = (old_count - new_count) * 100.0 / old_count
-        if shrink > max_shrink:
-            mine = f", not counting {users[1]} -> {users[0]} keys of local users' own " \
-                ".qmail files" if users and (users[0] or users[1]) else ""
-            return (f"refusing to install: the list shrinks by {shrink:.1f}% "
-                    f"({old_count} -> {new_count} entries{mine}), more than the "
-                    f"{max_shrink:g}% allowed (--max-shrink; --force installs it anyway)")
-    return None
-
-
-def emptied(removed: list[bytes], new, domains: frozenset[bytes]) -> str | None:
-    """Why a list must not be installed because a domain we still receive mail for lost
-    all of its keys (a source returned nothing for it), or None (pure).  ``removed``:
-    the live keys not in the new list; ``new``: any container of the new keys."""
-    lost = {k.rpartition(b"@")[2] for k in removed if b"@" in k} & domains
-    if not lost:
-        return None
-    gone = sorted(lost - {k.rpartition(b"@")[2] for k in new if b"@" in k})
-    if not gone:
-        return None
-    had = sum(1 for k in removed if k.rpartition(b"@")[2] == gone[0])   # all of them went
-    more = f" (and {len(gone) - 1} more domains)" if len(gone) > 1 else ""
-    name = gone[0].decode(ENCODING, ERRORS)
-    return (f"refusing to install: {name} had {had} entries and now has none{more}; "
-            "did a source return nothing? (--force installs it anyway)")
-
-
-KIND_WORDS = {"users": "vpopmail users", "valias": "valias entries", "ldap": "LDAP addresses",
-              "fastforward": "fastforward entries"}
-
-
-def vanished(old: dict, new: dict, domains: frozenset[bytes]) -> str | None:
-    """Why a list must not be installed because a source gave nothing for a domain we
-    still serve where it gave entries last time (a vpasswd emptied, a valias table or an
-    LDAP search returning nothing), although the domain keeps other keys; or None
-    (pure).  ``old``/``new``: domain -> kind of source -> names it gave."""
-    for domain in sorted(old):
-        if domain.encode(ENCODING, ERRORS) not in domains or not isinstance(old[domain], dict):
-            continue
-        for kind, had in sorted(old[domain].items()):
-            if isinstance(had, int) and had > 0 and new.get(domain, {}).get(kind, 0) == 0:
-                return (f"refusing to install: the {KIND_WORDS.get(kind, kind)} of {domain} "
-                        f"are gone ({had} last time, none now); did a source return nothing? "
-                        "(--force installs it anyway)")
-    return None
-
-
 def sources_path(path: str) -> str:
     """What the last installed list's sources gave, per domain (JSON), beside the cdb."""
     return path + ".sources"
@@ -149,260 +92,6 @@ def save_sources(path: str, counts: dict) -> None:
                      json.dumps(counts, sort_keys=True, separators=(",", ":")).encode())
 
 
-@dataclass
-class Changes:
-    added: list[bytes]
-    removed: list[bytes]
-    changed: list[bytes]         # in both lists, but the value (accept / ``-``) differs
-
-
-def compare_live(path: str, keys: list[bytes], new, rejects: set[bytes],
-                 image=None) -> Changes:
-    """The changes from the live cdb to the sorted ``keys``.  When the live file and the
-    new ``image`` differ only in a small stretch (the everyday case: a user added or
-    removed), only that stretch is parsed; otherwise one streaming pass over the live
-    file (a million-key list is never held twice).  A live file that cannot be parsed
-    counts as empty."""
-    if image is not None:
-        try:
-            with open(path, "rb") as f:
-                quick = changed_stretch(FileBytes(f.fileno()), image, keys, rejects, new)
-        except (OSError, ValueError, struct.error):
-            quick = None
-        if quick is not None:
-            return quick
-    import cdbx
-    removed: list[bytes] = []
-    turned: list[bytes] = []                 # live "-" keys that now accept
-    try:
-        db = cdbx.CDB(path)
-    except Exception:
-        return Changes(list(keys), [], [])
-    try:
-        for k, v in db.items(all=True):
-            if k not in new:
-                removed.append(k)
-            elif v and k not in rejects:
-                turned.append(k)
-        added = [k for k in keys if k not in db]
-        changed = turned + [k for k in rejects if k in db and db.get(k) != REJECT]
-    except Exception:
-        return Changes(list(keys), [], [])
-    finally:
-        db.close()
-    return Changes(added, sorted(removed), sorted(changed))
-
-
-STRETCH_LIMIT = 1 << 22      # parse at most this many bytes of changed records in Python
-
-
-class FileBytes:
-    """A file read by slices (``pread``), so comparing it never maps it all in memory."""
-
-    def __init__(self, fd: int):
-        self.fd, self.size = fd, os.fstat(fd).st_size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, part: slice) -> bytes:
-        start, stop, _ = part.indices(self.size)
-        return os.pread(self.fd, max(0, stop - start), start)
-
-
-def changed_stretch(old, image, keys: list[bytes], rejects: set[bytes], new) -> Changes | None:
-    """The changes between two cdbs whose records differ only in one stretch (pure).
-
-    Both files keep their records from byte 2048 up to their hash tables.  The records
-    before the first differing byte are the same in both, and so are those after the
-    last one (checked: the old file's records must parse to exactly that point), so only
-    the records in between are compared.  None when the files are not laid out that way
-    or the stretch is too big to be worth it (the caller then streams the whole file)."""
-    from array import array
-    from bisect import bisect_left
-    from itertools import accumulate
-    if len(old) < 2048 or len(image) < 2048:
-        return None
-    old_end = min(struct.unpack("<512L", old[:2048])[0::2])
-    new_end = min(struct.unpack("<512L", image[:2048])[0::2])
-    if not 2048 <= old_end <= len(old) or not 2048 <= new_end <= len(image):
-        return None
-    same_head = _common(old, image, 2048, old_end, new_end)
-    same_tail = _common(old, image, 2048 + same_head, old_end, new_end, from_end=True)
-    # where new record i starts: 8 bytes of lengths per record, the keys, the "-" values
-    key_bytes = array("Q", accumulate(map(len, keys), initial=0))
-    reject_at = sorted(i for i in (bisect_left(keys, r) for r in rejects)
-                       if i < len(keys) and keys[i] in rejects)
-
-    def start(i: int) -> int:
-        return 2048 + 8 * i + key_bytes[i] + bisect_left(reject_at, i)
-
-    lo, hi = 0, len(keys)                    # last record start inside the common head
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if start(mid) <= 2048 + same_head:
-            lo = mid
-        else:
-            hi = mid - 1
-    first = lo
-    lo, hi = first, len(keys)                # first record start inside the common tail
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if start(mid) >= new_end - same_tail:
-            hi = mid
-        else:
-            lo = mid + 1
-    last = lo
-    old_from, old_to = start(first), old_end - (new_end - start(last))
-    if old_to < old_from or old_to - old_from > STRETCH_LIMIT:
-        return None
-    stretch = old[old_from:old_to]
-    before: dict[bytes, bytes] = {}
-    pos = 0
-    while pos + 8 <= len(stretch):
-        klen, dlen = struct.unpack_from("<LL", stretch, pos)
-        before[stretch[pos + 8:pos + 8 + klen]] = stretch[pos + 8 + klen:pos + 8 + klen + dlen]
-        pos += 8 + klen + dlen
-    if pos != len(stretch):
-        return None
-    after = {k: (REJECT if k in rejects else b"") for k in keys[first:last]}
-    return Changes(sorted(k for k in after if k not in before),
-                   sorted(k for k in before if k not in new),
-                   sorted(k for k in after if k in before and before[k] != after[k]))
-
-
-def _common(a, b, start: int, end_a: int, end_b: int, from_end: bool = False) -> int:
-    """Length of the common beginning (or end) of a[start:end_a] and b[start:end_b],
-    compared a chunk at a time, then by halving inside the first chunk that differs."""
-    n = min(end_a, end_b) - start
-
-    def piece(data, end: int, lo: int, hi: int):     # bytes lo..hi counted from that side
-        return data[end - hi:end - lo] if from_end else data[start + lo:start + hi]
-    done = 0
-    while done < n:
-        size = min(CHUNK, n - done)
-        x, y = piece(a, end_a, done, done + size), piece(b, end_b, done, done + size)
-        if x != y:
-            lo, hi = 0, size                 # the first lo bytes agree, the first hi do not
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                same = x[size - mid:] == y[size - mid:] if from_end else x[:mid] == y[:mid]
-                lo, hi = (mid, hi) if same else (lo, mid)
-            return done + lo
-        done += size
-    return n
-
-
-def record_count(data: bytes) -> int | None:
-    """Records in a cdb, from its 2048-byte header: each of the 256 tables has twice as
-    many slots as records (as cdbmake and cdbx write them).  None for a file too short
-    to be a cdb."""
-    if len(data) < 2048:
-        return None
-    return sum(struct.unpack_from("<512L", data, 0)[1::2]) // 2
-
-
-LOCK_MODE = 0o600
-
-
-def open_lock(lock_path: str) -> int:
-    """Open (or create) a lock file only we can open: O_NOFOLLOW (a planted symlink is
-    refused), a regular file owned by our uid, mode 0600.  A lock file others could open
-    (an older version made it 0644: anyone could flock it and freeze every build) is
-    replaced by a new one, so a descriptor opened before does not hold the new lock."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    for _ in range(3):
-        try:
-            fd = os.open(lock_path, flags, LOCK_MODE)
-        except OSError as err:
-            why = "is a symbolic link" if err.errno == errno.ELOOP else err.strerror
-            raise InstallError(f"cannot open lock file: {why}", lock_path) from None
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and \
-                not st.st_mode & 0o077:
-            return fd
-        os.close(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InstallError("lock file is not a regular file: remove it", lock_path)
-        directory = os.path.dirname(lock_path) or "."
-        tmp_fd, tmp = tempfile.mkstemp(prefix=os.path.basename(lock_path) + ".", dir=directory)
-        os.close(tmp_fd)                       # mkstemp: 0600, ours
-        os.replace(tmp, lock_path)
-    raise InstallError("lock file keeps changing under us", lock_path)
-
-
-def lock_holder(fd: int) -> str:
-    """"pid N since HH:MM:SS" for whoever holds the flock on ``fd``'s file, from
-    /proc/locks and the holder's start time (nothing is written into the lock file, so
-    a build that changes nothing writes nothing)."""
-    try:
-        st = os.fstat(fd)
-        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-        with open("/proc/locks") as f:
-            for line in f:
-                fields = line.split()
-                if "FLOCK" in fields and dev in fields:
-                    pid = int(fields[fields.index(dev) - 1])
-                    break
-            else:
-                return "an unknown process"
-    except (OSError, ValueError):
-        return "an unknown process"
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(x.split()[1]) for x in f if x.startswith("btime "))
-        since = boot + ticks / os.sysconf("SC_CLK_TCK")
-        return f"pid {pid} since {time.strftime('%H:%M:%S', time.localtime(since))}"
-    except (OSError, ValueError, IndexError, StopIteration):
-        return f"pid {pid}"
-
-
-def take_lock(lock_path: str, timeout: float, stop=None, what: str = "build") -> int:
-    """An exclusive flock on ``lock_path``, waiting at most ``timeout`` seconds (and
-    giving up at once when ``stop`` is set: SIGTERM is honoured while we wait).  The
-    refusal names the holder's pid and start time (from /proc/locks).  Returns the
-    descriptor; closing it releases the lock."""
-    deadline = time.monotonic() + timeout
-    nap = 0.02
-    while True:
-        fd = open_lock(lock_path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if stop is not None and stop.is_set():
-                os.close(fd)
-                raise InstallError("stopping: gave up waiting for the lock", lock_path) from None
-            if time.monotonic() >= deadline:
-                holder = lock_holder(fd)
-                os.close(fd)
-                raise InstallError(f"another {what} holds the lock ({holder}); gave up after "
-                                   f"{timeout:g}s", lock_path) from None
-            os.close(fd)
-            time.sleep(nap)
-            nap = min(0.25, nap * 2)
-            continue
-        try:                                   # still the file at that name?
-            same = os.path.samestat(os.fstat(fd), os.stat(lock_path, follow_symlinks=False))
-        except OSError:
-            same = False
-        if not same:
-            os.close(fd)
-            continue
-        return fd
-
-
-@contextlib.contextmanager
-def locked(path: str, timeout: float = 60.0, stop=None) -> Iterator[None]:
-    """An exclusive lock beside the cdb, so two builders never interleave."""
-    fd = take_lock(path + ".lock", timeout, stop)
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
 def check_target(path: str) -> None:
     """The live cdb must be a regular file (or not exist yet) in a directory that not
     everyone may write: a symlink is refused rather than followed or replaced."""
@@ -427,15 +116,10 @@ def check_target(path: str) -> None:
                            directory)
 
 
-def _temp_pattern(path: str) -> str:
-    d, base = os.path.split(path)
-    return os.path.join(d or ".", f".{base}.tmp.")
-
-
 def remove_stale_temps(path: str) -> int:
     """Temp files of builds that were killed; call with the lock held."""
     n = 0
-    for stale in glob.glob(glob.escape(_temp_pattern(path)) + "*"):
+    for stale in glob.glob(glob.escape(atomicfile.temp_prefix(path)) + "*"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(stale)
             n += 1
@@ -493,38 +177,13 @@ def live_header(path: str) -> bytes:
         raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
 
 
-def write_atomically(path: str, data=None, fill=None) -> None:
-    """A unique temp file in the target's directory, fsync, rename over ``path``,
-    fsync the directory: the live name is always the old or the new complete file.
-    The content: ``data``, or what ``fill(f)`` writes into the open file."""
-    directory = os.path.dirname(path) or "."
-    prefix = os.path.basename(_temp_pattern(path))
+def write_atomically(path: str, data: Any = None,
+                     fill: Callable[[BinaryIO], None] | None = None) -> None:
+    """``atomicfile.replace`` (mode 0644), failures as InstallError naming the file."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+        atomicfile.replace(path, data, fill, MODE)
     except OSError as err:
-        raise InstallError(f"cannot create a temporary file: {err.strerror}", directory) from None
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            if fill is not None:
-                fill(f)
-            else:
-                for offset in range(0, len(data), CHUNK):
-                    f.write(data[offset:offset + CHUNK])
-            f.flush()
-            os.fchmod(f.fileno(), MODE)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise InstallError(f"cannot write: {err.strerror or err}", path) from None
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        raise InstallError(f"cannot write: {err.strerror or err}", path) from None
 
 
 def install_result(result, path: str, settings, force: bool = False, stop=None,
