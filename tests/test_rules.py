@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from updater.errors import SourceError
-from updater.generate import classify, merge, normalise, universe
+from updater.generate import classify, universe
+from updater.merge import merge, normalise
 from updater.qmail import (fastforward_cdb, lower_ascii, lspawn_lookup, map_index, map_lookup,
                            parse_assign, parse_domain_map, runs, users_db)
 from updater.routing import Accepts, Answer, DomainKeys, _prune, accepted, getpw, qmail_search

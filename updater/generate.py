@@ -10,9 +10,9 @@ all of its mail.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +23,7 @@ from .inputs import Inputs
 from .qmail import (ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, accounts as load_accounts,
                     cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
                     parse_assign, parse_domain_map, read_text, read_users_cdb, users_db)
+from .merge import Result, merge
 from .routing import TAIL, DomainKeys, Router
 from .sources import Found, Notes, at
 from .sources.qmailtree import DiskView
@@ -94,119 +95,6 @@ def classify(domains: dict[str, tuple[str, int | None]], locals_: set[str],
     plan.singles = [e for e in virtualdomains
                     if "@" in e.left and e.left.rpartition("@")[2] in domains]
     return plan
-
-
-_BAD = re.compile(rb"[\x00-\x09\x0b-\x20\x7f]")          # \n separates the keys
-REJECT_VALUE = b"-"
-
-
-def normalise(keys: list, origin: str, notes: Notes) -> list[bytes]:
-    """Keys as bytes, lowercased (A-Z only), without keys no SMTP client can send
-    unquoted (white space, control characters): one pass over all of a group's keys."""
-    if not keys:
-        return []
-    if isinstance(keys[0], str):
-        data = "\n".join(keys).encode(ENCODING, ERRORS)
-    else:
-        data = b"\n".join(keys)
-    if _BAD.search(data) or data.count(b"\n") != len(keys) - 1:
-        raw = [k.encode(ENCODING, ERRORS) if isinstance(k, str) else k for k in keys]
-        good = [k for k in raw if not _BAD.search(k) and b"\n" not in k]
-        notes.warn(f"{origin}: skipped {len(keys) - len(good)} name(s) with white space "
-                   "or control characters")
-        if not good:
-            return []
-        data = b"\n".join(good)
-    return data.lower().split(b"\n")
-
-
-@dataclass
-class Result:
-    keys: dict[bytes, int]          # key -> index into origins
-    origins: list[str]
-    rejects: set[bytes]
-    warnings: list[str]
-    seconds: float = 0.0
-    domains: frozenset[bytes] = frozenset()   # the domain universe (for the install gate)
-    user_origins: set[int] = field(default_factory=set)   # origins a local user controls
-    user_key: Callable[[bytes], bool] | None = None       # a key a local user controls?
-    # domain -> kind of source ("users", "valias", "ldap", ...) -> names it gave: the
-    # install gate refuses a list in which one of them gave nothing where it gave some
-    sources: dict[str, dict[str, int]] = field(default_factory=dict)
-    bare: bytes | None = None       # the envnoathost domain (its keys also come bare)
-
-    def is_user_key(self, key: bytes) -> bool:
-        """A key of this list that a local user's own files decide (by its origin)."""
-        return self.keys.get(key) in self.user_origins
-
-    def user_count(self) -> int:
-        """Keys a local user's own files decide (the install gate leaves them out)."""
-        if not self.user_origins:
-            return 0
-        own = self.user_origins
-        return sum(1 for i in self.keys.values() if i in own)
-
-    def sorted_keys(self) -> list[bytes]:
-        return sorted(self.keys)
-
-    def value(self, key: bytes) -> bytes:
-        """``-`` for a rejecting key, else empty."""
-        return REJECT_VALUE if key in self.rejects else b""
-
-    def items(self) -> list[tuple[bytes, bytes]]:
-        return [(k, self.value(k)) for k in self.sorted_keys()]
-
-    def origin(self, key: bytes) -> str:
-        return self.origins[self.keys[key]]
-
-
-def merge(groups: Iterable[Found], notes: Notes, bare_domain: str | None) -> Result:
-    """Dedupe.  A key the routing refuses (``deny``) is written with the reject value
-    unless another source accepts it; excluded keys (the site file) win over everything,
-    and an excluded ``@domain`` removes the domain's other keys.  Keys at ``bare_domain``
-    (control/envnoathost) also get a bare local-part key, since qmail delivers an address
-    without ``@`` there."""
-    keys: dict[bytes, int] = {}
-    origins: list[str] = []
-    user_origins: set[int] = set()
-    denied: dict[bytes, int] = {}
-    excluded: list[tuple[list[bytes], int]] = []
-    for found in groups:
-        index = len(origins)
-        origins.append(found.origin)
-        if found.user:
-            user_origins.add(index)
-        ks = found.keys if found.clean else normalise(found.keys, found.origin, notes)
-        if found.reject:
-            excluded.append((ks, index))
-        elif found.deny:
-            denied.update(dict.fromkeys(ks, index))
-        else:
-            keys.update(dict.fromkeys(ks, index))
-    rejects: set[bytes] = set()
-    for k, index in denied.items():
-        if k not in keys:
-            keys[k] = index
-            rejects.add(k)
-    for ks, index in excluded:
-        for k in ks:
-            if k.startswith(b"@"):
-                for other in [o for o in keys if o.endswith(k)]:
-                    del keys[other]
-                    rejects.discard(other)
-            keys[k] = index
-            rejects.add(k)
-    if bare_domain:
-        suffix = b"@" + bare_domain.encode(ENCODING, ERRORS)
-        if suffix not in keys:
-            bare = {k[: -len(suffix)]: k for k in keys
-                    if k.endswith(suffix) and not k.startswith(b"@")}
-            for local, full in bare.items():
-                if local not in keys:
-                    keys[local] = keys[full]
-                    if full in rejects:
-                        rejects.add(local)
-    return Result(keys, origins, rejects, notes.warnings, user_origins=user_origins)
 
 
 # --------------------------------------------------------------------------- the build
@@ -314,32 +202,12 @@ def part_of(key: str, bare: str | None) -> str:
     return lower_ascii(key[at + 1:]) if at >= 0 else (bare or "")
 
 
-def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None = None,
-            counts: dict[str, dict[str, int]] | None = None,
-            only: frozenset[str] | None = None, bare: str | None = None) -> Iterator[Found]:
-    """Every source, in a fixed order (the output does not depend on it: it is sorted).
-    ``only``: just the keys of these domains (an incremental build); the keys of one
-    domain never depend on another domain's sources."""
-    def want(domain: str) -> bool:
-        return only is None or domain in only
-
-    tracer = getattr(getattr(router, "view", None), "tracer", None)
-
-    def domain_keys(domain: str, prepend: str, singles_=None) -> DomainKeys:
-        assert router is not None
-        if tracer is not None:
-            tracer.domain = domain
-        try:
-            keys = router.domain(domain, prepend, singles_)
-        finally:
-            if tracer is not None:
-                tracer.domain = None
-        if counts is not None and keys.sources:
-            counts[domain] = keys.sources
-        return keys
-
-    singles: dict[str, dict[str, str]] = {}       # domain -> user -> local part
-    remote: dict[str, dict[str, MapEntry]] = {}      # "user@domain:" lines
+def split_singles(plan: Plan, notes: Notes, want: Callable[[str], bool]
+                  ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, MapEntry]]]:
+    """The ``user@domain:prepend`` lines: domain -> user -> local part, and the
+    ``user@domain:`` (empty) lines, which qmail delivers remotely."""
+    singles: dict[str, dict[str, str]] = {}
+    remote: dict[str, dict[str, MapEntry]] = {}
     local = set(plan.local)
     for e in plan.singles:                           # the last of equal lines wins
         user, _, domain = e.left.rpartition("@")
@@ -354,26 +222,78 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
         else:
             singles.get(domain, {}).pop(user, None)
             remote.setdefault(domain, {})[user] = e
+    return singles, remote
+
+
+@contextlib.contextmanager
+def tracing(router: Router, domain: str) -> Iterator[None]:
+    """What the router reads meanwhile is recorded for ``domain`` (incremental builds)."""
+    tracer = getattr(router.view, "tracer", None)
+    if tracer is not None:
+        tracer.domain = domain
+    try:
+        yield
+    finally:
+        if tracer is not None:
+            tracer.domain = None
+
+
+def chain_keys(plan: Plan, notes: Notes, router: Router, singles: dict[str, dict[str, str]],
+               want: Callable[[str], bool], counts: dict[str, dict[str, int]] | None
+               ) -> Iterator[Found]:
+    """The local and virtual domains through qmail's delivery chain, then the single
+    ``user@domain:prepend`` addresses of the other domains."""
+    def domain_keys(domain: str, prepend: str, only: dict[str, str] | None = None
+                    ) -> Iterator[Found]:
+        with tracing(router, domain):
+            keys = router.domain(domain, prepend, only)
+        if counts is not None and keys.sources:
+            counts[domain] = keys.sources
+        yield from routed_keys(domain, keys, notes)
+
+    for domain in plan.local:
+        if want(domain):
+            yield from domain_keys(domain, "")
+    for domain, entry in plan.virtual:
+        if want(domain):
+            yield from domain_keys(domain, lower_ascii(entry.right) + "-",
+                                   singles.pop(domain, None))
+    routed = {d for d, _ in plan.routed}
+    for domain, by_user in singles.items():      # routed or LDAP domains
+        for user, local_part in by_user.items():
+            with tracing(router, domain):
+                ans = router.resolve(local_part, domain)
+            if not ans.ok or domain not in routed:     # routed: @domain says yes
+                yield Found(ans.origin, [f"{user}@{domain}"], deny=not ans.ok)
+
+
+def ldap_keys(settings: Settings, domains: list[str],
+              counts: dict[str, dict[str, int]] | None) -> Iterator[Found]:
+    from .sources.ldap import ldap_entries
+    for found in ldap_entries(settings, domains):
+        if counts is not None:
+            for domain in domains:
+                counts.setdefault(domain, {})["ldap"] = 0
+            for key in found.keys:
+                domain = key.rpartition("@")[2]
+                if domain in counts:
+                    counts[domain]["ldap"] = counts[domain].get("ldap", 0) + 1
+        yield found
+
+
+def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None = None,
+            counts: dict[str, dict[str, int]] | None = None,
+            only: frozenset[str] | None = None, bare: str | None = None) -> Iterator[Found]:
+    """Every source, in a fixed order (the output does not depend on it: it is sorted).
+    ``only``: just the keys of these domains (an incremental build); the keys of one
+    domain never depend on another domain's sources."""
+    def want(domain: str) -> bool:
+        return only is None or domain in only
+
+    singles, remote = split_singles(plan, notes, want)
     if router is not None:
         try:
-            for domain in plan.local:
-                if want(domain):
-                    yield from routed_keys(domain, domain_keys(domain, ""), notes)
-            for domain, entry in plan.virtual:
-                if want(domain):
-                    keys = domain_keys(domain, lower_ascii(entry.right) + "-",
-                                       singles.pop(domain, None))
-                    yield from routed_keys(domain, keys, notes)
-            routed = {d for d, _ in plan.routed}
-            for domain, by_user in singles.items():      # routed or LDAP domains
-                for user, local_part in by_user.items():
-                    if tracer is not None:
-                        tracer.domain = domain
-                    ans = router.resolve(local_part, domain)
-                    if tracer is not None:
-                        tracer.domain = None
-                    if not ans.ok or domain not in routed:     # routed: @domain says yes
-                        yield Found(ans.origin, [f"{user}@{domain}"], deny=not ans.ok)
+            yield from chain_keys(plan, notes, router, singles, want, counts)
         finally:
             router.close()
     for domain, by_user in remote.items():           # the far side decides: accept
@@ -381,16 +301,7 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
             yield Found(f"{e.path}:{e.line} (delivered remotely)", [f"{user}@{domain}"])
     ldap = [d for d in plan.ldap if want(d)]
     if ldap:
-        from .sources.ldap import ldap_entries
-        for found in ldap_entries(settings, ldap):
-            if counts is not None:
-                for domain in ldap:
-                    counts.setdefault(domain, {})["ldap"] = 0
-                for key in found.keys:
-                    domain = key.rpartition("@")[2]
-                    if domain in counts:
-                        counts[domain]["ldap"] = counts[domain].get("ldap", 0) + 1
-            yield found
+        yield from ldap_keys(settings, ldap, counts)
     for domain, entry in plan.routed:
         if want(domain):
             yield Found(f"smtproutes {entry.path}:{entry.line}", ["@" + domain])

@@ -31,7 +31,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .config import Settings
-from .generate import Result, generate, global_inputs
+from .generate import generate, global_inputs
+from .merge import Result
 from .inputs import Ident, Inputs, identities
 from .cdbdiff import Changes
 from .install import Report, install_delta
