@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from collections.abc import Sequence
 
 from . import __version__
@@ -171,7 +171,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true",
                    help="keep the temporary directory and print where it is")
     d.set_defaults(func=cmd_demo)
+    add_service_commands(sub)
+    return p
 
+
+def add_service_commands(sub: Any) -> None:
+    """The commands of a running installation: the daemon, publish, trigger, report,
+    status."""
+    from . import config
     r = sub.add_parser("run", help="the rebuild daemon (foreground, for supervise)")
     config.add_arguments(r, ("generate", "directory", "install", "daemon", "publish"))
     r.set_defaults(func=cmd_run)
@@ -199,7 +206,6 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--qmail-dir", dest="qmail_dir", help="qmail's home [$QMAIL_DIR]")
     st.add_argument("--json", action="store_true", help="print the status file as it is")
     st.set_defaults(func=cmd_status)
-    return p
 
 
 def cmd_report(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -228,48 +234,13 @@ def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
     import json
-    import time
 
-    from .status import read_status
-    from .textsafe import printable
+    from .status import describe, read_status
     st = read_status(settings.status)
     if st is None:
         log(f"{settings.status}: no status yet (is qmail-updater run running?)")
         return EXIT_FAIL
-    if args.json:
-        out([json.dumps(st, indent=1, sort_keys=True)])
-    else:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["time"]))
-        def shown(value) -> str:              # never a terminal escape from the file
-            return printable(str(value).encode("utf-8", "surrogateescape"), backslash=False)
-        lines = [f"last build:   {when} ({shown(st['result'])}, {st['seconds']}s)",
-                 f"reason:       {shown(st.get('reason', ''))}",
-                 f"entries:      {st.get('entries')}",
-                 f"changes:      +{st.get('added', 0)} -{st.get('removed', 0)}",
-                 f"builds:       {st.get('builds')} since the daemon started, "
-                 f"{st.get('incremental_builds', 0)} of them incremental"
-                 f"{' (the last one too)' if st.get('incremental') else ''}",
-                 f"pending:      {st.get('pending', 0)} requests"]
-        if isinstance(st.get("held_until"), (int, float)):
-            lines.append("held until:   " + time.strftime(
-                "%H:%M:%S", time.localtime(st["held_until"])) + " (min-interval)")
-        if isinstance(st.get("last_success"), (int, float)):
-            lines.append("last success: " + time.strftime(
-                "%Y-%m-%d %H:%M:%S", time.localtime(st["last_success"])))
-        if st.get("last_error"):
-            lines.append(f"last error:   {shown(st['last_error'])}")
-        for spec, t in sorted((st.get("publish") or {}).items()):
-            if not isinstance(t, dict):
-                continue
-            state = "up to date" if t.get("up_to_date") else \
-                f"behind by {t.get('lag_seconds', 0)}s"
-            if isinstance(t.get("last_success"), (int, float)):
-                state += ", last success " + time.strftime(
-                    "%Y-%m-%d %H:%M:%S", time.localtime(t["last_success"]))
-            if t.get("last_error") and not t.get("up_to_date"):
-                state += f", last error: {shown(t['last_error'])}"
-            lines.append(f"publish:      {shown(spec)}: {state}")
-        out(lines)
+    out([json.dumps(st, indent=1, sort_keys=True)] if args.json else describe(st))
     return EXIT_FAIL if st.get("result") == "failed" else EXIT_OK
 
 

@@ -4,6 +4,7 @@ node-exporter textfile, both written atomically (``atomicfile``)."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from . import atomicfile
@@ -90,3 +91,40 @@ def read_status(path: str) -> dict | None:
             not all(isinstance(st[k], (int, float)) for k in ("time", "seconds")):
         raise UpdaterError("status file is partial or corrupt", path)
     return st
+
+
+def describe(st: dict[str, Any]) -> list[str]:
+    """``qmail-updater status``: the status record as lines for a person."""
+    from .textsafe import printable
+
+    def shown(value: Any) -> str:              # never a terminal escape from the file
+        return printable(str(value).encode("utf-8", "surrogateescape"), backslash=False)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["time"]))
+    lines = [f"last build:   {when} ({shown(st['result'])}, {st['seconds']}s)",
+             f"reason:       {shown(st.get('reason', ''))}",
+             f"entries:      {st.get('entries')}",
+             f"changes:      +{st.get('added', 0)} -{st.get('removed', 0)}",
+             f"builds:       {st.get('builds')} since the daemon started, "
+             f"{st.get('incremental_builds', 0)} of them incremental"
+             f"{' (the last one too)' if st.get('incremental') else ''}",
+             f"pending:      {st.get('pending', 0)} requests"]
+    if isinstance(st.get("held_until"), (int, float)):
+        lines.append("held until:   " + time.strftime(
+            "%H:%M:%S", time.localtime(st["held_until"])) + " (min-interval)")
+    if isinstance(st.get("last_success"), (int, float)):
+        lines.append("last success: " + time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(st["last_success"])))
+    if st.get("last_error"):
+        lines.append(f"last error:   {shown(st['last_error'])}")
+    for spec, t in sorted((st.get("publish") or {}).items()):
+        if not isinstance(t, dict):
+            continue
+        state = "up to date" if t.get("up_to_date") else \
+            f"behind by {t.get('lag_seconds', 0)}s"
+        if isinstance(t.get("last_success"), (int, float)):
+            state += ", last success " + time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(t["last_success"]))
+        if t.get("last_error") and not t.get("up_to_date"):
+            state += f", last error: {shown(t['last_error'])}"
+        lines.append(f"publish:      {shown(spec)}: {state}")
+    return lines
