@@ -7,8 +7,9 @@ import pytest
 from updater.errors import SourceError
 from updater.generate import classify, universe
 from updater.merge import merge, normalise
-from updater.qmail import (fastforward_cdb, lower_ascii, lspawn_lookup, map_index, map_lookup,
-                           parse_assign, parse_domain_map, runs, users_db)
+from updater.dotqmail import fastforward_cdb, runs
+from updater.qmail import (lower_ascii, lspawn_lookup, map_index, map_lookup, parse_assign,
+                           parse_domain_map, users_db)
 from updater.routing import Accepts, Answer, DomainKeys, _prune, accepted, getpw, qmail_search
 from updater.sources import Found, Notes
 
@@ -151,7 +152,7 @@ def test_parse_vpasswd_lines():
 
 
 def test_delivery_commands_split_like_a_shell():
-    from updater.qmail import delivery_commands
+    from updater.dotqmail import delivery_commands
     assert delivery_commands("|/bin/vdelivermail '' bounce-no-mailbox\n&x@y\n") == \
         [["/bin/vdelivermail", "", "bounce-no-mailbox"]]
     assert delivery_commands("| preline  /bin/ezmlm-send  /d/list\n") == \

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from ..errors import SourceError
 from ..inputs import Inputs, dotqmail_files
-from ..qmail import (ENCODING, ERRORS, Account, UsersDb, bounces, cdb_keys, fastforward_cdb,
-                     list_dir, read_bytes, runs)
+from ..dotqmail import bounces, fastforward_cdb, runs
+from ..qmail import ENCODING, ERRORS, Account, UsersDb, cdb_keys, list_dir, read_bytes
 from ..routing import Accepts, Rule
 from .vpopmail import check_names
 
