@@ -24,7 +24,8 @@ from .qmail import (ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, accoun
                     cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
                     parse_assign, parse_domain_map, read_text, read_users_cdb, users_db)
 from .merge import Result, merge
-from .routing import TAIL, DomainKeys, Router
+from .chain import TAIL
+from .routing import DomainKeys, Router
 from .sources import Found, Notes, at
 from .sources.qmailtree import DiskView
 from .sources.site import site_entries

@@ -34,66 +34,7 @@ from collections.abc import Callable
 
 from .qmail import Account, ENCODING, ERRORS, UsersDb, lower_ascii, lspawn_lookup
 
-TAIL = "/"              # "any other local part": no file, account or vpopmail user has a /
-GETPW_USERLEN = 32      # qmail-getpw: a user name is shorter than this, in bytes
-
-
-# --------------------------------------------------------------------------- the chain
-
-def getpw(local: str, is_account: Callable[[str], bool]) -> tuple[str, str, str] | None:
-    """qmail-getpw: (user, dash, ext) for the longest account name that the local part
-    begins with, cut at a ``-`` (or the whole local part); None means ``alias``."""
-    end = len(local)
-    while True:
-        if end == len(local) or local[end] == "-":
-            name = local[:end]
-            if name and len(name.encode(ENCODING, ERRORS)) < GETPW_USERLEN and is_account(name):
-                if end == len(local):
-                    return name, "", ""
-                return name, "-", local[end + 1:]
-        if end == 0:
-            return None
-        end -= 1
-
-
-def safe_ext(ext: str) -> str:
-    """qmail-local's file-name form of an extension: lowercased, ``.`` written ``:``."""
-    return lower_ascii(ext).replace(".", ":")
-
-
-def qmail_search(dash: str, ext: str, names: frozenset[str]) -> tuple[str, int | None] | None:
-    """qmail-local's search: ``.qmail{dash}{ext}``, then ``.qmail{dash}{ext[:i]}default``
-    for each ``i`` at a ``-`` (longest first) and 0.  Returns the file name and where
-    $DEFAULT starts in ext (None when the file is not a default file)."""
-    safe = safe_ext(ext)
-    base = ".qmail" + dash
-    name = base + safe
-    if name in names:
-        return name, (len(safe) - 7 if safe.endswith("default") else None)
-    for i in range(len(safe), -1, -1):
-        if i == 0 or safe[i - 1] == "-":
-            name = base + safe[:i] + "default"
-            if name in names:
-                return name, i
-    return None
-
-
-MAX_COLONS = 4
-
-
-def spellings(safe: str) -> list[str]:
-    """The extensions qmail-local turns into file-name form ``safe``: each ``:`` may have
-    been a ``.`` or a ``:`` (up to MAX_COLONS of them; past that, all dots or all colons)."""
-    parts = safe.split(":")
-    if len(parts) == 1:
-        return [safe]
-    if len(parts) - 1 > MAX_COLONS:
-        return [".".join(parts), safe]
-    out = [parts[0]]
-    for part in parts[1:]:
-        out = [o + sep + part for o in out for sep in ".:"]
-    return out
-
+from .chain import GETPW_USERLEN, TAIL, getpw, qmail_search, safe_ext, spellings
 
 class Target(NamedTuple):
     """Where qmail-lspawn sends a local part: a home, the dash and the extension."""
@@ -161,6 +102,27 @@ class DomainKeys:
 
 
 # --------------------------------------------------------------------------- the router
+
+class _Points:
+    """The local parts where something specific happens at one domain: exact points,
+    and ``-default`` prefixes (``todo``: the prefixes not yet resolved)."""
+
+    def __init__(self, exact: set[str]):
+        self.exact = exact
+        self.prefixes: set[str] = {""}
+        self.todo: list[str] = []
+
+    def prefix(self, p: str) -> None:
+        self.prefixes.add(p)
+        self.todo.append(p)
+
+    def point(self, u: str) -> None:
+        if u.endswith("-default"):          # that key is also a -default key
+            if u[:-7] not in self.prefixes:
+                self.prefix(u[:-7])
+        elif u:
+            self.exact.add(u)
+
 
 class Router:
     """Resolves local parts through users/cdb, qmail-getpw and qmail-local."""
@@ -239,30 +201,29 @@ class Router:
         ``prepend + user`` (``prepend`` is "" for locals, else ``PREPEND-``); ``singles``
         maps a user to the local part a ``user@domain:prepend`` line gives it."""
         singles = singles or {}
-        exact: set[str] = set(singles)
-        prefixes: set[str] = {""}
+        points = _Points(set(singles))
+        self._seed(points, domain, prepend)
+        out = DomainKeys()
+        regions = self._walk(points, domain, prepend, out)
+        for u in points.exact:
+            out.exact[u] = self.resolve(singles.get(u, prepend + u), domain)
+        for p, acc, lead in regions:
+            self._bulk(out, p, acc, lead, points.prefixes)
+        _prune(out)
+        return out
 
-        todo: list[str] = []
-
-        def point(u: str) -> None:
-            if u.endswith("-default"):          # that key is also a -default key
-                if u[:-7] not in prefixes:
-                    prefixes.add(u[:-7])
-                    todo.append(u[:-7])
-            elif u:
-                exact.add(u)
-
+    def _seed(self, points: _Points, domain: str, prepend: str) -> None:
+        """The points users/cdb and the accounts give at a domain."""
         n = len(prepend)
         for key in _starting(self.exact_keys, prepend):
-            point(key[n:])
+            points.point(key[n:])
         for key in _starting(self.prefix_keys, prepend):
             if len(key) > n and key[-1] in self.users.wild:
                 rest = key[n:]
                 if rest.endswith("-"):
-                    prefixes.add(rest)
-                    todo.append(rest)
+                    points.prefix(rest)
                 else:
-                    point(rest)
+                    points.point(rest)
                     if key not in self.warned:
                         self.warned.add(key)
                         self.warn(f"{self.users.source}: prefix {key!r} does not end in '-': "
@@ -270,12 +231,16 @@ class Router:
                                   "is listed")
         for name in _starting(self.account_names, prepend):
             if len(name) > n:
-                point(name[n:])
-                prefixes.add(name[n:] + "-")
+                points.point(name[n:])
+                points.prefixes.add(name[n:] + "-")
 
-        out = DomainKeys()
+    def _walk(self, points: _Points, domain: str, prepend: str, out: DomainKeys
+              ) -> list[tuple[str, Accepts, str]]:
+        """Resolve every prefix, finding the points its home's ``.qmail`` files add;
+        returns the regions a vdelivermail or fastforward file lists in bulk."""
         regions: list[tuple[str, Accepts, str]] = []
-        todo.extend(prefixes)
+        todo = points.todo
+        todo.extend(points.prefixes)
         while todo:
             p = todo.pop()
             if p in out.prefix:
@@ -291,19 +256,14 @@ class Router:
                 x = fname[len(base):]
                 if fname.startswith(base) and x == lower_ascii(x) and "." not in x:
                     for spelling in spellings(x):
-                        point(p + spelling)
+                        points.point(p + spelling)
             found = qmail_search(t.dash, t.ext, names)
             if found is not None and found[1] is not None:
                 rule = self.view.rule(t.home, found[0])
                 if rule.kind == "fastforward" or (rule.kind == "vdelivermail" and rule.bounce):
                     lead = lower_ascii(t.ext[found[1]:-len(TAIL)])
                     regions.append((p, self.view.accepts(rule, t.home, domain), lead))
-        for u in exact:
-            out.exact[u] = self.resolve(singles.get(u, prepend + u), domain)
-        for p, acc, lead in regions:
-            self._bulk(out, p, acc, lead, prefixes)
-        _prune(out)
-        return out
+        return regions
 
     def _bulk(self, out: DomainKeys, region: str, acc: Accepts, lead: str,
               prefixes: set[str]) -> None:
