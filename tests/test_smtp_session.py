@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from updater.smtp import session as S
+from updater.smtp import blast, events as E, params as P, replies as R, session as S
 
-CONTROLS = S.Controls(greeting=b"mx.example.com", liphost=b"mx.example.com",
+CONTROLS = P.Controls(greeting=b"mx.example.com", liphost=b"mx.example.com",
                       rcpthosts=frozenset({b"example.com"}), badmailfrom=None, databytes=0,
                       timeout=60)
 CDB = {b"joe@example.com": b"", b"bob-default@example.com": b"", b"neg@example.com": b"-"}
@@ -21,15 +21,15 @@ class Clock:
         return self.now
 
 
-def make(policy=S.Policy(), controls=CONTROLS, **peer):
+def make(policy=P.Policy(), controls=CONTROLS, **peer):
     clock = Clock()
-    s = S.Session(controls, S.Peer(**peer), policy, validrcptto=CDB.get, clock=clock,
+    s = S.Session(controls, P.Peer(**peer), policy, validrcptto=CDB.get, clock=clock,
                   monotonic=clock)
     return s, clock
 
 
 def replies(events) -> bytes:
-    return b"".join(e.data for e in events if isinstance(e, S.Reply))
+    return b"".join(e.data for e in events if isinstance(e, E.Reply))
 
 
 # --------------------------------------------------------------------------- a model of blast()
@@ -102,7 +102,7 @@ def blast_model(stream: bytes):
 
 
 def decode(stream: bytes, cuts: list[int]):
-    d = S.DataDecoder()
+    d = blast.DataDecoder()
     out = []
     pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
     for piece in pieces:
@@ -152,26 +152,26 @@ def test_pipelined_commands_get_replies_in_order():
                                     b"RCPT TO:<nobody@example.com>\r\nRCPT TO:<x@elsewhere>\r\n"
                                     b"NOOP\r\nQU")
     assert replies(ev) == (b"220 mx.example.com ESMTP\r\n250-mx.example.com\r\n"
-                           b"250-PIPELINING\r\n250 8BITMIME\r\n250 ok\r\n250 ok\r\n" + S.R_NOTVALID
-                           + S.R_NOGATEWAY + b"250 ok\r\n")
+                           b"250-PIPELINING\r\n250 8BITMIME\r\n250 ok\r\n250 ok\r\n" + R.R_NOTVALID
+                           + R.R_NOGATEWAY + b"250 ok\r\n")
     ev = s.receive_data(b"IT\r\nNOOP\r\n")
-    assert replies(ev) == b"221 mx.example.com\r\n" and isinstance(ev[-1], S.Close)
+    assert replies(ev) == b"221 mx.example.com\r\n" and isinstance(ev[-1], E.Close)
     assert s.closed and s.quit
 
 
 def test_limit_sequence_counts_per_connection():
-    s, _ = make(S.Policy(limit=3))
+    s, _ = make(P.Policy(limit=3))
     s.start()
     ev = s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\n"
                         b"RCPT TO:<joe@example.com>\r\n"
                         b"RSET\r\nHELO y\r\nMAIL FROM:<a@b>\r\nRCPT TO:<neg@example.com>\r\n"
                         b"RCPT TO:<y@elsewhere.org>\r\nRCPT TO:<z@example.com>\r\nNOOP\r\n")
-    assert replies(ev) == (b"250 ok\r\n" + S.R_NOTVALID + b"250 ok\r\n250 flushed\r\n"
-                           b"250 mx.example.com\r\n250 ok\r\n" + S.R_NOTVALID + S.R_NOGATEWAY
-                           + S.R_TOOMANY)
-    assert [e.text for e in ev if isinstance(e, S.Log)][-1] == \
+    assert replies(ev) == (b"250 ok\r\n" + R.R_NOTVALID + b"250 ok\r\n250 flushed\r\n"
+                           b"250 mx.example.com\r\n250 ok\r\n" + R.R_NOTVALID + R.R_NOGATEWAY
+                           + R.R_TOOMANY)
+    assert [e.text for e in ev if isinstance(e, E.Log)][-1] == \
         "validrcptto [unknown] excessive violations, hanging up"
-    assert isinstance(ev[-1], S.Close) and s.closed and not s.quit
+    assert isinstance(ev[-1], E.Close) and s.closed and not s.quit
 
 
 def test_data_states_and_queue_events():
@@ -179,14 +179,14 @@ def test_data_states_and_queue_events():
     s.start()
     ev = s.receive_data(b"DATA\r\nMAIL FROM:<a@b>\r\nDATA\r\nRCPT TO:<joe@example.com>\r\n"
                         b"DATA\r\nSubject: x\r\n\r\n..dot\r\n.\r\nNOOP\r\n")
-    assert replies(ev) == S.R_MAILFIRST + b"250 ok\r\n" + S.R_RCPTFIRST + b"250 ok\r\n"
-    assert isinstance(ev[-1], S.QueueOpen)
+    assert replies(ev) == R.R_MAILFIRST + b"250 ok\r\n" + R.R_RCPTFIRST + b"250 ok\r\n"
+    assert isinstance(ev[-1], E.QueueOpen)
     ev = s.queue_opened(4242)
     assert replies(ev) == b"354 go ahead\r\n"
-    data = b"".join(e.data for e in ev if isinstance(e, S.QueueData))
+    data = b"".join(e.data for e in ev if isinstance(e, E.QueueData))
     assert data == (b"Received: from unknown (192.0.2.9)\n  by unknown with SMTP; "
                     b"12 Jan 1970 13:46:40 -0000\nSubject: x\n\n.dot\n")
-    assert ev[-1] == S.QueueClose(b"Fa@b\0Tjoe@example.com\0\0")
+    assert ev[-1] == E.QueueClose(b"Fa@b\0Tjoe@example.com\0\0")
     clock.now += 5
     ev = s.queue_closed(0)
     assert replies(ev) == b"250 ok 1000005 qp 4242\r\n250 ok\r\n"     # then the NOOP
@@ -196,8 +196,8 @@ def test_queue_failures():
     s, _ = make()
     s.start()
     s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n")
-    assert replies(s.queue_opened(None)) == S.R_QQT
-    assert replies(s.receive_data(b"DATA\r\n")) == S.R_MAILFIRST      # as qmail: seenmail = 0
+    assert replies(s.queue_opened(None)) == R.R_QQT
+    assert replies(s.receive_data(b"DATA\r\n")) == R.R_MAILFIRST      # as qmail: seenmail = 0
     s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n")
     s.queue_opened(1)
     s.receive_data(b"x\r\n.\r\n")
@@ -210,9 +210,9 @@ def test_databytes_stops_forwarding():
     s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n")
     ev = s.queue_opened(1)
     ev += s.receive_data(b"0123456789abcdef\r\n" * 1000 + b".\r\n")
-    body = b"".join(e.data for e in ev[2:] if isinstance(e, S.QueueData))
-    assert body == b"0123456789" and ev[-1] == S.QueueClose(None)
-    assert replies(s.queue_closed(91)) == S.R_SIZE
+    body = b"".join(e.data for e in ev[2:] if isinstance(e, E.QueueData))
+    assert body == b"0123456789" and ev[-1] == E.QueueClose(None)
+    assert replies(s.queue_closed(91)) == R.R_SIZE
 
 
 def test_bare_lf_in_data_kills_the_session():
@@ -221,8 +221,8 @@ def test_bare_lf_in_data_kills_the_session():
     s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n")
     s.queue_opened(1)
     ev = s.receive_data(b"fine\r\nbare\nQUIT\r\n")
-    assert [type(e) for e in ev][-3:] == [S.QueueAbort, S.Reply, S.Close]
-    assert replies(ev) == S.R_STRAYLF and s.closed
+    assert [type(e) for e in ev][-3:] == [E.QueueAbort, E.Reply, E.Close]
+    assert replies(ev) == R.R_STRAYLF and s.closed
 
 
 def test_timeouts_follow_the_clock():
@@ -234,12 +234,12 @@ def test_timeouts_follow_the_clock():
     clock.now += 59
     assert s.check_timeout() == []
     clock.now += 2
-    assert s.check_timeout() == [S.Reply(S.R_TIMEOUT), S.Close()]
+    assert s.check_timeout() == [E.Reply(R.R_TIMEOUT), E.Close()]
     s, clock = make()
     s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n")
     s.queue_opened(1)
     clock.now += 61
-    assert s.check_timeout() == [S.QueueAbort(), S.Reply(S.R_TIMEOUT), S.Close()]
+    assert s.check_timeout() == [E.QueueAbort(), E.Reply(R.R_TIMEOUT), E.Close()]
 
 
 def test_overlong_line_and_input_bound():
@@ -247,11 +247,11 @@ def test_overlong_line_and_input_bound():
     ev = s.receive_data(b"X" * 5000)
     assert ev == [] and len(s.buf) == 0           # discarded, not buffered
     ev = s.receive_data(b"Y" * 100000 + b"\r\nNOOP\r\n")
-    assert replies(ev) == S.R_TOOLONG + b"250 ok\r\n"
+    assert replies(ev) == R.R_TOOLONG + b"250 ok\r\n"
 
 
 def test_maxrcpt_and_small_memory_per_recipient():
-    s, _ = make(S.Policy(maxrcpt=3), relayclient=b"")
+    s, _ = make(P.Policy(maxrcpt=3), relayclient=b"")
     s.receive_data(b"MAIL FROM:<a@b>\r\n" + b"RCPT TO:<r@x>\r\n" * 5)
     assert replies(s.receive_data(b"NOOP\r\n")) == b"250 ok\r\n"
     assert s.nrcpt == 3 and bytes(s.rcptto) == b"Tr@x\0" * 3
@@ -263,19 +263,19 @@ def test_maxrcpt_and_small_memory_per_recipient():
 
 
 def test_log_lines_per_rcpt_are_capped():
-    s, _ = make(S.Policy(loglevel=2))
+    s, _ = make(P.Policy(loglevel=2))
     ev = s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<" + b"-" * 880 + b"@example.com>\r\n")
-    logs = [e.text for e in ev if isinstance(e, S.Log)]
-    assert len(logs) == 1 + S.TRY_LOG_MAX + 1 + 1   # RCPT TO, tries, "more", not found
+    logs = [e.text for e in ev if isinstance(e, E.Log)]
+    assert len(logs) == 1 + P.TRY_LOG_MAX + 1 + 1   # RCPT TO, tries, "more", not found
     assert logs[-2].endswith("more keys not logged)")
-    assert replies(ev).endswith(S.R_NOTVALID)
+    assert replies(ev).endswith(R.R_NOTVALID)
 
 
 def test_log_escapes_client_bytes():
-    s, _ = make(S.Policy(loglevel=1))
+    s, _ = make(P.Policy(loglevel=1))
     ev = s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<x\x1b[2J\r@example.com>\r\n")
     for e in ev:
-        if isinstance(e, S.Log):
+        if isinstance(e, E.Log):
             assert all(32 <= ord(c) < 127 for c in e.text), e.text
 
 
@@ -287,9 +287,44 @@ def test_replies_come_in_batches_a_driver_can_pace():
     flood = b"HELP\r\n" * 1000 + b"\n" * 1000 + b"NOOP\r\n"
     got = [s.receive_data(flood)]
     while s.pending:
-        assert len(got[-1]) == S.BATCH
+        assert len(got[-1]) == P.BATCH
         got.append(s.proceed())
     out = b"".join(replies(ev) for ev in got)
-    assert out == S.R_HELP * 1000 + S.R_UNIMPL * 1000 + b"250 ok\r\n"
+    assert out == R.R_HELP * 1000 + R.R_UNIMPL * 1000 + b"250 ok\r\n"
     assert not s.pending and s.proceed() == []
+    assert replies(s.receive_data(b"NOOP\r\n")) == b"250 ok\r\n"
+
+
+def test_a_driver_callback_is_legal_only_in_the_state_that_waits_for_it():
+    """h11's LocalProtocolError, here ProtocolError: a queue, TLS or AUTH answer the
+    session did not ask for is a driver bug, never a silent state change."""
+    import pytest
+    s, _ = make(policy=P.Policy(tls=True))
+    s.start()
+    for call in (lambda: s.queue_opened(123), lambda: s.queue_closed(0),
+                 lambda: s.auth_result(0), lambda: s.tls_started()):
+        with pytest.raises(E.ProtocolError, match="while reading commands"):
+            call()
+    ev = s.receive_data(b"HELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n")
+    assert isinstance(ev[-1], E.QueueOpen) and s.mode is S.State.QUEUE_OPENING
+    with pytest.raises(E.ProtocolError, match=r"queue_closed\(\) while waiting for "
+                       r"queue_opened\(\)"):
+        s.queue_closed(0)
+    assert replies(s.queue_opened(42)).startswith(b"354 ")
+    with pytest.raises(E.ProtocolError):
+        s.queue_opened(43)
+    s.receive_data(b".\r\n")
+    assert s.mode is S.State.QUEUE_CLOSING
+    assert replies(s.queue_closed(0)).startswith(b"250 ok ")
+    assert replies(s.receive_data(b"STARTTLS\r\n")) == R.R_TLS_READY
+    assert s.mode is S.State.TLS_STARTING
+    s.tls_started()
+    assert s.mode is S.State.COMMAND
+
+
+def test_bytes_after_starttls_are_refused_before_any_event_is_emitted():
+    s, _ = make(policy=P.Policy(tls=True))
+    s.start()
+    ev = s.receive_data(b"STARTTLS\r\nEHLO evil\r\n")
+    assert ev == [E.Reply(R.R_TLS_PIPELINED)] and s.mode is S.State.COMMAND
     assert replies(s.receive_data(b"NOOP\r\n")) == b"250 ok\r\n"

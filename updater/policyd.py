@@ -33,7 +33,8 @@ from .checker import CdbGetter
 from .netsock import listen_tcp
 from .smtp.cdbfile import CdbCache, Ident
 from .smtp.controls import ControlError, morercpthosts_path, readfile
-from .smtp.session import escape, rcpthosts_allows
+from .smtp.addresses import rcpthosts_allows
+from .textsafe import escape
 
 if TYPE_CHECKING:
     import http.server

@@ -10,3 +10,8 @@ def printable(data: bytes, backslash: bool = True) -> str:
     through."""
     return "".join(chr(b) if 32 <= b < 127 and (b != 92 or not backslash) else f"\\x{b:02x}"
                    for b in data)
+
+
+def escape(data: bytes, limit: int = 300) -> str:
+    """Client bytes for a log line: ``printable`` (backslash too), cut at ``limit``."""
+    return printable(data[:limit]) + ("..." if len(data) > limit else "")

@@ -15,8 +15,8 @@ import stat
 import time
 
 from ..checker import open_cdb
-from . import session as S
-from .session import DEFAULT_TIMEOUT, Controls, scan_ulong
+from .params import DEFAULT_TIMEOUT, Controls, peer_from_env, policy_from_env, scan_ulong
+from .session import Session
 
 READ_MAX = 4 * 1024 * 1024        # no control file qmail-smtpd reads is anywhere near this
 
@@ -157,8 +157,8 @@ class Connection:
             from .secure import checkpassword_argv, tls_context
             self.checkpassword = checkpassword_argv(env)
             self.tls = tls_context(qmail_dir, env, _log)
-        self.session = S.Session(controls, S.peer_from_env(env),
-                                 S.policy_from_env(env, tls=self.tls is not None,
+        self.session = Session(controls, peer_from_env(env),
+                                 policy_from_env(env, tls=self.tls is not None,
                                                    auth=self.checkpassword is not None),
                                  validrcptto=cdb, morercpthosts=more, ipme=ipme,
                                  clock=time.time, monotonic=time.monotonic)

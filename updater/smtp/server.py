@@ -26,7 +26,9 @@ import socket
 import sys
 import time
 
-from . import session as S
+from . import events as E
+from .params import peer_from_env, policy_from_env, scan_ulong
+from .session import Session
 from .cdbfile import CdbCache
 from .child import LIVE, Child, spawn
 from .metrics import Metrics
@@ -282,7 +284,7 @@ class Worker:
                 self.controls = read_controls(self.o.qmail_dir, {})
             controls = self.controls
             if env.get("DATABYTES") is not None:
-                databytes = S.scan_ulong(env["DATABYTES"]) & 0xFFFFFFFF
+                databytes = scan_ulong(env["DATABYTES"]) & 0xFFFFFFFF
                 controls = controls._replace(databytes=databytes - (databytes == 0xFFFFFFFF))
             cdb = self.cdb(env["VALIDRCPTTO_CDB"], shown=True) \
                 if env.get("VALIDRCPTTO_CDB") else None
@@ -314,7 +316,7 @@ class SmtpProtocol(asyncio.Protocol):
         self.w = worker
         self.loop = asyncio.get_running_loop()
         self.transport = None
-        self.session: S.Session | None = None
+        self.session: Session | None = None
         self.write_timer = None
         self.queue: AsyncQueue | None = None
         self.backlog: list[bytes] = []        # input the session has not taken yet
@@ -403,8 +405,8 @@ class SmtpProtocol(asyncio.Protocol):
             return
         self.timeout = controls.timeout
         self.write_timeout = w.o.write_timeout or controls.timeout
-        self.session = S.Session(controls, S.peer_from_env(env),
-                                 S.policy_from_env(env, tls=w.tls is not None,
+        self.session = Session(controls, peer_from_env(env),
+                                 policy_from_env(env, tls=w.tls is not None,
                                                    auth=w.checkpw is not None),
                                  validrcptto=cdb, morercpthosts=more, ipme=w.ipme,
                                  clock=time.time, monotonic=time.monotonic)
@@ -527,11 +529,11 @@ class SmtpProtocol(asyncio.Protocol):
         """Carry out a Reply, Log or Close event (None: it was Close); False for the
         events that must be awaited (queue, TLS, AUTH)."""
         kind = type(ev)
-        if kind is S.Reply:
+        if kind is E.Reply:
             self.transport.write(ev.data)
-        elif kind is S.Log:
+        elif kind is E.Log:
             log(ev.text)
-        elif kind is S.Close:
+        elif kind is E.Close:
             self.finish()
             return None
         else:
@@ -581,20 +583,20 @@ class SmtpProtocol(asyncio.Protocol):
                     return
                 if done:
                     pass
-                elif kind is S.QueueData:
+                elif kind is E.QueueData:
                     await self.queue.put(ev.data)
-                elif kind is S.QueueOpen:
+                elif kind is E.QueueOpen:
                     self.queue = AsyncQueue(self.program, self.w.o.qmail_dir, self.env)
                     events[:0] = self.session.queue_opened(await self.queue.start())
-                elif kind is S.QueueClose:
+                elif kind is E.QueueClose:
                     status, failed = await self.queue.close(ev.envelope)
                     self.queue = None
                     events[:0] = self.session.queue_closed(status, failed)
-                elif kind is S.QueueAbort:
+                elif kind is E.QueueAbort:
                     if self.queue is not None:
                         queue, self.queue = self.queue, None
                         await queue.abort()
-                elif kind is S.StartTls:
+                elif kind is E.StartTls:
                     ctx = self.w.tls
                     self.switching = True
                     try:
@@ -608,7 +610,7 @@ class SmtpProtocol(asyncio.Protocol):
                     finally:
                         self.switching = False
                     events[:0] = self.session.tls_started()
-                elif kind is S.CheckPassword:
+                elif kind is E.CheckPassword:
                     from .secure import check_async
                     code = await check_async(self.w.checkpw, ev.user, ev.password,
                                              self.w.checkpw_timeout, self.env)

@@ -13,7 +13,7 @@ import select
 import sys
 import time
 
-from . import session as S
+from . import events as E
 from .controls import Connection, ControlError, IpMe
 
 PROG = "validrcptto-smtpd"
@@ -149,33 +149,33 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
             while pending:
                 ev = pending.pop(0)
                 kind = type(ev)
-                if kind is S.Reply:
+                if kind is E.Reply:
                     io.out.append(ev.data)
-                elif kind is S.QueueData:
+                elif kind is E.QueueData:
                     queue.put(ev.data)
-                elif kind is S.Log:
+                elif kind is E.Log:
                     log(ev.text)
-                elif kind is S.QueueOpen:
+                elif kind is E.QueueOpen:
                     from .queue import QueueProcess
                     queue = QueueProcess(qq_program, qmail_dir)
                     pending[:0] = session.queue_opened(queue.start())
-                elif kind is S.QueueClose:
+                elif kind is E.QueueClose:
                     io.flush()
                     status, failed = queue.close(ev.envelope)
                     queue = None
                     pending[:0] = session.queue_closed(status, failed)
-                elif kind is S.QueueAbort:
+                elif kind is E.QueueAbort:
                     if queue is not None:
                         queue.abort()
                         queue = None
-                elif kind is S.Close:
+                elif kind is E.Close:
                     io.flush()
                     return 0 if session.quit else 1    # qmail: only QUIT exits 0
-                elif kind is S.StartTls:
+                elif kind is E.StartTls:
                     if not io.start_tls(conn.tls, time.monotonic() + conn.controls.timeout):
                         return 1
                     pending[:0] = session.tls_started()
-                elif kind is S.CheckPassword:
+                elif kind is E.CheckPassword:
                     from .secure import check, timeout_of
                     io.flush()
                     code = check(conn.checkpassword, ev.user, ev.password, timeout_of(env))

@@ -1,0 +1,93 @@
+"""Addresses as qmail-smtpd reads them: addrparse, rcpthosts (with morercpthosts.cdb)
+and badmailfrom (pure).  The validrcptto lookup itself is ``checker.check``, the one
+the CLI's ``check`` uses too."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+
+_IPLIT = re.compile(rb"\[([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)\]\Z")
+
+
+def addrparse(arg: bytes, liphost: bytes | None = None,
+              ipme: Callable[[tuple[int, int, int, int]], bool] | None = None) -> bytes | None:
+    """qmail-smtpd's addrparse: the address between <...> (else after the colon, up to a
+    space), a source route dropped, quotes and backslashes removed; ``box@[a.b.c.d]`` of
+    one of this host's IPs becomes ``box@LIPHOST``.  None when 900 bytes or longer."""
+    i = arg.find(b"<")
+    if i != -1:
+        terminator = 62                                # '>'
+        arg = arg[i + 1:]
+    else:
+        terminator = 32                                # ' '
+        j = arg.find(b":")
+        arg = arg[j + 1:] if j != -1 else b""
+        arg = arg.lstrip(b" ")
+    if arg[:1] == b"@":                                # strip source route
+        j = arg.find(b":")
+        arg = arg[j + 1:] if j != -1 else b""
+    if 34 not in arg and 92 not in arg:                # fast path: nothing to unquote
+        j = arg.find(bytes((terminator,)))
+        out = arg if j == -1 else arg[:j]
+    else:
+        buf = bytearray()
+        escaped = quoted = False
+        for ch in arg:
+            if escaped:
+                buf.append(ch)
+                escaped = False
+            elif not quoted and ch == terminator:
+                break
+            elif ch == 92:
+                escaped = True
+            elif ch == 34:
+                quoted = not quoted
+            else:
+                buf.append(ch)
+        out = bytes(buf)
+    if liphost is not None:
+        at = out.rfind(b"@")
+        if at != -1:
+            m = _IPLIT.match(out, at + 1)
+            if m and ipme is not None and ipme(tuple(int(x) & 0xFF for x in m.groups())):
+                out = out[:at + 1] + liphost
+    if len(out) + 1 > 900:
+        return None
+    return out
+
+
+def host_suffixes(domain: bytes) -> list[bytes]:
+    """The domain and each ``.parent`` suffix, as rcpthosts matches them."""
+    return [domain] + [domain[j:] for j in range(1, len(domain)) if domain[j] == 46]
+
+
+def rcpthosts_allows(address: bytes, hosts: frozenset[bytes] | None,
+                     more: Callable[[bytes], bytes | None] | None) -> bool:
+    """qmail's rcpthosts(): no rcpthosts file allows everything; an address without ``@``
+    is allowed; else the lowercased domain, or a ``.suffix`` of it, must be in rcpthosts
+    or morercpthosts.cdb."""
+    if hosts is None:
+        return True
+    at = address.rfind(b"@")
+    if at == -1:
+        return True
+    domain = address[at + 1:].lower()
+    if not domain:
+        return False
+    keys = host_suffixes(domain)
+    if any(k in hosts for k in keys):
+        return True
+    return more is not None and any(more(k) is not None for k in keys)
+
+
+def badmailfrom(address: bytes, bmf: frozenset[bytes] | None) -> bool:
+    """The whole address or its ``@domain`` is listed (case-insensitively)."""
+    if not bmf:
+        return False
+    a = address.lower()
+    if a in bmf:
+        return True
+    at = a.rfind(b"@")
+    return at != -1 and a[at:] in bmf

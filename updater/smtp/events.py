@@ -1,0 +1,101 @@
+"""The events of the SMTP protocol core (``session.Session``), and its contract.
+
+``Session.receive_data(bytes)`` takes what the client sent and returns events for the
+driver to carry out, in order:
+
+- ``Reply(data)``       write these bytes to the client;
+- ``Log(text)``         one log line (already escaped), without the ``PROG[PID]: `` prefix;
+- ``QueueOpen()``       start qmail-queue, then call ``queue_opened(qp)`` (its pid) or
+                        ``queue_opened(None)`` when it could not be started;
+- ``QueueData(data)``   write these message bytes to qmail-queue's fd 0;
+- ``QueueClose(envelope)``  close fd 0; write ``envelope`` to fd 1 (``None``: write
+                        nothing, the message failed) and close it; wait for the exit, then
+                        call ``queue_closed(status, write_failed)``;
+- ``QueueAbort()``      the message is abandoned: close both pipes, reap qmail-queue;
+- ``StartTls()``        do the TLS handshake, then call ``tls_started()`` (or close the
+                        connection when it fails);
+- ``CheckPassword(user, password)``  run the checkpassword program, then call
+                        ``auth_result(its exit code, or None when it hung or failed)``;
+- ``Close()``           flush the replies so far and close the connection.
+
+A driver carries out every event, answering QueueOpen, QueueClose, StartTls and
+CheckPassword with their callback, before it feeds the session more input; a callback
+in any other state raises ``ProtocolError`` (as h11's ``LocalProtocolError`` does).
+
+Plain slotted classes: the tcpserver front end builds these once per connection, and
+NamedTuple classes cost milliseconds to create.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProtocolError(Exception):
+    """A driver called a session callback in a state that does not expect it."""
+
+
+class _Record:
+    __slots__ = ()
+
+    def __init__(self, *args: Any, **kw: Any):
+        for name, value in zip(self.__slots__, args):
+            setattr(self, name, value)
+        for name in self.__slots__[len(args):]:
+            setattr(self, name, kw.pop(name) if name in kw else self._defaults[name])
+        if kw:
+            raise TypeError(f"unknown fields {sorted(kw)}")
+
+    _defaults: dict[str, Any] = {}
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and \
+            all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def _replace(self, **kw: Any) -> Any:
+        return type(self)(**{n: kw.get(n, getattr(self, n)) for n in self.__slots__})
+
+
+class Reply(_Record):
+    __slots__ = ("data",)
+
+
+class Log(_Record):
+    __slots__ = ("text",)
+
+
+class QueueOpen(_Record):
+    __slots__ = ()
+
+
+class QueueData(_Record):
+    __slots__ = ("data",)
+
+
+class QueueClose(_Record):
+    __slots__ = ("envelope",)
+
+
+class QueueAbort(_Record):
+    __slots__ = ()
+
+
+class Close(_Record):
+    __slots__ = ()
+
+
+class StartTls(_Record):
+    """Start the TLS handshake now, then call ``tls_started()`` (or close on failure)."""
+    __slots__ = ()
+
+
+class CheckPassword(_Record):
+    """Run the checkpassword program; then ``auth_result(exit code or None)``."""
+    __slots__ = ("user", "password")
+
+    def __repr__(self) -> str:                    # never the password, not even in a repr
+        return f"CheckPassword(user={self.user!r}, password=...)"

@@ -1,0 +1,73 @@
+"""What a session is set up with: the control files' values (``Controls``), the
+connection's tcpserver environment (``Peer``) and the per-connection policy
+(``Policy``), and the readers of those from an environment."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from .events import _Record
+
+MAXHOPS = 100
+COMMAND_LINE_MAX = 4096          # qmail-smtpd has no cap; longer lines get R_TOOLONG
+DEFAULT_TIMEOUT = 1200
+DEFAULT_LIMIT = 10
+TRY_LOG_MAX = 10                 # "trying:" lines per RCPT at VALIDRCPTTO_LOG=2
+BATCH = 256                      # command lines per call (each reply is < 1 KiB)
+
+
+def scan_ulong(text: str | bytes | None) -> int:
+    """C scan_ulong: the leading ASCII digits (modulo 2**64), 0 when there are none."""
+    if isinstance(text, str):
+        text = text.encode("latin-1", "replace")
+    m = re.match(rb"[0-9]*", text or b"")
+    return int(m.group()) % (1 << 64) if m.group() else 0
+
+
+class Controls(_Record):
+    """What qmail-smtpd reads at start-up (see ``controls.read_controls``):
+    greeting; liphost (control/localiphost, else control/me); rcpthosts (None: the file
+    does not exist) and badmailfrom, lowercased; databytes (0: no limit); timeout (s)."""
+    __slots__ = ("greeting", "liphost", "rcpthosts", "badmailfrom", "databytes", "timeout")
+
+
+class Peer(_Record):
+    """The connection's tcpserver environment, as bytes (remoteinfo and relayclient
+    None when unset)."""
+    __slots__ = ("remoteip", "remotehost", "remoteinfo", "local", "relayclient")
+    _defaults = {"remoteip": b"unknown", "remotehost": b"unknown", "remoteinfo": None,
+                 "local": b"unknown", "relayclient": None}
+
+
+class Policy(_Record):
+    """VALIDRCPTTO_LIMIT (0: none), VALIDRCPTTO_LOG, MAXRCPT (0: none); tls: STARTTLS may
+    be offered (a certificate is loaded); auth: AUTH may be offered (a checkpassword
+    program is set); auth_plaintext: also before STARTTLS (AUTH_PLAINTEXT);
+    auth_failures: failed AUTH attempts before 421 (AUTH_MAX_FAILURES, default 3)."""
+    __slots__ = ("limit", "loglevel", "maxrcpt", "tls", "auth", "auth_plaintext",
+                 "auth_failures")
+    _defaults = {"limit": DEFAULT_LIMIT, "loglevel": 0, "maxrcpt": 0, "tls": False,
+                 "auth": False, "auth_plaintext": False, "auth_failures": 3}
+
+
+def peer_from_env(env: Mapping[str, str]) -> Peer:
+    def b(name: str) -> bytes | None:
+        v = env.get(name)
+        return None if v is None else v.encode("utf-8", "surrogateescape")
+    def first(*values: bytes | None) -> bytes:
+        return next(v for v in values if v is not None)       # set but empty counts
+    return Peer(remoteip=first(b("TCPREMOTEIP"), b"unknown"),
+                remotehost=first(b("TCPREMOTEHOST"), b"unknown"),
+                remoteinfo=b("TCPREMOTEINFO"),
+                local=first(b("TCPLOCALHOST"), b("TCPLOCALIP"), b"unknown"),
+                relayclient=b("RELAYCLIENT"))
+
+
+def policy_from_env(env: Mapping[str, str], tls: bool = False, auth: bool = False) -> Policy:
+    return Policy(limit=scan_ulong(env.get("VALIDRCPTTO_LIMIT", str(DEFAULT_LIMIT))),
+                  loglevel=scan_ulong(env.get("VALIDRCPTTO_LOG")),
+                  maxrcpt=scan_ulong(env.get("MAXRCPT")),
+                  tls=tls and env.get("DISABLETLS") is None, auth=auth,
+                  auth_plaintext=env.get("AUTH_PLAINTEXT", "") not in ("", "0"),
+                  auth_failures=scan_ulong(env.get("AUTH_MAX_FAILURES", "3")) or 3)

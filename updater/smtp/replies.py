@@ -1,0 +1,67 @@
+"""Every reply qmail-smtpd (netqmail 1.06, the validrcptto patch, the STARTTLS and AUTH
+patches' texts) gives, byte for byte, and qmail_close()'s verdict on qmail-queue's exit
+code."""
+
+from __future__ import annotations
+
+R_TIMEOUT = b"451 timeout (#4.4.2)\r\n"
+R_STRAYLF = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
+R_MAILFIRST = b"503 MAIL first (#5.5.1)\r\n"
+R_RCPTFIRST = b"503 RCPT first (#5.5.1)\r\n"
+R_SYNTAX = b"555 syntax error (#5.5.4)\r\n"
+R_BMF = b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"
+R_NOGATEWAY = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
+R_NOTVALID = b"553 sorry, this recipient is not in my validrcptto list (#5.7.1)\r\n"
+R_TOOMANY = b"421 too many invalid addresses, goodbye (#4.3.0)\r\n"
+R_MAXRCPT = b"452 too many recipients (#4.5.3)\r\n"
+R_UNIMPL = b"502 unimplemented (#5.5.1)\r\n"
+R_TOOLONG = b"500 line too long (#5.5.2)\r\n"
+R_QQT = b"451 qqt failure (#4.3.0)\r\n"
+R_HOPS = b"554 too many hops, this message is looping (#5.4.6)\r\n"
+R_SIZE = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+R_HELP = b"214 netqmail home page: http://qmail.org/netqmail\r\n"
+R_TLS_READY = b"220 ready for tls\r\n"
+R_TLS_AGAIN = b"454 TLS already active (#4.7.0)\r\n"
+R_TLS_PIPELINED = b"501 nothing may follow STARTTLS before the handshake (#5.5.1)\r\n"
+R_AUTH_OK = b"235 ok, go ahead (#2.0.0)\r\n"
+R_AUTH_BAD = b"535 authorization failed (#5.7.0)\r\n"
+R_AUTH_TEMP = b"454 temporary authentication failure (#4.3.0)\r\n"
+R_AUTH_MALFORMED = b"501 malformed auth input (#5.5.4)\r\n"
+R_AUTH_CANCELLED = b"501 auth exchange cancelled (#5.0.0)\r\n"
+R_AUTH_TYPE = b"504 auth type unimplemented (#5.5.1)\r\n"
+R_AUTH_AGAIN = b"503 you're already authenticated (#5.5.0)\r\n"
+R_AUTH_INMAIL = b"503 no auth during mail transaction (#5.5.0)\r\n"
+R_AUTH_NEEDTLS = b"538 encryption required for requested authentication mechanism (#5.7.11)\r\n"
+R_AUTH_TOOMANY = b"421 too many authentication failures, closing connection (#4.7.0)\r\n"
+
+
+def qq_reply(status: int | None, flagerr: bool = False) -> bytes | None:
+    """qmail_close()'s verdict on qmail-queue's exit code as the reply line; None means
+    the message was accepted.  ``status`` None: killed by a signal."""
+    if status is None:
+        return b"451 qq crashed (#4.3.0)\r\n"
+    if status == 0 and not flagerr:
+        return None
+    text = _QQ.get(status)
+    if text is None:
+        text = "Dqq permanent problem (#5.3.0)" if 11 <= status <= 40 \
+            else "Zqq temporary problem (#4.3.0)"
+    return (b"554 " if text[0] == "D" else b"451 ") + text[1:].encode() + b"\r\n"
+
+
+_QQ = {11: "Denvelope address too long for qq (#5.1.3)",
+       31: "Dmail server permanently rejected message (#5.3.0)",
+       51: "Zqq out of memory (#4.3.0)", 52: "Zqq timeout (#4.3.0)",
+       53: "Zqq write error or disk full (#4.3.0)", 0: "Zqq read error (#4.3.0)",
+       54: "Zqq read error (#4.3.0)", 55: "Zqq unable to read configuration (#4.3.0)",
+       56: "Zqq trouble making network connection (#4.3.0)",
+       61: "Zqq trouble in home directory (#4.3.0)",
+       71: "Zmail server temporarily rejected message (#4.3.0)",
+       72: "Zconnection to mail server timed out (#4.4.1)",
+       73: "Zconnection to mail server rejected (#4.4.1)",
+       74: "Zcommunication with mail server failed (#4.4.2)",
+       81: "Zqq internal bug (#4.3.0)", 91: "Zqq internal bug (#4.3.0)",
+       120: "Zunable to exec qq (#4.3.0)"}
+_QQ[115] = _QQ[11]                                    # compatibility
+for _code in range(62, 67):
+    _QQ[_code] = "Zqq trouble creating files in queue (#4.3.0)"
