@@ -1,5 +1,6 @@
 """The package's layering: no import cycle inside updater/, counting the imports made
-inside functions too (a cycle broken only by a lazy import is still a cycle)."""
+inside functions too (a cycle broken only by a lazy import is still a cycle); an
+import under ``if TYPE_CHECKING:`` is for annotations only and never runs."""
 
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ def modules() -> dict[str, Path]:
 def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[:len(package.split(".")) - node.level + 1]

@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(111)
     import cdbx  # noqa: F401  (loaded before --user: the installation may be root's)
     if opts.user:
-        from .smtp.server import drop_privileges
+        from .smtp.master import drop_privileges
         try:
             drop_privileges(opts.user)
         except (KeyError, OSError) as err:

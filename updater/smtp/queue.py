@@ -2,13 +2,16 @@
 it arrives, the envelope on fd 1 at the end, the exit status mapped by the session
 (``session.qq_reply``).  No temporary files; memory is one pipe buffer.
 
-Blocking (for the tcpserver front end, one process per connection).  The ``--listen``
-server drives the same pipes from its event loop.
+``QueueProcess`` blocks (for the tcpserver front end, one process per connection);
+``AsyncQueue`` drives the same pipes from the ``--listen`` server's event loop (asyncio
+is imported only there).
 """
 
 from __future__ import annotations
 
 import os
+
+from .child import Child, spawn
 
 
 class QueueProcess:
@@ -87,3 +90,120 @@ class QueueProcess:
                 os.close(fd)
             except OSError:
                 pass
+
+
+async def write_fd(fd: int, data: bytes) -> bool:
+    """Write all of ``data`` to a pipe from the event loop (no thread); False when the
+    reader went away."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+            continue
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        ready = loop.create_future()
+        loop.add_writer(fd, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(fd)
+    return True
+
+
+class AsyncQueue:
+    """qmail-queue from the event loop: started with posix_spawn (no fork of this big
+    process, no helper thread) with the session's environment, the message written to
+    its fd 0 as it arrives, the envelope to its fd 1 at the end, its exit noticed
+    through a pidfd.  The process is owned (``child.Child``) until reaped, on every
+    path: ``abort`` closes the pipes (qmail-queue then gives up by itself, as it does
+    when qmail-smtpd dies) and kills it if it has not ended within ABORT_WAIT."""
+
+    ABORT_WAIT = 5.0
+
+    def __init__(self, program: str, qmail_dir: str, env: dict[str, str]):
+        self.program, self.qmail_dir, self.env = program, qmail_dir, env
+        self.child: Child | None = None
+        self.msg_w = self.env_w = -1
+        self.status: int | None = 0
+        self.write_failed = False
+
+    async def start(self) -> int | None:
+        try:
+            m_r, self.msg_w = os.pipe2(os.O_CLOEXEC)
+            e_r, self.env_w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            self._close_pipes()
+            return None
+        try:
+            # qmail-queue runs in QMAIL_DIR, which is the server's working directory
+            # (posix_spawn cannot chdir); qmail: chdir failing is 61, exec failing 120
+            if os.getcwd() != self.qmail_dir:
+                os.chdir(self.qmail_dir)
+            self.child = spawn(self.program, [self.program], self.env,
+                               [(os.POSIX_SPAWN_DUP2, m_r, 0), (os.POSIX_SPAWN_DUP2, e_r, 1)])
+        except OSError as err:
+            self.status = 61 if err.filename == self.qmail_dir else 120
+        finally:
+            os.close(m_r)
+            os.close(e_r)
+        if self.child is None:
+            self._close_pipes()
+            return os.getpid()
+        return self.child.pid
+
+    async def put(self, data: bytes) -> None:
+        if self.msg_w == -1 or self.write_failed:
+            self.write_failed = True
+            return
+        if not await write_fd(self.msg_w, data):
+            self.write_failed = True
+
+    async def close(self, envelope: bytes | None) -> tuple[int | None, bool]:
+        self._close(self.msg_w)
+        self.msg_w = -1
+        if envelope is not None and self.child is not None and not self.write_failed:
+            if not await write_fd(self.env_w, envelope):
+                self.write_failed = True
+        self._close_pipes()
+        if self.child is None:
+            return self.status, self.write_failed
+        try:
+            await self.child.wait()
+        finally:                      # cancelled while waiting: still ours to reap
+            if not self.child.reaped:
+                self.child.kill()
+        return self.child.exit_code(), self.write_failed
+
+    async def abort(self) -> None:
+        self._close_pipes()
+        if self.child is None:
+            return
+        try:
+            await self.child.wait(self.ABORT_WAIT)
+        finally:
+            self.child.kill()         # a no-op once reaped
+
+    def kill(self) -> None:
+        """Synchronous: the pipes closed, the process killed and reaped (soon)."""
+        self._close_pipes()
+        if self.child is not None:
+            self.child.kill()
+
+    @staticmethod
+    def _close(fd: int) -> None:
+        if fd != -1:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _close_pipes(self) -> None:
+        self._close(self.msg_w)
+        self._close(self.env_w)
+        self.msg_w = self.env_w = -1

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:                     # under tcpserver: no option parsing at all
         sys.exit(run(os.environ.get("QMAIL_DIR") or "/var/qmail", os.environ))
-    from .server import main as server_main, parse_args
+    from .master import main as server_main, parse_args
     opts = parse_args(argv)
     if opts.listen is not None:
         server_main(opts)

@@ -1,0 +1,364 @@
+"""One --listen connection: the session's events carried out on an asyncio transport
+(tcpserver's rules and environment, qmail-smtpd's set-up, back-pressure, time-outs,
+qmail-queue, STARTTLS and AUTH awaited in a task)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import TYPE_CHECKING
+
+from . import events as E
+from .anvil import R_BUSY
+from .controls import ControlError
+from .logline import log
+from .params import peer_from_env, policy_from_env
+from .queue import AsyncQueue
+from .session import Session
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+HOLD_MAX = 65536            # client input held while the session cannot take it
+R_CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
+R_SHUTDOWN = b"421 service shutting down, closing connection (#4.3.2)\r\n"
+
+
+class SmtpProtocol(asyncio.Protocol):
+    """One connection: the session's events carried out on an asyncio transport.
+
+    Input the session has not taken yet (while a queue or AUTH step is awaited, or
+    while the client is not taking our replies) waits in ``backlog``.  Reading stops
+    while the client is not taking our replies (``out_paused``, from the transport's
+    write high-water mark) and while more than HOLD_MAX bytes wait; it goes on
+    otherwise, so a client hanging up is noticed at once, even during AUTH or while
+    qmail-queue works.  So one session holds at most: HOLD_MAX plus one read of
+    input, the transport's write buffer, and one batch of replies (session.BATCH
+    lines)."""
+
+    def __init__(self, worker: Worker):
+        self.w = worker
+        self.loop = asyncio.get_running_loop()
+        self.transport = None
+        self.session: Session | None = None
+        self.write_timer = None
+        self.queue: AsyncQueue | None = None
+        self.backlog: list[bytes] = []        # input the session has not taken yet
+        self.held = 0                         # bytes in backlog
+        self.task: asyncio.Task | None = None
+        self.out_paused = False
+        self.ip = "?"
+        self.env: dict[str, str] = {}
+        self.switching = False
+        self.shutdown = False                 # we said 421 shutting down
+        self.started = 0.0
+        self.counted = False
+        self.id = 0
+        self.done = False
+
+    # ---- connection
+    def connection_made(self, transport) -> None:
+        try:
+            self._connection_made(transport)
+        except Exception as err:                 # a bug: this connection ends, not us
+            log(f"session {self.ip} ended by {type(err).__name__}: {err}")
+            transport.abort()
+
+    def _connection_made(self, transport) -> None:
+        w = self.w
+        self.transport = transport
+        w.serial += 1
+        self.id = w.serial
+        peer = transport.get_extra_info("peername") or ("unknown", 0)
+        local = transport.get_extra_info("sockname") or ("unknown", 0)
+        self.ip = ip = peer[0]
+        if ip.startswith("::ffff:") and "." in ip:
+            self.ip = ip = ip[7:]
+        where = f"{local[0]}:{local[1]} {ip}:{peer[1]}"
+        rule = None
+        if w.rules is not None:
+            from .tcprules import lookup
+            try:
+                rule = lookup(w.rules_current(), ip)
+            except OSError as err:           # tcpserver drops the connection, and logs
+                w.metrics.add("connections_refused.rules")
+                log(f"deny {self.id} {where}: {w.rules_error(err)}")
+                transport.abort()
+                return
+            if not rule.allow:
+                w.metrics.add("connections_refused.rules")
+                if w.o.verbose:
+                    log(f"deny {self.id} {where}")
+                transport.abort()
+                return
+        refusal = w.limits.take(ip)
+        if refusal is not None:
+            w.metrics.add("connections_refused.busy" if refusal is R_BUSY
+                          else "connections_refused.per_ip")
+            if w.o.verbose:
+                log(f"busy {self.id} {where}")
+            transport.write(refusal)
+            transport.close()
+            return
+        self.counted = True
+        self.started = time.monotonic()
+        w.metrics.add("sessions_open")
+        w.sessions.add(self)
+        # the environment tcpserver gives qmail-smtpd (and so qmail-queue and
+        # checkpassword): its own, PROTO and the TCP* variables, then the rule's
+        env = dict(w.base_env)
+        env.update(PROTO="TCP", TCPREMOTEIP=ip, TCPREMOTEPORT=str(peer[1]),
+                   TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]))
+        if w.o.local_name:
+            env["TCPLOCALHOST"] = w.o.local_name
+        if rule is not None:
+            for k, v in rule.env.items():
+                if v is None:
+                    env.pop(k, None)
+                else:
+                    env[k] = v
+        self.env = env
+        if w.o.verbose:
+            log(f"ok {self.id} {where}")
+        try:
+            controls, cdb, more = w.setup(env)
+        except ControlError as err:
+            log(f"unable to read controls: {err}")
+            transport.write(R_CONTROLS)
+            self.finish()
+            return
+        self.timeout = controls.timeout
+        self.write_timeout = w.o.write_timeout or controls.timeout
+        self.session = Session(controls, peer_from_env(env),
+                                 policy_from_env(env, tls=w.tls is not None,
+                                                   auth=w.checkpw is not None),
+                                 validrcptto=cdb, morercpthosts=more, ipme=w.ipme,
+                                 clock=time.time, monotonic=time.monotonic)
+        self.program = env.get("QMAILQUEUE") or os.path.join(w.o.qmail_dir, "bin", "qmail-queue")
+        self.run(self.session.start())
+
+    def connection_lost(self, exc) -> None:
+        self.done = True
+        self.backlog.clear()
+        self.held = 0
+        self._cancel_timers()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()                   # its handlers kill what it started
+        elif self.queue is not None:             # between two reads of a message
+            self.w.cleanup(self.queue.abort())
+            self.queue = None
+        if self.counted:
+            self.counted = False
+            self.w.limits.give(self.ip)
+            self.w.sessions.discard(self)
+            m = self.w.metrics
+            m.add("sessions_open", -1)
+            if self.session is not None:
+                m.session_ended(self.session.counts,
+                                "shutdown" if self.shutdown else self.session.end_reason,
+                                time.monotonic() - self.started)
+            if self.w.o.verbose:
+                ok = self.session is not None and self.session.quit
+                log(f"end {self.id} status {0 if ok else 1}")
+
+    def finish(self) -> None:
+        self._cancel_timers()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _cancel_timers(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+        self.write_timer = None
+
+    # ---- input
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.session is None or self.done:
+                return
+            self.backlog.append(data)
+            self.held += len(data)
+            if self.switching:                  # mid-STARTTLS: the transport is changing
+                if self.held > HOLD_MAX:
+                    self.transport.abort()
+                return
+            self.pump()
+        except Exception as err:                 # a bug: this connection ends, not us
+            log(f"session {self.ip} ended by {type(err).__name__}: {err}")
+            self.transport.abort()
+
+    def eof_received(self):
+        if self.session is not None and not self.done:
+            self.backlog.append(b"")
+            self.pump()
+        return False
+
+    def on_timeout(self) -> None:
+        if self.session is not None and self.task is None and not self.done:
+            self.run(self.session.check_timeout())
+
+    def next_events(self) -> list | None:
+        """The session's next events from input already here, or None when there is
+        none or it must wait (the client is not reading, or it is closed)."""
+        if self.done or self.out_paused or self.session.closed:
+            return None
+        if self.session.pending:
+            return self.session.proceed()
+        if self.backlog:
+            data = self.backlog.pop(0)
+            self.held -= len(data)
+            return self.session.receive_data(data)
+        return None
+
+    def pump(self) -> None:
+        """Feed the session what it may take now; read more only when it took all."""
+        while self.task is None:
+            events = self.next_events()
+            if events is None:
+                break
+            self.run(events)
+        if self.done or self.transport.is_closing():
+            return
+        if self.out_paused or self.held > HOLD_MAX:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    # ---- output
+    def pause_writing(self) -> None:
+        # the client does not read: stop reading from it (no more replies pile up),
+        # and drop it if that lasts the write time-out (qmail: timeoutsmtpd)
+        self.out_paused = True
+        self.transport.pause_reading()
+        if self.write_timer is None:
+            self.write_timer = self.loop.call_later(self.write_timeout, self._write_timed_out)
+
+    def _write_timed_out(self) -> None:
+        self.write_timer = None
+        if self.w.o.verbose:
+            log(f"session {self.id}: the client has not read for {self.write_timeout:g}s; "
+                "dropped")
+        self.transport.abort()
+
+    def resume_writing(self) -> None:
+        self.out_paused = False
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+        if self.session is not None and not self.done:
+            self.pump()
+
+    # ---- the session's events
+    def _plain(self, ev) -> bool | None:
+        """Carry out a Reply, Log or Close event (None: it was Close); False for the
+        events that must be awaited (queue, TLS, AUTH)."""
+        kind = type(ev)
+        if kind is E.Reply:
+            self.transport.write(ev.data)
+        elif kind is E.Log:
+            log(ev.text)
+        elif kind is E.Close:
+            self.finish()
+            return None
+        else:
+            return False
+        return True
+
+    def run(self, events: list) -> None:
+        """Carry out the events; the queue's are awaited in a task, input held meanwhile."""
+        while events:
+            done = self._plain(events[0])
+            if done is None:
+                return
+            if not done:
+                self.task = self.loop.create_task(self.run_queue(events))
+                return
+            events.pop(0)
+        if self.w.stopping and self.w.grace_over and self.session.idle():
+            self.shutdown = True
+            self.transport.write(R_SHUTDOWN)
+            self.finish()
+        # the read deadline (session.deadline) is watched by the worker's sweeper: one
+        # timer for all sessions rather than one per command
+
+    async def run_queue(self, events: list) -> None:
+        try:
+            await self._run_queue(events)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:                 # a bug: this connection ends, not us
+            log(f"session {self.ip} ended by {type(err).__name__}: {err}")
+            if self.queue is not None:
+                self.queue.kill()
+                self.queue = None
+            self.transport.abort()
+        finally:
+            self.task = None
+        if not self.done:
+            self.pump()
+
+    async def _run_queue(self, events: list) -> None:
+        try:
+            while events:
+                ev = events.pop(0)
+                kind = type(ev)
+                done = self._plain(ev)
+                if done is None:
+                    return
+                if done:
+                    pass
+                elif kind is E.QueueData:
+                    await self.queue.put(ev.data)
+                elif kind is E.QueueOpen:
+                    self.queue = AsyncQueue(self.program, self.w.o.qmail_dir, self.env)
+                    events[:0] = self.session.queue_opened(await self.queue.start())
+                elif kind is E.QueueClose:
+                    status, failed = await self.queue.close(ev.envelope)
+                    self.queue = None
+                    events[:0] = self.session.queue_closed(status, failed)
+                elif kind is E.QueueAbort:
+                    if self.queue is not None:
+                        queue, self.queue = self.queue, None
+                        await queue.abort()
+                elif kind is E.StartTls:
+                    ctx = self.w.tls
+                    self.switching = True
+                    try:
+                        self.transport = await self.loop.start_tls(
+                            self.transport, self, ctx, server_side=True,
+                            ssl_handshake_timeout=self.timeout)
+                    except (TimeoutError, OSError, ValueError) as err:
+                        log(f"TLS handshake with {self.ip} failed: {err}")
+                        self.transport.abort()
+                        return
+                    finally:
+                        self.switching = False
+                    events[:0] = self.session.tls_started()
+                elif kind is E.CheckPassword:
+                    from .secure import check_async
+                    code = await check_async(self.w.checkpw, ev.user, ev.password,
+                                             self.w.checkpw_timeout, self.env)
+                    events[:0] = self.session.auth_result(code)
+                if not events:                  # the next input, in this same task
+                    events = self.next_events() or []
+        except asyncio.CancelledError:
+            if self.queue is not None:          # the client is gone: qmail-queue too
+                queue, self.queue = self.queue, None
+                self.w.cleanup(queue.abort())
+            raise
+
+    def shut_down(self) -> None:
+        """The grace period is over: 421 between commands, or after the reply owed."""
+        if self.done or self.session is None:
+            return
+        if self.task is None and self.session.idle():
+            self.shutdown = True
+            self.transport.write(R_SHUTDOWN)
+            self.finish()
+        # a session in the middle of a command or a message gets its reply first, then
+        # run() ends it
+
+
+# The server's options: one table feeds argparse, --help and the README's table.
+# (flag, attribute, type, default, metavar, help); "" or None: the help says what.

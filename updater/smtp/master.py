@@ -1,0 +1,151 @@
+"""validrcptto-smtpd --listen HOST:PORT: the long-running server, the recommended
+deployment (no Python start-up per connection).  This is its master (Postfix's word):
+the options, bind, the privilege drop and the worker processes; ``worker`` runs one
+process, ``connection`` one connection, ``anvil`` the limits.
+
+One asyncio event loop per worker process drives a ``session.Session`` per connection
+(asyncio Protocols: no threads, no select() fd limit); ``--workers N`` processes share
+the port with SO_REUSEPORT.  Per connection it does what ``tcpserver -x RULES`` +
+qmail-smtpd do: tcpserver's rules (allow / deny / environment), the TCP* variables,
+qmail-smtpd's controls, a snapshot of validrcptto.cdb that nothing on disk can pull from
+under it (``cdbfile``), read and write time-outs (control/timeoutsmtpd), DATA streamed
+into qmail-queue.  Bounded: ``--max-connections`` in all and ``--max-per-ip`` per client
+(past either: ``421`` and close), a command line is at most 4 KiB, a read 64 KiB.  Out of
+descriptors on accept: one log line, accepting pauses a second, sessions go on.
+
+Lifecycle: bind (as root for port 25), then ``--user`` (its uid and gid, no
+supplementary groups); SIGHUP re-reads the controls and the rules; SIGTERM stops
+accepting, lets sessions finish for ``--grace`` seconds, then answers the rest ``421``
+between commands and closes them; exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+
+from .anvil import Limits
+from .logline import PROG, log
+from .metrics import Metrics
+from .options import Options, parse_args, parse_listen
+from .worker import run_worker
+
+__all__ = ["Options", "parse_args", "main", "drop_privileges"]
+
+
+def bind(opts: Options, reuse_port: bool) -> socket.socket:
+    from ..netsock import listen_tcp
+    host, port = parse_listen(opts.listen)
+    return listen_tcp(host, port, 1024, reuse_port=reuse_port)
+
+
+def drop_privileges(user: str) -> None:
+    import pwd
+    pw = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+
+
+def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
+                      metrics: Metrics, httpd=None) -> int:
+    """The parent of ``--workers N``: starts them (and, with --metrics, a process that
+    serves /metrics: this one forks, so it runs no threads), restarts one that dies,
+    passes SIGTERM and SIGHUP on, and exits 0 once all have stopped after SIGTERM."""
+    children: dict[int, int] = {}                    # pid -> index of its socket (-1: metrics)
+    stopping = [False]
+
+    def start(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            if i == -1:
+                for s in socks:
+                    s.close()
+                httpd.serve_forever()
+                os._exit(0)
+            for j, s in enumerate(socks):
+                if j != i:
+                    s.close()
+            if httpd is not None:
+                httpd.socket.close()
+            limits.row = metrics.row = i
+            os._exit(run_worker(opts, socks[i], limits, metrics))
+        children[pid] = i
+
+    def forward(sig, frame) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping[0] = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+            except ProcessLookupError:
+                pass
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for i in range(len(socks)):
+        start(i)
+    if httpd is not None:
+        start(-1)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        i = children.pop(pid, None)
+        if i is not None and i >= 0:
+            limits.clear(i)                 # its sessions died with it
+            metrics.retire(i)               # its counters stay counted
+        if i is not None and not stopping[0]:
+            what = "metrics server" if i == -1 else "worker"
+            log(f"{what} {pid} ended ({status}); starting another")
+            time.sleep(0.5)
+            start(i)
+    log("stopped")
+    return 0
+
+
+def main(opts: Options) -> None:
+    if os.geteuid() == 0 and not opts.user:
+        log("WARNING: running as root without --user: every session runs as root "
+            "(give --user qmaild, or SMTPD_USER in the service's env)")
+    try:
+        socks = [bind(opts, opts.workers > 1) for _ in range(opts.workers)]
+    except (OSError, ValueError) as err:
+        sys.stderr.write(f"{PROG}: cannot listen on {opts.listen}: {err}\n")
+        sys.exit(111)
+    limits = Limits(opts.max_connections, opts.max_per_ip, opts.workers)
+    metrics = Metrics(opts.workers)
+    httpd = None
+    if opts.metrics:
+        try:
+            from .metrics import bind as bind_metrics, server as metrics_server
+            httpd = metrics_server(metrics, bind_metrics(opts.metrics))
+        except (OSError, ValueError) as err:
+            sys.stderr.write(f"{PROG}: cannot serve metrics on {opts.metrics}: {err}\n")
+            sys.exit(111)
+    # everything a session needs is loaded while we may still read it: after --user,
+    # the Python installation (root's, often) may be out of reach
+    import cdbx  # noqa: F401
+    import concurrent.futures.thread  # noqa: F401
+    import ssl  # noqa: F401
+    from . import cdbfile, queue, secure, tcprules  # noqa: F401
+    opts.tls = secure.tls_context(opts.qmail_dir, os.environ, log)
+    if opts.user:
+        try:
+            drop_privileges(opts.user)
+        except (KeyError, OSError) as err:
+            sys.stderr.write(f"{PROG}: cannot become {opts.user}: {err}\n")
+            sys.exit(111)
+    if opts.workers == 1:
+        if httpd is not None:
+            import threading
+            threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        sys.exit(run_worker(opts, socks[0], limits, metrics))
+    sys.exit(supervise_workers(opts, socks, limits, metrics, httpd))

@@ -1,0 +1,107 @@
+"""validrcptto-smtpd's options: one parameter table (``PARAMS``) that argparse, ``--help``
+and the README's table are all made from."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .controls import ControlError
+from .logline import PROG
+
+
+PARAMS: list[tuple[str, str, type, object, str, str]] = [
+    ("--listen", "listen", str, None, "HOST:PORT",
+     "listen on this address (0.0.0.0:25; [::]:25 for both families); without it, "
+     "SMTP on fd 0/1 as under tcpserver"),
+    ("--qmail-dir", "qmail_dir", str, None, "DIR",
+     "qmail's home: control/ and bin/qmail-queue (default: $QMAIL_DIR, else /var/qmail)"),
+    ("--rules", "rules", str, "", "CDB",
+     "tcprules cdb, read as tcpserver -x reads it and re-read when it changes; missing "
+     "or not a cdb: every connection is dropped (default: none, all allowed)"),
+    ("--max-connections", "max_connections", int, 500, "N",
+     "sessions in all, across the workers; past it: 421"),
+    ("--max-per-ip", "max_per_ip", int, 20, "N",
+     "sessions per client address, 0 for no limit; past it: 421"),
+    ("--workers", "workers", int, 1, "N", "processes sharing the port (0: one per CPU)"),
+    ("--user", "user", str, "", "NAME",
+     "run as this account once the port is bound: its uid and gid, no other groups "
+     "(default: stay as started, with a warning when that is root)"),
+    ("--grace", "grace", float, 10.0, "SECONDS",
+     "after SIGTERM, sessions have this long to finish; then 421 between commands"),
+    ("--write-timeout", "write_timeout", float, 0.0, "SECONDS",
+     "a client that leaves our replies unread this long is dropped "
+     "(0: control/timeoutsmtpd, as in qmail)"),
+    ("--local-name", "local_name", str, "", "NAME",
+     "TCPLOCALHOST for sessions (default: control/me)"),
+    ("--metrics", "metrics", str, "", "HOST:PORT",
+     "serve Prometheus metrics at http://HOST:PORT/metrics (all workers summed)"),
+    ("--checkpassword", "checkpassword", str, "", "'PROG ARGS'",
+     "checkpassword program for AUTH (default: $CHECKPASSWORD; none: no AUTH)"),
+]
+
+
+class Options:
+    def __init__(self) -> None:
+        for _, attr, _, default, _, _ in PARAMS:
+            setattr(self, attr, default)
+        self.qmail_dir = os.environ.get("QMAIL_DIR") or "/var/qmail"
+        self.verbose = True
+        self.tls = None
+
+
+def parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="qmail-smtpd with the validrcptto.cdb check: on fd 0/1 under "
+        "tcpserver (no options needed), or as a long-running server with --listen.  "
+        "Per-connection settings come from the environment as in qmail-smtpd "
+        "(VALIDRCPTTO_CDB, VALIDRCPTTO_LIMIT, VALIDRCPTTO_LOG, RELAYCLIENT, DATABYTES, "
+        "QMAILQUEUE, CHECKPASSWORD, TLS_CERT, ...: see the README).")
+    for flag, attr, kind, default, metavar, text in PARAMS:
+        if default not in (None, ""):
+            text += f" (default: {default:g})" if kind is float else f" (default: {default})"
+        p.add_argument(flag, dest=attr, type=kind, metavar=metavar, help=text)
+    p.add_argument("--quiet", dest="verbose", action="store_false", default=None,
+                   help="no ok/end/deny/busy line per connection (default: one each)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Options for either front end; argparse's exit 2 on a bad argument."""
+    ns = parser().parse_args(argv)
+    opts = Options()
+    for name, value in vars(ns).items():
+        if value is not None:
+            setattr(opts, name, value)
+    for flag, attr, kind, _, _, _ in PARAMS:
+        if kind in (int, float) and getattr(opts, attr) < 0:
+            parser().error(f"{flag} must not be negative")
+    if opts.listen is not None:
+        try:
+            parse_listen(opts.listen)
+        except ValueError as err:
+            parser().error(f"--listen: {err}")
+    if opts.workers == 0:
+        opts.workers = os.cpu_count() or 1
+    opts.qmail_dir = os.path.abspath(opts.qmail_dir)
+    if opts.checkpassword:
+        os.environ["CHECKPASSWORD"] = opts.checkpassword
+    opts.max_connections = max(1, opts.max_connections)
+    if not opts.local_name:
+        try:
+            from .controls import readline
+            me = readline(os.path.join(opts.qmail_dir, "control", "me"))
+            opts.local_name = me.decode("utf-8", "surrogateescape") if me else ""
+        except ControlError:
+            opts.local_name = ""
+    return opts
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)

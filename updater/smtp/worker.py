@@ -1,0 +1,175 @@
+"""One --listen worker process: its state (cached controls, cdb snapshots, rules, the
+sessions), the accept loop, the read-deadline sweep, SIGHUP and the SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+from .anvil import Limits
+from .cdbfile import CdbCache
+from .child import LIVE
+from .connection import SmtpProtocol
+from .controls import ControlError, IpMe, morercpthosts_path, read_controls
+from .logline import log
+from .metrics import Metrics
+from .options import Options
+from .params import scan_ulong
+from .queue import AsyncQueue
+
+
+SWEEP = 0.5                 # seconds between checks of the sessions' read deadlines
+
+
+class Worker:
+    """One process's state: the cached controls, cdb snapshots, rules; the sessions."""
+
+    def __init__(self, opts: Options, limits: Limits, metrics: Metrics):
+        self.o, self.limits, self.metrics = opts, limits, metrics
+        self.ipme = IpMe()
+        # tcpserver's children get its environment, less what it sets per connection
+        self.base_env = {k: v for k, v in os.environ.items()
+                         if not k.startswith("TCP") and k not in ("RELAYCLIENT", "PROTO")}
+        self.controls = None
+        self.cdbs: dict[str, CdbCache] = {}
+        self.rules = CdbCache(opts.rules, log, strict=True) if opts.rules else None
+        from .secure import checkpassword_argv, timeout_of
+        self.tls = opts.tls                       # loaded before --user (keys are private)
+        self.checkpw = checkpassword_argv(os.environ)
+        self.checkpw_timeout = timeout_of(os.environ)
+        self.sessions: set[SmtpProtocol] = set()
+        self.cleanups: set[asyncio.Task] = set()   # qmail-queue aborts still running
+        self.stopping = False
+        self.grace_over = False
+        self.serial = 0
+
+    def reload(self) -> None:
+        """SIGHUP: controls and rules are read again at the next connection."""
+        self.controls = None
+        for c in self.cdbs.values():
+            c.forget()
+        if self.rules is not None:
+            self.rules.forget()
+        from .secure import tls_context
+        fresh = tls_context(self.o.qmail_dir, os.environ, log)        # renewed certificates
+        if fresh is not None or self.tls is None:
+            self.tls = fresh
+        else:
+            log("TLS: keeping the certificate loaded before")
+        log("SIGHUP: re-reading controls, rules and the TLS certificate")
+
+    def cleanup(self, coro) -> None:
+        """Run a clean-up (a qmail-queue abort) to its end, whatever the session does."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
+
+    def rules_current(self):
+        """The rules cdb for a new connection; OSError (tcpserver drops the connection)
+        when it cannot be read or is not a whole cdb."""
+        return self.rules.current()
+
+    def rules_error(self, err: OSError) -> str:
+        return f"cannot read rules {self.o.rules}: {err.strerror or err}"
+
+    def cdb(self, path: str, shown: bool = False):
+        cache = self.cdbs.get(path)
+        if cache is None:
+            cache = self.cdbs[path] = CdbCache(path, log)
+        getter = cache.current()
+        if shown:                                   # the validrcptto.cdb, for /metrics
+            self.metrics.set("cdb_entries", cache.entries)
+            self.metrics.set("cdb_mtime", cache.mtime)
+        return getter
+
+    def setup(self, env: dict):
+        """qmail-smtpd's setup(): (controls, validrcptto, morercpthosts); ControlError."""
+        try:
+            if self.controls is None:
+                self.controls = read_controls(self.o.qmail_dir, {})
+            controls = self.controls
+            if env.get("DATABYTES") is not None:
+                databytes = scan_ulong(env["DATABYTES"]) & 0xFFFFFFFF
+                controls = controls._replace(databytes=databytes - (databytes == 0xFFFFFFFF))
+            cdb = self.cdb(env["VALIDRCPTTO_CDB"], shown=True) \
+                if env.get("VALIDRCPTTO_CDB") else None
+            more = None
+            if controls.rcpthosts is not None:
+                try:
+                    more = self.cdb(morercpthosts_path(self.o.qmail_dir))
+                except FileNotFoundError:
+                    more = None
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            raise ControlError(f"{where}{err.strerror or err}") from None
+        return controls, cdb, more
+
+
+async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Metrics) -> None:
+    loop = asyncio.get_running_loop()
+    worker = Worker(opts, limits, metrics)
+    warned = [0.0]
+
+    def on_error(loop, context) -> None:        # one line, never a traceback
+        msg = context.get("message", "")
+        exc = context.get("exception")
+        if "out of system resource" in msg:
+            now = time.monotonic()
+            if now - warned[0] > 60:
+                warned[0] = now
+                log(f"accept: {exc}; pausing accepts for a second (sessions go on)")
+            return
+        log(f"{msg}: {type(exc).__name__ if exc else ''} {exc or ''}".strip())
+    loop.set_exception_handler(on_error)
+    server = await loop.create_server(lambda: SmtpProtocol(worker), sock=sock)
+
+    def sweep() -> None:                        # read deadlines, checked twice a second
+        now = time.monotonic()
+        for p in list(worker.sessions):
+            if p.session is not None and p.session.deadline <= now:
+                p.on_timeout()
+        loop.call_later(SWEEP, sweep)
+    loop.call_later(SWEEP, sweep)
+    if worker.rules is not None:
+        try:
+            worker.rules_current()
+        except OSError as err:
+            log(f"{worker.rules_error(err)}; every connection is dropped until it is fixed")
+    addr = sock.getsockname()
+    log(f"listening on {addr[0]}:{addr[1]}")
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload)
+    await stop.wait()
+    server.close()                              # no new connections
+    worker.stopping = True
+    log(f"SIGTERM: not accepting; {len(worker.sessions)} sessions have {opts.grace:g}s")
+    deadline = loop.time() + opts.grace
+    while worker.sessions and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    worker.grace_over = True
+    for p in list(worker.sessions):
+        p.shut_down()
+    deadline = loop.time() + 30                  # sessions owed a reply after a message
+    while worker.sessions and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for p in list(worker.sessions):
+        p.transport.abort()
+    await asyncio.sleep(0)                       # their connection_lost: tasks cancelled
+    if worker.cleanups:
+        await asyncio.wait(list(worker.cleanups), timeout=AsyncQueue.ABORT_WAIT + 1)
+    for child in list(LIVE):                     # nothing is left behind unreaped
+        child.kill()
+    log("stopped")
+
+
+def run_worker(opts: Options, sock: socket.socket, limits: Limits, metrics: Metrics) -> int:
+    try:
+        asyncio.run(serve(opts, sock, limits, metrics))
+    except KeyboardInterrupt:
+        pass
+    return 0
