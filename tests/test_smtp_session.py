@@ -306,7 +306,7 @@ def test_a_driver_callback_is_legal_only_in_the_state_that_waits_for_it():
         with pytest.raises(E.ProtocolError, match="while reading commands"):
             call()
     ev = s.receive_data(b"HELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<joe@example.com>\r\nDATA\r\n")
-    assert isinstance(ev[-1], E.QueueOpen) and s.mode is S.State.QUEUE_OPENING
+    assert isinstance(ev[-1], E.QueueOpen) and s.mode is E.State.QUEUE_OPENING
     with pytest.raises(E.ProtocolError, match=r"queue_closed\(\) while waiting for "
                        r"queue_opened\(\)"):
         s.queue_closed(0)
@@ -314,17 +314,17 @@ def test_a_driver_callback_is_legal_only_in_the_state_that_waits_for_it():
     with pytest.raises(E.ProtocolError):
         s.queue_opened(43)
     s.receive_data(b".\r\n")
-    assert s.mode is S.State.QUEUE_CLOSING
+    assert s.mode is E.State.QUEUE_CLOSING
     assert replies(s.queue_closed(0)).startswith(b"250 ok ")
     assert replies(s.receive_data(b"STARTTLS\r\n")) == R.R_TLS_READY
-    assert s.mode is S.State.TLS_STARTING
+    assert s.mode is E.State.TLS_STARTING
     s.tls_started()
-    assert s.mode is S.State.COMMAND
+    assert s.mode is E.State.COMMAND
 
 
 def test_bytes_after_starttls_are_refused_before_any_event_is_emitted():
     s, _ = make(policy=P.Policy(tls=True))
     s.start()
     ev = s.receive_data(b"STARTTLS\r\nEHLO evil\r\n")
-    assert ev == [E.Reply(R.R_TLS_PIPELINED)] and s.mode is S.State.COMMAND
+    assert ev == [E.Reply(R.R_TLS_PIPELINED)] and s.mode is E.State.COMMAND
     assert replies(s.receive_data(b"NOOP\r\n")) == b"250 ok\r\n"

@@ -1,11 +1,15 @@
-"""Addresses as qmail-smtpd reads them: addrparse, rcpthosts (with morercpthosts.cdb)
-and badmailfrom (pure).  The validrcptto lookup itself is ``checker.check``, the one
-the CLI's ``check`` uses too."""
+"""Addresses as qmail-smtpd reads them (pure): addrparse, rcpthosts (with
+morercpthosts.cdb), badmailfrom, and the validrcptto.cdb lookup with its log lines (the
+lookup itself is ``checker.check``, the one the CLI's ``check`` uses too)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+
+from ..checker import check, lower
+from ..textsafe import escape
+from .params import TRY_LOG_MAX
 
 
 _IPLIT = re.compile(rb"\[([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)\]\Z")
@@ -91,3 +95,22 @@ def badmailfrom(address: bytes, bmf: frozenset[bytes] | None) -> bool:
         return True
     at = a.rfind(b"@")
     return at != -1 and a[at:] in bmf
+
+
+def validrcptto(get: Callable[[bytes], bytes | None], addr: bytes,
+                loglevel: int) -> tuple[bool, list[str]]:
+    """The validrcptto.cdb lookup (REFERENCE §1: the first key found decides) and what
+    VALIDRCPTTO_LOG 1 and 2 log about it (the "not found" line always)."""
+    verdict = check(get, addr)
+    logs = []
+    if loglevel >= 1:
+        logs.append(f"RCPT TO: {escape(lower(addr))}")
+    if loglevel >= 2:
+        logs += [f"trying: {escape(key)}" for key in verdict.tried[:TRY_LOG_MAX]]
+        if len(verdict.tried) > TRY_LOG_MAX:
+            logs.append(f"trying: ({len(verdict.tried) - TRY_LOG_MAX} more keys not logged)")
+    if verdict.key is not None and loglevel >= 1:
+        logs.append(f"{'found' if verdict.accepted else 'reject'}: {escape(verdict.key)}")
+    if not verdict.accepted:
+        logs.append(f"not found: {escape(addr)}")
+    return bool(verdict.accepted), logs

@@ -28,6 +28,7 @@ NamedTuple classes cost milliseconds to create.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 
@@ -99,3 +100,26 @@ class CheckPassword(_Record):
 
     def __repr__(self) -> str:                    # never the password, not even in a repr
         return f"CheckPassword(user={self.user!r}, password=...)"
+
+
+# --------------------------------------------------------------------------- states
+
+class State(enum.Enum):
+    COMMAND = "reading commands"
+    AUTH = "reading an AUTH response"
+    DATA = "reading the message"
+    QUEUE_OPENING = "waiting for queue_opened()"
+    QUEUE_CLOSING = "waiting for queue_closed()"
+    CHECKING_PASSWORD = "waiting for auth_result()"
+    TLS_STARTING = "waiting for tls_started()"
+    DONE = "closed"
+
+
+(COMMAND, AUTH, DATA, QUEUE_OPENING, QUEUE_CLOSING, CHECKING_PASSWORD, TLS_STARTING,
+ DONE) = State
+_READING_LINES = (COMMAND, AUTH)
+_READING = (COMMAND, DATA, AUTH)
+
+# which driver callback is legal in which state (any other call raises ProtocolError)
+CALLBACKS = {"queue_opened": QUEUE_OPENING, "queue_closed": QUEUE_CLOSING,
+             "auth_result": CHECKING_PASSWORD, "tls_started": TLS_STARTING}

@@ -1,65 +1,30 @@
 """The qmail-smtpd conversation (netqmail 1.06 plus the validrcptto.cdb check) as an
 I/O-free state machine, in the style of h11: bytes in, events out (``events``: the
-events and the contract a driver keeps).
-
-A driver feeds one read at a time and carries out every event before it reads again:
-so the session never holds more than one read plus one partial command line (4 KiB) of
-client input.  The replies one call may produce are bounded too: after BATCH command
-lines the session stops and ``pending`` is true; the driver calls ``proceed()`` for the
-next batch once the client has taken the replies so far (a client that sends commands
-but never reads cannot make the server hold more than about BATCH replies of output
-beyond its transport buffer).
-
-Nothing here touches a socket, a file, a process or the clock: the controls, the
-lookups (rcpthosts' cdb, validrcptto.cdb, "is this IP mine") and ``clock`` are given to
-the constructor (``clock`` for dates, ``monotonic`` for the read deadline).
-``deadline`` is when the session's input times out; ``check_timeout()`` turns an expired
-one into qmail's ``451 timeout``.  Write time-outs belong to the driver (qmail just
-exits).  The DATA decoder, the Received line and AUTH are imported when first needed.
-"""
+events, the states and the contract a driver keeps).  A driver feeds one read at a time
+and carries out every event before it reads again, so the session holds at most one
+read plus one partial command line (4 KiB); after BATCH command lines it stops with
+``pending`` true until the driver calls ``proceed()``, so a client that pipelines
+without reading gets at most about BATCH replies ahead.  The controls, the lookups, the
+clocks and the queue come from outside; ``check_timeout()`` turns a passed ``deadline``
+into qmail's ``451 timeout``.  DATA, the Received line and AUTH are imported when
+first needed (``blast``, ``received``, ``sasl``)."""
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable       # (not typing: start-up counts here)
 from typing import TYPE_CHECKING
 
-from ..checker import check, lower
-from ..textsafe import escape
-from .addresses import addrparse, badmailfrom, rcpthosts_allows
-from .events import (CheckPassword, Close, Log, ProtocolError, QueueAbort, QueueClose,
-                     QueueData, QueueOpen, Reply, StartTls)
-from .params import BATCH, COMMAND_LINE_MAX, MAXHOPS, TRY_LOG_MAX, Controls, Peer, Policy
-from .replies import (R_AUTH_AGAIN, R_AUTH_BAD, R_AUTH_CANCELLED, R_AUTH_INMAIL,
-                      R_AUTH_MALFORMED, R_AUTH_NEEDTLS, R_AUTH_OK, R_AUTH_TEMP, R_AUTH_TOOMANY,
-                      R_AUTH_TYPE, R_BMF, R_HELP, R_HOPS, R_MAILFIRST, R_MAXRCPT, R_NOGATEWAY,
-                      R_NOTVALID, R_QQT, R_RCPTFIRST, R_SIZE, R_STRAYLF, R_SYNTAX, R_TIMEOUT,
-                      R_TLS_AGAIN, R_TLS_PIPELINED, R_TLS_READY, R_TOOLONG, R_TOOMANY,
-                      R_UNIMPL, qq_reply)
+from .addresses import addrparse, badmailfrom, rcpthosts_allows, validrcptto
+from .events import (AUTH, CALLBACKS, COMMAND, DATA, DONE, QUEUE_CLOSING, QUEUE_OPENING,
+                     TLS_STARTING, Close, Log, ProtocolError, QueueAbort, QueueOpen, Reply,
+                     StartTls, _READING, _READING_LINES)
+from .params import BATCH, COMMAND_LINE_MAX, Controls, Peer, Policy
+from .replies import (R_BMF, R_HELP, R_MAILFIRST, R_MAXRCPT, R_NOGATEWAY, R_NOTVALID, R_QQT,
+                      R_RCPTFIRST, R_SYNTAX, R_TIMEOUT, R_TLS_AGAIN, R_TLS_PIPELINED,
+                      R_TLS_READY, R_TOOLONG, R_TOOMANY, R_UNIMPL)
 
 if TYPE_CHECKING:
     from .blast import DataDecoder
-
-
-class State(enum.Enum):
-    COMMAND = "reading commands"
-    AUTH = "reading an AUTH response"
-    DATA = "reading the message"
-    QUEUE_OPENING = "waiting for queue_opened()"
-    QUEUE_CLOSING = "waiting for queue_closed()"
-    CHECKING_PASSWORD = "waiting for auth_result()"
-    TLS_STARTING = "waiting for tls_started()"
-    DONE = "closed"
-
-
-(COMMAND, AUTH, DATA, QUEUE_OPENING, QUEUE_CLOSING, CHECKING_PASSWORD, TLS_STARTING,
- DONE) = State
-_READING_LINES = (COMMAND, AUTH)
-_READING = (COMMAND, DATA, AUTH)
-
-# which driver callback is legal in which state (any other call raises ProtocolError)
-CALLBACKS = {"queue_opened": QUEUE_OPENING, "queue_closed": QUEUE_CLOSING,
-             "auth_result": CHECKING_PASSWORD, "tls_started": TLS_STARTING}
 
 
 class Session:
@@ -136,33 +101,11 @@ class Session:
     def auth_result(self, code: int | None) -> list:
         """The checkpassword program's exit code (None: it hung or could not run)."""
         self._expect("auth_result")
-        ev: list = []
-        user, self.auth_step = self.auth_step[1], ()
-        self.mode = COMMAND
-        who = escape(user, 64)
-        self.count("auth.ok" if code == 0 else "auth.failed" if code == 1 else "auth.tempfail")
-        if code == 0:
-            self.user = user
-            self.relay = b""
-            ev += [Log(f"AUTH ok user {who} [{self.remote}]"), Reply(R_AUTH_OK)]
-        elif code == 1:
-            self.auth_failures += 1
-            ev.append(Log(f"AUTH failed user {who} [{self.remote}]"))
-            if self.auth_failures >= self.policy.auth_failures:
-                self.count("hangup.auth_failures")
-                self.end = "limit"
-                ev += [Log(f"AUTH too many authentication failures [{self.remote}], "
-                           "hanging up"), Reply(R_AUTH_TOOMANY), Close()]
-                self.mode = DONE
-                self.buf = b""
-                return ev
-            ev.append(Reply(R_AUTH_BAD))
-        else:
-            ev += [Log(f"AUTH temporary failure user {who} [{self.remote}]: "
-                       f"{'no answer' if code is None else f'exit {code}'}"),
-                   Reply(R_AUTH_TEMP)]
-        self.deadline = self.mono() + self.c.timeout
-        self._run(ev)
+        from .sasl import result
+        ev = result(self, code)
+        if self.mode is not DONE:
+            self.deadline = self.mono() + self.c.timeout
+            self._run(ev)
         return ev
 
     @property
@@ -216,47 +159,21 @@ class Session:
 
     def queue_opened(self, qp: int | None) -> list:
         self._expect("queue_opened")
-        ev: list = []
         if qp is None:
             self.mode = COMMAND
             self.count("message.tempfail")
-            ev.append(Reply(R_QQT))
+            ev: list = [Reply(R_QQT)]
         else:
-            self.qp = qp
-            from .blast import DataDecoder        # (imported when a message starts)
-            from .received import received_line
-            self.mode = DATA
-            self.data = DataDecoder()
-            self.size = 0
-            ev.append(Reply(b"354 go ahead\r\n"))
-            p = self.peer
-            proto = b"SMTP" if not (self.tls or self.user) else \
-                b"ESMTP" + (b"S" if self.tls else b"") + (b"A" if self.user else b"")
-            ev.append(QueueData(received_line(p.local, p.remoteip, p.remotehost,
-                                              p.remoteinfo, self.helo, self.clock(), proto)))
+            from .blast import start              # (imported when a message starts)
+            ev = start(self, qp)
         self.deadline = self.mono() + self.c.timeout
         self._run(ev)
         return ev
 
     def queue_closed(self, status: int | None, write_failed: bool = False) -> list:
         self._expect("queue_closed")
-        d = self.data
-        assert d is not None
-        hops = d.hops >= MAXHOPS
-        overflow = bool(self.c.databytes) and self.size > self.c.databytes
-        self.data = None
-        self.mode = COMMAND
-        reply = qq_reply(status, write_failed or hops or overflow)
-        if reply is None:
-            reply = b"250 ok %d qp %d\r\n" % (int(self.clock()), self.qp)
-        elif hops:
-            reply = R_HOPS
-        elif overflow:
-            reply = R_SIZE
-        self.count("message.queued" if reply.startswith(b"250") else
-                   "message.rejected" if reply.startswith(b"5") else "message.tempfail")
-        self.count("bytes", self.size)
-        ev: list = [Reply(reply)]
+        from .blast import finish
+        ev = [Reply(finish(self, status, write_failed))]
         self.deadline = self.mono() + self.c.timeout
         self._run(ev)
         return ev
@@ -309,34 +226,8 @@ class Session:
                 return                                   # no complete line left
 
     def _data(self, ev: list) -> None:
-        d = self.data
-        assert d is not None
-        pieces, used, end = d.feed(self.buf)
-        self.buf = self.buf[used:]
-        limit = self.c.databytes
-        for piece in pieces:
-            if not piece:
-                continue
-            before = self.size
-            self.size += len(piece)
-            if limit and self.size > limit:
-                if before < limit:
-                    ev.append(QueueData(piece[:limit - before]))
-            else:
-                ev.append(QueueData(piece))
-        if end is False:
-            self.end = "error"
-            self.count("message.rejected")
-            ev += [QueueAbort(), Reply(R_STRAYLF), Close()]
-            self.mode = DONE
-            self.buf = b""
-        elif end:
-            hops = d.hops >= MAXHOPS
-            overflow = bool(limit) and self.size > limit
-            envelope = None if hops or overflow else \
-                b"F" + self.mailfrom + b"\0" + bytes(self.rcptto) + b"\0"
-            ev.append(QueueClose(envelope))
-            self.mode = QUEUE_CLOSING
+        from .blast import absorb
+        absorb(self, ev)
 
     def _command(self, line: bytes, ev: list) -> None:
         if line.endswith(b"\r"):
@@ -366,13 +257,13 @@ class Session:
         lines = [self._greet(b""), b"PIPELINING", b"8BITMIME"]
         if self.policy.tls and not self.tls:
             lines.append(b"STARTTLS")
-        if self._auth_offered():
+        if self.auth_offered():
             lines += [b"AUTH LOGIN PLAIN", b"AUTH=LOGIN PLAIN"]
         ev.append(Reply(b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]) +
                         b"250 " + lines[-1] + b"\r\n"))
         self._dohelo(arg)
 
-    def _auth_offered(self) -> bool:
+    def auth_offered(self) -> bool:
         return self.policy.auth and (self.tls or self.policy.auth_plaintext)
 
     def smtp_starttls(self, arg: bytes, ev: list) -> None:
@@ -388,83 +279,12 @@ class Session:
             self.mode = TLS_STARTING
 
     def smtp_auth(self, arg: bytes, ev: list) -> None:
-        if not self.policy.auth:
-            ev.append(Reply(R_UNIMPL))
-            return
-        if not self._auth_offered():
-            ev.append(Reply(R_AUTH_NEEDTLS))
-            return
-        if self.user is not None:
-            ev.append(Reply(R_AUTH_AGAIN))
-            return
-        if self.seenmail:
-            ev.append(Reply(R_AUTH_INMAIL))
-            return
-        from . import sasl                        # (imported when AUTH starts)
-        mech, _, initial = arg.partition(b" ")
-        mech, initial = mech.lower(), initial.strip()
-        if mech == b"plain":
-            if initial:
-                self._auth_plain(initial, ev)
-            else:
-                self.auth_step, self.mode = ("plain",), AUTH
-                ev.append(Reply(sasl.PROMPT_PLAIN))
-        elif mech == b"login":
-            if initial:
-                self._auth_login_user(initial, ev)
-            else:
-                self.auth_step, self.mode = ("user",), AUTH
-                ev.append(Reply(sasl.PROMPT_USER))
-        else:
-            ev.append(Reply(R_AUTH_TYPE))
+        from .sasl import command                 # (imported when AUTH starts)
+        command(self, arg, ev)
 
     def _auth_line(self, line: bytes, ev: list) -> None:
-        line = line.rstrip(b"\r").strip()
-        step, self.mode = self.auth_step, COMMAND
-        if line == b"*":
-            self.auth_step = ()
-            ev.append(Reply(R_AUTH_CANCELLED))
-        elif step[0] == "plain":
-            self._auth_plain(line, ev)
-        elif step[0] == "user":
-            self._auth_login_user(line, ev)
-        else:
-            from .sasl import b64
-            password = b64(line)
-            if password is None:
-                self.auth_step = ()
-                ev.append(Reply(R_AUTH_MALFORMED))
-            else:
-                self._check(step[1], password, ev)
-
-    def _auth_plain(self, data: bytes, ev: list) -> None:
-        from .sasl import plain
-        got = plain(data)
-        if got is None:
-            self.auth_step = ()
-            ev.append(Reply(R_AUTH_MALFORMED))
-            return
-        self._check(got[0], got[1], ev)
-
-    def _auth_login_user(self, data: bytes, ev: list) -> None:
-        from .sasl import PROMPT_PASSWORD, b64
-        user = b64(data)
-        if not user:
-            self.auth_step = ()
-            ev.append(Reply(R_AUTH_MALFORMED))
-            return
-        self.auth_step, self.mode = ("pass", user), AUTH
-        ev.append(Reply(PROMPT_PASSWORD))
-
-    def _check(self, user: bytes, password: bytes, ev: list) -> None:
-        from .sasl import usable
-        if not usable(user, password):
-            self.auth_step = ()
-            ev.append(Reply(R_AUTH_MALFORMED))
-            return
-        self.auth_step = ("check", user)
-        self.mode = CHECKING_PASSWORD
-        ev.append(CheckPassword(user, password))
+        from .sasl import response
+        response(self, line, ev)
 
     def _dohelo(self, arg: bytes) -> None:
         self.seenmail = False
@@ -528,7 +348,11 @@ class Session:
                 ev.append(Reply(R_NOGATEWAY))
                 return
             why = "rcpthosts" if self.validrcptto is None else "validrcptto"
-            if self.validrcptto is not None and not self._valid(addr, ev):
+            ok = True
+            if self.validrcptto is not None:
+                ok, logs = validrcptto(self.validrcptto, addr, self.policy.loglevel)
+                ev += [Log(self._vlog(text)) for text in logs]
+            if not ok:
                 self.invalid += 1
                 self.count("rcpt.rejected.validrcptto")
                 limit = self.policy.limit
@@ -553,27 +377,6 @@ class Session:
 
     def _vlog(self, text: str) -> str:
         return f"validrcptto [{self.remote}] {text}"
-
-    def _valid(self, addr: bytes, ev: list) -> bool:
-        """The validrcptto.cdb lookup (REFERENCE §1, ``checker.check``: the first key
-        found decides), logged at VALIDRCPTTO_LOG 1 and 2."""
-        assert self.validrcptto is not None
-        verdict = check(self.validrcptto, addr)
-        level = self.policy.loglevel
-        if level >= 1:
-            ev.append(Log(self._vlog(f"RCPT TO: {escape(lower(addr))}")))
-        if level >= 2:
-            ev += [Log(self._vlog(f"trying: {escape(key)}"))
-                   for key in verdict.tried[:TRY_LOG_MAX]]
-            if len(verdict.tried) > TRY_LOG_MAX:
-                more = len(verdict.tried) - TRY_LOG_MAX
-                ev.append(Log(self._vlog(f"trying: ({more} more keys not logged)")))
-        if verdict.key is not None and level >= 1:
-            ev.append(Log(self._vlog(f"{'found' if verdict.accepted else 'reject'}: "
-                                     f"{escape(verdict.key)}")))
-        if not verdict.accepted:
-            ev.append(Log(self._vlog(f"not found: {escape(addr)}")))
-        return bool(verdict.accepted)
 
     def smtp_data(self, arg: bytes, ev: list) -> None:
         if not self.seenmail:
