@@ -71,3 +71,23 @@ def test_the_cycle_detector_finds_one(tmp_path):
     known["updater.b"].write_text("def f():\n    from .a import x\n")
     assert imports("updater.b", known["updater.b"], known) == {"updater.a"}
     assert imports("updater.a", known["updater.a"], known) == {"updater.b"}
+
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def test_modules_and_functions_stay_small():
+    """One job per module, one step per function: no module under updater/ over 400
+    lines, no function over 60."""
+    too_long = []
+    for path in sorted(PKG.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(PKG)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(PKG)}: {node.name}() {n} lines")
+    assert not too_long, "\n".join(too_long)

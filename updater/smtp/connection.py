@@ -5,15 +5,13 @@ qmail-queue, STARTTLS and AUTH awaited in a task)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import events as E
 from .anvil import R_BUSY
-from .controls import ControlError
+from .controls import ControlError, open_session, queue_program
 from .logline import log
-from .params import peer_from_env, policy_from_env
 from .queue import AsyncQueue
 from .session import Session
 
@@ -65,60 +63,24 @@ class SmtpProtocol(asyncio.Protocol):
             log(f"session {self.ip} ended by {type(err).__name__}: {err}")
             transport.abort()
 
-    def _connection_made(self, transport) -> None:
+    def _connection_made(self, transport: Any) -> None:
         w = self.w
         self.transport = transport
         w.serial += 1
         self.id = w.serial
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         local = transport.get_extra_info("sockname") or ("unknown", 0)
-        self.ip = ip = peer[0]
-        if ip.startswith("::ffff:") and "." in ip:
-            self.ip = ip = ip[7:]
+        self.ip = ip = peer[0][7:] if peer[0].startswith("::ffff:") and "." in peer[0] \
+            else peer[0]
         where = f"{local[0]}:{local[1]} {ip}:{peer[1]}"
-        rule = None
-        if w.rules is not None:
-            from .tcprules import lookup
-            try:
-                rule = lookup(w.rules_current(), ip)
-            except OSError as err:           # tcpserver drops the connection, and logs
-                w.metrics.add("connections_refused.rules")
-                log(f"deny {self.id} {where}: {w.rules_error(err)}")
-                transport.abort()
-                return
-            if not rule.allow:
-                w.metrics.add("connections_refused.rules")
-                if w.o.verbose:
-                    log(f"deny {self.id} {where}")
-                transport.abort()
-                return
-        refusal = w.limits.take(ip)
-        if refusal is not None:
-            w.metrics.add("connections_refused.busy" if refusal is R_BUSY
-                          else "connections_refused.per_ip")
-            if w.o.verbose:
-                log(f"busy {self.id} {where}")
-            transport.write(refusal)
-            transport.close()
+        admitted, rule = self._admit(ip, where)
+        if not admitted:
             return
         self.counted = True
         self.started = time.monotonic()
         w.metrics.add("sessions_open")
         w.sessions.add(self)
-        # the environment tcpserver gives qmail-smtpd (and so qmail-queue and
-        # checkpassword): its own, PROTO and the TCP* variables, then the rule's
-        env = dict(w.base_env)
-        env.update(PROTO="TCP", TCPREMOTEIP=ip, TCPREMOTEPORT=str(peer[1]),
-                   TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]))
-        if w.o.local_name:
-            env["TCPLOCALHOST"] = w.o.local_name
-        if rule is not None:
-            for k, v in rule.env.items():
-                if v is None:
-                    env.pop(k, None)
-                else:
-                    env[k] = v
-        self.env = env
+        self.env = env = self._environment(ip, peer, local, rule)
         if w.o.verbose:
             log(f"ok {self.id} {where}")
         try:
@@ -130,13 +92,56 @@ class SmtpProtocol(asyncio.Protocol):
             return
         self.timeout = controls.timeout
         self.write_timeout = w.o.write_timeout or controls.timeout
-        self.session = Session(controls, peer_from_env(env),
-                                 policy_from_env(env, tls=w.tls is not None,
-                                                   auth=w.checkpw is not None),
-                                 validrcptto=cdb, morercpthosts=more, ipme=w.ipme,
-                                 clock=time.time, monotonic=time.monotonic)
-        self.program = env.get("QMAILQUEUE") or os.path.join(w.o.qmail_dir, "bin", "qmail-queue")
+        self.session = open_session(controls, env, cdb, more, w.ipme, tls=w.tls is not None,
+                                    auth=w.checkpw is not None)
+        self.program = queue_program(env, w.o.qmail_dir)
         self.run(self.session.start())
+
+    def _admit(self, ip: str, where: str) -> tuple[bool, Any]:
+        """tcpserver's rules, then the limits: (admitted, the rule that matched)."""
+        w, transport = self.w, self.transport
+        rule = None
+        if w.rules is not None:
+            from .tcprules import lookup
+            try:
+                rule = lookup(w.rules_current(), ip)
+            except OSError as err:           # tcpserver drops the connection, and logs
+                w.metrics.add("connections_refused.rules")
+                log(f"deny {self.id} {where}: {w.rules_error(err)}")
+                transport.abort()
+                return False, None
+            if not rule.allow:
+                w.metrics.add("connections_refused.rules")
+                if w.o.verbose:
+                    log(f"deny {self.id} {where}")
+                transport.abort()
+                return False, None
+        refusal = w.limits.take(ip)
+        if refusal is not None:
+            w.metrics.add("connections_refused.busy" if refusal is R_BUSY
+                          else "connections_refused.per_ip")
+            if w.o.verbose:
+                log(f"busy {self.id} {where}")
+            transport.write(refusal)
+            transport.close()
+            return False, None
+        return True, rule
+
+    def _environment(self, ip: str, peer: Any, local: Any, rule: Any) -> dict[str, str]:
+        """The environment tcpserver gives qmail-smtpd (and so qmail-queue and
+        checkpassword): its own, PROTO and the TCP* variables, then the rule's."""
+        env = dict(self.w.base_env)
+        env.update(PROTO="TCP", TCPREMOTEIP=ip, TCPREMOTEPORT=str(peer[1]),
+                   TCPLOCALIP=local[0], TCPLOCALPORT=str(local[1]))
+        if self.w.o.local_name:
+            env["TCPLOCALHOST"] = self.w.o.local_name
+        if rule is not None:
+            for k, v in rule.env.items():
+                if v is None:
+                    env.pop(k, None)
+                else:
+                    env[k] = v
+        return env
 
     def connection_lost(self, exc) -> None:
         self.done = True

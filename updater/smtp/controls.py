@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable, Mapping
 
 from ..checker import open_cdb
 from .params import DEFAULT_TIMEOUT, Controls, peer_from_env, policy_from_env, scan_ulong
 from .session import Session
 
+Getter = Callable[[bytes], "bytes | None"]
 READ_MAX = 4 * 1024 * 1024        # no control file qmail-smtpd reads is anywhere near this
 
 
@@ -102,12 +104,7 @@ def read_controls(qmail_dir: str, env) -> Controls:
         timeout = 1
     rcpthosts = readfile(os.path.join(control, "rcpthosts"))
     bmf = readfile(os.path.join(control, "badmailfrom"))
-    databytes = readint(os.path.join(control, "databytes"), 0)
-    if env.get("DATABYTES") is not None:
-        databytes = scan_ulong(env["DATABYTES"])
-    databytes &= 0xFFFFFFFF                     # C: unsigned int
-    if databytes == 0xFFFFFFFF:
-        databytes -= 1
+    databytes = with_databytes(readint(os.path.join(control, "databytes"), 0), env)
     return Controls(
         greeting=greeting, liphost=liphost,
         rcpthosts=None if rcpthosts is None else frozenset(h.lower() for h in rcpthosts),
@@ -122,6 +119,33 @@ def morercpthosts_path(qmail_dir: str) -> str:
 def _log(text: str) -> None:
     import sys
     sys.stderr.write(f"validrcptto-smtpd[{os.getpid()}]: {text}\n")
+
+
+def with_databytes(value: int, env: Mapping[str, str]) -> int:
+    """control/databytes overridden by $DATABYTES, as the C unsigned int qmail keeps
+    (all ones means "no limit" there, so it is one less)."""
+    if env.get("DATABYTES") is not None:
+        value = scan_ulong(env["DATABYTES"])
+    value &= 0xFFFFFFFF
+    return value - 1 if value == 0xFFFFFFFF else value
+
+
+def open_session(controls: Controls, env: Mapping[str, str], validrcptto: Getter | None,
+                 more: Getter | None, ipme: Callable[[tuple[int, int, int, int]], bool],
+                 tls: bool, auth: bool) -> Session:
+    """One connection's session, the same for both front ends: the controls (with
+    DATABYTES applied), the peer and policy from the environment, the lookups, the
+    clocks."""
+    if env.get("DATABYTES") is not None:
+        controls = controls._replace(databytes=with_databytes(controls.databytes, env))
+    return Session(controls, peer_from_env(env), policy_from_env(env, tls=tls, auth=auth),
+                   validrcptto=validrcptto, morercpthosts=more, ipme=ipme,
+                   clock=time.time, monotonic=time.monotonic)
+
+
+def queue_program(env: Mapping[str, str], qmail_dir: str) -> str:
+    """qmail-queue, or $QMAILQUEUE (the qmail-qfilter convention)."""
+    return env.get("QMAILQUEUE") or os.path.join(qmail_dir, "bin", "qmail-queue")
 
 
 class Connection:
@@ -157,13 +181,9 @@ class Connection:
             from .secure import checkpassword_argv, tls_context
             self.checkpassword = checkpassword_argv(env)
             self.tls = tls_context(qmail_dir, env, _log)
-        self.session = Session(controls, peer_from_env(env),
-                                 policy_from_env(env, tls=self.tls is not None,
-                                                   auth=self.checkpassword is not None),
-                                 validrcptto=cdb, morercpthosts=more, ipme=ipme,
-                                 clock=time.time, monotonic=time.monotonic)
-        self.queue_program = env.get("QMAILQUEUE") or \
-            os.path.join(qmail_dir, "bin", "qmail-queue")
+        self.session = open_session(controls, env, cdb, more, ipme, tls=self.tls is not None,
+                                    auth=self.checkpassword is not None)
+        self.queue_program = queue_program(env, qmail_dir)
 
     def _open(self, path: str):
         getter = open_cdb(path)

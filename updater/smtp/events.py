@@ -29,7 +29,10 @@ NamedTuple classes cost milliseconds to create.
 from __future__ import annotations
 
 import enum
-from typing import Any
+
+TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class ProtocolError(Exception):

@@ -12,7 +12,6 @@ first needed (``blast``, ``received``, ``sasl``)."""
 from __future__ import annotations
 
 from collections.abc import Callable       # (not typing: start-up counts here)
-from typing import TYPE_CHECKING
 
 from .addresses import addrparse, badmailfrom, rcpthosts_allows, validrcptto
 from .events import (AUTH, CALLBACKS, COMMAND, DATA, DONE, QUEUE_CLOSING, QUEUE_OPENING,
@@ -23,6 +22,7 @@ from .replies import (R_BMF, R_HELP, R_MAILFIRST, R_MAXRCPT, R_NOGATEWAY, R_NOTV
                       R_RCPTFIRST, R_SYNTAX, R_TIMEOUT, R_TLS_AGAIN, R_TLS_PIPELINED,
                       R_TLS_READY, R_TOOLONG, R_TOOMANY, R_UNIMPL)
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .blast import DataDecoder
 

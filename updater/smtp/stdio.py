@@ -12,9 +12,14 @@ import os
 import select
 import sys
 import time
+from collections.abc import Callable
 
 from . import events as E
 from .controls import Connection, ControlError, IpMe
+
+TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
+if TYPE_CHECKING:
+    from typing import Any
 
 PROG = "validrcptto-smtpd"
 READ_SIZE = 65536
@@ -124,7 +129,62 @@ class Stdio:
         return True
 
 
-def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
+class Driver:
+    """Carries out one session's events on fd 0/1 (blocking: one process per connection)."""
+
+    def __init__(self, conn: Connection, io: Stdio, qmail_dir: str, env: Any,
+                 log: Callable[[str], None]):
+        self.conn, self.io, self.qmail_dir, self.env, self.log = conn, io, qmail_dir, env, log
+        self.session = conn.session
+        self.queue: Any = None
+
+    def carry_out(self, pending: list[Any]) -> int | None:
+        """Every event, the callbacks' events too; the exit status once it is over."""
+        session, io = self.session, self.io
+        while pending:
+            ev = pending.pop(0)
+            kind = type(ev)
+            if kind is E.Reply:
+                io.out.append(ev.data)
+            elif kind is E.QueueData:
+                self.queue.put(ev.data)
+            elif kind is E.Log:
+                self.log(ev.text)
+            elif kind is E.QueueOpen:
+                from .queue import QueueProcess
+                self.queue = QueueProcess(self.conn.queue_program, self.qmail_dir)
+                pending[:0] = session.queue_opened(self.queue.start())
+            elif kind is E.QueueClose:
+                io.flush()
+                status, failed = self.queue.close(ev.envelope)
+                self.queue = None
+                pending[:0] = session.queue_closed(status, failed)
+            elif kind is E.QueueAbort:
+                self.abort()
+            elif kind is E.Close:
+                io.flush()
+                return 0 if session.quit else 1    # qmail: only QUIT exits 0
+            elif kind is E.StartTls:
+                if not io.start_tls(self.conn.tls,
+                                    time.monotonic() + self.conn.controls.timeout):
+                    return 1
+                pending[:0] = session.tls_started()
+            elif kind is E.CheckPassword:
+                from .secure import check, timeout_of
+                io.flush()
+                code = check(self.conn.checkpassword, ev.user, ev.password,
+                             timeout_of(self.env))
+                pending[:0] = session.auth_result(code)
+        return None
+
+    def abort(self) -> None:
+        if self.queue is not None:
+            self.queue.abort()
+            self.queue = None
+
+
+def run(qmail_dir: str, env: Any, rfd: int = 0, wfd: int = 1,
+        log: Callable[[str], None] | None = None) -> int:
     pid = os.getpid()
     if log is None:
         def log(text: str) -> None:
@@ -140,61 +200,26 @@ def run(qmail_dir: str, env, rfd: int = 0, wfd: int = 1, log=None) -> int:
             pass
         return 1
     io = Stdio(rfd, wfd, conn.controls.timeout, log)
-    session, qq_program = conn.session, conn.queue_program
+    session = conn.session
+    driver = Driver(conn, io, qmail_dir, env, log)
     started = time.monotonic()
-    queue = None
     pending = session.start()
     try:
         while True:
-            while pending:
-                ev = pending.pop(0)
-                kind = type(ev)
-                if kind is E.Reply:
-                    io.out.append(ev.data)
-                elif kind is E.QueueData:
-                    queue.put(ev.data)
-                elif kind is E.Log:
-                    log(ev.text)
-                elif kind is E.QueueOpen:
-                    from .queue import QueueProcess
-                    queue = QueueProcess(qq_program, qmail_dir)
-                    pending[:0] = session.queue_opened(queue.start())
-                elif kind is E.QueueClose:
-                    io.flush()
-                    status, failed = queue.close(ev.envelope)
-                    queue = None
-                    pending[:0] = session.queue_closed(status, failed)
-                elif kind is E.QueueAbort:
-                    if queue is not None:
-                        queue.abort()
-                        queue = None
-                elif kind is E.Close:
-                    io.flush()
-                    return 0 if session.quit else 1    # qmail: only QUIT exits 0
-                elif kind is E.StartTls:
-                    if not io.start_tls(conn.tls, time.monotonic() + conn.controls.timeout):
-                        return 1
-                    pending[:0] = session.tls_started()
-                elif kind is E.CheckPassword:
-                    from .secure import check, timeout_of
-                    io.flush()
-                    code = check(conn.checkpassword, ev.user, ev.password, timeout_of(env))
-                    pending[:0] = session.auth_result(code)
+            code = driver.carry_out(pending)
+            if code is not None:
+                return code
             if session.pending:                 # the next batch, once these are sent
                 io.flush()
                 pending = session.proceed()
                 continue
             # the session wants input; qmail's deadline is per read
             data = io.read(session.deadline)
-            if data is None:
-                pending = session.check_timeout()
-                continue
-            pending = session.receive_data(data)
+            pending = session.check_timeout() if data is None else session.receive_data(data)
     except Gone:
         return 1
     finally:
-        if queue is not None:
-            queue.abort()
+        driver.abort()
         conn.close()
         textfile = env.get("METRICS_TEXTFILE")
         if textfile:                    # the totals of every session, for node-exporter

@@ -17,7 +17,6 @@ from .controls import ControlError, IpMe, morercpthosts_path, read_controls
 from .logline import log
 from .metrics import Metrics
 from .options import Options
-from .params import scan_ulong
 from .queue import AsyncQueue
 
 
@@ -90,10 +89,7 @@ class Worker:
         try:
             if self.controls is None:
                 self.controls = read_controls(self.o.qmail_dir, {})
-            controls = self.controls
-            if env.get("DATABYTES") is not None:
-                databytes = scan_ulong(env["DATABYTES"]) & 0xFFFFFFFF
-                controls = controls._replace(databytes=databytes - (databytes == 0xFFFFFFFF))
+            controls = self.controls           # (DATABYTES: open_session applies it)
             cdb = self.cdb(env["VALIDRCPTTO_CDB"], shown=True) \
                 if env.get("VALIDRCPTTO_CDB") else None
             more = None
