@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Container, Set as AbstractSet
 from dataclasses import dataclass
+from typing import Any
 
 CHUNK = 1 << 20        # compare files a MiB at a time
 REJECT = b"-"          # the value of a key that rejects (REFERENCE §1)
@@ -21,8 +23,8 @@ class Changes:
     changed: list[bytes]         # in both lists, but the value (accept / ``-``) differs
 
 
-def compare_live(path: str, keys: list[bytes], new, rejects: set[bytes],
-                 image=None) -> Changes:
+def compare_live(path: str, keys: list[bytes], new: Container[bytes], rejects: AbstractSet[bytes],
+                 image: Any = None) -> Changes:
     """The changes from the live cdb to the sorted ``keys``.  When the live file and the
     new ``image`` differ only in a small stretch (the everyday case: a user added or
     removed), only that stretch is parsed; otherwise one streaming pass over the live
@@ -75,7 +77,8 @@ class FileBytes:
         return os.pread(self.fd, max(0, stop - start), start)
 
 
-def changed_stretch(old, image, keys: list[bytes], rejects: set[bytes], new) -> Changes | None:
+def changed_stretch(old: Any, image: Any, keys: list[bytes], rejects: AbstractSet[bytes],
+                    new: Container[bytes]) -> Changes | None:
     """The changes between two cdbs whose records differ only in one stretch (pure).
 
     Both files keep their records from byte 2048 up to their hash tables.  The records
@@ -136,13 +139,15 @@ def changed_stretch(old, image, keys: list[bytes], rejects: set[bytes], new) -> 
                    sorted(k for k in after if k in before and before[k] != after[k]))
 
 
-def _common(a, b, start: int, end_a: int, end_b: int, from_end: bool = False) -> int:
+def _common(a: Any, b: Any, start: int, end_a: int, end_b: int, from_end: bool = False) -> int:
     """Length of the common beginning (or end) of a[start:end_a] and b[start:end_b],
     compared a chunk at a time, then by halving inside the first chunk that differs."""
     n = min(end_a, end_b) - start
 
-    def piece(data, end: int, lo: int, hi: int):     # bytes lo..hi counted from that side
-        return data[end - hi:end - lo] if from_end else data[start + lo:start + hi]
+    def piece(data: Any, end: int, lo: int, hi: int) -> bytes:
+        """Bytes lo..hi, counted from that side."""
+        got: bytes = data[end - hi:end - lo] if from_end else data[start + lo:start + hi]
+        return got
     done = 0
     while done < n:
         size = min(CHUNK, n - done)
@@ -164,4 +169,5 @@ def record_count(data: bytes) -> int | None:
     to be a cdb."""
     if len(data) < 2048:
         return None
-    return sum(struct.unpack_from("<512L", data, 0)[1::2]) // 2
+    slots: int = sum(struct.unpack_from("<512L", data, 0)[1::2])
+    return slots // 2

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import argparse
 
     from . import config
+    from .merge import Result
 
 ENCODING, ERRORS = "utf-8", "surrogateescape"
 
@@ -46,7 +47,7 @@ def out(lines: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------- commands
 
-def _build_result(settings: config.Settings):
+def _build_result(settings: config.Settings) -> Result:
     from .generate import generate
     result = generate(settings)
     for w in result.warnings:
@@ -60,7 +61,7 @@ def cmd_generate(args: argparse.Namespace, settings: config.Settings) -> int:
     return EXIT_OK
 
 
-def write_list(result, fmt: str = "plain", origins: bool = False) -> None:
+def write_list(result: Result, fmt: str = "plain", origins: bool = False) -> None:
     """The list on stdout: plain keys (a rejecting key followed by `` -``), with
     ``origins`` a tab and where each key comes from, or cdbmake's input format."""
     keys = result.sorted_keys()
@@ -308,7 +309,8 @@ def run(argv: Sequence[str] | None, prog: str = PROG) -> int:
         return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
     try:
         settings = config.load(args)
-        return args.func(args, settings)
+        code: int = args.func(args, settings)
+        return code
     except ConfigError as err:
         log(str(err), prog)
         return EXIT_USAGE

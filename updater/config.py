@@ -208,8 +208,8 @@ class Settings:
     max_file_size: int = 1 << 30
     qmail_ext: bool = False
     vuserinfo: bool = False
-    include: str | None = None
-    exclude: str | None = None
+    include: str = ""
+    exclude: str = ""
     mysql: bool = False
     mysql_config: str | None = None
     mysql_host: str = ""
@@ -231,11 +231,11 @@ class Settings:
     ldap_attrs: str = "mail,proxyAddresses"
     ldap_page_size: int = 500
     ldap_timeout: float = 30.0
-    ldap_domains: str | None = None
-    cdb: str | None = None
+    ldap_domains: str = ""
+    cdb: str = ""
     max_shrink: float = 20.0
     lock_timeout: float = 60.0
-    fifo: str | None = None
+    fifo: str = ""
     fifo_mode: int = 0o620
     fifo_group: str = ""
     min_interval: float = 30.0
@@ -247,7 +247,7 @@ class Settings:
     interval: float = 3600.0
     retry_min: float = 10.0
     retry_max: float = 600.0
-    status: str | None = None
+    status: str = ""
     prom_file: str = ""
     poll: float = 0.0
     publish: str = ""
@@ -265,13 +265,13 @@ class Settings:
     def resolve(self) -> Settings:
         """Fill the defaults that depend on other settings."""
         derived: dict[str, Any] = {}
-        if self.include is None:
+        if not self.include:
             derived["include"] = self.control("validrcptto.include")
-        if self.exclude is None:
+        if not self.exclude:
             derived["exclude"] = self.control("validrcptto.exclude")
-        if self.cdb is None:
+        if not self.cdb:
             derived["cdb"] = self.control("validrcptto.cdb")
-        if self.ldap_domains is None:
+        if not self.ldap_domains:
             derived["ldap_domains"] = self.control("validrcptto.ldapdomains")
         if self.mysql_layout not in ("auto", "single", "per-domain"):
             raise ConfigError(f"UPDATER_MYSQL_LAYOUT: expected auto, single or per-domain, "
@@ -281,9 +281,9 @@ class Settings:
                               f"got {self.mysql_valias!r}")
         if self.mysql_timeout <= 0:
             raise ConfigError(f"UPDATER_MYSQL_TIMEOUT: must be positive, got {self.mysql_timeout}")
-        if self.fifo is None:
+        if not self.fifo:
             derived["fifo"] = self.control("validrcptto.trigger")
-        if self.status is None:
+        if not self.status:
             derived["status"] = self.control("validrcptto.status")
         if self.publish:
             from .publish import parse_targets

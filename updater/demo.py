@@ -61,7 +61,7 @@ def _demo(root: str, out: Callable[[Sequence[str]], None], log: Callable[[str], 
     return 0
 
 
-def smtp_conversation(settings) -> list[str]:
+def smtp_conversation(settings: config.Settings) -> list[str]:
     """Run validrcptto-smtpd on the sample as tcpserver would and show the dialogue."""
     import subprocess
     import sys

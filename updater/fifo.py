@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 
 # ``qmail-updater trigger`` exit statuses (the onchange hook says the same and exits 0)
@@ -52,7 +53,7 @@ def send(path: str, reason: str) -> tuple[int, str | None]:
     return SENT, None
 
 
-def fifo_gid(group: str, warn) -> int:
+def fifo_gid(group: str, warn: Callable[[str], None]) -> int:
     """The FIFO's group.  ``group`` named: that group (one that does not exist is one
     warning, and the daemon's own group).  Unset: the group of the ``vpopmail``
     account, as vpopmail installs make it (``useradd -g vchkpw vpopmail``), else the
@@ -84,7 +85,7 @@ class Reader:
 
     RETRY = 30.0
 
-    def __init__(self, path: str, mode: int, warn, group: str = ""):
+    def __init__(self, path: str, mode: int, warn: Callable[[str], None], group: str = ""):
         self.path, self.mode, self.warn = path, mode, warn
         self.gid = fifo_gid(group, warn)
         self.fd = -1

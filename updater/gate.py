@@ -9,6 +9,9 @@ table or LDAP search that returned nothing) is refused; ``--force`` installs it 
 from __future__ import annotations
 
 
+from collections.abc import Iterable
+from typing import Any
+
 from .qmail import ENCODING, ERRORS
 
 
@@ -32,7 +35,7 @@ def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool,
     return None
 
 
-def emptied(removed: list[bytes], new, domains: frozenset[bytes]) -> str | None:
+def emptied(removed: list[bytes], new: Iterable[bytes], domains: frozenset[bytes]) -> str | None:
     """Why a list must not be installed because a domain we still receive mail for lost
     all of its keys (a source returned nothing for it), or None (pure).  ``removed``:
     the live keys not in the new list; ``new``: any container of the new keys."""
@@ -53,7 +56,7 @@ KIND_WORDS = {"users": "vpopmail users", "valias": "valias entries", "ldap": "LD
               "fastforward": "fastforward entries"}
 
 
-def vanished(old: dict, new: dict, domains: frozenset[bytes]) -> str | None:
+def vanished(old: dict[str, Any], new: dict[str, Any], domains: frozenset[bytes]) -> str | None:
     """Why a list must not be installed because a source gave nothing for a domain we
     still serve where it gave entries last time (a vpasswd emptied, a valias table or an
     LDAP search returning nothing), although the domain keeps other keys; or None

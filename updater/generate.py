@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from .config import Settings
 from .errors import SourceError
@@ -100,7 +101,7 @@ def classify(domains: dict[str, tuple[str, int | None]], locals_: set[str],
 
 # --------------------------------------------------------------------------- the build
 
-def file_users(vuserinfo: str | None):
+def file_users(vuserinfo: str | None) -> Callable[[str, str], tuple[str, list[Any]]]:
     """The default user lookup: the domain's vpasswd files (``vpopmail.read_users``)."""
     return lambda home, domain: read_users(home, domain, vuserinfo)
 
@@ -109,7 +110,7 @@ def _vpopmail_dir(settings: Settings, accts: dict[str, Account]) -> str:
     if settings.vpopmail_dir:
         return settings.vpopmail_dir
     if "vpopmail" in accts:
-        return accts["vpopmail"].home
+        return str(accts["vpopmail"].home)
     return "/home/vpopmail"
 
 
@@ -153,7 +154,8 @@ def users_database(settings: Settings, notes: Notes) -> UsersDb:
     return users_db(entries, assign_path)
 
 
-def router_for(settings: Settings, notes: Notes, lazy: bool = False):
+def router_for(settings: Settings, notes: Notes, lazy: bool = False
+               ) -> tuple[Router, DiskView]:
     """The delivery chain over this tree: (router, view, close)."""
     accts = load_accounts(settings.passwd)
     by_name: dict[str, Account] = {}
@@ -162,7 +164,9 @@ def router_for(settings: Settings, notes: Notes, lazy: bool = False):
     users = users_database(settings, notes)
     vpop = _vpopmail_dir(settings, by_name)
     vuserinfo = os.path.join(vpop, "bin", "vuserinfo") if settings.vuserinfo else None
-    users_of, aliases_of, db = file_users(vuserinfo), None, None
+    users_of: Callable[[str, str], tuple[str, list[Any]]] = file_users(vuserinfo)
+    aliases_of: Callable[[str], list[str] | None] | None = None
+    db = None
     if settings.mysql and not lazy:
         from .sources.mysql import MysqlUsers
         db = MysqlUsers(dataclasses.replace(settings, vpopmail_dir=vpop), notes)
@@ -360,14 +364,15 @@ def global_inputs(settings: Settings) -> list[str]:
     return [os.path.abspath(p) for p in paths]
 
 
-def user_key_test(router: Router, prepends: dict[str, str], bare: str | None):
+def user_key_test(router: Router, prepends: dict[str, str], bare: str | None
+                  ) -> Callable[[bytes], bool]:
     """key -> whether a local user's own files decide it (for the install gate, which
     must not be moved by what users create and delete in their homes)."""
     def user_key(key: bytes) -> bool:
         text = key.decode(ENCODING, ERRORS)
         local, at, domain = text.rpartition("@")
         if not at:
-            local, domain = text, bare
+            local, domain = text, bare or ""
         prepend = prepends.get(domain)
         if prepend is None or not local:
             return False

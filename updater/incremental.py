@@ -43,9 +43,7 @@ SPLICE_LIMIT = 64       # up to this many added + removed keys: insert/delete in
 
 
 def live_path(settings: Settings) -> str:
-    if settings.cdb is None:                       # Settings.resolve() sets it
-        raise NeedFull("no cdb path")
-    return settings.cdb
+    return settings.cdb                            # (Settings.resolve() sets it)
 
 
 class NeedFull(Exception):

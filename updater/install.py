@@ -12,10 +12,11 @@ import mmap
 import os
 import stat
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import atomicfile
 from .cdbdiff import CHUNK, REJECT, Changes, compare_live, record_count
@@ -24,6 +25,10 @@ from .gate import emptied, gate, vanished
 from .inputs import Ident, identity
 from .lock import locked
 from .qmail import ENCODING, ERRORS
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .merge import Result
 
 MODE = 0o644
 
@@ -68,7 +73,7 @@ def sources_path(path: str) -> str:
     return path + ".sources"
 
 
-def read_sources(path: str) -> dict | None:
+def read_sources(path: str) -> dict[str, Any] | None:
     """Our own file: a regular file, not followed through a symlink, size-capped."""
     try:
         fd = os.open(sources_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -85,7 +90,7 @@ def read_sources(path: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def save_sources(path: str, counts: dict) -> None:
+def save_sources(path: str, counts: dict[str, Any]) -> None:
     if read_sources(path) == counts:
         return
     write_atomically(sources_path(path),
@@ -126,7 +131,7 @@ def remove_stale_temps(path: str) -> int:
     return n
 
 
-def write_cdb(f, keys: list[bytes], rejects: set[bytes]) -> None:
+def write_cdb(f: BinaryIO, keys: list[bytes], rejects: AbstractSet[bytes]) -> None:
     """The cdb of the sorted ``keys`` (``rejects`` with the value ``-``) into the open
     file ``f``, records in key order: the same keys give the same bytes."""
     import cdbx
@@ -142,7 +147,7 @@ def write_cdb(f, keys: list[bytes], rejects: set[bytes]) -> None:
     f.flush()
 
 
-def make_cdb(keys: list[bytes], rejects: set[bytes]) -> mmap.mmap:
+def make_cdb(keys: list[bytes], rejects: AbstractSet[bytes]) -> mmap.mmap:
     """The complete cdb image, built in memory (a memfd: nothing touches the disk) and
     returned as a read-only map of it, so it is never copied."""
     fd = os.memfd_create("validrcptto.cdb") if hasattr(os, "memfd_create") else None
@@ -152,7 +157,7 @@ def make_cdb(keys: list[bytes], rejects: set[bytes]) -> mmap.mmap:
         return mmap.mmap(f.fileno(), os.fstat(f.fileno()).st_size, prot=mmap.PROT_READ)
 
 
-def same_content(path: str, image) -> bool | None:
+def same_content(path: str, image: Any) -> bool | None:
     """Whether the live file holds exactly ``image`` (compared a chunk at a time);
     None when there is no live file."""
     try:
@@ -186,7 +191,8 @@ def write_atomically(path: str, data: Any = None,
         raise InstallError(f"cannot write: {err.strerror or err}", path) from None
 
 
-def install_result(result, path: str, settings, force: bool = False, stop=None,
+def install_result(result: Result, path: str, settings: Settings, force: bool = False,
+                   stop: threading.Event | None = None,
                    keys: list[bytes] | None = None) -> Report:
     """Install a ``generate.Result`` with the gate settings of ``settings`` (``keys``:
     its sorted keys, when the caller has them)."""
@@ -200,10 +206,11 @@ def install_result(result, path: str, settings, force: bool = False, stop=None,
                    if user_key else None)
 
 
-def install(keys: list[bytes], path: str, *, rejects: set[bytes] = frozenset(),
-            present=None, max_shrink: float = 20.0, force: bool = False,
-            domains: frozenset[bytes] = frozenset(), lock_timeout: float = 60.0,
-            stop=None, user_keys=None, sources: dict | None = None) -> Report:
+def install(keys: list[bytes], path: str, *, rejects: AbstractSet[bytes] = frozenset(),
+            present: Collection[bytes] | None = None, max_shrink: float = 20.0,
+            force: bool = False, domains: frozenset[bytes] = frozenset(),
+            lock_timeout: float = 60.0, stop: threading.Event | None = None,
+            user_keys: Any = None, sources: dict[str, Any] | None = None) -> Report:
     """Install the sorted ``keys`` (``rejects`` get the value ``-``) at ``path`` if the
     file would change and the list passes the sanity gate (``domains``: the domains still
     served, none of which may lose all of its keys; ``present``: a fast container of the
@@ -267,9 +274,10 @@ class LiveChanged(InstallError):
 
 def install_delta(keys: list[bytes], path: str, *, rejects: set[bytes], changes: Changes,
                   expect: Ident | None, users: tuple[int, int], old_count: int,
-                  removed_admin: list[bytes], new_keys, domains: frozenset[bytes],
-                  sources: dict, max_shrink: float, force: bool, lock_timeout: float,
-                  stop=None, started: float | None = None) -> Report:
+                  removed_admin: list[bytes], new_keys: Iterable[bytes],
+                  domains: frozenset[bytes], sources: dict[str, Any], max_shrink: float,
+                  force: bool, lock_timeout: float, stop: threading.Event | None = None,
+                  started: float | None = None) -> Report:
     """Install the sorted ``keys`` of an incremental build: the previous list (whose
     file had the identity ``expect``) with ``changes`` applied.  The live file is neither
     read nor compared: the changes are known.  The same gate as ``install``:

@@ -9,6 +9,7 @@ import fcntl
 import os
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -71,7 +72,8 @@ def lock_holder(fd: int) -> str:
         return f"pid {pid}"
 
 
-def take_lock(lock_path: str, timeout: float, stop=None, what: str = "build") -> int:
+def take_lock(lock_path: str, timeout: float, stop: threading.Event | None = None,
+              what: str = "build") -> int:
     """An exclusive flock on ``lock_path``, waiting at most ``timeout`` seconds (and
     giving up at once when ``stop`` is set: SIGTERM is honoured while we wait).  The
     refusal names the holder's pid and start time (from /proc/locks).  Returns the
@@ -106,7 +108,8 @@ def take_lock(lock_path: str, timeout: float, stop=None, what: str = "build") ->
 
 
 @contextlib.contextmanager
-def locked(path: str, timeout: float = 60.0, stop=None) -> Iterator[None]:
+def locked(path: str, timeout: float = 60.0,
+           stop: threading.Event | None = None) -> Iterator[None]:
     """An exclusive lock beside the cdb, so two builders never interleave."""
     fd = take_lock(path + ".lock", timeout, stop)
     try:

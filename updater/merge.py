@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .qmail import ENCODING, ERRORS
 from .sources import Found, Notes
@@ -16,7 +17,7 @@ _BAD = re.compile(rb"[\x00-\x09\x0b-\x20\x7f]")          # \n separates the keys
 REJECT_VALUE = b"-"
 
 
-def normalise(keys: list, origin: str, notes: Notes) -> list[bytes]:
+def normalise(keys: list[Any], origin: str, notes: Notes) -> list[bytes]:
     """Keys as bytes, lowercased (A-Z only), without keys no SMTP client can send
     unquoted (white space, control characters): one pass over all of a group's keys."""
     if not keys:

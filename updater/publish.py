@@ -26,8 +26,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:                 # (config imports this module)
+    from .config import Settings
 
 _SSH = re.compile(r"^(?:(?P<user>[^@:/\s]+)@)?(?P<host>\[[^\]]+\]|[^@:/\s\[]+)"
                   r":(?P<path>/(?!/)\S+)$")
@@ -56,13 +60,13 @@ def parse_targets(text: str) -> list[Target]:
     return out
 
 
-def rsync_argv(target: Target, source: str, settings) -> list[str]:
+def rsync_argv(target: Target, source: str, settings: Settings) -> list[str]:
     """The rsync command that pushes ``source`` to ``target`` (pure)."""
     timeout = max(1, int(settings.publish_timeout))
     argv = [settings.rsync, "--checksum", "--times", "--perms", "--chmod=F644",
-            f"--timeout={timeout}", "--contimeout=" + str(timeout) if target.kind == "rsyncd"
-            else None]
-    argv = [a for a in argv if a]
+            f"--timeout={timeout}"]
+    if target.kind == "rsyncd":
+        argv.append(f"--contimeout={timeout}")
     if target.kind == "ssh":
         ssh = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                "-o", f"ConnectTimeout={timeout}", "-o", "ServerAliveInterval=5",
@@ -84,7 +88,7 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def push(target: Target, source: str, settings) -> str | None:
+def push(target: Target, source: str, settings: Settings) -> str | None:
     """One push; None when it worked, else one line saying why (never a prompt: stdin
     is /dev/null, and the whole run is killed after UPDATER_PUBLISH_TIMEOUT x 2)."""
     argv = rsync_argv(target, source, settings)
@@ -127,7 +131,7 @@ class State:
             return 0.0
         return max(0.0, now - self.wanted_at)
 
-    def report(self, now: float) -> dict:
+    def report(self, now: float) -> dict[str, Any]:
         return {"last_success": self.last_success, "last_error": self.last_error,
                 "last_error_at": self.last_error_at, "failures": self.failures,
                 "lag_seconds": round(self.lag(now), 3), "up_to_date": self.sent >= self.wanted}
@@ -135,7 +139,7 @@ class State:
 
 @dataclass
 class Publisher:
-    settings: object
+    settings: Settings
     source: str                               # the live cdb
     log: Callable[[str], None]
     changed: Callable[[], None] = lambda: None  # a target's state changed (write status)
@@ -162,7 +166,7 @@ class Publisher:
                 st.wanted, st.wanted_at, st.retry_at = self.version, now, 0.0
             self.lock.notify_all()
 
-    def report(self) -> dict:
+    def report(self) -> dict[str, Any]:
         now = time.time()
         with self.lock:
             return {spec: st.report(now) for spec, st in self.states.items()}
@@ -207,7 +211,7 @@ class Publisher:
             self.changed()
 
 
-def publish_once(settings, source: str, log) -> int:
+def publish_once(settings: Settings, source: str, log: Callable[[str], None]) -> int:
     """``qmail-updater publish``: push the live cdb to every target at once, in parallel;
     0 when every push worked."""
     targets = parse_targets(settings.publish)

@@ -11,7 +11,7 @@ import errno
 import os
 import stat
 from collections import namedtuple
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from collections.abc import Iterable
 
 from .errors import SourceError
@@ -127,7 +127,7 @@ def first_line(path: str) -> str | None:
     return lines[0][1] if lines else None
 
 
-def open_cdb_checked(path: str, nofollow: bool = False):
+def open_cdb_checked(path: str, nofollow: bool = False) -> Any:
     """A cdbx.CDB over a file checked by ``open_checked``; None when it does not exist."""
     import cdbx
     fd = open_checked(path, nofollow=nofollow)
@@ -144,8 +144,8 @@ def open_cdb_checked(path: str, nofollow: bool = False):
 
 
 def cdb_keys(path: str, raw: bool = False, nofollow: bool = False
-             ) -> list[str] | list[bytes] | None:
-    """Every key of a cdb file (as bytes if ``raw``), or None when it does not exist."""
+             ) -> list[Any] | None:
+    """Every key of a cdb file (as bytes if ``raw``, else str), or None when it does not exist."""
     db = open_cdb_checked(path, nofollow)
     if db is None:
         return None
@@ -273,7 +273,7 @@ def read_users_cdb(path: str) -> UsersDb | None:
         return None
     exact: dict[str, Assign] = {}
     prefix: dict[str, Assign] = {}
-    wild = frozenset()
+    wild: frozenset[str] = frozenset()
     try:
         for key, value in db.items():
             key = key.decode(ENCODING, ERRORS)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 from collections.abc import Callable
 
 from .qmail import Account, ENCODING, ERRORS, UsersDb, lower_ascii, lspawn_lookup
@@ -57,7 +57,7 @@ class Rule(NamedTuple):
 class Accepts(NamedTuple):
     """The $DEFAULT values a vdelivermail or fastforward file accepts at one domain."""
     origin: str
-    groups: list                        # [(origin, names)] to list in bulk (names: str,
+    groups: list[tuple[str, list[Any]]]  # [(origin, names)] to list in bulk (names: str,
                                         # or lowercased bytes)
     contains: Callable[[str], bool]     # for one name
     ext: bool = False                   # each name also takes "-anything" (qmail-ext)
@@ -97,7 +97,7 @@ class DomainKeys:
     whole domain), and bulk groups (vpopmail users, fastforward entries) listed as is."""
     exact: dict[str, Answer] = field(default_factory=dict)
     prefix: dict[str, Answer] = field(default_factory=dict)
-    bulk: list[tuple[str, list]] = field(default_factory=list)      # (origin, local parts)
+    bulk: list[tuple[str, list[Any]]] = field(default_factory=list)  # (origin, local parts)
     sources: dict[str, int] = field(default_factory=dict)   # kind -> names it gave
 
 
@@ -131,6 +131,7 @@ class Router:
                  uid_min: int, uid_max: int, warn: Callable[[str], None]):
         self.users = users
         self.view = view
+        self.close: Callable[[], None] = lambda: None   # the user lists' connection
         self.uid_min, self.uid_max = uid_min, uid_max
         self.warn = warn
         self.exact_keys = sorted(users.exact)
@@ -158,6 +159,7 @@ class Router:
             return Target(self.view.alias_home(), "-", local, "alias", None)
         name, dash, ext = found
         acct = self.view.account(name)
+        assert acct is not None                     # getpw found it
         # the uid range is the admin's filter for system accounts; alias is qmail's own
         return Target(acct.home, dash, ext, f"account {name}",
                       None if name == "alias" else acct.uid)
@@ -280,7 +282,7 @@ class Router:
             as_bytes = isinstance(names[0], bytes)
             enc = (lambda t: t.encode(ENCODING, ERRORS)) if as_bytes else str
             dec = (lambda b: b.decode(ENCODING, ERRORS)) if as_bytes else str
-            joined = (b"\n" if as_bytes else "\n").join(names)
+            joined: Any = (b"\n" if as_bytes else "\n").join(names)
             if lead:
                 lead_ = enc(lead)
                 names = [w[len(lead_):] for w in names if w.startswith(lead_)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from . import atomicfile
@@ -18,7 +19,7 @@ def write(path: str, record: dict[str, Any], prom_file: str = "") -> None:
         atomicfile.replace(prom_file, prometheus_text(record))
 
 
-def prometheus_text(st: dict) -> str:
+def prometheus_text(st: dict[str, Any]) -> str:
     """The node-exporter textfile for a status record, in prometheus-client's format
     (written by ``atomicfile.replace``, not ``write_to_textfile``, whose temporary file has a
     predictable name a local user could plant a symlink at)."""
@@ -27,7 +28,7 @@ def prometheus_text(st: dict) -> str:
     from prometheus_client.registry import CollectorRegistry
 
     class Status:
-        def collect(self):
+        def collect(self) -> Iterator[Any]:
             p = "qmail_updater_"
             for name, text, value in (
                     ("last_build_success", "1 if the last build succeeded",
@@ -73,7 +74,7 @@ def prometheus_text(st: dict) -> str:
 STATUS_KEYS = ("time", "result", "seconds")
 
 
-def read_status(path: str) -> dict | None:
+def read_status(path: str) -> dict[str, Any] | None:
     """The status file, None when there is none; a partial or corrupt file raises
     UpdaterError (one line, exit 1) instead of a traceback."""
     try:

@@ -6,7 +6,7 @@ or the watcher thread dies."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .config import Settings
@@ -26,7 +26,7 @@ def watch_targets(settings: Settings) -> dict[str, tuple[set[str], tuple[str, ..
     directories are still watched, so fixing them triggers the next build."""
     targets: dict[str, tuple[set[str], tuple[str, ...]]] = {}
 
-    def add(directory: str, names=(), prefixes=()) -> None:
+    def add(directory: str, names: Iterable[str] = (), prefixes: Iterable[str] = ()) -> None:
         got_names, got_prefixes = targets.setdefault(os.path.abspath(directory), (set(), ()))
         got_names.update(names)
         targets[os.path.abspath(directory)] = (got_names, tuple(set(got_prefixes) | set(prefixes)))
@@ -128,7 +128,7 @@ class Watcher:
         changes = [FileCreatedEvent, FileModifiedEvent, FileDeletedEvent, FileMovedEvent,
                    FileClosedEvent]
 
-        class Handler(FileSystemEventHandler):       # type: ignore[misc]
+        class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
                 if event.event_type in ("opened", "closed_no_write") or event.is_directory:
                     return

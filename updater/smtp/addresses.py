@@ -55,8 +55,10 @@ def addrparse(arg: bytes, liphost: bytes | None = None,
         at = out.rfind(b"@")
         if at != -1:
             m = _IPLIT.match(out, at + 1)
-            if m and ipme is not None and ipme(tuple(int(x) & 0xFF for x in m.groups())):
-                out = out[:at + 1] + liphost
+            if m and ipme is not None:
+                a, b, c, d = (int(x) & 0xFF for x in m.groups())
+                if ipme((a, b, c, d)):
+                    out = out[:at + 1] + liphost
     if len(out) + 1 > 900:
         return None
     return out

@@ -13,9 +13,10 @@ from .anvil import R_BUSY
 from .controls import ControlError, open_session, queue_program
 from .logline import log
 from .queue import AsyncQueue
-from .session import Session
+from .events import Event
 
 if TYPE_CHECKING:
+    from .session import Session
     from .worker import Worker
 
 HOLD_MAX = 65536            # client input held while the session cannot take it
@@ -38,13 +39,13 @@ class SmtpProtocol(asyncio.Protocol):
     def __init__(self, worker: Worker):
         self.w = worker
         self.loop = asyncio.get_running_loop()
-        self.transport = None
-        self.session: Session | None = None
-        self.write_timer = None
+        self.transport: Any = None            # asyncio's, then the TLS one after STARTTLS
+        self.session: Any = None              # a Session once connection_made admits it
+        self.write_timer: asyncio.TimerHandle | None = None
         self.queue: AsyncQueue | None = None
         self.backlog: list[bytes] = []        # input the session has not taken yet
         self.held = 0                         # bytes in backlog
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
         self.out_paused = False
         self.ip = "?"
         self.env: dict[str, str] = {}
@@ -56,7 +57,7 @@ class SmtpProtocol(asyncio.Protocol):
         self.done = False
 
     # ---- connection
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: Any) -> None:
         try:
             self._connection_made(transport)
         except Exception as err:                 # a bug: this connection ends, not us
@@ -143,7 +144,7 @@ class SmtpProtocol(asyncio.Protocol):
                     env[k] = v
         return env
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
         self.backlog.clear()
         self.held = 0
@@ -193,7 +194,7 @@ class SmtpProtocol(asyncio.Protocol):
             log(f"session {self.ip} ended by {type(err).__name__}: {err}")
             self.transport.abort()
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         if self.session is not None and not self.done:
             self.backlog.append(b"")
             self.pump()
@@ -203,17 +204,18 @@ class SmtpProtocol(asyncio.Protocol):
         if self.session is not None and self.task is None and not self.done:
             self.run(self.session.check_timeout())
 
-    def next_events(self) -> list | None:
+    def next_events(self) -> list[Event] | None:
         """The session's next events from input already here, or None when there is
         none or it must wait (the client is not reading, or it is closed)."""
         if self.done or self.out_paused or self.session.closed:
             return None
-        if self.session.pending:
-            return self.session.proceed()
+        session: Session = self.session
+        if session.pending:
+            return session.proceed()
         if self.backlog:
             data = self.backlog.pop(0)
             self.held -= len(data)
-            return self.session.receive_data(data)
+            return session.receive_data(data)
         return None
 
     def pump(self) -> None:
@@ -255,22 +257,21 @@ class SmtpProtocol(asyncio.Protocol):
             self.pump()
 
     # ---- the session's events
-    def _plain(self, ev) -> bool | None:
+    def _plain(self, ev: Event) -> bool | None:
         """Carry out a Reply, Log or Close event (None: it was Close); False for the
         events that must be awaited (queue, TLS, AUTH)."""
-        kind = type(ev)
-        if kind is E.Reply:
+        if isinstance(ev, E.Reply):
             self.transport.write(ev.data)
-        elif kind is E.Log:
+        elif isinstance(ev, E.Log):
             log(ev.text)
-        elif kind is E.Close:
+        elif isinstance(ev, E.Close):
             self.finish()
             return None
         else:
             return False
         return True
 
-    def run(self, events: list) -> None:
+    def run(self, events: list[Event]) -> None:
         """Carry out the events; the queue's are awaited in a task, input held meanwhile."""
         while events:
             done = self._plain(events[0])
@@ -287,7 +288,7 @@ class SmtpProtocol(asyncio.Protocol):
         # the read deadline (session.deadline) is watched by the worker's sweeper: one
         # timer for all sessions rather than one per command
 
-    async def run_queue(self, events: list) -> None:
+    async def run_queue(self, events: list[Event]) -> None:
         try:
             await self._run_queue(events)
         except asyncio.CancelledError:
@@ -303,48 +304,18 @@ class SmtpProtocol(asyncio.Protocol):
         if not self.done:
             self.pump()
 
-    async def _run_queue(self, events: list) -> None:
+    async def _run_queue(self, events: list[Event]) -> None:
         try:
             while events:
                 ev = events.pop(0)
-                kind = type(ev)
                 done = self._plain(ev)
                 if done is None:
                     return
-                if done:
-                    pass
-                elif kind is E.QueueData:
-                    await self.queue.put(ev.data)
-                elif kind is E.QueueOpen:
-                    self.queue = AsyncQueue(self.program, self.w.o.qmail_dir, self.env)
-                    events[:0] = self.session.queue_opened(await self.queue.start())
-                elif kind is E.QueueClose:
-                    status, failed = await self.queue.close(ev.envelope)
-                    self.queue = None
-                    events[:0] = self.session.queue_closed(status, failed)
-                elif kind is E.QueueAbort:
-                    if self.queue is not None:
-                        queue, self.queue = self.queue, None
-                        await queue.abort()
-                elif kind is E.StartTls:
-                    ctx = self.w.tls
-                    self.switching = True
-                    try:
-                        self.transport = await self.loop.start_tls(
-                            self.transport, self, ctx, server_side=True,
-                            ssl_handshake_timeout=self.timeout)
-                    except (TimeoutError, OSError, ValueError) as err:
-                        log(f"TLS handshake with {self.ip} failed: {err}")
-                        self.transport.abort()
+                if not done:
+                    answer = await self._awaited(ev)
+                    if answer is None:
                         return
-                    finally:
-                        self.switching = False
-                    events[:0] = self.session.tls_started()
-                elif kind is E.CheckPassword:
-                    from .secure import check_async
-                    code = await check_async(self.w.checkpw, ev.user, ev.password,
-                                             self.w.checkpw_timeout, self.env)
-                    events[:0] = self.session.auth_result(code)
+                    events[:0] = answer
                 if not events:                  # the next input, in this same task
                     events = self.next_events() or []
         except asyncio.CancelledError:
@@ -352,6 +323,47 @@ class SmtpProtocol(asyncio.Protocol):
                 queue, self.queue = self.queue, None
                 self.w.cleanup(queue.abort())
             raise
+
+    async def _awaited(self, ev: Event) -> list[Event] | None:
+        """A queue, TLS or AUTH event carried out; the session's answer to it (None:
+        the connection is gone)."""
+        session: Session = self.session
+        if isinstance(ev, E.QueueData):
+            assert self.queue is not None
+            await self.queue.put(ev.data)
+        elif isinstance(ev, E.QueueOpen):
+            self.queue = AsyncQueue(self.program, self.w.o.qmail_dir, self.env)
+            return session.queue_opened(await self.queue.start())
+        elif isinstance(ev, E.QueueClose):
+            assert self.queue is not None
+            status, failed = await self.queue.close(ev.envelope)
+            self.queue = None
+            return session.queue_closed(status, failed)
+        elif isinstance(ev, E.QueueAbort):
+            if self.queue is not None:
+                queue, self.queue = self.queue, None
+                await queue.abort()
+        elif isinstance(ev, E.StartTls):
+            assert self.w.tls is not None
+            self.switching = True
+            try:
+                self.transport = await self.loop.start_tls(
+                    self.transport, self, self.w.tls, server_side=True,
+                    ssl_handshake_timeout=self.timeout)
+            except (TimeoutError, OSError, ValueError) as err:
+                log(f"TLS handshake with {self.ip} failed: {err}")
+                self.transport.abort()
+                return None
+            finally:
+                self.switching = False
+            return session.tls_started()
+        elif isinstance(ev, E.CheckPassword):
+            from .secure import check_async
+            assert self.w.checkpw is not None
+            code = await check_async(self.w.checkpw, ev.user, ev.password,
+                                     self.w.checkpw_timeout, self.env)
+            return session.auth_result(code)
+        return []
 
     def shut_down(self) -> None:
         """The grace period is over: 421 between commands, or after the reply owed."""

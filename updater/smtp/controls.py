@@ -15,7 +15,7 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 
-from ..checker import open_cdb
+from ..checker import CdbGetter, open_cdb
 from .params import DEFAULT_TIMEOUT, Controls, peer_from_env, policy_from_env, scan_ulong
 from .session import Session
 
@@ -85,7 +85,7 @@ def readint(path: str, default: int) -> int:
     return scan_ulong(line)
 
 
-def read_controls(qmail_dir: str, env) -> Controls:
+def read_controls(qmail_dir: str, env: Mapping[str, str]) -> Controls:
     """qmail-smtpd's setup(); raises ControlError where it would die_control()."""
     control = os.path.join(qmail_dir, "control")
     me = readline(os.path.join(control, "me"))
@@ -154,8 +154,9 @@ class Connection:
     queue program.  Raises ControlError (``421 unable to read controls``) with nothing
     left open; ``close()`` releases the cdbs."""
 
-    def __init__(self, qmail_dir: str, env, ipme):
-        self.getters: list = []
+    def __init__(self, qmail_dir: str, env: Mapping[str, str],
+                 ipme: Callable[[tuple[int, int, int, int]], bool]):
+        self.getters: list[CdbGetter] = []
         cdb = more = None
         try:
             controls = read_controls(qmail_dir, env)
@@ -185,7 +186,7 @@ class Connection:
                                     auth=self.checkpassword is not None)
         self.queue_program = queue_program(env, qmail_dir)
 
-    def _open(self, path: str):
+    def _open(self, path: str) -> CdbGetter:
         getter = open_cdb(path)
         self.getters.append(getter)
         return getter
@@ -226,7 +227,8 @@ def local_ipv4() -> frozenset[tuple[int, int, int, int]]:
             flags = struct.unpack_from("H", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS,
                                                         name + b"\0" * 24), 16)[0]
             if flags & IFF_UP:
-                ips.add(tuple(ifr[20:24]))
+                a, b, c, d = ifr[20:24]
+                ips.add((a, b, c, d))
     finally:
         s.close()
     return frozenset(ips)
@@ -235,8 +237,8 @@ def local_ipv4() -> frozenset[tuple[int, int, int, int]]:
 class IpMe:
     """``ipme(ip) -> bool`` for the session; the interfaces are read on first use."""
 
-    def __init__(self):
-        self._ips: frozenset | None = None
+    def __init__(self) -> None:
+        self._ips: frozenset[tuple[int, int, int, int]] | None = None
 
     def __call__(self, ip: tuple[int, int, int, int]) -> bool:
         if self._ips is None:

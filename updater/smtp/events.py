@@ -40,7 +40,7 @@ class ProtocolError(Exception):
 
 
 class _Record:
-    __slots__ = ()
+    __slots__: tuple[str, ...] = ()
 
     def __init__(self, *args: Any, **kw: Any):
         for name, value in zip(self.__slots__, args):
@@ -64,12 +64,17 @@ class _Record:
         return type(self)(**{n: kw.get(n, getattr(self, n)) for n in self.__slots__})
 
 
+Event = _Record                 # what Session's methods return a list of
+
+
 class Reply(_Record):
     __slots__ = ("data",)
+    data: bytes
 
 
 class Log(_Record):
     __slots__ = ("text",)
+    text: str
 
 
 class QueueOpen(_Record):
@@ -78,10 +83,12 @@ class QueueOpen(_Record):
 
 class QueueData(_Record):
     __slots__ = ("data",)
+    data: bytes
 
 
 class QueueClose(_Record):
     __slots__ = ("envelope",)
+    envelope: bytes | None
 
 
 class QueueAbort(_Record):
@@ -100,6 +107,8 @@ class StartTls(_Record):
 class CheckPassword(_Record):
     """Run the checkpassword program; then ``auth_result(exit code or None)``."""
     __slots__ = ("user", "password")
+    user: bytes
+    password: bytes
 
     def __repr__(self) -> str:                    # never the password, not even in a repr
         return f"CheckPassword(user={self.user!r}, password=...)"

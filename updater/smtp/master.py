@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 from .anvil import Limits
 from .logline import PROG, log
@@ -38,7 +39,7 @@ __all__ = ["Options", "parse_args", "main", "drop_privileges"]
 
 def bind(opts: Options, reuse_port: bool) -> socket.socket:
     from ..netsock import listen_tcp
-    host, port = parse_listen(opts.listen)
+    host, port = parse_listen(opts.listen or "")
     return listen_tcp(host, port, 1024, reuse_port=reuse_port)
 
 
@@ -51,7 +52,7 @@ def drop_privileges(user: str) -> None:
 
 
 def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
-                      metrics: Metrics, httpd=None) -> int:
+                      metrics: Metrics, httpd: Any = None) -> int:
     """The parent of ``--workers N``: starts them (and, with --metrics, a process that
     serves /metrics: this one forks, so it runs no threads), restarts one that dies,
     passes SIGTERM and SIGHUP on, and exits 0 once all have stopped after SIGTERM."""
@@ -77,7 +78,7 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
             os._exit(run_worker(opts, socks[i], limits, metrics))
         children[pid] = i
 
-    def forward(sig, frame) -> None:
+    def forward(sig: int, frame: Any) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping[0] = True
         for pid in list(children):
@@ -98,15 +99,15 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
             break
         except InterruptedError:
             continue
-        i = children.pop(pid, None)
-        if i is not None and i >= 0:
-            limits.clear(i)                 # its sessions died with it
-            metrics.retire(i)               # its counters stay counted
-        if i is not None and not stopping[0]:
-            what = "metrics server" if i == -1 else "worker"
+        gone: int | None = children.pop(pid) if pid in children else None
+        if gone is not None and gone >= 0:
+            limits.clear(gone)              # its sessions died with it
+            metrics.retire(gone)            # its counters stay counted
+        if gone is not None and not stopping[0]:
+            what = "metrics server" if gone == -1 else "worker"
             log(f"{what} {pid} ended ({status}); starting another")
             time.sleep(0.5)
-            start(i)
+            start(gone)
     log("stopped")
     return 0
 

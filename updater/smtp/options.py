@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 
 from .controls import ControlError
 from .logline import PROG
@@ -42,12 +43,26 @@ PARAMS: list[tuple[str, str, type, object, str, str]] = [
 
 
 class Options:
+    """The parsed options: one attribute per PARAMS row (set from the table)."""
+    listen: str | None
+    qmail_dir: str
+    rules: str
+    max_connections: int
+    max_per_ip: int
+    workers: int
+    user: str
+    grace: float
+    write_timeout: float
+    local_name: str
+    metrics: str
+    checkpassword: str
+
     def __init__(self) -> None:
         for _, attr, _, default, _, _ in PARAMS:
             setattr(self, attr, default)
         self.qmail_dir = os.environ.get("QMAIL_DIR") or "/var/qmail"
         self.verbose = True
-        self.tls = None
+        self.tls: ssl.SSLContext | None = None
 
 
 def parser() -> argparse.ArgumentParser:

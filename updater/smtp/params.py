@@ -21,8 +21,9 @@ def scan_ulong(text: str | bytes | None) -> int:
     """C scan_ulong: the leading ASCII digits (modulo 2**64), 0 when there are none."""
     if isinstance(text, str):
         text = text.encode("latin-1", "replace")
-    m = re.match(rb"[0-9]*", text or b"")
-    return int(m.group()) % (1 << 64) if m.group() else 0
+    digits = re.match(rb"[0-9]*", text or b"")
+    found = digits.group() if digits is not None else b""
+    return int(found) % (1 << 64) if found else 0
 
 
 class Controls(_Record):
@@ -30,12 +31,23 @@ class Controls(_Record):
     greeting; liphost (control/localiphost, else control/me); rcpthosts (None: the file
     does not exist) and badmailfrom, lowercased; databytes (0: no limit); timeout (s)."""
     __slots__ = ("greeting", "liphost", "rcpthosts", "badmailfrom", "databytes", "timeout")
+    greeting: bytes
+    liphost: bytes
+    rcpthosts: frozenset[bytes] | None
+    badmailfrom: frozenset[bytes] | None
+    databytes: int
+    timeout: int
 
 
 class Peer(_Record):
     """The connection's tcpserver environment, as bytes (remoteinfo and relayclient
     None when unset)."""
     __slots__ = ("remoteip", "remotehost", "remoteinfo", "local", "relayclient")
+    remoteip: bytes
+    remotehost: bytes
+    remoteinfo: bytes | None
+    local: bytes
+    relayclient: bytes | None
     _defaults = {"remoteip": b"unknown", "remotehost": b"unknown", "remoteinfo": None,
                  "local": b"unknown", "relayclient": None}
 
@@ -47,6 +59,13 @@ class Policy(_Record):
     auth_failures: failed AUTH attempts before 421 (AUTH_MAX_FAILURES, default 3)."""
     __slots__ = ("limit", "loglevel", "maxrcpt", "tls", "auth", "auth_plaintext",
                  "auth_failures")
+    limit: int
+    loglevel: int
+    maxrcpt: int
+    tls: bool
+    auth: bool
+    auth_plaintext: bool
+    auth_failures: int
     _defaults = {"limit": DEFAULT_LIMIT, "loglevel": 0, "maxrcpt": 0, "tls": False,
                  "auth": False, "auth_plaintext": False, "auth_failures": 3}
 

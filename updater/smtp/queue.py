@@ -13,6 +13,10 @@ import os
 
 from .child import Child, spawn
 
+TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
+if TYPE_CHECKING:
+    import subprocess
+
 
 class QueueProcess:
     """One qmail-queue run.  ``start`` never raises: a program that cannot be started
@@ -21,7 +25,7 @@ class QueueProcess:
 
     def __init__(self, program: str, qmail_dir: str):
         self.program, self.qmail_dir = program, qmail_dir
-        self.proc = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.msg_fd = self.env_fd = -1
         self.status: int | None = 0
         self.write_failed = False

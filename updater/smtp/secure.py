@@ -19,11 +19,17 @@ import select
 import shlex
 import signal
 import time
+from collections.abc import Callable, Mapping
+
+TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
+if TYPE_CHECKING:
+    import ssl
 
 TRUE = "/bin/true" if os.path.exists("/bin/true") else "/usr/bin/true"
 
 
-def tls_context(qmail_dir: str, env, log):
+def tls_context(qmail_dir: str, env: Mapping[str, str],
+                log: Callable[[str], None]) -> ssl.SSLContext | None:
     """An SSLContext for STARTTLS, or None (not configured, disabled, or unusable)."""
     if env.get("DISABLETLS") is not None:
         return None
@@ -43,7 +49,7 @@ def tls_context(qmail_dir: str, env, log):
     return ctx
 
 
-def checkpassword_argv(env) -> list[str] | None:
+def checkpassword_argv(env: Mapping[str, str]) -> list[str] | None:
     text = env.get("CHECKPASSWORD") or ""
     try:
         argv = shlex.split(text)
@@ -55,7 +61,7 @@ def checkpassword_argv(env) -> list[str] | None:
     return argv or None
 
 
-def timeout_of(env) -> float:
+def timeout_of(env: Mapping[str, str]) -> float:
     try:
         return max(0.1, float(env.get("CHECKPASSWORD_TIMEOUT") or 10))
     except ValueError:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable       # (not typing: start-up counts here)
 
 from .addresses import addrparse, badmailfrom, rcpthosts_allows, validrcptto
-from .events import (AUTH, CALLBACKS, COMMAND, DATA, DONE, QUEUE_CLOSING, QUEUE_OPENING,
+from .events import (AUTH, CALLBACKS, Event, COMMAND, DATA, DONE, QUEUE_CLOSING, QUEUE_OPENING,
                      TLS_STARTING, Close, Log, ProtocolError, QueueAbort, QueueOpen, Reply,
                      StartTls, _READING, _READING_LINES)
 from .params import BATCH, COMMAND_LINE_MAX, Controls, Peer, Policy
@@ -24,6 +24,8 @@ from .replies import (R_BMF, R_HELP, R_MAILFIRST, R_MAXRCPT, R_NOGATEWAY, R_NOTV
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .blast import DataDecoder
 
 
@@ -60,7 +62,7 @@ class Session:
         self.tls = False
         self.user: bytes | None = None              # who authenticated
         self.auth_failures = 0
-        self.auth_step: tuple = ()                  # ("plain",), ("user",), ("pass", u)
+        self.auth_step: tuple[Any, ...] = ()        # ("plain",), ("user",), ("pass", u)
         # what happened, for the driver's metrics: "rcpt.accepted.validrcptto", ... -> n
         self.counts: dict[str, int] = {}
         self.end = ""                               # why it ended: quit, timeout, limit, error
@@ -84,7 +86,7 @@ class Session:
         if self.mode is not CALLBACKS[callback]:
             raise ProtocolError(f"{callback}() while {self.mode.value}")
 
-    def tls_started(self) -> list:
+    def tls_started(self) -> list[Event]:
         """The handshake is done: everything known before it is forgotten (RFC 3207)."""
         self._expect("tls_started")
         self.tls = True
@@ -98,7 +100,7 @@ class Session:
         self.deadline = self.mono() + self.c.timeout
         return []
 
-    def auth_result(self, code: int | None) -> list:
+    def auth_result(self, code: int | None) -> list[Event]:
         """The checkpassword program's exit code (None: it hung or could not run)."""
         self._expect("auth_result")
         from .sasl import result
@@ -114,9 +116,9 @@ class Session:
         after BATCH of them)."""
         return self.held and self.mode in _READING_LINES
 
-    def proceed(self) -> list:
+    def proceed(self) -> list[Event]:
         """The next batch of the command lines already received."""
-        ev: list = []
+        ev: list[Event] = []
         if self.pending:
             self._run(ev)
         return ev
@@ -126,15 +128,15 @@ class Session:
         message in progress (a server shutting down may say 421 now)."""
         return self.mode is COMMAND and not self.buf and not self.discarding
 
-    def start(self) -> list:
+    def start(self) -> list[Event]:
         return [Reply(b"220 " + self.c.greeting + b" ESMTP\r\n")]
 
-    def receive_data(self, data: bytes) -> list:
+    def receive_data(self, data: bytes) -> list[Event]:
         """Feed client bytes; ``b""`` means the client closed its side."""
         if self.mode is DONE:
             return []
         self.deadline = self.mono() + self.c.timeout
-        ev: list = []
+        ev: list[Event] = []
         if not data:
             if self.mode is DATA or self.mode is QUEUE_CLOSING:
                 ev.append(QueueAbort())
@@ -145,11 +147,11 @@ class Session:
         self._run(ev)
         return ev
 
-    def check_timeout(self) -> list:
+    def check_timeout(self) -> list[Event]:
         """The read deadline passed (per the clock): ``451 timeout`` and close."""
         if self.mode not in _READING or self.mono() < self.deadline:
             return []
-        ev: list = []
+        ev: list[Event] = []
         if self.mode is DATA:
             ev.append(QueueAbort())
         self.mode = DONE
@@ -157,12 +159,12 @@ class Session:
         ev += [Reply(R_TIMEOUT), Close()]
         return ev
 
-    def queue_opened(self, qp: int | None) -> list:
+    def queue_opened(self, qp: int | None) -> list[Event]:
         self._expect("queue_opened")
         if qp is None:
             self.mode = COMMAND
             self.count("message.tempfail")
-            ev: list = [Reply(R_QQT)]
+            ev: list[Event] = [Reply(R_QQT)]
         else:
             from .blast import start              # (imported when a message starts)
             ev = start(self, qp)
@@ -170,16 +172,16 @@ class Session:
         self._run(ev)
         return ev
 
-    def queue_closed(self, status: int | None, write_failed: bool = False) -> list:
+    def queue_closed(self, status: int | None, write_failed: bool = False) -> list[Event]:
         self._expect("queue_closed")
         from .blast import finish
-        ev = [Reply(finish(self, status, write_failed))]
+        ev: list[Event] = [Reply(finish(self, status, write_failed))]
         self.deadline = self.mono() + self.c.timeout
         self._run(ev)
         return ev
 
     # ---- the machine
-    def _run(self, ev: list) -> None:
+    def _run(self, ev: list[Event]) -> None:
         while self.buf and self.mode in _READING:
             if self.mode is DATA:
                 self._data(ev)
@@ -225,11 +227,11 @@ class Session:
             if self.mode in _READING_LINES:
                 return                                   # no complete line left
 
-    def _data(self, ev: list) -> None:
+    def _data(self, ev: list[Event]) -> None:
         from .blast import absorb
         absorb(self, ev)
 
-    def _command(self, line: bytes, ev: list) -> None:
+    def _command(self, line: bytes, ev: list[Event]) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
         nul = line.find(b"\0")
@@ -249,11 +251,11 @@ class Session:
     def _greet(self, code: bytes) -> bytes:
         return code + self.c.greeting
 
-    def smtp_helo(self, arg: bytes, ev: list) -> None:
+    def smtp_helo(self, arg: bytes, ev: list[Event]) -> None:
         ev.append(Reply(self._greet(b"250 ") + b"\r\n"))
         self._dohelo(arg)
 
-    def smtp_ehlo(self, arg: bytes, ev: list) -> None:
+    def smtp_ehlo(self, arg: bytes, ev: list[Event]) -> None:
         lines = [self._greet(b""), b"PIPELINING", b"8BITMIME"]
         if self.policy.tls and not self.tls:
             lines.append(b"STARTTLS")
@@ -266,7 +268,7 @@ class Session:
     def auth_offered(self) -> bool:
         return self.policy.auth and (self.tls or self.policy.auth_plaintext)
 
-    def smtp_starttls(self, arg: bytes, ev: list) -> None:
+    def smtp_starttls(self, arg: bytes, ev: list[Event]) -> None:
         if self.tls:
             ev.append(Reply(R_TLS_AGAIN))
         elif not self.policy.tls:
@@ -278,11 +280,11 @@ class Session:
             ev += [Reply(R_TLS_READY), StartTls()]
             self.mode = TLS_STARTING
 
-    def smtp_auth(self, arg: bytes, ev: list) -> None:
+    def smtp_auth(self, arg: bytes, ev: list[Event]) -> None:
         from .sasl import command                 # (imported when AUTH starts)
         command(self, arg, ev)
 
-    def _auth_line(self, line: bytes, ev: list) -> None:
+    def _auth_line(self, line: bytes, ev: list[Event]) -> None:
         from .sasl import response
         response(self, line, ev)
 
@@ -290,29 +292,29 @@ class Session:
         self.seenmail = False
         self.helo = arg if arg.lower() != self.peer.remotehost.lower() else None
 
-    def smtp_quit(self, arg: bytes, ev: list) -> None:
+    def smtp_quit(self, arg: bytes, ev: list[Event]) -> None:
         ev += [Reply(self._greet(b"221 ") + b"\r\n"), Close()]
         self.mode = DONE
         self.quit = True
         self.buf = b""
 
-    def smtp_rset(self, arg: bytes, ev: list) -> None:
+    def smtp_rset(self, arg: bytes, ev: list[Event]) -> None:
         self.seenmail = False
         ev.append(Reply(b"250 flushed\r\n"))
 
-    def smtp_noop(self, arg: bytes, ev: list) -> None:
+    def smtp_noop(self, arg: bytes, ev: list[Event]) -> None:
         ev.append(Reply(b"250 ok\r\n"))
 
-    def smtp_vrfy(self, arg: bytes, ev: list) -> None:
+    def smtp_vrfy(self, arg: bytes, ev: list[Event]) -> None:
         ev.append(Reply(b"252 send some mail, i'll try my best\r\n"))
 
-    def smtp_help(self, arg: bytes, ev: list) -> None:
+    def smtp_help(self, arg: bytes, ev: list[Event]) -> None:
         ev.append(Reply(R_HELP))
 
     def _addr(self, arg: bytes) -> bytes | None:
         return addrparse(arg, self.c.liphost, self.ipme)
 
-    def smtp_mail(self, arg: bytes, ev: list) -> None:
+    def smtp_mail(self, arg: bytes, ev: list[Event]) -> None:
         addr = self._addr(arg)
         if addr is None:
             ev.append(Reply(R_SYNTAX))
@@ -324,7 +326,7 @@ class Session:
         self.mailfrom = addr
         ev.append(Reply(b"250 ok\r\n"))
 
-    def smtp_rcpt(self, arg: bytes, ev: list) -> None:
+    def smtp_rcpt(self, arg: bytes, ev: list[Event]) -> None:
         if not self.seenmail:
             self.count("rcpt.rejected.syntax")
             ev.append(Reply(R_MAILFIRST))
@@ -378,7 +380,7 @@ class Session:
     def _vlog(self, text: str) -> str:
         return f"validrcptto [{self.remote}] {text}"
 
-    def smtp_data(self, arg: bytes, ev: list) -> None:
+    def smtp_data(self, arg: bytes, ev: list[Event]) -> None:
         if not self.seenmail:
             ev.append(Reply(R_MAILFIRST))
             return

@@ -19,6 +19,7 @@ from .controls import Connection, ControlError, IpMe
 
 TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
 if TYPE_CHECKING:
+    import ssl
     from typing import Any
 
 PROG = "validrcptto-smtpd"
@@ -30,10 +31,10 @@ class Gone(Exception):
 
 
 class Stdio:
-    def __init__(self, rfd: int, wfd: int, timeout: float, log):
+    def __init__(self, rfd: int, wfd: int, timeout: float, log: Callable[[str], None]):
         self.rfd, self.wfd, self.timeout, self.log = rfd, wfd, timeout, log
         self.out: list[bytes] = []
-        self.tls = None                          # an ssl.SSLObject after STARTTLS
+        self.tls: ssl.SSLObject | None = None    # after STARTTLS
         for fd in {rfd, wfd}:
             try:
                 os.set_blocking(fd, False)
@@ -101,9 +102,11 @@ class Stdio:
                 return data
             self.incoming.write(data)
 
-    def start_tls(self, ctx, deadline: float) -> bool:
+    def start_tls(self, ctx: ssl.SSLContext | None, deadline: float) -> bool:
         """The server side of the handshake over the two descriptors."""
         import ssl
+        if ctx is None:
+            return False
         self.flush()
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
@@ -172,6 +175,7 @@ class Driver:
             elif kind is E.CheckPassword:
                 from .secure import check, timeout_of
                 io.flush()
+                assert self.conn.checkpassword is not None
                 code = check(self.conn.checkpassword, ev.user, ev.password,
                              timeout_of(self.env))
                 pending[:0] = session.auth_result(code)

@@ -8,8 +8,11 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from .anvil import Limits
+from ..checker import CdbGetter
 from .cdbfile import CdbCache
 from .child import LIVE
 from .connection import SmtpProtocol
@@ -17,6 +20,7 @@ from .controls import ControlError, IpMe, morercpthosts_path, read_controls
 from .logline import log
 from .metrics import Metrics
 from .options import Options
+from .params import Controls
 from .queue import AsyncQueue
 
 
@@ -32,7 +36,7 @@ class Worker:
         # tcpserver's children get its environment, less what it sets per connection
         self.base_env = {k: v for k, v in os.environ.items()
                          if not k.startswith("TCP") and k not in ("RELAYCLIENT", "PROTO")}
-        self.controls = None
+        self.controls: Controls | None = None
         self.cdbs: dict[str, CdbCache] = {}
         self.rules = CdbCache(opts.rules, log, strict=True) if opts.rules else None
         from .secure import checkpassword_argv, timeout_of
@@ -40,7 +44,7 @@ class Worker:
         self.checkpw = checkpassword_argv(os.environ)
         self.checkpw_timeout = timeout_of(os.environ)
         self.sessions: set[SmtpProtocol] = set()
-        self.cleanups: set[asyncio.Task] = set()   # qmail-queue aborts still running
+        self.cleanups: set[asyncio.Task[None]] = set()   # qmail-queue aborts still running
         self.stopping = False
         self.grace_over = False
         self.serial = 0
@@ -60,21 +64,23 @@ class Worker:
             log("TLS: keeping the certificate loaded before")
         log("SIGHUP: re-reading controls, rules and the TLS certificate")
 
-    def cleanup(self, coro) -> None:
+    def cleanup(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a clean-up (a qmail-queue abort) to its end, whatever the session does."""
         task = asyncio.get_running_loop().create_task(coro)
         self.cleanups.add(task)
         task.add_done_callback(self.cleanups.discard)
 
-    def rules_current(self):
+    def rules_current(self) -> CdbGetter:
         """The rules cdb for a new connection; OSError (tcpserver drops the connection)
         when it cannot be read or is not a whole cdb."""
+        if self.rules is None:
+            raise OSError("no rules")
         return self.rules.current()
 
     def rules_error(self, err: OSError) -> str:
         return f"cannot read rules {self.o.rules}: {err.strerror or err}"
 
-    def cdb(self, path: str, shown: bool = False):
+    def cdb(self, path: str, shown: bool = False) -> CdbGetter:
         cache = self.cdbs.get(path)
         if cache is None:
             cache = self.cdbs[path] = CdbCache(path, log)
@@ -84,7 +90,8 @@ class Worker:
             self.metrics.set("cdb_mtime", cache.mtime)
         return getter
 
-    def setup(self, env: dict):
+    def setup(self, env: dict[str, str]
+              ) -> tuple[Controls, CdbGetter | None, CdbGetter | None]:
         """qmail-smtpd's setup(): (controls, validrcptto, morercpthosts); ControlError."""
         try:
             if self.controls is None:
@@ -109,7 +116,8 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Met
     worker = Worker(opts, limits, metrics)
     warned = [0.0]
 
-    def on_error(loop, context) -> None:        # one line, never a traceback
+    def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # one line, never a traceback
         msg = context.get("message", "")
         exc = context.get("exception")
         if "out of system resource" in msg:
@@ -154,7 +162,8 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Met
     while worker.sessions and loop.time() < deadline:
         await asyncio.sleep(0.05)
     for p in list(worker.sessions):
-        p.transport.abort()
+        if p.transport is not None:
+            p.transport.abort()
     await asyncio.sleep(0)                       # their connection_lost: tasks cancelled
     if worker.cleanups:
         await asyncio.wait(list(worker.cleanups), timeout=AsyncQueue.ABORT_WAIT + 1)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Any
+
 from ..qmail import ENCODING, ERRORS
 
 
 @dataclass(slots=True)
 class Found:
     origin: str                      # "vpasswd /home/vpopmail/domains/x/vpasswd", ...
-    keys: list                       # keys (str or bytes): user@domain, user, @domain
+    keys: list[Any]                  # keys (str or bytes): user@domain, user, @domain
     reject: bool = False             # written with the value "-" (site exclude file)
     clean: bool = False              # bytes keys already lowercased and checked
     deny: bool = False               # qmail would bounce these ("-" unless accepted elsewhere)
@@ -34,10 +36,10 @@ class Notes:
         self.warnings.append(text)
 
 
-def at(names, domain: str) -> list:
+def at(names: list[Any], domain: str) -> list[Any]:
     """``name@domain`` for each name; bytes names give bytes keys."""
     if names and isinstance(names[0], bytes):
-        suffix = b"@" + domain.encode(ENCODING, ERRORS)
-    else:
-        suffix = "@" + domain
+        bsuffix = b"@" + domain.encode(ENCODING, ERRORS)
+        return [n + bsuffix for n in names]
+    suffix = "@" + domain
     return [n + suffix for n in names]

@@ -11,12 +11,17 @@ file and is never logged.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ..errors import SourceError
 from ..qmail import lower_ascii, read_text
 from . import Found
 
+if TYPE_CHECKING:
+    from ..config import Settings
 
-def addresses(values: dict[str, list], attrs: list[str]) -> list[str]:
+
+def addresses(values: dict[str, list[Any]], attrs: list[str]) -> list[str]:
     """The mail addresses in one entry's attributes (pure)."""
     out = []
     for attr in attrs:
@@ -33,7 +38,7 @@ def addresses(values: dict[str, list], attrs: list[str]) -> list[str]:
     return out
 
 
-def ldap_entries(settings, domains: list[str]) -> list[Found]:
+def ldap_entries(settings: Settings, domains: list[str]) -> list[Found]:
     import ldap3
     from ldap3.core.exceptions import LDAPException, LDAPOperationResult
     where = f"ldap {settings.ldap_uri}"

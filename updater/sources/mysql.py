@@ -23,10 +23,16 @@ every libmysqlclient program: ``UPDATER_MYSQL_SOCKET``, else ``$MYSQL_UNIX_PORT`
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
 from ..qmail import lower_ascii, read_text
+from . import Notes
+
+if TYPE_CHECKING:                 # (config imports nothing of ours; sources stay below it)
+    from ..config import Settings
 
 
 @dataclass(frozen=True)
@@ -67,12 +73,13 @@ NO_SUCH_TABLE = 1146
 DENIED = (1044, 1142, 1143)
 
 
-def option_socket(files=OPTION_FILES, env=os.environ) -> str:
+def option_socket(files: tuple[str, ...] = OPTION_FILES,
+                  env: Mapping[str, str] = os.environ) -> str:
     """The client library's default socket: $MYSQL_UNIX_PORT, else the last ``socket=``
     in a client group of the option files (following !include and !includedir), else
     Debian's compiled-in path."""
     if env.get("MYSQL_UNIX_PORT"):
-        return env["MYSQL_UNIX_PORT"]
+        return str(env["MYSQL_UNIX_PORT"])
     found = [DEFAULT_SOCKET]
 
     def read(path: str, depth: int) -> None:
@@ -112,7 +119,7 @@ def table_for(domain: str) -> str:
     return domain.replace(".", "_").replace("-", "_")
 
 
-def connection(settings) -> Conn:
+def connection(settings: Settings) -> Conn:
     path = settings.mysql_config or os.path.join(settings.vpopmail_dir or "/home/vpopmail",
                                                  "etc", "vpopmail.mysql")
     text = read_text(path)
@@ -135,17 +142,17 @@ def connection(settings) -> Conn:
 class MysqlUsers:
     """All vpopmail users and valiases, fetched once per build, then served per domain."""
 
-    def __init__(self, settings, notes=None):
+    def __init__(self, settings: Settings, notes: Notes | None = None):
         self.conn = connection(settings)
         self.layout = settings.mysql_layout
         self.valias = settings.mysql_valias
         self.timeout = settings.mysql_timeout
         self.notes = notes
         self._single: dict[str, list[str]] | None = None
-        self._db = None
+        self._db: Any = None
         self.aliases: dict[str, list[str]] | None = None
 
-    def _connect(self):
+    def _connect(self) -> Any:
         if self._db is None:
             import pymysql
             c = self.conn
@@ -170,7 +177,8 @@ class MysqlUsers:
             pass
         return not self._missing
 
-    def _query(self, sql: str, args=(), table: str | None = None):
+    def _query(self, sql: str, args: tuple[Any, ...] = (),
+               table: str | None = None) -> Iterator[Any]:
         import pymysql
         import pymysql.cursors
         self._missing = False
@@ -233,8 +241,8 @@ class MysqlUsers:
             self._db = None
 
 
-def _reason(err) -> str:
-    args = getattr(err, "args", ())
+def _reason(err: BaseException) -> str:
+    args: tuple[Any, ...] = getattr(err, "args", ())
     if len(args) >= 2:
         return f"({args[0]}) {args[1]}"
     return str(err)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import SourceError
 from ..inputs import Inputs, dotqmail_files
@@ -24,7 +25,8 @@ HEAD = 1 << 20          # bytes of a .qmail file read to see what it runs
 
 class DiskView:
     def __init__(self, accounts: list[Account], users: UsersDb, qmail_dir: str,
-                 warn: Callable[[str], None], users_of=None, aliases_of=None,
+                 warn: Callable[[str], None], users_of: Callable[[str, str], Any] | None = None,
+                 aliases_of: Callable[[str], list[str] | None] | None = None,
                  qmail_ext: bool = False, lazy: bool = False):
         self.accounts: dict[str, Account] = {}
         for a in accounts:
@@ -39,7 +41,7 @@ class DiskView:
         self._accounts: dict[str, Account | None] = {}
         self._dotfiles: dict[str, frozenset[str]] = {}
         self._rules: dict[str, Rule] = {}
-        self._accepts: dict[tuple, Accepts] = {}
+        self._accepts: dict[tuple[Rule, str, str], Accepts] = {}
         self._ff: dict[str, list[str]] = {}
         self.homes: dict[str, str] = {}     # every directory looked at -> how it was found
         self.files: set[str] = set()        # every file read (fastforward cdbs)
@@ -138,6 +140,7 @@ class DiskView:
         if self.tracer is not None:       # vpasswd (named even for MySQL: alias domains
             for name in ("vpasswd", "vpasswd.cdb"):         # share it with their domain)
                 self.tracer.touch(os.path.join(home, name))
+        assert self.users_of is not None
         origin, names = self.users_of(home, domain)
         if names and isinstance(names[0], bytes):
             names = check_names(names, origin, self.warn)
@@ -176,11 +179,11 @@ class DiskView:
                        ("fastforward",))
 
 
-def _lazy_set(names: list) -> Callable[[str], bool]:
+def _lazy_set(names: list[Any]) -> Callable[[str], bool]:
     """Membership in ``names`` (str, or bytes): a scan of the list (in C) for the first
     few questions, a set only when there are many, so a million users cost no set."""
     as_bytes = bool(names) and isinstance(names[0], bytes)
-    box: list = [0, None]
+    box: list[Any] = [0, None]
 
     def contains(name: str) -> bool:
         key = name.encode(ENCODING, ERRORS) if as_bytes else name

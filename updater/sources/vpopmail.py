@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Callable
 
 from ..errors import SourceError
 from ..qmail import ENCODING, Unreadable, cdb_keys, read_bytes
@@ -45,7 +46,7 @@ def _check_lines(data: bytes, path: str) -> None:
                               path, number)
 
 
-def check_names(names: list[bytes], origin: str, warn) -> list[bytes]:
+def check_names(names: list[bytes], origin: str, warn: Callable[[str], None]) -> list[bytes]:
     """Drop names no SMTP client can send unquoted (white space, control characters)."""
     if _BAD.search(b"".join(names)):
         good = [n for n in names if not _BAD.search(n)]
@@ -58,7 +59,7 @@ def check_names(names: list[bytes], origin: str, warn) -> list[bytes]:
 def read_users(domain_dir: str, domain: str, vuserinfo: str | None) -> tuple[str, list[bytes]]:
     """(origin, lowercased user names) for one vpopmail domain."""
     path = os.path.join(domain_dir, "vpasswd")
-    denied = None
+    denied: SourceError | None = None
     try:
         data = read_bytes(path, nofollow=True)
     except Unreadable as err:
@@ -80,6 +81,7 @@ def read_users(domain_dir: str, domain: str, vuserinfo: str | None) -> tuple[str
                 raise SourceError("vpopmail domain has neither vpasswd nor vpasswd.cdb "
                                   "(bounce-no-mailbox would reject every address)", domain_dir)
     if vuserinfo is None:
+        assert denied is not None
         raise denied
     return f"vuserinfo -D {domain}", run_vuserinfo(vuserinfo, domain)
 
