@@ -31,7 +31,7 @@ def _vm_hwm_kb(pid: int) -> int:
 
 
 def _request(fifo: str, line: str) -> None:
-    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)        # what the onchange hook does
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # what the onchange hook does
     try:
         os.write(fd, line.encode() + b"\n")
     finally:
@@ -40,8 +40,10 @@ def _request(fifo: str, line: str) -> None:
 
 def _append(path: str, name: str) -> None:
     with open(path, "ab") as f:
-        f.write(b"%s:$1$Xy7pQ2aZ$Gk3oV9bW2sLq8eN1rT5uH0:1:0::/d/%s:NOQUOTA\n"
-                % (name.encode(), name.encode()))
+        f.write(
+            b"%s:$1$Xy7pQ2aZ$Gk3oV9bW2sLq8eN1rT5uH0:1:0::/d/%s:NOQUOTA\n"
+            % (name.encode(), name.encode())
+        )
 
 
 def run(bench) -> None:
@@ -49,8 +51,11 @@ def run(bench) -> None:
     env = dict(bench.tree(n))
     root = os.path.dirname(env["VALIDRCPTTO_CDB"])
     fifo, status = os.path.join(root, "inc.trigger"), os.path.join(root, "inc.status.json")
-    env.update(UPDATER_FIFO=fifo, UPDATER_STATUS=status)      # the shipped defaults else
+    env.update(UPDATER_FIFO=fifo, UPDATER_STATUS=status)  # the shipped defaults else
     cdb = env["VALIDRCPTTO_CDB"]
+    # the reference: a cold full build of the same tree (measured here if the builds
+    # module did not run)
+    cold = bench.full_rebuild_seconds or bench.full_build(bench.tree(n)).seconds
     log = open(os.path.join(root, "inc-daemon.log"), "wb")
     daemon = subprocess.Popen(QU + ["run"], env=env, stderr=log, stdout=log)
     try:
@@ -71,18 +76,37 @@ def run(bench) -> None:
             st = read_json(status)
             if st.get("incremental"):
                 phases.append(st.get("phases") or {})
-            time.sleep(2.5)                  # past the watch event's own (unchanged) build
+            time.sleep(2.5)  # past the watch event's own (unchanged) build
         lat = statistics.median(latencies)
-        full = bench.full_rebuild_seconds
+        full = cold
         ok = lat <= 1.0 and lat / full <= 0.4
-        bench.row(f"new mailbox -> live (add_user, incremental), {fmt_n(n)}", fmt_s(lat),
-                  fmt_s(full), lat / full, "<= 1.0 s, <= 0.4x", ok)
-        bench.row("  stretch goal", fmt_s(lat), "", None, "<= 0.25 s", lat <= 0.25)
+        bench.row(
+            what=f"new mailbox -> live (add_user, incremental), {fmt_n(n)}",
+            ours=fmt_s(lat),
+            reference=fmt_s(full),
+            ratio=lat / full,
+            target="<= 1.0 s, <= 0.4x",
+            met=ok,
+        )
+        bench.row(
+            what="  stretch goal",
+            ours=fmt_s(lat),
+            reference="",
+            ratio=None,
+            target="<= 0.25 s",
+            met=lat <= 0.25,
+        )
         if phases:
             for step in ("check", "read", "merge", "cdb", "install"):
                 values = [p.get(step, 0.0) for p in phases]
-                bench.row(f"  of which {step}", fmt_s(statistics.median(values)), "", None,
-                          "", None)
+                bench.row(
+                    what=f"  of which {step}",
+                    ours=fmt_s(statistics.median(values)),
+                    reference="",
+                    ratio=None,
+                    target="",
+                    met=None,
+                )
         # 1,000 vaddusers in 10 s, spread over the domains
         time.sleep(3)
         before = read_json(status)["builds"]
@@ -96,19 +120,40 @@ def run(bench) -> None:
             keys.append(f"{name}@{domain}".encode())
             time.sleep(max(0.0, started + (i + 1) / 100 - time.perf_counter()))
         last = time.perf_counter()
-        wait(lambda: has_key(cdb, keys[-1]) and all(has_key(cdb, k) for k in keys[::50]),
-             60, "the burst")
+        wait(
+            lambda: has_key(cdb, keys[-1]) and all(has_key(cdb, k) for k in keys[::50]),
+            60,
+            "the burst",
+        )
         lag = time.perf_counter() - last
         missing = sum(1 for k in keys if not has_key(cdb, k))
-        time.sleep(4)                        # the watch events' trailing build, if any
+        time.sleep(4)  # the watch events' trailing build, if any
         builds = read_json(status)["builds"] - before
-        bench.row("1,000 add_user in 10 s: builds", str(builds), "", None, "<= 10",
-                  builds <= 10)
-        bench.row("  every address live after the last request", fmt_s(lag), "", None,
-                  "<= 2 s", lag <= 2.0 and missing == 0)
+        bench.row(
+            what="1,000 add_user in 10 s: builds",
+            ours=str(builds),
+            reference="",
+            ratio=None,
+            target="<= 10",
+            met=builds <= 10,
+        )
+        bench.row(
+            what="  every address live after the last request",
+            ours=fmt_s(lag),
+            reference="",
+            ratio=None,
+            target="<= 2 s",
+            met=lag <= 2.0 and missing == 0,
+        )
         hwm = _vm_hwm_kb(daemon.pid)
-        bench.row(f"peak RSS of the daemon, {fmt_n(n)} (full + incremental builds)",
-                  f"{hwm / MB:.0f} MB", "", None, "<= 300 MB", hwm / MB <= 300)
+        bench.row(
+            what=f"peak RSS of the daemon, {fmt_n(n)} (full + incremental builds)",
+            ours=f"{hwm / MB:.0f} MB",
+            reference="",
+            ratio=None,
+            target="<= 300 MB",
+            met=hwm / MB <= 300,
+        )
     finally:
         daemon.terminate()
         daemon.wait(30)

@@ -26,8 +26,7 @@ QUEUE_C = r"""
 int main(void) { char b[65536];
   while (read(0, b, sizeof b) > 0); while (read(1, b, sizeof b) > 0); return 0; }
 """
-KEYS = [b"joe@example.com", b"x@example.net", b"joe-list-default@example.com",
-        b"postmaster"]
+KEYS = [b"joe@example.com", b"x@example.net", b"joe-list-default@example.com", b"postmaster"]
 
 
 def compile_tools(work: Path) -> tuple[str, str] | None:
@@ -35,8 +34,10 @@ def compile_tools(work: Path) -> tuple[str, str] | None:
     if gcc is None:
         return None
     load = work / "smtpload"
-    subprocess.run([gcc, "-O2", "-pthread", "-o", str(load), str(HERE / "smtpload.c"),
-                    "-lssl", "-lcrypto"], check=True)
+    subprocess.run(
+        [gcc, "-O2", "-pthread", "-o", str(load), str(HERE / "smtpload.c"), "-lssl", "-lcrypto"],
+        check=True,
+    )
     (work / "qq.c").write_text(QUEUE_C)
     qq = work / "qmail-queue"
     subprocess.run([gcc, "-O2", "-o", str(qq), str(work / "qq.c")], check=True)
@@ -45,6 +46,7 @@ def compile_tools(work: Path) -> tuple[str, str] | None:
 
 def qmail_tree(qmail: Path, qq: str, extra_keys: int = 10000) -> None:
     import cdbx
+
     (qmail / "control").mkdir(parents=True, exist_ok=True)
     (qmail / "bin").mkdir(exist_ok=True)
     (qmail / "control/me").write_text("mx.example.com\n")
@@ -128,30 +130,77 @@ class Servers:
         self.ref_dir = Path(reference_dir) if reference_dir else None
         if self.ref_dir is not None:
             qmail_tree(self.ref_dir, qq, extra_keys=0)
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("VALIDRCPTTO_", "TCP", "RELAYCLIENT", "QMAIL"))}
-        self.env.update(QMAIL_DIR=str(self.ours_dir),
-                        VALIDRCPTTO_CDB=str(self.ours_dir / "control/validrcptto.cdb"))
-        self.smtpd = shutil.which("validrcptto-smtpd") or \
-            str(Path(sys.executable).parent / "validrcptto-smtpd")
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("VALIDRCPTTO_", "TCP", "RELAYCLIENT", "QMAIL"))
+        }
+        self.env.update(
+            QMAIL_DIR=str(self.ours_dir),
+            VALIDRCPTTO_CDB=str(self.ours_dir / "control/validrcptto.cdb"),
+        )
+        self.smtpd = shutil.which("validrcptto-smtpd") or str(
+            Path(sys.executable).parent / "validrcptto-smtpd"
+        )
 
-    def start(self, kind: str, concurrency: int = 400, extra: tuple[str, ...] = ()
-              ) -> tuple[subprocess.Popen, int] | None:
+    def start(
+        self, kind: str, concurrency: int = 400, extra: tuple[str, ...] = ()
+    ) -> tuple[subprocess.Popen, int] | None:
         port = free_port()
         if kind == "listen":
-            argv = [self.smtpd, "--listen", f"127.0.0.1:{port}", "--workers", "0",
-                    "--max-connections", "5000", "--max-per-ip", "0", "--quiet", *extra]
+            argv = [
+                self.smtpd,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "0",
+                "--max-connections",
+                "5000",
+                "--max-per-ip",
+                "0",
+                "--quiet",
+                *extra,
+            ]
         elif kind == "tcpserver" and self.tcpserver:
-            argv = [self.tcpserver, "-R", "-H", "-l", "mx.example.com", "-c", str(concurrency),
-                    "-b", "1000", "127.0.0.1", str(port), self.smtpd]
+            argv = [
+                self.tcpserver,
+                "-R",
+                "-H",
+                "-l",
+                "mx.example.com",
+                "-c",
+                str(concurrency),
+                "-b",
+                "1000",
+                "127.0.0.1",
+                str(port),
+                self.smtpd,
+            ]
         elif kind == "c" and self.tcpserver and self.reference:
-            argv = [self.tcpserver, "-R", "-H", "-l", "mx.example.com", "-c", str(concurrency),
-                    "-b", "1000", "127.0.0.1", str(port), self.reference]
+            argv = [
+                self.tcpserver,
+                "-R",
+                "-H",
+                "-l",
+                "mx.example.com",
+                "-c",
+                str(concurrency),
+                "-b",
+                "1000",
+                "127.0.0.1",
+                str(port),
+                self.reference,
+            ]
         else:
             return None
-        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=lambda: _nofile(8192))
+        proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=lambda: _nofile(8192),
+        )
         wait_port(port, proc)
         time.sleep(0.3)
         return proc, port
@@ -171,23 +220,43 @@ class Servers:
 
 def _nofile(n: int) -> None:
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, n), max(hard, n)))
 
 
-def load(client: str, port: int, concurrency: int, seconds: float, databytes: int,
-         tls: bool = False) -> dict:
-    done = subprocess.run([client, "127.0.0.1", str(port), str(concurrency), str(seconds),
-                           str(databytes)] + (["tls"] if tls else []),
-                          capture_output=True, text=True, check=True,
-                          preexec_fn=lambda: _nofile(8192))
+def load(
+    client: str, port: int, concurrency: int, seconds: float, databytes: int, tls: bool = False
+) -> dict:
+    done = subprocess.run(
+        [client, "127.0.0.1", str(port), str(concurrency), str(seconds), str(databytes)]
+        + (["tls"] if tls else []),
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: _nofile(8192),
+    )
     n, errors, elapsed, p50, p99, cpu = done.stdout.split()
-    return dict(n=int(n), errors=int(errors), rate=int(n) / float(elapsed), p50=float(p50),
-                p99=float(p99), client_cpu=float(cpu))
+    return dict(
+        n=int(n),
+        errors=int(errors),
+        rate=int(n) / float(elapsed),
+        p50=float(p50),
+        p99=float(p99),
+        client_cpu=float(cpu),
+    )
 
 
-def measure(servers: Servers, kind: str, client: str, concurrency: int, seconds: float,
-            databytes: int = 0, tls: bool = False, metrics: bool = False) -> dict | None:
+def measure(
+    servers: Servers,
+    kind: str,
+    client: str,
+    concurrency: int,
+    seconds: float,
+    databytes: int = 0,
+    tls: bool = False,
+    metrics: bool = False,
+) -> dict | None:
     mport = free_port()
     started = servers.start(kind, extra=("--metrics", f"127.0.0.1:{mport}") if metrics else ())
     if started is None:
@@ -195,22 +264,25 @@ def measure(servers: Servers, kind: str, client: str, concurrency: int, seconds:
     proc, port = started
     scraping = [metrics]
 
-    def scrape() -> None:                   # as Prometheus would, but every second
+    def scrape() -> None:  # as Prometheus would, but every second
         import urllib.request
+
         while scraping[0]:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
             except OSError:
                 pass
             time.sleep(1.0)
+
     if metrics:
         import threading
+
         threading.Thread(target=scrape, daemon=True).start()
     try:
         load(client, port, min(concurrency, 4), 0.5, databytes, tls)  # warm up
         before = cpu_seconds(proc.pid)
         got = load(client, port, concurrency, seconds, databytes, tls)
-        time.sleep(0.3)                                    # let the last children be reaped
+        time.sleep(0.3)  # let the last children be reaped
         got["server_cpu"] = (cpu_seconds(proc.pid) - before) / max(got["n"], 1)
         return got
     finally:
@@ -244,7 +316,14 @@ def run(bench, reference: str | None, reference_dir: str | None, seconds: float 
     work = Path(tempfile.mkdtemp(prefix="smtp-bench.", dir=bench.root))
     tools = compile_tools(work)
     if tools is None or shutil.which("tcpserver") is None:
-        bench.row("SMTP server benchmarks", "n/a", "n/a", None, "needs gcc, tcpserver", None)
+        bench.row(
+            what="SMTP server benchmarks",
+            ours="n/a",
+            reference="n/a",
+            ratio=None,
+            target="needs gcc, tcpserver",
+            met=None,
+        )
         return
     client, qq = tools
     servers = Servers(work, qq, reference, reference_dir)
@@ -260,49 +339,107 @@ def run(bench, reference: str | None, reference_dir: str | None, seconds: float 
                 met = None if ratio is None else ratio >= (1.5 if not databytes else 1.0)
             else:
                 target, met = "", None
-            bench.row(f"sessions/s, {name}, {label} (vs {ref_name})", f"{ours['rate']:.0f}",
-                      f"{ref['rate']:.0f}" if ref else "n/a", ratio, target, met)
-            p99_met = None if ref is None or kind != "listen" or conc < 20 else \
-                ours["p99"] <= ref["p99"]
-            bench.row(f"  p50 / p99 ms, {name}, {label}",
-                      f"{ours['p50']:.1f} / {ours['p99']:.1f}",
-                      f"{ref['p50']:.1f} / {ref['p99']:.1f}" if ref else "n/a", None,
-                      "p99 <= C" if p99_met is not None else "", p99_met)
-            bench.row(f"  server CPU per session, {name}, {label}",
-                      f"{ours['server_cpu'] * 1000:.2f} ms",
-                      f"{ref['server_cpu'] * 1000:.2f} ms" if ref else "n/a",
-                      ours["server_cpu"] / ref["server_cpu"] if ref and ref["server_cpu"] else None,
-                      "", None)
-            bench.row(f"  load client CPU, {name}, {label}", f"{ours['client_cpu']:.2f} s",
-                      f"{ref['client_cpu']:.2f} s" if ref else "n/a", None, "", None)
+            bench.row(
+                what=f"sessions/s, {name}, {label} (vs {ref_name})",
+                ours=f"{ours['rate']:.0f}",
+                reference=f"{ref['rate']:.0f}" if ref else "n/a",
+                ratio=ratio,
+                target=target,
+                met=met,
+            )
+            p99_met = (
+                None if ref is None or kind != "listen" or conc < 20 else ours["p99"] <= ref["p99"]
+            )
+            bench.row(
+                what=f"  p50 / p99 ms, {name}, {label}",
+                ours=f"{ours['p50']:.1f} / {ours['p99']:.1f}",
+                reference=f"{ref['p50']:.1f} / {ref['p99']:.1f}" if ref else "n/a",
+                ratio=None,
+                target="p99 <= C" if p99_met is not None else "",
+                met=p99_met,
+            )
+            bench.row(
+                what=f"  server CPU per session, {name}, {label}",
+                ours=f"{ours['server_cpu'] * 1000:.2f} ms",
+                reference=f"{ref['server_cpu'] * 1000:.2f} ms" if ref else "n/a",
+                ratio=ours["server_cpu"] / ref["server_cpu"] if ref and ref["server_cpu"] else None,
+                target="",
+                met=None,
+            )
+            bench.row(
+                what=f"  load client CPU, {name}, {label}",
+                ours=f"{ours['client_cpu']:.2f} s",
+                reference=f"{ref['client_cpu']:.2f} s" if ref else "n/a",
+                ratio=None,
+                target="",
+                met=None,
+            )
     # --metrics, scraped every second, against the same server without it
     plain = measure(servers, "listen", client, 20, seconds)
     scraped = measure(servers, "listen", client, 20, seconds, metrics=True)
     ratio = scraped["rate"] / plain["rate"]
-    bench.row("sessions/s, --listen, c=20, --metrics scraped every 1 s (vs without)",
-              f"{scraped['rate']:.0f}", f"{plain['rate']:.0f}", ratio, ">= 0.95x",
-              ratio >= 0.95)
+    bench.row(
+        what="sessions/s, --listen, c=20, --metrics scraped every 1 s (vs without)",
+        ours=f"{scraped['rate']:.0f}",
+        reference=f"{plain['rate']:.0f}",
+        ratio=ratio,
+        target=">= 0.95x",
+        met=ratio >= 0.95,
+    )
     # STARTTLS: the same session after a handshake (a 2048-bit RSA certificate)
     openssl = shutil.which("openssl")
     if openssl:
         d = work / "tls"
         d.mkdir()
-        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                        "-subj", "/CN=mx.example.com", "-keyout", str(d / "k.pem"),
-                        "-out", str(d / "c.pem")], check=True, capture_output=True)
+        subprocess.run(
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=mx.example.com",
+                "-keyout",
+                str(d / "k.pem"),
+                "-out",
+                str(d / "c.pem"),
+            ],
+            check=True,
+            capture_output=True,
+        )
         (servers.ours_dir / "control/servercert.pem").write_bytes(
-            (d / "c.pem").read_bytes() + (d / "k.pem").read_bytes())
+            (d / "c.pem").read_bytes() + (d / "k.pem").read_bytes()
+        )
         plain = measure(servers, "listen", client, 20, seconds)
         tls = measure(servers, "listen", client, 20, seconds, tls=True)
-        bench.row("sessions/s, --listen, c=20, STARTTLS (vs the same without TLS)",
-                  f"{tls['rate']:.0f}", f"{plain['rate']:.0f}", tls["rate"] / plain["rate"],
-                  "", None)
-        bench.row("  p50 / p99 ms, --listen, c=20, STARTTLS",
-                  f"{tls['p50']:.1f} / {tls['p99']:.1f}",
-                  f"{plain['p50']:.1f} / {plain['p99']:.1f}", None, "", None)
+        bench.row(
+            what="sessions/s, --listen, c=20, STARTTLS (vs the same without TLS)",
+            ours=f"{tls['rate']:.0f}",
+            reference=f"{plain['rate']:.0f}",
+            ratio=tls["rate"] / plain["rate"],
+            target="",
+            met=None,
+        )
+        bench.row(
+            what="  p50 / p99 ms, --listen, c=20, STARTTLS",
+            ours=f"{tls['p50']:.1f} / {tls['p99']:.1f}",
+            reference=f"{plain['p50']:.1f} / {plain['p99']:.1f}",
+            ratio=None,
+            target="",
+            met=None,
+        )
         (servers.ours_dir / "control/servercert.pem").unlink()
     ours_rss = idle_rss(servers, "listen")
     ref_rss = idle_rss(servers, "c")
-    bench.row("RSS of the whole server, 1,000 idle connections (--listen vs C)",
-              f"{ours_rss // 1024} MB", f"{ref_rss // 1024} MB" if ref_rss else "n/a",
-              ours_rss / ref_rss if ref_rss else None, "<= 100 MB", ours_rss <= 100 * 1024)
+    bench.row(
+        what="RSS of the whole server, 1,000 idle connections (--listen vs C)",
+        ours=f"{ours_rss // 1024} MB",
+        reference=f"{ref_rss // 1024} MB" if ref_rss else "n/a",
+        ratio=ours_rss / ref_rss if ref_rss else None,
+        target="<= 100 MB",
+        met=ours_rss <= 100 * 1024,
+    )

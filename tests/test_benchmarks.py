@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import need
+from helpers.tools import need
 
 ROOT = Path(__file__).resolve().parent.parent
 

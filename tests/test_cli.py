@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import Tree, need, script
+from helpers.tools import need, script
+
+from helpers.tree import Tree
 
 
 def small(tree: Tree) -> None:

@@ -12,8 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, Tree, need, script
-from daemon_helpers import ROOT, Running, keys_of, setup_tree, wait_for, without_dac_override
+from helpers.tools import need, script, BIN
+
+from helpers.tree import Tree
+from helpers.daemon import without_dac_override, Running
+from helpers.tools import ROOT
+from helpers.tree import keys_of, setup_tree
+from helpers.wait import wait_for
 
 @pytest.fixture
 def running(tree: Tree):

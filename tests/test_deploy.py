@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CI, need
-from smtp_helpers import free_port
+from helpers.tools import need, CI
+from helpers.net import free_port
 
 HERE = Path(__file__).resolve().parent
 TOP = HERE.parent
@@ -45,7 +45,7 @@ def test_the_readme_deploy_block_as_written(tmp_path: Path):
     (qmail / "users/assign").write_text(".\n")
     newu = qmail / "bin/qmail-newu"                # a stand-in: writes users/cdb as qmail does
     newu.write_text(f"#!{sys.executable}\nimport sys\nfrom pathlib import Path\n"
-                    f"sys.path.insert(0, {str(HERE)!r})\nfrom conftest import newu\n"
+                    f"sys.path.insert(0, {str(HERE)!r})\nfrom helpers.tree import newu\n"
                     f"newu(Path({str(qmail)!r}))\n")
     newu.chmod(0o755)
     for p in [tmp_path, *tmp_path.parents]:        # nobody (SMTPD_USER) walks down to it

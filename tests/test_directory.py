@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Tree, need
-from smtp_helpers import free_port
+from helpers.tools import need
+
+from helpers.tree import Tree
+from helpers.net import free_port
 
 PASSWORD = "Sekrit-Pw-42"
 

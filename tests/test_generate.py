@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 
-from daemon_helpers import without_dac_override
-from conftest import Tree, need
+from helpers.daemon import without_dac_override
+from helpers.tools import need
+from helpers.tree import Tree
 
 
 def base(tree: Tree, rcpthosts: str, locals_: str = "", vd: str = "", sr: str = "") -> None:

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, CI, Tree, need, script
-from daemon_helpers import ROOT, keys_of, setup_tree, wait_for
+from helpers.tools import need, script, BIN, CI
+
+from helpers.tree import Tree
+from helpers.tools import ROOT
+from helpers.tree import keys_of, setup_tree
+from helpers.wait import wait_for
 
 MALLORY = 4321                   # an unprivileged local user with no group in common
 

@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import script
+from helpers.tools import script
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-z])\b")

@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import Tree, newu
-from daemon_helpers import ROOT, Running, keys_of, wait_for
+from helpers.tree import newu, Tree
+from helpers.daemon import Running
+from helpers.tools import ROOT
+from helpers.tree import keys_of
+from helpers.wait import wait_for
 
 VPOP = ["v0.example", "v1.example", "v2.example"]
 ALIAS = "a0.example"                      # a vpopmail alias domain of v0.example

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
-from conftest import Tree, need, script
+from helpers.tools import need, script
+
+from helpers.tree import Tree
 from updater.gate import gate
 
 

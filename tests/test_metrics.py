@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
-from smtp_helpers import Server, children, free_port, greeted, smtp_tree
+from helpers.tools import need
+from helpers.net import free_port
+from helpers.smtp_client import children, greeted, smtp_tree, Server
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -192,7 +193,7 @@ def test_every_counter_moves_by_exactly_what_happened(tmp_path: Path):
 
 
 def test_a_metrics_address_in_use_fails_at_start():
-    from conftest import script
+    from helpers.tools import script
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -211,7 +212,7 @@ def _no_proxy(monkeypatch):
 
 def test_report_on_a_captured_multilog_file(tmp_path: Path):
     """The server's stderr through the real multilog; then `qmail-updater report`."""
-    from conftest import script
+    from helpers.tools import script
     env = {**smtp_tree(tmp_path), "VALIDRCPTTO_LIMIT": "3"}
     logdir = tmp_path / "log"
     port = free_port()
@@ -258,7 +259,7 @@ def test_tcpserver_mode_keeps_a_textfile(tmp_path: Path):
     totals kept beside the textfile, which node-exporter's textfile collector reads."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from conftest import script
+    from helpers.tools import script
     env = smtp_tree(tmp_path)
     textfile = tmp_path / "validrcptto_smtpd.prom"
     port = free_port()

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CI, need, script
-from smtp_helpers import RCPTHOSTS, T1, free_port, make_cdb
+from helpers.tools import need, script, CI
+from helpers.net import free_port
+from helpers.smtp_client import make_cdb, RCPTHOSTS, T1
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not CI, reason="Postfix starts as root")
 
@@ -255,7 +256,7 @@ def test_shipped_service_dir_under_svscan(qdir, tmp_path):
     svscan, svc = need("svscan"), need("svc")
     need("envdir")
     need("multilog")
-    from conftest import BIN
+    from helpers.tools import BIN
     services = tmp_path / "services"
     svcdir = services / "validrcptto-policyd"
     shutil.copytree(Path(__file__).resolve().parent.parent / "service/validrcptto-policyd",

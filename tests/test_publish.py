@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, Tree, need, script
-from daemon_helpers import ROOT, keys_of, setup_tree, wait_for
+from helpers.tools import need, script, BIN
+
+from helpers.tree import Tree
+from helpers.tools import ROOT
+from helpers.tree import keys_of, setup_tree
+from helpers.wait import wait_for
 
 
 def free_port() -> int:

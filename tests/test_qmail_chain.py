@@ -38,7 +38,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import CI, Tree, low, need, newu
+from helpers.tools import need, CI
+
+from helpers.tree import low, newu, Tree
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = int(os.environ.get("QMAIL_CHAIN_EXAMPLES", "200"))

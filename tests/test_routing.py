@@ -19,7 +19,9 @@ import cdbx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import CI, Tree, low, newu
+from helpers.tools import CI
+
+from helpers.tree import low, newu, Tree
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT and not CI, reason="chown needs root")

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, CI, need, script
-from smtp_helpers import T1, Client, Server, free_port, make_cdb, smtp_tree
+from helpers.tools import need, script, BIN, CI
+from helpers.net import free_port
+from helpers.smtp_client import make_cdb, smtp_tree, Client, Server, T1
 
 ROOT = Path(__file__).resolve().parent.parent
 

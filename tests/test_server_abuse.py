@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need, script
-from smtp_helpers import Server, children, free_port, smtp_tree
+from helpers.tools import need, script
+from helpers.net import free_port
+from helpers.smtp_client import children, smtp_tree, Server
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import CI, script
-from smtp_helpers import QUEUE, make_cdb
+from helpers.tools import script, CI
+from helpers.smtp_client import make_cdb, QUEUE
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import need, script
-from smtp_helpers import T1, free_port, make_cdb, smtp_tree, wait_port
+from helpers.tools import need, script
+from helpers.net import free_port, wait_port
+from helpers.smtp_client import make_cdb, smtp_tree, T1
 
 HEAD = b"EHLO client.example\r\nMAIL FROM:<sender@example.org>\r\n"
 EHLO = (b"220 mx.example.com ESMTP\r\n250-mx.example.com\r\n250-PIPELINING\r\n"

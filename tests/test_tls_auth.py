@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CI, need, script
-from smtp_helpers import free_port, smtp_tree
+from helpers.tools import need, script, CI
+from helpers.net import free_port
+from helpers.smtp_client import smtp_tree
 
 USER, PASSWORD = "vrtauth", "s3cret-Pa55"
 

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Mapping
 
 from ..checker import CdbGetter, open_cdb
-from .params import DEFAULT_TIMEOUT, Controls, peer_from_env, policy_from_env, scan_ulong
+from .params import (DEFAULT_TIMEOUT, Controls, Lookup, peer_from_env, policy_from_env,
+                     scan_ulong)
 from .session import Session
 
-Getter = Callable[[bytes], "bytes | None"]
 READ_MAX = 4 * 1024 * 1024        # no control file qmail-smtpd reads is anywhere near this
 
 
@@ -130,8 +130,8 @@ def with_databytes(value: int, env: Mapping[str, str]) -> int:
     return value - 1 if value == 0xFFFFFFFF else value
 
 
-def open_session(controls: Controls, env: Mapping[str, str], validrcptto: Getter | None,
-                 more: Getter | None, ipme: Callable[[tuple[int, int, int, int]], bool],
+def open_session(controls: Controls, env: Mapping[str, str], validrcptto: Lookup | None,
+                 more: Lookup | None, ipme: Callable[[tuple[int, int, int, int]], bool],
                  tls: bool, auth: bool) -> Session:
     """One connection's session, the same for both front ends: the controls (with
     DATABYTES applied), the peer and policy from the environment, the lookups, the

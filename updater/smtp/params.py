@@ -5,7 +5,7 @@ connection's tcpserver environment (``Peer``) and the per-connection policy
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .events import _Record
 
@@ -14,6 +14,7 @@ COMMAND_LINE_MAX = 4096          # qmail-smtpd has no cap; longer lines get R_TO
 DEFAULT_TIMEOUT = 1200
 DEFAULT_LIMIT = 10
 TRY_LOG_MAX = 10                 # "trying:" lines per RCPT at VALIDRCPTTO_LOG=2
+Lookup = Callable[[bytes], "bytes | None"]   # a cdb's get(key)
 BATCH = 256                      # command lines per call (each reply is < 1 KiB)
 
 

@@ -17,7 +17,7 @@ from .addresses import addrparse, badmailfrom, rcpthosts_allows, validrcptto
 from .events import (AUTH, CALLBACKS, Event, COMMAND, DATA, DONE, QUEUE_CLOSING, QUEUE_OPENING,
                      TLS_STARTING, Close, Log, ProtocolError, QueueAbort, QueueOpen, Reply,
                      StartTls, _READING, _READING_LINES)
-from .params import BATCH, COMMAND_LINE_MAX, Controls, Peer, Policy
+from .params import BATCH, COMMAND_LINE_MAX, Controls, Lookup, Peer, Policy
 from .replies import (R_BMF, R_HELP, R_MAILFIRST, R_MAXRCPT, R_NOGATEWAY, R_NOTVALID, R_QQT,
                       R_RCPTFIRST, R_SYNTAX, R_TIMEOUT, R_TLS_AGAIN, R_TLS_PIPELINED,
                       R_TLS_READY, R_TOOLONG, R_TOOMANY, R_UNIMPL)
@@ -25,14 +25,12 @@ from .replies import (R_BMF, R_HELP, R_MAILFIRST, R_MAXRCPT, R_NOGATEWAY, R_NOTV
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
     from .blast import DataDecoder
 
 
 class Session:
     def __init__(self, controls: Controls, peer: Peer, policy: Policy | None = None, *,
-                 validrcptto: Callable[[bytes], bytes | None] | None = None,
-                 morercpthosts: Callable[[bytes], bytes | None] | None = None,
+                 validrcptto: Lookup | None = None, morercpthosts: Lookup | None = None,
                  ipme: Callable[[tuple[int, int, int, int]], bool] | None = None,
                  clock: Callable[[], float], monotonic: Callable[[], float] | None = None):
         self.c, self.peer, self.policy = controls, peer, policy or Policy()
