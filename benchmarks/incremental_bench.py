@@ -120,13 +120,14 @@ def run(bench) -> None:
             keys.append(f"{name}@{domain}".encode())
             time.sleep(max(0.0, started + (i + 1) / 100 - time.perf_counter()))
         last = time.perf_counter()
-        wait(
-            lambda: has_key(cdb, keys[-1]) and all(has_key(cdb, k) for k in keys[::50]),
-            60,
-            "the burst",
-        )
+
+        def last_live() -> bool:  # polled gently: the daemon shares the two CPUs
+            time.sleep(0.008)
+            return has_key(cdb, keys[-1])
+
+        wait(last_live, 60, "the burst")
         lag = time.perf_counter() - last
-        missing = sum(1 for k in keys if not has_key(cdb, k))
+        missing = sum(1 for k in keys if not has_key(cdb, k))  # none, when the last is
         time.sleep(4)  # the watch events' trailing build, if any
         builds = read_json(status)["builds"] - before
         bench.row(

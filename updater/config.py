@@ -159,7 +159,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("target_quiet", "UPDATER_TARGET_QUIET", _float, 0.05,
         "quiet period of a request naming a mailbox or alias being added (vpopmail's "
         "add_user, valias_insert, ...); removals wait UPDATER_QUIET", group="daemon"),
-    Opt("target_interval", "UPDATER_TARGET_INTERVAL", _float, 1.0,
+    Opt("target_interval", "UPDATER_TARGET_INTERVAL", _float, 0.5,
         "seconds from the end of a build to the next incremental one (at least the last "
         "build's own duration): bursts coalesce, the daemon is never busy more than half "
         "the time", group="daemon"),
@@ -243,7 +243,7 @@ class Settings:
     max_delay: float = 30.0
     incremental: bool = True
     target_quiet: float = 0.05
-    target_interval: float = 1.0
+    target_interval: float = 0.5
     interval: float = 3600.0
     retry_min: float = 10.0
     retry_max: float = 600.0

@@ -45,7 +45,7 @@ class Daemon:
                                                      settings.target_quiet),
                                   fast_floor=settings.target_interval)
         self.snapshot: Any = None            # what an incremental build starts from
-        self.last_end: float | None = None   # when the last build with fast requests ended
+        self.last_end: float | None = None   # when the last incremental build ended
         self.last_seconds = 0.0              # and how long it took
         self.incremental_builds = 0
         self.stop_event = threading.Event()
@@ -160,8 +160,7 @@ class Daemon:
         self.snapshot = snap
         return report, None
 
-    def build(self, reasons: list[str], domains: set[str] | None = None,
-              fast: bool = False) -> None:
+    def build(self, reasons: list[str], domains: set[str] | None = None) -> None:
         started = time.time()
         self.build_started = time.monotonic()
         self.builds += 1
@@ -186,7 +185,7 @@ class Daemon:
             record["last_error"] = record["error"]
         self.status = record
         ended = time.monotonic()
-        if fast:                                 # the floor between additions' builds
+        if redone is not None:                   # the floor between incremental builds
             self.last_end, self.last_seconds = ended, ended - self.build_started
         if redone is None:
             self.last_build = ended              # the safety net counts from full builds
@@ -341,8 +340,7 @@ class Daemon:
             if quiet is not None and snap is not None and not quiet & snap.inputs.changed():
                 self.debounce.settle(now, quiet)   # the files are what the list says
                 return
-            fast = self.debounce.fast_due_by(now)
-            self.build(*self.debounce.take_targeted(now), fast=fast)
+            self.build(*self.debounce.take_targeted(now))
         elif self.retry_at is not None and self.retry_at <= now:
             self.build([f"retry {self.failures}"])
         elif self.s.interval > 0 and self.last_build + self.s.interval <= now:

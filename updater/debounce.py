@@ -24,10 +24,10 @@ class Debouncer:
     one (an addition) is due ``fast_quiet`` after the last fast request, at most
     ``fast_max_delay`` after the first; a slow one (a removal, which vpopmail may report
     before making it, or a watched file's change) waits ``quiet`` / ``max_delay`` like a
-    full build.  After a build that applied fast requests, the next targeted build
-    waits ``fast_floor`` seconds, or as long as that build took if longer, from its end:
-    a burst coalesces into about one build a second, which keeps the daemon busy at most
-    half of the time, while a lone addition is applied at once.  A slow request from a
+    full build.  After an incremental build, the next one waits ``fast_floor`` seconds,
+    or as long as that build took if longer, from its end: a burst coalesces into a build
+    every second or so, which keeps the daemon busy at most half of the time, while a
+    lone addition is applied at once.  A slow request from a
     watched file is settled by any build that starts after it and redoes its domain (a
     later write makes a new event); a pending full build includes every targeted
     request."""
@@ -89,7 +89,7 @@ class Debouncer:
             last_seconds: float = 0.0) -> float | None:
         """The time the pending build is due, or None when nothing is pending
         (``last_build``: when the previous build started; ``last_end``: when the last
-        build that applied fast requests ended, ``last_seconds``: how long it took)."""
+        incremental build ended, ``last_seconds``: how long it took)."""
         full = self.full_due(last_build)
         targeted = self.targeted_due(last_end, last_seconds)
         if full is None or targeted is None:
@@ -164,11 +164,6 @@ class Debouncer:
         else:
             self.t_reasons = []
         return reasons, domains
-
-    def fast_due_by(self, now: float) -> bool:
-        """Whether fast requests are due at ``now``."""
-        due = self._fast_due()
-        return due is not None and due <= now
 
     def settling(self, now: float) -> set[str] | None:
         """When what is due now is only watched-file requests (each answered by the

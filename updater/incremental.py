@@ -38,7 +38,7 @@ from .cdbdiff import Changes
 from .install import Report, install_delta
 from .qmail import ENCODING, ERRORS
 
-MAX_DOMAINS = 200       # more changed domains than this: a full build is as cheap
+MAX_DOMAINS = 200       # more changed domains than this and than half of all: a full build
 SPLICE_LIMIT = 64       # up to this many added + removed keys: insert/delete in place
 
 
@@ -196,8 +196,8 @@ def build(settings: Settings, snap: Snapshot, named: set[str],
                         seconds=time.monotonic() - started, identity=snap.live,
                         phases={"check": time.monotonic() - started})
         return report, snap, [], set()
-    if len(todo) > MAX_DOMAINS:
-        raise NeedFull(f"{len(todo)} domains to redo")
+    if len(todo) > max(MAX_DOMAINS, len(snap.domains) // 2):
+        raise NeedFull(f"{len(todo)} of {len(snap.domains)} domains to redo")
     checked = time.monotonic()
     tracer = Inputs()
     result = generate(settings, only=frozenset(todo), tracer=tracer)

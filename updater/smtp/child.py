@@ -16,7 +16,6 @@ Without pidfds (Linux < 5.3) the same is done by polling waitpid(WNOHANG).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 
@@ -28,6 +27,7 @@ class Child:
         self.pid = pid
         self.status: int | None = None     # waitpid status once reaped
         self.reaped = False
+        self.watched = False               # its pidfd is registered with an event loop
         try:
             self.pidfd = os.pidfd_open(pid)
         except OSError:
@@ -54,11 +54,24 @@ class Child:
         LIVE.discard(self)
         if self.pidfd != -1:
             fd, self.pidfd = self.pidfd, -1
-            try:
-                asyncio.get_running_loop().remove_reader(fd)
-            except (RuntimeError, ValueError, OSError):
-                pass
+            if self.watched:
+                import asyncio
+                try:
+                    asyncio.get_running_loop().remove_reader(fd)
+                except (RuntimeError, ValueError, OSError):
+                    pass
             os.close(fd)
+
+    def wait_blocking(self) -> None:
+        """Reap it, waiting as long as it takes (the tcpserver front end: one process
+        per connection, nothing else to do meanwhile)."""
+        if self.reaped:
+            return
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            status = -1
+        self._done(status)
 
     def exit_code(self) -> int | None:
         """qmail's view: the exit code, or None when it was killed by a signal."""
@@ -68,12 +81,14 @@ class Child:
 
     async def wait(self, timeout: float | None = None) -> bool:
         """True once reaped; False when ``timeout`` passed first (still owned)."""
+        import asyncio
         if self.poll():
             return True
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
         if self.pidfd != -1:
             fd = self.pidfd
+            self.watched = True
             def wake() -> None:
                 if not ready.done():
                     ready.set_result(None)
@@ -104,6 +119,7 @@ class Child:
             pass
         if self.poll():
             return
+        import asyncio
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:                # no loop (shutdown): a killed child dies now
@@ -114,6 +130,7 @@ class Child:
             self._done(status)
             return
         if self.pidfd != -1:
+            self.watched = True
             loop.add_reader(self.pidfd, self.poll)
         else:
             def again() -> None:

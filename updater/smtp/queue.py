@@ -2,58 +2,78 @@
 it arrives, the envelope on fd 1 at the end, the exit status mapped by the session
 (``session.qq_reply``).  No temporary files; memory is one pipe buffer.
 
-``QueueProcess`` blocks (for the tcpserver front end, one process per connection);
-``AsyncQueue`` drives the same pipes from the ``--listen`` server's event loop (asyncio
-is imported only there).
+Both front ends start it with ``launch``; ``QueueProcess`` then blocks (the tcpserver
+front end, one process per connection), ``AsyncQueue`` drives the same pipes from the
+``--listen`` server's event loop (asyncio is imported only there).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from .child import Child, spawn
 
-TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
-if TYPE_CHECKING:
-    import subprocess
+
+
+def launch(program: str, qmail_dir: str, env: Mapping[str, str]
+           ) -> tuple[Child | None, int, int, int | None]:
+    """qmail-queue started the one way both front ends start it: posix_spawn (no fork of
+    a big process, no helper thread, no subprocess import), fd 0 and 1 pipes whose write
+    ends we keep, run in QMAIL_DIR (posix_spawn cannot chdir: this process moves there
+    first).  Returns (the child or None, message fd, envelope fd, the exit status qmail
+    gives a start that failed: 61 when QMAIL_DIR cannot be entered, 120 when the exec
+    fails).  Raises OSError when there are no pipes (qmail's ``qqt failure``)."""
+    m_r, m_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        e_r, e_w = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        os.close(m_r)
+        os.close(m_w)
+        raise
+    child, status = None, None
+    try:
+        if os.getcwd() != qmail_dir:
+            os.chdir(qmail_dir)
+        child = spawn(program, [program], dict(env),
+                      [(os.POSIX_SPAWN_DUP2, m_r, 0), (os.POSIX_SPAWN_DUP2, e_r, 1)])
+    except OSError as err:
+        status = 61 if err.filename == qmail_dir else 120
+    finally:
+        os.close(m_r)
+        os.close(e_r)
+    return child, m_w, e_w, status
 
 
 class QueueProcess:
-    """One qmail-queue run.  ``start`` never raises: a program that cannot be started
-    behaves like qmail's child that _exit(120)s (``unable to exec qq``), a qmail home
-    that cannot be entered like _exit(61)."""
+    """One qmail-queue run, blocking.  ``start`` never raises: a program that cannot be
+    started behaves like qmail's child that _exit(120)s (``unable to exec qq``), a qmail
+    home that cannot be entered like _exit(61)."""
 
     def __init__(self, program: str, qmail_dir: str):
         self.program, self.qmail_dir = program, qmail_dir
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: Child | None = None
         self.msg_fd = self.env_fd = -1
         self.status: int | None = 0
         self.write_failed = False
 
     def start(self) -> int | None:
-        """Start it; returns its pid (the ``qp``), or None if no pipe/process at all
-        (qmail's ``qqt failure``)."""
-        import subprocess
+        """Start it; returns its pid (the ``qp``), or None if no pipe at all (qmail's
+        ``qqt failure``)."""
         try:
-            m_r, m_w = os.pipe2(os.O_CLOEXEC)
-            e_r, e_w = os.pipe2(os.O_CLOEXEC)
+            self.child, self.msg_fd, self.env_fd, failed = \
+                launch(self.program, self.qmail_dir, os.environ)
         except OSError:
             return None
-        try:
-            self.proc = subprocess.Popen([self.program], stdin=m_r, stdout=e_r,
-                                         cwd=self.qmail_dir, close_fds=True)
-        except OSError as err:
-            import errno
-            self.status = 61 if err.filename == self.qmail_dir and \
-                err.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR) else 120
-        finally:
-            os.close(m_r)
-            os.close(e_r)
-        self.msg_fd, self.env_fd = m_w, e_w
-        return self.proc.pid if self.proc is not None else os.getpid()
+        if self.child is None:
+            self.status = failed
+            self._close_fd("msg_fd")
+            self._close_fd("env_fd")
+            return os.getpid()
+        return self.child.pid
 
     def _write(self, fd: int, data: bytes) -> None:
-        if self.write_failed or self.proc is None:
+        if self.write_failed or self.child is None:
             self.write_failed = True
             return
         view = memoryview(data)
@@ -73,18 +93,18 @@ class QueueProcess:
         if envelope is not None:
             self._write(self.env_fd, envelope)
         self._close_fd("env_fd")
-        if self.proc is None:
+        if self.child is None:
             return self.status, self.write_failed
-        code = self.proc.wait()
-        return (None if code < 0 else code), self.write_failed
+        self.child.wait_blocking()
+        return self.child.exit_code(), self.write_failed
 
     def abort(self) -> None:
         """The client is gone mid-message: close both pipes (qmail-queue sees a message
         without envelope and gives up) and reap it."""
         self._close_fd("msg_fd")
         self._close_fd("env_fd")
-        if self.proc is not None:
-            self.proc.wait()
+        if self.child is not None:
+            self.child.wait_blocking()
 
     def _close_fd(self, name: str) -> None:
         fd = getattr(self, name)
@@ -139,24 +159,12 @@ class AsyncQueue:
 
     async def start(self) -> int | None:
         try:
-            m_r, self.msg_w = os.pipe2(os.O_CLOEXEC)
-            e_r, self.env_w = os.pipe2(os.O_CLOEXEC)
+            self.child, self.msg_w, self.env_w, failed = \
+                launch(self.program, self.qmail_dir, self.env)
         except OSError:
-            self._close_pipes()
             return None
-        try:
-            # qmail-queue runs in QMAIL_DIR, which is the server's working directory
-            # (posix_spawn cannot chdir); qmail: chdir failing is 61, exec failing 120
-            if os.getcwd() != self.qmail_dir:
-                os.chdir(self.qmail_dir)
-            self.child = spawn(self.program, [self.program], self.env,
-                               [(os.POSIX_SPAWN_DUP2, m_r, 0), (os.POSIX_SPAWN_DUP2, e_r, 1)])
-        except OSError as err:
-            self.status = 61 if err.filename == self.qmail_dir else 120
-        finally:
-            os.close(m_r)
-            os.close(e_r)
         if self.child is None:
+            self.status = failed
             self._close_pipes()
             return os.getpid()
         return self.child.pid
