@@ -31,8 +31,8 @@ def builds(bench: Bench) -> None:
             ours=fmt_s(t),
             reference=fmt_s(ref),
             ratio=t / ref,
-            target="<= 1.0x" if big else "",
-            met=(t / ref <= 1.0) if big else None,
+            target="<= 0.6x" if big else "",  # issue 21: a cold build stays this cheap
+            met=(t / ref <= 0.6) if big else None,
         )
     n = bench.sizes[-1]
     env = bench.tree(n)
