@@ -34,13 +34,16 @@ from .metrics import Metrics
 from .options import Options, parse_args, parse_listen
 from .worker import run_worker
 
+LISTEN_BACKLOG = 1024       # the kernel's queue of connections not accepted yet
+RESTART_PAUSE = 0.5         # seconds before a dead worker is replaced
+
 __all__ = ["Options", "parse_args", "main", "drop_privileges"]
 
 
 def bind(opts: Options, reuse_port: bool) -> socket.socket:
     from ..netsock import listen_tcp
     host, port = parse_listen(opts.listen or "")
-    return listen_tcp(host, port, 1024, reuse_port=reuse_port)
+    return listen_tcp(host, port, LISTEN_BACKLOG, reuse_port=reuse_port)
 
 
 def drop_privileges(user: str) -> None:
@@ -106,7 +109,7 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
         if gone is not None and not stopping[0]:
             what = "metrics server" if gone == -1 else "worker"
             log(f"{what} {pid} ended ({status}); starting another")
-            time.sleep(0.5)
+            time.sleep(RESTART_PAUSE)
             start(gone)
     log("stopped")
     return 0

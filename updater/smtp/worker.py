@@ -25,6 +25,7 @@ from .queue import AsyncQueue
 
 
 SWEEP = 0.5                 # seconds between checks of the sessions' read deadlines
+OWED_WAIT = 30.0            # after the grace period: seconds for replies owed after a message
 
 
 class Worker:
@@ -158,7 +159,7 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Met
     worker.grace_over = True
     for p in list(worker.sessions):
         p.shut_down()
-    deadline = loop.time() + 30                  # sessions owed a reply after a message
+    deadline = loop.time() + OWED_WAIT           # sessions owed a reply after a message
     while worker.sessions and loop.time() < deadline:
         await asyncio.sleep(0.05)
     for p in list(worker.sessions):
