@@ -246,7 +246,7 @@ def test_debouncer_targeted_rule():
     d.target(100, "add_user a@x", {"x"}, fast=True)
     assert d.due() == pytest.approx(100.05)
     assert d.due(last_build=99, last_end=99.5, last_seconds=0.3) == pytest.approx(100.5)
-    assert d.due(last_end=99.5, last_seconds=2.0) == pytest.approx(101.5)  # half-busy bound
+    assert d.due(last_end=99.5, last_seconds=3.0) == pytest.approx(101.0)  # 2/3-busy bound
     for i in range(50):                              # a burst: at most fast_max_delay
         d.target(100 + i * 0.03, "add_user", {f"d{i}"}, fast=True)
     assert d.due() == pytest.approx(101)

@@ -160,9 +160,9 @@ OPTIONS: tuple[Opt, ...] = (
         "quiet period of a request naming a mailbox or alias being added (vpopmail's "
         "add_user, valias_insert, ...); removals wait UPDATER_QUIET", group="daemon"),
     Opt("target_interval", "UPDATER_TARGET_INTERVAL", _float, 0.5,
-        "seconds from the end of a build to the next incremental one (at least the last "
-        "build's own duration): bursts coalesce, the daemon is never busy more than half "
-        "the time", group="daemon"),
+        "seconds from the end of an incremental build to the next (at least half the "
+        "last one's duration): bursts coalesce, the daemon is never busy more than two "
+        "thirds of the time", group="daemon"),
     Opt("interval", "UPDATER_INTERVAL", _float, 3600.0,
         "seconds between safety-net full builds (0 = never)", group="daemon"),
     Opt("retry_min", "UPDATER_RETRY_MIN", _float, 10.0,

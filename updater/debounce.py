@@ -25,9 +25,9 @@ class Debouncer:
     ``fast_max_delay`` after the first; a slow one (a removal, which vpopmail may report
     before making it, or a watched file's change) waits ``quiet`` / ``max_delay`` like a
     full build.  After an incremental build, the next one waits ``fast_floor`` seconds,
-    or as long as that build took if longer, from its end: a burst coalesces into a build
-    every second or so, which keeps the daemon busy at most half of the time, while a
-    lone addition is applied at once.  A slow request from a
+    or half as long as that build took if longer, from its end: a burst coalesces into a
+    build every second or so, which keeps the daemon busy at most two thirds of the
+    time, while a lone addition is applied at once.  A slow request from a
     watched file is settled by any build that starts after it and redoes its domain (a
     later write makes a new event); a pending full build includes every targeted
     request."""
@@ -124,7 +124,7 @@ class Debouncer:
             return None
         due = min(dues)
         if last_end is not None:
-            due = max(due, last_end + max(self.fast_floor, last_seconds))
+            due = max(due, last_end + max(self.fast_floor, last_seconds / 2))
         return due
 
     def held(self, last_build: float | None = None) -> float | None:
