@@ -382,12 +382,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(111)
     import cdbx  # noqa: F401  (loaded before --user: the installation may be root's)
     if opts.user:
-        from .smtp.master import drop_privileges
-        try:
-            drop_privileges(opts.user)
-        except (KeyError, OSError) as err:
-            sys.stderr.write(f"{PROG}: cannot become {opts.user}: {err}\n")
-            sys.exit(111)
+        from .privileges import become
+        become(opts.user, PROG)
     elif os.geteuid() == 0:
         log("WARNING: running as root without --user")
     try:

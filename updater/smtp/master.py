@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any
 
+from ..privileges import become
 from .anvil import Limits
 from .logline import PROG, log
 from .metrics import Metrics
@@ -37,21 +38,13 @@ from .worker import run_worker
 LISTEN_BACKLOG = 1024       # the kernel's queue of connections not accepted yet
 RESTART_PAUSE = 0.5         # seconds before a dead worker is replaced
 
-__all__ = ["Options", "parse_args", "main", "drop_privileges"]
+__all__ = ["Options", "parse_args", "main"]
 
 
 def bind(opts: Options, reuse_port: bool) -> socket.socket:
     from ..netsock import listen_tcp
     host, port = parse_listen(opts.listen or "")
     return listen_tcp(host, port, LISTEN_BACKLOG, reuse_port=reuse_port)
-
-
-def drop_privileges(user: str) -> None:
-    import pwd
-    pw = pwd.getpwnam(user)
-    os.setgroups([])
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
 
 
 def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
@@ -142,11 +135,7 @@ def main(opts: Options) -> None:
     from . import cdbfile, queue, secure, tcprules  # noqa: F401
     opts.tls = secure.tls_context(opts.qmail_dir, os.environ, log)
     if opts.user:
-        try:
-            drop_privileges(opts.user)
-        except (KeyError, OSError) as err:
-            sys.stderr.write(f"{PROG}: cannot become {opts.user}: {err}\n")
-            sys.exit(111)
+        become(opts.user, PROG)
     if opts.workers == 1:
         if httpd is not None:
             import threading
