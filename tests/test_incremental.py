@@ -291,7 +291,9 @@ def daemon(tmp_path: Path):
 
 def test_new_mailbox_is_live_at_once_and_the_safety_net_agrees(daemon):
     t, start = daemon
-    r = start(UPDATER_QUIET="2", UPDATER_MIN_INTERVAL="30", UPDATER_INTERVAL="6")
+    prom = t.root / "qmail_updater.prom"
+    r = start(UPDATER_QUIET="2", UPDATER_MIN_INTERVAL="30", UPDATER_INTERVAL="6",
+              UPDATER_PROM_FILE=str(prom))
     add_user(t, VPOP[1], "newbie")
     onchange(t, "add_user", f"newbie@{VPOP[1]}")
     wait_for(lambda: "newbie@v1.example" in keys_of(t.cdb), 5, "the new mailbox")
@@ -301,6 +303,11 @@ def test_new_mailbox_is_live_at_once_and_the_safety_net_agrees(daemon):
     shown = t.run("status").stdout
     assert re.search(r"builds: +\d+ since the daemon started, [1-9]\d* of them incremental",
                      shown), shown
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {s.name: s.value for f in text_string_to_metric_families(prom.read_text())
+               for s in f.samples}
+    assert samples["qmail_updater_last_build_incremental"] == 1
+    assert samples["qmail_updater_incremental_builds_total"] >= 1
     add_user(t, VPOP[0], "shared")                 # the alias domain comes along
     onchange(t, "add_user", f"shared@{VPOP[0]}")
     r.wait(r"\+2 -0.*\[incremental: 2 domains: a0.example, v0.example\]")
