@@ -161,36 +161,10 @@ class Servers:
                 "--quiet",
                 *extra,
             ]
-        elif kind == "tcpserver" and self.tcpserver:
-            argv = [
-                self.tcpserver,
-                "-R",
-                "-H",
-                "-l",
-                "mx.example.com",
-                "-c",
-                str(concurrency),
-                "-b",
-                "1000",
-                "127.0.0.1",
-                str(port),
-                self.smtpd,
-            ]
-        elif kind == "c" and self.tcpserver and self.reference:
-            argv = [
-                self.tcpserver,
-                "-R",
-                "-H",
-                "-l",
-                "mx.example.com",
-                "-c",
-                str(concurrency),
-                "-b",
-                "1000",
-                "127.0.0.1",
-                str(port),
-                self.reference,
-            ]
+        elif self.tcpserver and (kind == "tcpserver" or (kind == "c" and self.reference)):
+            program = self.smtpd if kind == "tcpserver" else self.reference
+            argv = [self.tcpserver, "-R", "-H", "-l", "mx.example.com", "-c", str(concurrency),
+                    "-b", "1000", "127.0.0.1", str(port), program]
         else:
             return None
         proc = subprocess.Popen(
