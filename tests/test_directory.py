@@ -85,15 +85,20 @@ INSERT INTO vpopmail (pw_name, pw_domain, pw_passwd, pw_dir, pw_shell) VALUES
   ('ann', 'one.example', 'x', '/d/ann', 'NOQUOTA'),
   ('Bob', 'one.example', 'x', '/d/bob', 'NOQUOTA'),
   ('cat', 'two-b.example', 'x', '/d/cat', 'NOQUOTA'), ('dan', 'elsewhere.example', 'x', '/d', '');
+-- vmoduser -b: BOUNCE_MAIL (0x10) in pw_gid; vdelivermail bounces these accounts' mail
+INSERT INTO vpopmail (pw_name, pw_domain, pw_passwd, pw_gid) VALUES
+  ('locked', 'one.example', 'x', 16), ('locked2', 'two-b.example', 'x', 49);
 CREATE TABLE valias (alias char(32) not null, domain varchar(96) not null,
   valias_line text not null, index (alias, domain));
 INSERT INTO valias VALUES ('info', 'one.example', '&ann@one.example'),
   ('info', 'one.example', '&bob@one.example'), ('help', 'two-b.example', '&cat@two-b.example');
 USE vpopsplit;
-CREATE TABLE one_example (pw_name char(32) not null primary key, pw_passwd varchar(128));
-CREATE TABLE two_b_example (pw_name char(32) not null primary key, pw_passwd varchar(128));
-INSERT INTO one_example VALUES ('split1', 'x'), ('split2', 'x');
-INSERT INTO two_b_example VALUES ('split3', 'x');
+CREATE TABLE one_example (pw_name char(32) not null primary key, pw_passwd varchar(128),
+  pw_gid int);
+CREATE TABLE two_b_example (pw_name char(32) not null primary key, pw_passwd varchar(128),
+  pw_gid int);
+INSERT INTO one_example VALUES ('split1', 'x', 0), ('split2', 'x', NULL), ('splitlock', 'x', 16);
+INSERT INTO two_b_example VALUES ('split3', 'x', 32), ('split4', 'x', 17);
 """)
     yield db
     db.stop()

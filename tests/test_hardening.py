@@ -290,7 +290,7 @@ def test_fifo_group_is_vpopmails_and_the_hook_says_what_happened(tree: Tree, vpo
 def test_a_held_build_is_visible(tree: Tree):
     """A FIFO request for a full build held back by UPDATER_MIN_INTERVAL is logged with
     the time it is held until, and `status` shows it and a live count of the pending
-    requests.  (add_domain changes the domain list: a full build, which the floor holds;
+    requests.  (A line that names no domain asks for a full build, which the floor holds;
     add_user would be a targeted build, which it does not.)"""
     setup_tree(tree)
     fifo = tree.qmail / "control/validrcptto.trigger"
@@ -299,7 +299,7 @@ def test_a_held_build_is_visible(tree: Tree):
         daemon.wait("build (start)")
         for n, who in enumerate(("a", "b"), 1):
             fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            os.write(fd, f"add_domain {who}.example\n".encode())
+            os.write(fd, f"refresh {who}.example\n".encode())
             os.close(fd)
             wait_for(lambda: f"pending:      {n} requests" in tree.run("status").stdout, 5,
                      f"{n} pending in status")
@@ -308,7 +308,7 @@ def test_a_held_build_is_visible(tree: Tree):
         assert re.search(r"held until:   \d\d:\d\d:\d\d \(min-interval\)", shown), shown
         assert not any("build (fifo" in x for x in daemon.lines)
         daemon.proc.send_signal(signal.SIGHUP)         # the admin's "now"
-        daemon.wait("build (fifo: add_domain a.example")
+        daemon.wait("build (fifo: refresh a.example")
         wait_for(lambda: "held until" not in tree.run("status").stdout, 5, "held cleared")
     finally:
         daemon.stop()

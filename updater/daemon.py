@@ -90,7 +90,7 @@ class Daemon:
                 if self.s.incremental else None
             if target is not None:
                 self.request("fifo: " + printable(line[:200]), fifo=True,
-                             extra=("domains", {target[0]}, target[1]))
+                             extra=("domains", set(target[0]), target[1]))
             else:
                 others.append(line)
         if others or not data.strip():

@@ -190,36 +190,45 @@ class Debouncer:
         self.t_count = max(self.t_count, 0)
 
 
-# onchange commands that name one address (vpopmail: "%s@%s"; qmailadmin's mailing
-# lists too), the ones that name a domain whose keys they change; the additions are
-# applied at once, anything else after the quiet period (del_user and valias_delete
-# are reported before the change is made)
+# What vpopmail's onchange lines name.  The hook writes its arguments joined by spaces, so
+# one line reads the same from both versions: 5.4 passes the command and one string
+# (``valias_insert`` ``sales@d - alice@d``), 5.6 the command and three fields, the last
+# empty (``add_user`` ``alice@d`` ``-`` ``''``; ``add_alias_domain`` ``d2`` ``d1`` ``''``).
+# A command whose first argument is an address changes that address's domain; the domain
+# commands name one domain, or two (``add_alias_domain D R``, ``del_domain D alias of R``).
+# Additions are applied at once; removals (``del_user`` and ``valias_delete`` are
+# reported before the change is made) after the quiet period.
 ADDITIONS = re.compile(r"(add|mod)(_.*)?|.*_(insert|add)|add.*")
-DOMAIN_COMMANDS = {"valias_delete_domain"}
+DOMAIN_COMMANDS = {"valias_delete_domain", "add_domain", "del_domain", "add_alias_domain"}
 MAX_DOMAIN = 253
-_DOMAIN = re.compile(r"[a-z0-9._-]+")
+MAX_WORDS = 64
+_DOMAIN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 
-def onchange_target(line: str) -> tuple[str, bool] | None:
-    """(domain, fast) for an onchange request that names the one domain it changes,
-    else None (pure).  ``fast``: an addition, applied without the quiet period."""
-    words = line.split()
-    if words and words[-1] == "after":
+def onchange_target(line: str) -> tuple[frozenset[str], bool] | None:
+    """(domains, fast) for an onchange request that names what it changes, else None
+    (pure).  ``fast``: an addition, applied without the quiet period."""
+    words = line.split(None, MAX_WORDS)
+    if words and words[-1] in ("before", "after"):   # the two-stage variant's last word
         words = words[:-1]
-    if len(words) != 2:
+    if len(words) < 2 or not words[0].replace("_", "").isalpha():
         return None
-    command, arg = words
+    command, first = words[0], words[1]
     if command in DOMAIN_COMMANDS:
-        domain = arg
-    elif "@" in arg and command.replace("_", "").isalpha():
-        domain = arg.rpartition("@")[2]
+        names = [first]
+        if command == "add_alias_domain" and len(words) >= 3:
+            names.append(words[2])                          # D R: the real domain too
+        elif command == "del_domain" and words[2:4] == ["alias", "of"] and len(words) >= 5:
+            names.append(words[4])                          # D alias of R
+    elif "@" in first:
+        names = [first.rpartition("@")[2]]
     else:
         return None
-    domain = domain.translate(_LOWER)
-    if not domain or len(domain) > MAX_DOMAIN or not _DOMAIN.fullmatch(domain):
+    domains = frozenset(n.translate(_LOWER) for n in names)
+    if not all(0 < len(d) <= MAX_DOMAIN and _DOMAIN.fullmatch(d) for d in domains):
         return None
-    fast = command not in DOMAIN_COMMANDS and ADDITIONS.fullmatch(command) is not None
-    return domain, fast
+    fast = command != "valias_delete_domain" and ADDITIONS.fullmatch(command) is not None
+    return domains, fast
 
 
 _LOWER = {c: c + 32 for c in range(65, 91)}

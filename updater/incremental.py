@@ -218,10 +218,12 @@ def build(settings: Settings, snap: Snapshot, named: set[str],
                        snap.bare, snap.globals, inputs, snap.live, snap.builds + 1)
         return report, new, result.warnings, todo
     removed_admin = [k for k in delta.changes.removed if k not in snap.user]
+    added_admin = [k for k in delta.changes.added if k not in delta.user]
     report = install_delta(
         delta.keys, path, rejects=delta.rejects, changes=delta.changes,
         expect=snap.live, users=(len(delta.user), len(snap.user)), old_count=len(snap.keys),
-        removed_admin=removed_admin, new_keys=delta.new_keys, domains=snap.domains,
+        removed_admin=removed_admin, added_admin=added_admin, old_keys=snap.keys,
+        old_rejects=snap.rejects, new_keys=delta.new_keys, domains=snap.domains,
         sources=sources, max_shrink=settings.max_shrink, force=force or settings.force,
         lock_timeout=settings.lock_timeout, stop=stop, started=started)
     report.phases = {**phases, **report.phases}

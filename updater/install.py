@@ -14,14 +14,14 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Set as AbstractSet
+from collections.abc import Callable, Collection, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import atomicfile
 from .cdbdiff import CHUNK, REJECT, Changes, compare_live, record_count
 from .errors import InstallError, InstallRefused
-from .gate import emptied, gate, vanished
+from .gate import accepting_under, emptied, gate, lost, set_getter, sorted_getter, vanished
 from .inputs import Ident, identity
 from .lock import locked
 from .qmail import ENCODING, ERRORS
@@ -235,26 +235,27 @@ def install(keys: list[bytes], path: str, *, rejects: AbstractSet[bytes] = froze
                           identity=identity(path))
         old_count = record_count(live_header(path)) if same is not None else None
         new = present if present is not None else set(keys)
-        if user_keys is None:
-            why = gate(len(keys), old_count, max_shrink, force)
-            if why:
-                raise InstallRefused(why, path)
         diff = compare_live(path, keys, new, rejects, image) if old_count is not None \
             else Changes(list(keys), [], [])
-        removed = diff.removed
+        removed, added = diff.removed, diff.added
+        new_user = old_user = 0
         if user_keys is not None:
             # keys local users make in their own homes never move the gate
             count, is_new_user, is_user = user_keys
             new_user = count()
             removed = [k for k in diff.removed if not is_user(k)]
-            added_user = sum(1 for k in diff.added if is_new_user(k)) if new_user else 0
-            old_user = new_user - added_user + len(diff.removed) - len(removed)
-            why = gate(len(keys) - new_user, None if old_count is None else old_count - old_user,
-                       max_shrink, force, empty=len(keys) == 0,
-                       users=(new_user, old_user))
-            if why:
-                raise InstallRefused(why, path)
-        why = None if force else emptied(removed, new, domains)
+            added = [k for k in diff.added if not is_new_user(k)] if new_user else added
+            old_user = new_user - (len(diff.added) - len(added)) + len(diff.removed) \
+                - len(removed)
+        refused = 0
+        if old_count is not None and not force:
+            refused = len(live_losses(path, removed, diff.changed, added, keys, new, rejects))
+        why = gate(len(keys) - new_user, None if old_count is None else old_count - old_user,
+                   max_shrink, force, empty=len(keys) == 0,
+                   users=(new_user, old_user) if user_keys is not None else None,
+                   refused=refused)
+        if not why and not force:
+            why = emptied(removed, new, domains)
         if not why and not force and sources is not None and removed:
             why = vanished(read_sources(path) or {}, sources, domains)
         if why:
@@ -268,13 +269,34 @@ def install(keys: list[bytes], path: str, *, rejects: AbstractSet[bytes] = froze
                   time.monotonic() - started, size, now)
 
 
+def live_losses(path: str, removed: list[bytes], changed: list[bytes], added: list[bytes],
+                keys: list[bytes], new: Collection[bytes], rejects: AbstractSet[bytes]
+                ) -> list[bytes]:
+    """The changed keys whose addresses the live cdb accepts and the new list refuses
+    (``gate.lost``); the live file is asked through cdbx, a key at a time."""
+    from .checker import open_cdb
+    asked = removed + changed + [k for k in added if k in rejects]
+    if not asked:
+        return []
+    try:
+        live = open_cdb(path)
+    except OSError:
+        return []
+    try:
+        return lost(asked, live, set_getter(new, rejects), accepting_under(keys, rejects))
+    finally:
+        live.close()
+
+
 class LiveChanged(InstallError):
     """The live cdb is not the file an incremental build's delta applies to."""
 
 
 def install_delta(keys: list[bytes], path: str, *, rejects: set[bytes], changes: Changes,
                   expect: Ident | None, users: tuple[int, int], old_count: int,
-                  removed_admin: list[bytes], new_keys: Iterable[bytes],
+                  removed_admin: list[bytes], added_admin: list[bytes],
+                  old_keys: list[bytes], old_rejects: AbstractSet[bytes],
+                  new_keys: Collection[bytes],
                   domains: frozenset[bytes], sources: dict[str, Any], max_shrink: float,
                   force: bool, lock_timeout: float, stop: threading.Event | None = None,
                   started: float | None = None) -> Report:
@@ -282,15 +304,21 @@ def install_delta(keys: list[bytes], path: str, *, rejects: set[bytes], changes:
     file had the identity ``expect``) with ``changes`` applied.  The live file is neither
     read nor compared: the changes are known.  The same gate as ``install``:
     ``users``: (new, old) keys local users control, left out of the shrink count;
-    ``removed_admin``: the removed keys that are not theirs; ``new_keys``: the changed
+    ``removed_admin`` / ``added_admin``: the removed / added keys that are not theirs;
+    ``old_keys`` / ``old_rejects``: the previous list; ``new_keys``: the changed
     domains' keys now (a domain none of them names has lost everything).  Raises
     LiveChanged when someone else replaced the live file since."""
     started = time.monotonic() if started is None else started
     check_target(path)
-    why = gate(len(keys) - users[0], old_count - users[1], max_shrink, force,
-               empty=len(keys) == 0, users=users)
-    if not why and not force:
-        why = emptied(removed_admin, new_keys, domains)
+    why = None
+    if not force:
+        asked = removed_admin + changes.changed + [k for k in added_admin if k in rejects]
+        refused = lost(asked, sorted_getter(old_keys, old_rejects), sorted_getter(keys, rejects),
+                       accepting_under(new_keys, rejects)) if asked else []
+        why = gate(len(keys) - users[0], old_count - users[1], max_shrink, force,
+                   empty=len(keys) == 0, users=users, refused=len(refused))
+        if not why:
+            why = emptied(removed_admin, new_keys, domains)
     with locked(path, lock_timeout, stop):
         check_target(path)
         if expect is None or identity(path) != expect:

@@ -35,6 +35,10 @@ if TYPE_CHECKING:                 # (config imports nothing of ours; sources sta
     from ..config import Settings
 
 
+# vmoduser -b sets BOUNCE_MAIL (0x10) in pw_gid: vdelivermail bounces the account's mail
+UNLOCKED = "(COALESCE(pw_gid, 0) & 16) = 0"
+
+
 @dataclass(frozen=True)
 class Conn:
     host: str
@@ -202,12 +206,14 @@ class MysqlUsers:
         if self.layout == "single":
             if self._single is None:
                 found: dict[str, list[str]] = {}
-                for name, dom in self._query("SELECT pw_name, pw_domain FROM vpopmail"):
+                for name, dom in self._query(
+                        f"SELECT pw_name, pw_domain FROM vpopmail WHERE {UNLOCKED}"):
                     found.setdefault(lower_ascii(dom), []).append(name)
                 self._single = found
             return f"{where} table vpopmail", self._single.get(domain, [])
         table = table_for(domain)
-        rows = [row[0] for row in self._query(f"SELECT pw_name FROM `{table}`", table=table)]
+        rows = [row[0] for row in self._query(
+            f"SELECT pw_name FROM `{table}` WHERE {UNLOCKED}", table=table)]
         if self._missing:
             raise SourceError(f"no table {table} for {domain}", where)
         return f"{where} table {table}", rows

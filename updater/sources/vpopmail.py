@@ -7,6 +7,10 @@ text file, fall back to the cdb, and only when asked (``--vuserinfo``) run
 
 Names are returned as lowercased bytes, checked for white space and control
 characters: at a million addresses, per-line Python work is what a build costs.
+
+A user whose entry carries vpopmail's ``BOUNCE_MAIL`` flag (0x10 in the gid field, set
+by ``vmoduser -b``) is left out: vdelivermail bounces that account's mail ("account is
+locked").  The field is read as vpopmail reads it, with C's ``atoi``.
 """
 
 from __future__ import annotations
@@ -17,10 +21,25 @@ import subprocess
 from collections.abc import Callable
 
 from ..errors import SourceError
-from ..qmail import ENCODING, Unreadable, cdb_keys, read_bytes
+from ..qmail import ENCODING, Unreadable, open_cdb_checked, read_bytes
 
 _NAME = re.compile(rb"\n([^:\n]+):")      # a line's first field, if it has one
 _BAD = re.compile(rb"[\x00-\x20\x7f]")
+BOUNCE_MAIL = 0x10                          # vpopmail.h: vdelivermail bounces the account
+# a line whose gid field (atoi: blanks, a sign, digits) is not zero: only those can carry
+# the flag, so the common line costs the regex engine alone
+_FLAGGED = re.compile(rb"\n([^:\n]+):[^:\n]*:[^:\n]*:[ \t\v\f\r]*([+-]?0*[1-9][0-9]*)")
+_ATOI = re.compile(rb"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+
+
+def atoi(field: bytes) -> int:
+    """C's atoi, as vpopmail reads pw_gid (no digits: 0)."""
+    m = _ATOI.match(field)
+    return int(m.group(1)) if m else 0
+
+
+def locked(gid: int) -> bool:
+    return bool(gid & BOUNCE_MAIL)
 
 
 def parse_vpasswd(data: bytes, path: str) -> list[bytes]:
@@ -32,7 +51,8 @@ def parse_vpasswd(data: bytes, path: str) -> list[bytes]:
     if len(names) != lines or b"\n#" in data:
         _check_lines(data[1:], path)                # blank/comment lines, or an error
         names = [n for n in names if not n.startswith(b"#")]
-    return names
+    gone = {n for n, gid in _FLAGGED.findall(data) if locked(int(gid))}
+    return [n for n in names if n not in gone] if gone else names
 
 
 def _check_lines(data: bytes, path: str) -> None:
@@ -69,7 +89,7 @@ def read_users(domain_dir: str, domain: str, vuserinfo: str | None) -> tuple[str
     if denied is None:
         cdb_path = path + ".cdb"
         try:
-            keys = cdb_keys(cdb_path, raw=True, nofollow=True)
+            keys = vpasswd_cdb_users(cdb_path)
         except SourceError as err:
             if vuserinfo is None or not os.path.exists(cdb_path):
                 raise
@@ -84,6 +104,21 @@ def read_users(domain_dir: str, domain: str, vuserinfo: str | None) -> tuple[str
         assert denied is not None
         raise denied
     return f"vuserinfo -D {domain}", run_vuserinfo(vuserinfo, domain)
+
+
+def vpasswd_cdb_users(path: str) -> list[bytes] | None:
+    """The users of a vpasswd.cdb (key: the name; value: ``pass:uid:gid:...``), the
+    locked ones left out; None when there is no such file."""
+    db = open_cdb_checked(path, nofollow=True)
+    if db is None:
+        return None
+    try:
+        return [k.lower() for k, v in db.items()
+                if not locked(atoi(v.split(b":", 3)[2] if v.count(b":") >= 2 else b""))]
+    except Exception as err:            # corrupt file: cdbx raises its own errors
+        raise SourceError(f"corrupt cdb: {err}", path) from None
+    finally:
+        db.close()
 
 
 def run_vuserinfo(program: str, domain: str) -> list[bytes]:
