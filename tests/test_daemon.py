@@ -399,3 +399,25 @@ def test_status_write_never_follows_a_planted_symlink(tmp_path: Path):
     leftovers = sorted(p.name for p in target.parent.iterdir())
     assert leftovers == sorted([target.name, f"{target.name}.tmp.{os.getpid()}",
                                 f".{target.name}.tmp.{os.getpid()}"])
+
+
+def test_a_live_cdb_deleted_or_replaced_by_hand_is_put_back(tree: Tree, running):
+    """An admin's rm, or another file renamed over the live cdb (or its .sources file):
+    the daemon notices on its own, says why, and reinstalls the list it built."""
+    setup_tree(tree)
+    r = running(UPDATER_QUIET="30", UPDATER_MIN_INTERVAL="60")
+    good = tree.cdb.read_bytes()
+    tree.cdb.unlink()
+    wait_for(lambda: tree.cdb.exists(), 10, "the cdb reinstalled")
+    r.wait(r"build \(the live cdb was deleted\): installed ")
+    assert tree.cdb.read_bytes() == good
+    bogus = tree.cdb.with_name("bogus.tmp")
+    bogus.write_bytes(b"\0" * 2048)                 # a cdb of nothing, renamed into place
+    os.replace(bogus, tree.cdb)
+    r.wait(r"build \(the live cdb was replaced\): installed ")
+    wait_for(lambda: tree.cdb.read_bytes() == good, 10, "the list back")
+    sources = Path(str(tree.cdb) + ".sources")
+    sources.unlink()
+    r.wait(r"build \(its .sources file was deleted\): unchanged ")
+    wait_for(sources.exists, 10, "the .sources file back")
+    assert r.count(r"build failed") == 0

@@ -17,6 +17,7 @@ import pytest
 
 from helpers.tools import need, script, CI
 from helpers.net import free_port
+from helpers.wait import wait_for
 from helpers.smtp_client import make_cdb, RCPTHOSTS, T1
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not CI, reason="Postfix starts as root")
@@ -219,6 +220,68 @@ def test_the_cdb_replaced_during_a_burst(qdir, tmp_path):
             assert policy(s, b"joe@example.com").startswith(b"action=DEFER_IF_PERMIT ")
         with socket.create_connection(("127.0.0.1", pd.port), timeout=10) as s:
             assert socketmap(s, b"joe@example.com").split(b":", 1)[1].startswith(b"TEMP ")
+    finally:
+        assert pd.stop() == 0
+
+
+BROKEN = {"empty": lambda whole: b"", "truncated": lambda whole: whole[:-3],
+          "garbage": lambda whole: bytes(range(256)) * 16, "header": lambda whole: whole[:2048],
+          "no-records": None}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_a_cdb_that_was_never_whole_defers(qdir, broken):
+    """Started on an empty, truncated or garbage cdb, or one with no records (which
+    the installer never writes): a listed address is deferred (DEFER_IF_PERMIT / TEMP),
+    never refused; a whole cdb renamed in later answers at once; a cdb of no records
+    written mid-run is unavailable again."""
+    cdb = qdir / "control/validrcptto.cdb"
+    whole = cdb.read_bytes()
+    if BROKEN[broken] is None:
+        make_cdb(cdb, {})
+    else:
+        cdb.write_bytes(BROKEN[broken](whole))
+    pd = Policyd(qdir)
+    try:
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", pd.port), timeout=10) as s:
+                assert policy(s, b"joe@example.com").startswith(b"action=DEFER_IF_PERMIT ")
+                assert policy(s, b"x@not-ours.test") == b"action=DUNNO\n\n"
+            with socket.create_connection(("127.0.0.1", pd.port), timeout=10) as s:
+                assert socketmap(s, b"joe@example.com").split(b":", 1)[1].startswith(b"TEMP ")
+        make_cdb(cdb, T1)
+        with socket.create_connection(("127.0.0.1", pd.port), timeout=10) as s:
+            assert policy(s, b"joe@example.com") == b"action=DUNNO\n\n"
+            assert policy(s, b"nobody@example.com").startswith(b"action=REJECT")
+            make_cdb(cdb, {})
+            assert policy(s, b"joe@example.com").startswith(b"action=DEFER_IF_PERMIT ")
+            assert policy(s, b"nobody@example.com").startswith(b"action=DEFER_IF_PERMIT ")
+        assert pd.proc.poll() is None
+    finally:
+        assert pd.stop() == 0
+
+
+def test_rcpthosts_changes_are_seen_without_a_signal(qdir):
+    """A domain added to rcpthosts is ours within a second, with no SIGHUP; a list
+    caught mid-write (no final newline yet) keeps the last good copy."""
+    (qdir / "control/rcpthosts").write_text("example.com\n")
+    make_cdb(qdir / "control/validrcptto.cdb", {**T1, b"joe@new.example": b""})
+    pd = Policyd(qdir)
+    try:
+        with socket.create_connection(("127.0.0.1", pd.port), timeout=10) as s:
+            assert policy(s, b"nobody@new.example") == b"action=DUNNO\n\n"       # not ours
+            (qdir / "control/rcpthosts").write_text("example.com\nnew.example\n")
+            wait_for(lambda: policy(s, b"nobody@new.example").startswith(b"action=REJECT"),
+                     5, "the new domain")
+            assert policy(s, b"joe@new.example") == b"action=DUNNO\n\n"
+            hosts = qdir / "control/rcpthosts"
+            hosts.write_text("exam")                # caught mid-write (its mtime kept young)
+            os.utime(hosts, (time.time() + 60, time.time() + 60))
+            wait_for(lambda: policy(s, b"nobody@new.example") and any(
+                "rcpthosts" in x and "being written" in x for x in pd.lines), 5,
+                "the torn file noticed")
+            assert policy(s, b"nobody@new.example").startswith(b"action=REJECT")
+            assert sum("being written" in x for x in pd.lines) == 1
     finally:
         assert pd.stop() == 0
 

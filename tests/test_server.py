@@ -19,6 +19,7 @@ import pytest
 from helpers.tools import need, script, BIN, CI
 from helpers.net import free_port
 from helpers.smtp_client import make_cdb, smtp_tree, Client, Server, T1
+from helpers.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,6 +177,77 @@ def test_cdb_truncated_rewritten_and_replaced_under_fifty_sessions(env, tmp_path
     assert "Traceback" not in srv.log()
 
 
+@pytest.mark.parametrize("broken", ["empty", "truncated", "garbage", "no-records"])
+def test_a_cdb_that_was_never_whole_is_421_not_553(env, tmp_path, broken):
+    """Started on a cdb that was never whole (or has no records, which the installer
+    never writes): every session gets the 421 of unreadable controls, never a 553 for a
+    listed address; a whole cdb renamed in is used by the next session."""
+    cdb = tmp_path / "qmail/control/validrcptto.cdb"
+    whole = cdb.read_bytes()
+    if broken == "no-records":
+        make_cdb(cdb, {})
+    else:
+        cdb.write_bytes({"empty": b"", "truncated": whole[:-5],
+                         "garbage": bytes(range(256)) * 9}[broken])
+    srv = Server(env)
+    try:
+        for _ in range(3):
+            c = srv.connect()
+            assert c.reply() == b"421 unable to read controls (#4.3.0)\r\n"
+            c.close()
+        make_cdb(cdb, T1)
+        c = srv.connect()
+        assert c.reply().startswith(b"220 ")
+        assert c.cmd("HELO x").startswith(b"250")
+        assert c.cmd("MAIL FROM:<a@b.example>") == b"250 ok\r\n"
+        assert c.cmd("RCPT TO:<joe@example.com>") == b"250 ok\r\n"
+        c.close()
+    finally:
+        assert srv.stop() == 0
+    assert srv.log().count("validrcptto.cdb is ") == 1, srv.log()
+
+
+def test_control_files_are_seen_without_a_signal(env, tmp_path):
+    """A domain added to rcpthosts (as vadddomain adds it) is accepted by new sessions
+    within a second, with no SIGHUP; an unreadable control file keeps the last good
+    copy with one log line; a torn one (no final newline yet) too."""
+    control = tmp_path / "qmail/control"
+    make_cdb(control / "validrcptto.cdb", {**T1, b"joe@new.example": b""})
+    srv = Server(env)
+
+    def rcpt(address: str) -> bytes:
+        c = srv.connect()
+        try:
+            assert c.reply().startswith(b"220 ")
+            c.cmd("HELO x")
+            c.cmd("MAIL FROM:<a@b.example>")
+            return c.cmd(f"RCPT TO:<{address}>")
+        finally:
+            c.close()
+    try:
+        assert rcpt("joe@new.example").startswith(b"553 sorry, that domain isn't in my list")
+        hosts = control / "rcpthosts"
+        tmp = control / "rcpthosts.tmp"
+        tmp.write_text(hosts.read_text() + "new.example\n")
+        os.replace(tmp, hosts)
+        wait_for(lambda: rcpt("joe@new.example") == b"250 ok\r\n", 5, "the new domain")
+        assert rcpt("nobody@new.example").startswith(b"553 sorry, this recipient")
+        (control / "databytes").mkdir()                  # unreadable: not a regular file
+        wait_for(lambda: rcpt("joe@new.example") and "cannot read controls" in srv.log(), 5,
+                 "the unreadable file noticed")
+        assert rcpt("joe@new.example") == b"250 ok\r\n"        # the last good copy
+        (control / "databytes").rmdir()
+        hosts.write_text("exam")                         # caught mid-write, still young
+        os.utime(hosts, (time.time() + 60, time.time() + 60))
+        wait_for(lambda: rcpt("joe@new.example") and "being written" in srv.log(), 5,
+                 "the torn file noticed")
+        assert rcpt("joe@new.example") == b"250 ok\r\n"
+        assert srv.log().count("cannot read controls") == 2, srv.log()
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 def test_sigterm_drains_sessions_then_421(env):
@@ -289,14 +361,13 @@ def test_shipped_service_under_supervise_and_svc_h(env, tmp_path):
                 time.sleep(0.1)
         control = Path(env["QMAIL_DIR"]) / "control"
         (control / "smtpgreeting").write_text("changed.example\n")
-        assert greeting() == b"220 mx.example.com ESMTP\r\n"    # controls are cached
-        subprocess.run([svc, "-h", str(svcdir)], check=True)
-        deadline = time.monotonic() + 10            # supervise passes the HUP on
+        deadline = time.monotonic() + 10            # seen without a signal
         while greeting() != b"220 changed.example ESMTP\r\n":
             assert time.monotonic() < deadline, (svcdir / "log/main/current").read_text()
             time.sleep(0.1)
-        assert "SIGHUP: re-reading controls, rules and the TLS certificate" in \
-            (svcdir / "log/main/current").read_text()
+        subprocess.run([svc, "-h", str(svcdir)], check=True)    # supervise passes it on
+        wait_for(lambda: "SIGHUP: re-reading controls, rules and the TLS certificate" in
+                 (svcdir / "log/main/current").read_text(), 10, "the SIGHUP line")
         subprocess.run([tcprules, str(rules), str(rules) + ".tmp"], input=b":deny\n",
                        check=True)
         assert greeting() == b""

@@ -3,6 +3,7 @@ hostile input, and the --listen server picking up a renamed-in cdb."""
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import socket
@@ -147,10 +148,17 @@ def test_switches(env, tmp_path):
     assert converse(unset, data)[0] == ok
     out, _, _ = converse(env, data, VALIDRCPTTO_CDB=str(tmp_path / "nonexistent"))
     assert out == b"421 unable to read controls (#4.3.0)\r\n"
-    (tmp_path / "empty.cdb").write_bytes(b"")
-    out, _, _ = converse(env, data, VALIDRCPTTO_CDB=str(tmp_path / "empty.cdb"))
-    assert out == EHLO + b"553 sorry, this recipient is not in my validrcptto list " \
-                         b"(#5.7.1)\r\n221 mx.example.com\r\n"
+    # a file that was never a whole cdb, or one with no records (which the installer
+    # never writes), is unreadable controls, never "not in my list" (the C patch: 553)
+    whole = make_cdb(tmp_path / "whole.cdb", T1).read_bytes()
+    make_cdb(tmp_path / "none.cdb", {})
+    for name, content in [("empty", b""), ("truncated", whole[:-1]), ("garbage", os.urandom(4096)),
+                          ("header", whole[:2048]), ("none", None)]:
+        path = tmp_path / f"{name}.cdb"
+        if content is not None:
+            path.write_bytes(content)
+        out, _, _ = converse(env, data, VALIDRCPTTO_CDB=str(path))
+        assert out == b"421 unable to read controls (#4.3.0)\r\n", name
     (tmp_path / "qmail/control/rcpthosts").unlink()          # no rcpthosts: all domains
     out, _, _ = converse(env, HEAD + rcpts("joe@anything.example") + b"QUIT\r\n",
                          RELAYCLIENT="")

@@ -85,6 +85,39 @@ class CdbGetter:
             self._db = None
 
 
+def whole(header: bytes, size: int) -> bool:
+    """Whether a cdb's 2048-byte ``header`` is that of a whole file of ``size`` bytes:
+    its 256 hash tables lie after the header and end exactly at the end of the file
+    (the empty file, which cdb tools never write, is not whole either)."""
+    import struct
+    if size < 2048 or len(header) < 2048:
+        return False
+    end = 2048
+    for pos, slots in struct.iter_unpack("<LL", header[:2048]):
+        if pos < 2048 or pos + slots * 8 > size:
+            return False
+        end = max(end, pos + slots * 8)
+    return end == size
+
+
+def records(header: bytes) -> int:
+    """The records of a whole cdb, from its header (two hash slots per record)."""
+    import struct
+    return int(sum(slots for _, slots in struct.iter_unpack("<LL", header[:2048])) // 2)
+
+
+def unusable(fd: int, need_records: bool = True) -> str | None:
+    """Why the cdb open on ``fd`` cannot answer (not a whole cdb, or, with
+    ``need_records``, one with no records, which the installer never writes), or None.
+    A broken file is a temporary failure, never a reason to refuse a listed address."""
+    header = os.pread(fd, 2048, 0)
+    if not whole(header, os.fstat(fd).st_size):
+        return "not a whole cdb"
+    if need_records and records(header) == 0:
+        return "a cdb with no records"
+    return None
+
+
 def open_cdb(path: str) -> CdbGetter:
     """Open the cdb (raises OSError when it cannot be opened at all)."""
     return CdbGetter(os.open(path, os.O_RDONLY))

@@ -22,12 +22,14 @@ from .config import Settings
 from .debounce import Debouncer, onchange_target
 from .errors import UpdaterError
 from .fifo import Reader
-from .install import Report
+from .inputs import Ident, identity
+from .install import Report, sources_path
 from .retry import backoff
 from .textsafe import printable
 from .watch import Watcher
 
 STOP = "stop"
+LIVE_CHECK = 0.25             # seconds between looks at the live cdb and its .sources file
 MAX_FIFO_LINES = 1000         # lines of one FIFO read looked at (the rest: dropped)
 STATUS = "\0status"           # a publish worker's news: rewrite the status file
 Request = tuple[str, bool, bool, Any]     # reason, immediate, fifo, extra
@@ -60,6 +62,10 @@ class Daemon:
         self.status_due: float | None = None        # pending counts not written yet
         self.publisher: Any = None
         cdb = settings.cdb or ""
+        # what the last build left as the live cdb and its .sources file: anything else
+        # there later (an admin's rm, a file copied over it) is put right by a full build
+        self.live: tuple[Ident | None, Ident | None] | None = None
+        self.live_check = 0.0
         if settings.publish:
             from .publish import Publisher, parse_targets
             self.publisher = Publisher(settings, cdb, log,
@@ -197,6 +203,7 @@ class Daemon:
             lines.append(f"cannot write the status file: {err}")
         for line in lines:
             self.log(line)
+        self.live = self.live_files()
         if redone is None:        # an incremental build changes no directory to watch
             self.watcher.start()
 
@@ -232,6 +239,25 @@ class Daemon:
         # every install goes out; so does the first list (a receiver may be stale)
         if self.publisher is not None and (report.status == "installed" or self.builds == 1):
             self.publisher.installed()
+
+    # ---- the live files
+    def live_files(self) -> tuple[Ident | None, Ident | None]:
+        cdb = self.s.cdb or ""
+        return identity(cdb), identity(sources_path(cdb))
+
+    def check_live(self, now: float) -> None:
+        """The live cdb (or its .sources file) is no longer what the last build left
+        there: deleted or replaced by hand.  A full build, at once, says why."""
+        self.live_check = now + LIVE_CHECK
+        if self.live is None:
+            return
+        seen = self.live_files()
+        if seen == self.live:
+            return
+        what = ("the live cdb", "its .sources file")[seen[0] == self.live[0]]
+        how = "deleted" if seen[seen[0] == self.live[0]] is None else "replaced"
+        self.live = seen                         # asked once; a failed build retries
+        self.request(f"{what} was {how}", immediate=True)
 
     # ---- the status file
     def write_status(self) -> None:
@@ -300,7 +326,7 @@ class Daemon:
         now = time.monotonic()
         deadlines = [d for d in (self.debounce.due(self.build_started, self.last_end,
                                                    self.last_seconds), self.retry_at,
-                                 self.status_due) if d is not None]
+                                 self.status_due, self.live_check) if d is not None]
         if self.s.interval > 0:
             deadlines.append(self.last_build + self.s.interval)
         timeout = max(0.0, min(deadlines) - now) if deadlines else 60.0
@@ -329,6 +355,8 @@ class Daemon:
                 self.show_pending(now, reason)
             return
         self.flush_status(now)
+        if self.live_check <= now:
+            self.check_live(now)
         self.watcher.check()
         full = self.debounce.full_due(self.build_started)
         targeted = self.debounce.targeted_due(self.last_end, self.last_seconds)

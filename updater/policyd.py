@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .checker import check
 from .postfix import Answer, Conversation, Reply, Settings
-from .checker import CdbGetter
 from .netsock import listen_tcp
-from .smtp.cdbfile import CdbCache, Ident
+from .smtp.cdbfile import CdbCache
+from .smtp.watched import Watched
 from .smtp.controls import ControlError, morercpthosts_path, readfile
 from .smtp.addresses import rcpthosts_allows
 from .textsafe import escape
@@ -50,54 +50,38 @@ def log(text: str) -> None:
         pass
 
 
+def read_hosts(path: str) -> frozenset[bytes] | None:
+    lines = readfile(path)
+    return None if lines is None else frozenset(x.lower() for x in lines)
+
+
 class Lookup:
-    """address -> Answer, with the cdb snapshot and rcpthosts re-read when they change."""
+    """address -> Answer, with the cdb snapshot, rcpthosts and morercpthosts.cdb read
+    again when they change (rcpthosts: ``Watched``, as validrcptto-smtpd --listen)."""
 
     def __init__(self, cdb: str, qmail_dir: str):
-        self.cdb = CdbCache(cdb, log)
-        self.rcpthosts_path = os.path.join(qmail_dir, "control", "rcpthosts")
+        self.cdb = CdbCache(cdb, log, need_records=True)
+        path = os.path.join(qmail_dir, "control", "rcpthosts")
+        self.hosts = Watched([path], lambda: read_hosts(path), log, "rcpthosts")
         self.more = CdbCache(morercpthosts_path(qmail_dir), log)
-        self.hosts: frozenset[bytes] | None = None
-        self.hosts_ident: Ident | None | tuple[()] = ()       # () : never looked
-        self.hosts_checked = -1e9
-        self.more_getter: CdbGetter | None = None
         self.cdb_path = cdb
 
     def reload(self) -> None:
-        self.hosts_ident = ()
-        self.hosts_checked = -1e9
+        self.hosts.forget()
         self.cdb.forget()
         self.more.forget()
 
-    def _hosts(self) -> frozenset[bytes] | None:
-        now = time.monotonic()            # rcpthosts changes rarely: a stat a second
-        if now < self.hosts_checked + 1.0:
-            return self.hosts
-        self.hosts_checked = now
-        try:
-            st = os.stat(self.rcpthosts_path)
-            ident: Ident | None = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            ident = None
-        if ident != self.hosts_ident:
-            try:
-                lines = readfile(self.rcpthosts_path)
-            except ControlError as err:
-                log(f"cannot read rcpthosts: {err}; keeping the previous list")
-                return self.hosts
-            self.hosts = None if lines is None else frozenset(x.lower() for x in lines)
-            self.hosts_ident = ident
-        return self.hosts
-
     def __call__(self, address: bytes) -> Answer:
-        checked = self.hosts_checked
-        hosts = self._hosts()
-        if hosts is not None and self.hosts_checked != checked:
-            try:                            # morercpthosts.cdb: with rcpthosts, once a second
-                self.more_getter = self.more.current()
-            except OSError:
-                self.more_getter = None
-        more = self.more_getter if hosts is not None else None
+        try:
+            hosts = self.hosts.current()
+            more = None
+            if hosts is not None:
+                try:
+                    more = self.more.current()
+                except FileNotFoundError:
+                    more = None
+        except (ControlError, OSError) as err:
+            return Answer(None, address, unavailable=f"cannot read the controls: {err}")
         if not rcpthosts_allows(address, hosts, more):
             return Answer(None, address)
         try:

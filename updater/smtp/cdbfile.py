@@ -12,36 +12,14 @@ connection, as in qmail-smtpd).
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
-import struct
 from collections.abc import Callable
 
-from ..checker import CdbGetter
+from ..checker import CdbGetter, records, whole as is_whole
 
 
 Ident = tuple[int, int, int, int]          # (dev, inode, size, mtime in ns)
-
-
-def whole_cdb(data: bytes | mmap.mmap) -> bool:
-    """Its 256 hash tables lie after the header and end exactly at the end of the file
-    (the empty file, which cdb tools never write, is not whole either)."""
-    size = len(data)
-    if size < 2048:
-        return False
-    end = 2048
-    for pos, slots in struct.iter_unpack("<LL", data[:2048]):
-        if pos < 2048 or pos + slots * 8 > size:
-            return False
-        end = max(end, pos + slots * 8)
-    return end == size
-
-
-def entries(data: bytes | mmap.mmap) -> int:
-    """The number of records a whole cdb holds (each hash table has two slots per
-    record)."""
-    return int(sum(slots for _, slots in struct.iter_unpack("<LL", data[:2048])) // 2)
 
 
 def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, Ident, bool]:
@@ -65,9 +43,9 @@ def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, Ident, bool]:
             os.lseek(mfd, 0, os.SEEK_SET)
             count = 0
             if copied:
-                with mmap.mmap(mfd, copied, prot=mmap.PROT_READ) as view:
-                    whole = whole_cdb(view)
-                    count = entries(view) if whole else 0
+                header = os.pread(mfd, 2048, 0)
+                whole = is_whole(header, copied)
+                count = records(header) if whole else 0
             else:
                 whole = False
             if os.fstat(fd).st_size != st.st_size:
@@ -86,14 +64,19 @@ class CdbCache:
     """``strict`` (tcpserver's rules): a file that is not a whole cdb is an error
     (OSError EPROTO, as tcpserver's "protocol error") at every connection until a whole
     one replaces it, and a lookup that fails raises instead of finding nothing.
-    Otherwise (validrcptto.cdb, morercpthosts.cdb) a file that was never whole is used
-    as qmail-smtpd would (every lookup finds nothing)."""
+    Otherwise (validrcptto.cdb, morercpthosts.cdb) a file caught mid-write keeps the
+    last whole snapshot; one that was never whole is unavailable (OSError EPROTO: a
+    temporary failure, never "not found"), and so is, with ``need_records``
+    (validrcptto.cdb, which the installer never writes empty), a cdb with no records."""
 
-    def __init__(self, path: str, log: Callable[[str], None], strict: bool = False):
+    def __init__(self, path: str, log: Callable[[str], None], strict: bool = False,
+                 need_records: bool = False):
         self.path, self.log, self.strict = path, log, strict
+        self.need_records = need_records
         self.getter: CdbGetter | None = None
         self.ident: Ident | None = None
         self.torn: Ident | None = None
+        self.why = "not a whole cdb"
 
     @property
     def entries(self) -> int:
@@ -106,7 +89,8 @@ class CdbCache:
         return self.ident[3] / 1e9 if self.ident else 0.0
 
     def current(self) -> CdbGetter:
-        """The snapshot for a new connection; OSError when the file cannot be opened."""
+        """The snapshot for a new connection; OSError when the file cannot be opened or
+        there is no whole snapshot to answer with."""
         st = os.stat(self.path)
         ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if self.strict:
@@ -125,15 +109,20 @@ class CdbCache:
             return self.getter
         if ident != self.ident and ident != self.torn:
             getter, ident, whole = snapshot(self.path)
-            if whole or self.getter is None:
+            empty = whole and self.need_records and getter.entries == 0
+            if whole and not empty:
                 self.getter, self.ident, self.torn = getter, ident, None
-            else:                   # caught mid-write: keep the last whole one for now
+            else:
                 getter.close()
-                if self.torn is None:
-                    self.log(f"{self.path} is not a whole cdb (being written?): "
-                             "keeping the previous one")
                 self.torn = ident
-        assert self.getter is not None          # set by the first snapshot, always
+                self.why = "a cdb with no records" if empty else "not a whole cdb"
+                if empty:                       # never ours: no list to answer with
+                    self.getter = self.ident = None
+                keep = "; keeping the previous one" if self.getter is not None else \
+                    ": unavailable (temporary failure) until a whole one replaces it"
+                self.log(f"{self.path} is {self.why}{keep}")
+        if self.getter is None:
+            raise OSError(errno.EPROTO, self.why, self.path)
         return self.getter
 
     def forget(self) -> None:

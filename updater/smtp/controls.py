@@ -15,7 +15,7 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 
-from ..checker import CdbGetter, open_cdb
+from ..checker import CdbGetter, unusable
 from .params import (DEFAULT_TIMEOUT, Controls, Lookup, peer_from_env, policy_from_env,
                      scan_ulong)
 from .session import Session
@@ -161,10 +161,10 @@ class Connection:
         try:
             controls = read_controls(qmail_dir, env)
             if env.get("VALIDRCPTTO_CDB"):
-                cdb = self._open(env["VALIDRCPTTO_CDB"])
+                cdb = self._open(env["VALIDRCPTTO_CDB"], need_records=True)
             if controls.rcpthosts is not None:
                 try:
-                    more = self._open(morercpthosts_path(qmail_dir))
+                    more = self._open(morercpthosts_path(qmail_dir), need_records=False)
                 except FileNotFoundError:
                     more = None
         except OSError as err:
@@ -186,8 +186,18 @@ class Connection:
                                     auth=self.checkpassword is not None)
         self.queue_program = queue_program(env, qmail_dir)
 
-    def _open(self, path: str) -> CdbGetter:
-        getter = open_cdb(path)
+    def _open(self, path: str, need_records: bool) -> CdbGetter:
+        """A cdb that is whole (a broken one: 421, never "not found")."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            why = unusable(fd, need_records)
+        except OSError:
+            os.close(fd)
+            raise
+        if why is not None:
+            os.close(fd)
+            raise ControlError(f"{path}: {why}")
+        getter = CdbGetter(fd)
         self.getters.append(getter)
         return getter
 

@@ -17,6 +17,7 @@ from .cdbfile import CdbCache
 from .child import LIVE
 from .connection import SmtpProtocol
 from .controls import ControlError, IpMe, morercpthosts_path, read_controls
+from .watched import Watched, control_files
 from .logline import log
 from .metrics import Metrics
 from .options import Options
@@ -37,7 +38,8 @@ class Worker:
         # tcpserver's children get its environment, less what it sets per connection
         self.base_env = {k: v for k, v in os.environ.items()
                          if not k.startswith("TCP") and k not in ("RELAYCLIENT", "PROTO")}
-        self.controls: Controls | None = None
+        self.controls = Watched(control_files(opts.qmail_dir),
+                                lambda: read_controls(opts.qmail_dir, {}), log, "controls")
         self.cdbs: dict[str, CdbCache] = {}
         self.rules = CdbCache(opts.rules, log, strict=True) if opts.rules else None
         from .secure import checkpassword_argv, timeout_of
@@ -52,7 +54,7 @@ class Worker:
 
     def reload(self) -> None:
         """SIGHUP: controls and rules are read again at the next connection."""
-        self.controls = None
+        self.controls.forget()
         for c in self.cdbs.values():
             c.forget()
         if self.rules is not None:
@@ -84,7 +86,7 @@ class Worker:
     def cdb(self, path: str, shown: bool = False) -> CdbGetter:
         cache = self.cdbs.get(path)
         if cache is None:
-            cache = self.cdbs[path] = CdbCache(path, log)
+            cache = self.cdbs[path] = CdbCache(path, log, need_records=shown)
         getter = cache.current()
         if shown:                                   # the validrcptto.cdb, for /metrics
             self.metrics.set("cdb_entries", cache.entries)
@@ -95,9 +97,7 @@ class Worker:
               ) -> tuple[Controls, CdbGetter | None, CdbGetter | None]:
         """qmail-smtpd's setup(): (controls, validrcptto, morercpthosts); ControlError."""
         try:
-            if self.controls is None:
-                self.controls = read_controls(self.o.qmail_dir, {})
-            controls = self.controls           # (DATABYTES: open_session applies it)
+            controls = self.controls.current()  # (DATABYTES: open_session applies it)
             cdb = self.cdb(env["VALIDRCPTTO_CDB"], shown=True) \
                 if env.get("VALIDRCPTTO_CDB") else None
             more = None

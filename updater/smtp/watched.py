@@ -1,0 +1,96 @@
+"""What a long-running server (--listen, validrcptto-policyd) reads from control files,
+kept current without a signal: ``Watched`` looks at the files' identities at most every
+RECHECK seconds and reads them again when one changed, keeping the last good copy when
+the new one cannot be trusted."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from .controls import ControlError
+
+# the control files qmail-smtpd reads (morercpthosts.cdb is a cdb snapshot of its own)
+CONTROL_FILES = ("me", "smtpgreeting", "localiphost", "timeoutsmtpd", "rcpthosts",
+                 "badmailfrom", "databytes")
+RECHECK = 0.5           # seconds between looks at a long-running server's control files
+SETTLE = 1.0            # a list without its last newline, younger than this: being written
+T = TypeVar("T")
+FileIdent = tuple[int, int, int, int] | None
+
+
+def control_files(qmail_dir: str) -> list[str]:
+    return [os.path.join(qmail_dir, "control", name) for name in CONTROL_FILES]
+
+
+def file_ident(path: str) -> FileIdent:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return (-1, -1, -1, -1)                 # unreadable: read_controls says why
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Watched(Generic[T]):
+    """What a long-running server reads from some files, read again when one of them
+    changes: looked at (a stat each) at most every RECHECK seconds, so a new session
+    sees a changed file within a second, with no signal.  A file that cannot be read,
+    that changed while it was read, or a list (rcpthosts, badmailfrom) still being
+    written (no final newline, younger than SETTLE seconds) keeps the last good copy
+    and logs one line; with no good copy yet, the error is raised (421)."""
+
+    def __init__(self, paths: list[str], read: Callable[[], T], log: Callable[[str], None],
+                 what: str, clock: Callable[[], float] = time.monotonic):
+        self.paths, self.read, self.log, self.what, self.clock = paths, read, log, what, clock
+        self.value: T | None = None
+        self.have = False
+        self.idents: list[FileIdent] | None = None
+        self.failed: list[FileIdent] | None = None
+        self.checked = float("-inf")
+
+    def forget(self) -> None:
+        """SIGHUP: read again at the next look, whatever the files say."""
+        self.idents = None
+        self.checked = float("-inf")
+
+    def current(self) -> T:
+        now = self.clock()
+        if self.have and now < self.checked + RECHECK:
+            return self.value                   # type: ignore[return-value]
+        self.checked = now
+        before = [file_ident(p) for p in self.paths]
+        if self.have and before == self.idents:
+            return self.value                   # type: ignore[return-value]
+        try:
+            fresh = self.read()
+            if [file_ident(p) for p in self.paths] != before:
+                raise ControlError("a file changed while it was read")
+            if self.have:
+                self._settled(before)
+        except ControlError as err:
+            if not self.have:
+                raise
+            if before != self.failed:
+                self.failed = before
+                self.log(f"cannot read {self.what}: {err}; keeping the previous ones")
+            return self.value                   # type: ignore[return-value]
+        self.value, self.have, self.idents, self.failed = fresh, True, before, None
+        return fresh
+
+    def _settled(self, idents: list[FileIdent]) -> None:
+        for path, ident in zip(self.paths, idents):
+            if ident is None or ident[2] <= 0 or \
+                    not path.endswith(("rcpthosts", "badmailfrom")):
+                continue
+            if time.time() - ident[3] / 1e9 < SETTLE:
+                try:
+                    with open(path, "rb", buffering=0) as f:
+                        last = os.pread(f.fileno(), 1, ident[2] - 1)
+                except OSError:
+                    continue
+                if last != b"\n":
+                    raise ControlError(f"{path}: being written (no final newline yet)")
