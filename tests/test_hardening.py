@@ -290,28 +290,45 @@ def test_fifo_group_is_vpopmails_and_the_hook_says_what_happened(tree: Tree, vpo
 def test_a_held_build_is_visible(tree: Tree):
     """A FIFO request for a full build held back by UPDATER_MIN_INTERVAL is logged with
     the time it is held until, and `status` shows it and a live count of the pending
-    requests.  (A line that names no domain asks for a full build, which the floor holds;
-    add_user would be a targeted build, which it does not.)"""
-    setup_tree(tree)
+    requests, also after an incremental build ran in between; `status` says whether the
+    daemon is running.  (A line that names no domain asks for a full build, which the
+    floor holds; add_user is a targeted build, which it does not.)"""
+    d = setup_tree(tree)
     fifo = tree.qmail / "control/validrcptto.trigger"
     daemon = Running(tree, UPDATER_QUIET="0.2", UPDATER_MIN_INTERVAL="60")
+
+    def say(line: str) -> None:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, f"{line}\n".encode())
+        os.close(fd)
     try:
         daemon.wait("build (start)")
+        shown = tree.run("status").stdout
+        assert re.search(r"^daemon: +running \(pid \d+ since \d\d:\d\d:\d\d\)$", shown, re.M), shown
+        assert "pending:      0 requests" in shown
         for n, who in enumerate(("a", "b"), 1):
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            os.write(fd, f"refresh {who}.example\n".encode())
-            os.close(fd)
+            say(f"refresh {who}.example")
             wait_for(lambda: f"pending:      {n} requests" in tree.run("status").stdout, 5,
                      f"{n} pending in status")
         assert sum("held until" in x and "(min-interval 60s)" in x for x in daemon.lines) == 1
         shown = tree.run("status").stdout
         assert re.search(r"held until:   \d\d:\d\d:\d\d \(min-interval\)", shown), shown
-        assert not any("build (fifo" in x for x in daemon.lines)
+        # a new mailbox goes ahead; the full build stays held, and status says so
+        (d / "vpasswd").write_text((d / "vpasswd").read_text() + "new:x:1:0::/x:NOQUOTA\n")
+        say("add_user new@vpop.example - ")
+        daemon.wait("[incremental: 1 domain: vpop.example]")
+        wait_for(lambda: "pending:      2 requests" in tree.run("status").stdout, 5,
+                 "the two held requests, the new mailbox's done")
+        assert "held until:" in tree.run("status").stdout
+        assert not any("build (fifo: refresh" in x for x in daemon.lines)
         daemon.proc.send_signal(signal.SIGHUP)         # the admin's "now"
         daemon.wait("build (fifo: refresh a.example")
         wait_for(lambda: "held until" not in tree.run("status").stdout, 5, "held cleared")
+        assert "pending:      0 requests" in tree.run("status").stdout
     finally:
         daemon.stop()
+    shown = tree.run("status").stdout
+    assert "daemon:       not running" in shown and "pending:      (none: no daemon)" in shown
 
 
 def test_trigger_path_that_is_a_directory(tree: Tree):

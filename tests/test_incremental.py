@@ -281,6 +281,7 @@ def test_debouncer_targeted_rule():
     assert d.full_due(last_build=90) == 120
     reasons, domains = d.take_targeted(102)         # ... does not hold the targeted build
     assert len(domains) == 51 and d.full_due(last_build=90) == 120 and d.count == 1
+    assert d.waiting == 1                          # what status shows: the held request
     d.target(200, "del_user a@x", {"x"}, fast=False)   # a removal waits the quiet period
     d.target(200.5, "moved .../y/vpasswd", {"y"}, fast=False, settles=True)
     assert d.targeted_due() == 202.5

@@ -236,11 +236,16 @@ def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
     import json
 
+    from .lock import daemon_holder
     from .status import describe, read_status
     st = read_status(settings.status)
+    running = daemon_holder((settings.cdb or "") + ".daemon")
     if st is None:
-        log(f"{settings.status}: no status yet (is qmail-updater run running?)")
+        log(f"{settings.status}: no status yet (" + (
+            f"qmail-updater run is running: {running})" if running else
+            "is qmail-updater run running?)"))
         return EXIT_FAIL
+    st["running"] = running
     out([json.dumps(st, indent=1, sort_keys=True)] if args.json else describe(st))
     return EXIT_FAIL if st.get("result") == "failed" else EXIT_OK
 

@@ -183,8 +183,6 @@ class Daemon:
         record["seconds"] = round(time.time() - started, 3)
         record["incremental"] = redone is not None
         record["incremental_builds"] = self.incremental_builds
-        record["pending"] = self.debounce.count + self.requests.qsize()
-        record["held_until"] = None
         if "last_success" not in record and "last_success" in self.status:
             record["last_success"] = self.status["last_success"]
         if record["result"] == "failed" and record["error"]:
@@ -197,6 +195,7 @@ class Daemon:
             self.last_build = ended              # the safety net counts from full builds
         else:
             self.debounce.settle(self.build_started, redone)
+        record["pending"], record["held_until"] = self.waiting(ended)
         try:
             self.write_status()
         except OSError as err:
@@ -273,16 +272,22 @@ class Daemon:
         once with the time it is held until, and shown by ``status``."""
         if not self.status:
             return
-        held = self.debounce.held(self.build_started)
-        until = None if held is None else round(time.time() + held - now, 3)
+        pending, until = self.waiting(now)
         if until is not None and self.status.get("held_until") is None:
             clock = time.strftime("%H:%M:%S", time.localtime(until))
             self.log(f"held until {clock} (min-interval {self.s.min_interval:g}s): {reason}")
         changed = (until is None) != (self.status.get("held_until") is None)
-        self.status["pending"] = self.debounce.count
+        self.status["pending"] = pending
         self.status["held_until"] = until
         self.status_due = now if changed else max(now, self.status_written + 1.0)
         self.flush_status(now)
+
+    def waiting(self, now: float) -> tuple[int, float | None]:
+        """(requests pending, the wall-clock time a full build is held until by the
+        min-interval floor, or None): true after every build, not only on a request."""
+        held = self.debounce.held(self.build_started)
+        until = None if held is None else round(time.time() + held - now, 3)
+        return self.debounce.waiting, until
 
     def flush_status(self, now: float) -> None:
         if self.status_due is not None and self.status_due <= now:
@@ -367,6 +372,7 @@ class Daemon:
             snap = self.snapshot
             if quiet is not None and snap is not None and not quiet & snap.inputs.changed():
                 self.debounce.settle(now, quiet)   # the files are what the list says
+                self.show_pending(now, "")
                 return
             self.build(*self.debounce.take_targeted(now))
         elif self.retry_at is not None and self.retry_at <= now:

@@ -39,7 +39,7 @@ class Debouncer:
     reasons: list[str] = field(default_factory=list)
     now_please: bool = False
     only_fifo: bool = True
-    count: int = 0                    # requests since the last build
+    count: int = 0                    # full-build requests since the last full build
     fast_quiet: float = 0.05
     fast_max_delay: float = 1.0
     fast_floor: float = 1.0
@@ -49,7 +49,6 @@ class Debouncer:
     slow: dict[str, tuple[float, bool]] = field(default_factory=dict)  # -> (when, settles)
     s_first: float | None = None
     t_reasons: list[str] = field(default_factory=list)
-    t_count: int = 0
 
     def add(self, now: float, reason: str, immediate: bool = False, fifo: bool = False) -> None:
         if self.first is None:
@@ -76,10 +75,14 @@ class Debouncer:
             for d in domains:
                 was = self.slow.get(d)
                 self.slow[d] = (now, settles and (was is None or was[1]))
-        self.count += 1
-        self.t_count += 1
         if len(self.t_reasons) < 20:
             self.t_reasons.append(reason)
+
+    @property
+    def waiting(self) -> int:
+        """What is pending now: the full-build requests and the domains waiting for an
+        incremental build (what ``status`` shows)."""
+        return self.count + len(self.fast | self.slow.keys())
 
     @property
     def pending(self) -> bool:
@@ -157,12 +160,7 @@ class Debouncer:
         if slow_due is not None and (now is None or slow_due <= now):
             domains |= set(self.slow)
             self.slow, self.s_first = {}, None
-        reasons = self.t_reasons
-        if not self.fast and not self.slow:
-            self.count -= self.t_count
-            self.t_reasons, self.t_count = [], 0
-        else:
-            self.t_reasons = []
+        reasons, self.t_reasons = self.t_reasons, []
         return reasons, domains
 
     def settling(self, now: float) -> set[str] | None:
@@ -182,12 +180,8 @@ class Debouncer:
             when, settles = self.slow[d]
             if settles and when < started:
                 del self.slow[d]
-                self.count -= 1
-                self.t_count -= 1
         if not self.slow:
             self.s_first = None
-        self.count = max(self.count, 0)
-        self.t_count = max(self.t_count, 0)
 
 
 # What vpopmail's onchange lines name.  The hook writes its arguments joined by spaces, so

@@ -50,17 +50,35 @@ def lock_holder(fd: int) -> str:
     a build that changes nothing writes nothing)."""
     try:
         st = os.fstat(fd)
+    except OSError:
+        return "an unknown process"
+    return holder_of(st) or "an unknown process"
+
+
+def daemon_holder(lock_path: str) -> str | None:
+    """Who holds the daemon's lock now ("pid N since HH:MM:SS"), or None when no one
+    does: whether ``qmail-updater run`` is running, found without opening the lock file
+    (which only its owner may open)."""
+    try:
+        st = os.stat(lock_path, follow_symlinks=False)
+    except OSError:
+        return None
+    return holder_of(st) if stat.S_ISREG(st.st_mode) else None
+
+
+def holder_of(st: os.stat_result) -> str | None:
+    try:
         dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         with open("/proc/locks") as f:
             for line in f:
                 fields = line.split()
-                if "FLOCK" in fields and dev in fields:
+                if "FLOCK" in fields and dev in fields and "->" not in fields:
                     pid = int(fields[fields.index(dev) - 1])
                     break
             else:
-                return "an unknown process"
+                return None
     except (OSError, ValueError):
-        return "an unknown process"
+        return None
     try:
         with open(f"/proc/{pid}/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])

@@ -101,15 +101,19 @@ def describe(st: dict[str, Any]) -> list[str]:
     def shown(value: Any) -> str:              # never a terminal escape from the file
         return printable(str(value).encode("utf-8", "surrogateescape"), backslash=False)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["time"]))
-    lines = [f"last build:   {when} ({shown(st['result'])}, {st['seconds']}s)",
+    running = st.get("running")
+    lines = [f"daemon:       running ({shown(running)})" if running else
+             "daemon:       not running (what follows is from its last run)",
+             f"last build:   {when} ({shown(st['result'])}, {st['seconds']}s)",
              f"reason:       {shown(st.get('reason', ''))}",
              f"entries:      {st.get('entries')}",
              f"changes:      +{st.get('added', 0)} -{st.get('removed', 0)}",
              f"builds:       {st.get('builds')} since the daemon started, "
              f"{st.get('incremental_builds', 0)} of them incremental"
              f"{' (the last one too)' if st.get('incremental') else ''}",
-             f"pending:      {st.get('pending', 0)} requests"]
-    if isinstance(st.get("held_until"), (int, float)):
+             f"pending:      {st.get('pending', 0)} requests" if running else
+             "pending:      (none: no daemon)"]
+    if running and isinstance(st.get("held_until"), (int, float)):
         lines.append("held until:   " + time.strftime(
             "%H:%M:%S", time.localtime(st["held_until"])) + " (min-interval)")
     if isinstance(st.get("last_success"), (int, float)):
