@@ -149,6 +149,7 @@ def test_postfix_check_policy_service(qdir, tmp_path):
         assert pf.rcpt("x@other.test").startswith("250 ")     # not in rcpthosts: Postfix's
         assert pf.rcpt("x@elsewhere.test").startswith("454 4.7.1")       # own rules decide
         assert any("policy: reject nobody@example.com" in x for x in pd.lines)
+        odd_forms(pf, qdir)
     finally:
         pf.stop()
         assert pd.stop() == 0
@@ -170,9 +171,28 @@ def test_postfix_relay_recipient_maps_socketmap(qdir, tmp_path):
         assert pf.rcpt("neg-a@example.com") == unknown.format("neg-a@example.com")
         assert pf.rcpt("someone@catchall.org").startswith("250 ")
         assert any("socketmap: reject blocked@catchall.org" in x for x in pd.lines)
+        odd_forms(pf, qdir)
     finally:
         pf.stop()
         assert pd.stop() == 0
+
+
+def odd_forms(pf: Postfix, qdir: Path) -> None:
+    """Trailing dots, case and the like: Postfix routes ``nobody@example.com.`` as
+    ``nobody@example.com``, so the answer must be the one `qmail-updater check` gives
+    for the plain address (a trailing dot must not be a way past the list)."""
+    cdb = str(qdir / "control/validrcptto.cdb")
+    for odd, plain in [("nobody@example.com.", "nobody@example.com"),
+                       ("Nobody@EXAMPLE.com.", "nobody@example.com"),
+                       ("joe@example.com.", "joe@example.com"),
+                       ("joe@Example.COM.", "joe@example.com"),
+                       ("blocked@catchall.org.", "blocked@catchall.org"),
+                       ("anyone@catchall.org.", "anyone@catchall.org")]:
+        listed = subprocess.run([script("qmail-updater"), "check", "--cdb", cdb, plain],
+                                capture_output=True).returncode == 0
+        got = pf.rcpt(odd)
+        assert got.startswith("250 ") == listed and (listed or got.startswith("5")), \
+            (odd, got)
 
 
 def policy(sock: socket.socket, recipient: bytes) -> bytes:

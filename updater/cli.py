@@ -210,7 +210,7 @@ def add_service_commands(sub: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace, settings: config.Settings) -> int:
-    from .report import Report, read, since
+    from .report import Report, log_lines, read, since
     try:
         start = since(args.since)
     except ValueError as err:
@@ -219,10 +219,9 @@ def cmd_report(args: argparse.Namespace, settings: config.Settings) -> int:
     report = Report()
     for path in args.logfile:
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                read(f, start, report)
+            read(log_lines(path, report), start, report)
         except OSError as err:
-            log(f"{path}: {err.strerror}")
+            log(f"{path}: cannot read: {err.strerror or err}")
             return EXIT_FAIL
     out(report.lines(args.top))
     return EXIT_OK

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 PROG = "validrcptto-policyd"
 SWEEP = 1.0
+WRITE_HIGH = 64 * 1024          # answers unsent past this: stop reading from the client
+LOG_RATE = 100                  # decision lines a second; past that, one summary line
 
 
 def log(text: str) -> None:
@@ -92,6 +95,31 @@ class Lookup:
         return Answer(verdict.accepted, address, verdict.key)
 
 
+class RateLog:
+    """At most ``rate`` lines a second; the rest are counted and summed up in one line
+    (``flush``, from the once-a-second sweep): a flood cannot flood the log."""
+
+    def __init__(self, rate: int):
+        self.rate, self.second, self.lines, self.dropped = rate, 0, 0, 0
+
+    def line(self, text: str) -> None:
+        now = int(time.monotonic())
+        if now != self.second:
+            self.flush()
+            self.second, self.lines = now, 0
+        self.lines += 1
+        if self.lines <= self.rate:
+            log(text)
+        else:
+            self.dropped += 1
+
+    def flush(self) -> None:
+        if self.dropped:
+            log(f"{self.dropped} more log lines in the last second left out "
+                f"(at most {self.rate} a second)")
+            self.dropped = 0
+
+
 class Counts:
     """What the service answered, for --metrics (one process: plain numbers)."""
 
@@ -111,12 +139,13 @@ class Server:
                                  map_name=opts.map_name.encode())
         self.conns: set[PolicyProtocol] = set()
         self.serial = 0
+        self.logs = RateLog(LOG_RATE)
 
     def note(self, conn: PolicyProtocol, reply: Reply) -> None:
         a = reply.answer
         if reply.error:
             self.counts.errors += 1
-            log(f"{conn.id} {conn.peer}: {reply.error}; closing")
+            self.logs.line(f"{conn.id} {conn.peer}: {reply.error}; closing")
             return
         self.counts.add(conn.kind, "dunno" if a is None else "unavailable" if a.unavailable
                         else "not_ours" if a.accepted is None
@@ -124,14 +153,15 @@ class Server:
         if a is None or self.o.verbose == 0:
             return
         if a.unavailable:
-            log(f"{conn.id} {conn.kind}: {escape(a.address)}: unavailable: {a.unavailable}")
+            self.logs.line(f"{conn.id} {conn.kind}: {escape(a.address)}: unavailable: "
+                           f"{a.unavailable}")
         elif a.accepted is False and self.o.verbose >= 1:
-            key = "-" if a.key is None else escape(a.key)
-            log(f"{conn.id} {conn.kind}: reject {escape(a.address)} (key {key})")
+            key = "no key" if a.key is None else f"key {escape(a.key)}"
+            self.logs.line(f"{conn.id} {conn.kind}: reject {escape(a.address)} ({key})")
         elif self.o.verbose >= 2:
             what = "not ours" if a.accepted is None else "accept"
             key = "" if a.key is None else f" (key {escape(a.key)})"
-            log(f"{conn.id} {conn.kind}: {what} {escape(a.address)}{key}")
+            self.logs.line(f"{conn.id} {conn.kind}: {what} {escape(a.address)}{key}")
 
 
 class PolicyProtocol(asyncio.Protocol):
@@ -142,6 +172,8 @@ class PolicyProtocol(asyncio.Protocol):
         self.conv = Conversation(server.lookup, server.settings)
         self.last = time.monotonic()
         self.paused = False
+        self.scheduled = False
+        self.partial_since: float | None = None      # when an incomplete request began
         self.id = 0
         self.peer = "?"
 
@@ -162,25 +194,50 @@ class PolicyProtocol(asyncio.Protocol):
             transport.abort()
             return
         s.conns.add(self)
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.s.conns.discard(self)
 
     def data_received(self, data: bytes) -> None:
         self.last = time.monotonic()
+        if self.partial_since is None:
+            self.partial_since = self.last
+        self.answer(data)
+
+    def answer(self, data: bytes = b"") -> None:
+        """Answer a batch; while whole requests still wait, stop reading and come back
+        on the next turn of the loop (other clients go first), or once the client has
+        read enough of its answers."""
+        self.scheduled = False
+        if self.transport.is_closing():
+            return                                   # nobody to answer: no work
         try:
-            replies = self.conv.receive_data(data)
+            replies = self.conv.receive_data(data) if data else self.conv.proceed()
         except Exception as err:                     # a bug: this connection ends, not us
             log(f"{self.id} {self.peer}: {type(err).__name__}: {err}; closing")
             self.transport.abort()
             return
         for reply in replies:
+            if self.transport.is_closing():          # the client went away mid-batch
+                return
             self.s.note(self, reply)
             if reply.data:
                 self.transport.write(reply.data)
             if reply.close:
                 self.transport.close()
                 return
+        if not self.conv.partial:
+            self.partial_since = None
+        elif replies:                                # a request ended: the next began
+            self.partial_since = time.monotonic()
+        if self.conv.more:
+            self.transport.pause_reading()
+            if not self.paused:
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self.answer)
+        elif not self.paused:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False
@@ -192,7 +249,12 @@ class PolicyProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         self.last = time.monotonic()
-        self.transport.resume_reading()
+        if self.conv.more:
+            if not self.scheduled:
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self.answer)
+        else:
+            self.transport.resume_reading()
 
 
 def parse_listen(text: str) -> tuple[str, str, int]:
@@ -208,26 +270,54 @@ def parse_listen(text: str) -> tuple[str, str, int]:
 def bind(spec: str, mode: int, owner: str) -> socket.socket:
     kind, where, port = parse_listen(spec)
     if kind == "unix":
-        path = where
-        try:
-            if os.path.exists(path) and not os.path.isdir(path):
-                os.unlink(path)                      # a stale socket of ours
-        except OSError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        os.chmod(path, mode)
-        if owner:
-            import grp
-            import pwd
-            user, _, group = owner.partition(":")
-            uid = pwd.getpwnam(user).pw_uid if user else -1
-            gid = grp.getgrnam(group).gr_gid if group else -1
-            os.chown(path, uid, gid)
+        sock = bind_unix(where, mode, owner)
     else:
         return listen_tcp(where, port, 256)
     sock.listen(256)
     sock.setblocking(False)
+    return sock
+
+
+def bind_unix(path: str, mode: int, owner: str) -> socket.socket:
+    """A unix socket at ``path``, in a directory others (postfix) may write: nothing at
+    the path is followed or changed through a name.  A stale socket is removed; a
+    symlink (dangling or not) or any other file is refused, saying what is there.  The
+    mode comes from the umask at bind() (no chmod), the owner by lchown (a socket
+    swapped for a link after bind() gets only the link's owner changed)."""
+    import stat as st_
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if st_.S_ISSOCK(st.st_mode):
+            os.unlink(path)                          # a stale socket (ours, last time)
+        elif st_.S_ISLNK(st.st_mode):
+            target = os.readlink(path)
+            dangling = "" if os.path.exists(path) else ", dangling"
+            raise OSError(errno.EEXIST, f"is a symbolic link (to {target!r}{dangling}): "
+                                        "refusing to bind there", path)
+        else:
+            what = "a regular file" if st_.S_ISREG(st.st_mode) else \
+                "a directory" if st_.S_ISDIR(st.st_mode) else "not a socket"
+            raise OSError(errno.EEXIST, f"exists and is {what}: refusing to replace it",
+                          path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(~mode & 0o777)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    if owner:
+        import grp
+        import pwd
+        user, _, group = owner.partition(":")
+        uid = pwd.getpwnam(user).pw_uid if user else -1
+        gid = grp.getgrnam(group).gr_gid if group else -1
+        os.chown(path, uid, gid, follow_symlinks=False)
     return sock
 
 
@@ -272,10 +362,16 @@ async def serve(opts: argparse.Namespace, socks: list[socket.socket],
     servers = [await loop.create_server(lambda: PolicyProtocol(server), sock=s) for s in socks]
 
     def sweep() -> None:
-        limit = time.monotonic() - opts.idle_timeout
+        now = time.monotonic()
+        limit, begun = now - opts.idle_timeout, now - opts.request_timeout
         for c in list(server.conns):
             if c.last < limit:
                 c.transport.abort()
+            elif c.partial_since is not None and c.partial_since < begun:
+                server.logs.line(f"{c.id} {c.peer}: request not complete within "
+                                 f"{opts.request_timeout:g}s of its first byte; closing")
+                c.transport.abort()
+        server.logs.flush()
         loop.call_later(SWEEP, sweep)
     loop.call_later(SWEEP, sweep)
     stop = asyncio.Event()
@@ -315,6 +411,9 @@ PARAMS: list[tuple[str, str, type, object, str, str]] = [
     ("--max-connections", "max_connections", int, 200, "N", "connections in all"),
     ("--idle-timeout", "idle_timeout", float, 600.0, "SECONDS",
      "a connection idle this long (or leaving answers unread) is closed"),
+    ("--request-timeout", "request_timeout", float, 10.0, "SECONDS",
+     "a request must be complete this long after its first byte (a trickling client "
+     "is closed)"),
     ("--socket-mode", "socket_mode", str, "0660", "MODE", "mode of unix: sockets"),
     ("--socket-owner", "socket_owner", str, "", "USER:GROUP",
      "owner of unix: sockets (default: the starting user)"),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 MAX_REQUEST = 65536              # Postfix's policy requests are a few hundred bytes
 MAX_ATTRIBUTES = 100
+MAX_BATCH = 64                   # requests answered per call; the rest wait for proceed()
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,24 @@ class Conversation:
         self.buf = b""
         self.kind: str | None = None            # "policy" or "socketmap"
         self.closed = False
+        self.more = False                       # whole requests wait for proceed()
 
     def receive_data(self, data: bytes) -> list[Reply]:
+        """The answers to at most MAX_BATCH requests of what came so far; when more
+        whole requests wait (``more``), the driver calls ``proceed()`` for the next
+        batch once the client reads its answers (a pipelining client cannot make one
+        call do unbounded work, nor the output grow without bound)."""
         if self.closed:
             return []
         self.buf += data
         if self.kind is None and self.buf:
             self.kind = "socketmap" if self.buf[:1].isdigit() else "policy"
         out: list[Reply] = []
+        self.more = False
         while not self.closed:
+            if len(out) >= MAX_BATCH:
+                self.more = True
+                return out
             reply = self._policy() if self.kind == "policy" else self._socketmap()
             if reply is None:
                 break
@@ -84,6 +94,15 @@ class Conversation:
         if not self.closed and len(self.buf) > MAX_REQUEST:
             out.append(self._fail(f"request larger than {MAX_REQUEST} bytes"))
         return out
+
+    def proceed(self) -> list[Reply]:
+        """The next batch of answers to requests already received."""
+        return self.receive_data(b"")
+
+    @property
+    def partial(self) -> bool:
+        """Part of a request has come and not the rest (the request deadline runs)."""
+        return bool(self.buf) and not self.more and not self.closed
 
     def _fail(self, why: str) -> Reply:
         self.closed = True
@@ -111,7 +130,7 @@ class Conversation:
             attrs[name] = value
         if attrs.get(b"protocol_state", b"").upper() != b"RCPT" or b"recipient" not in attrs:
             return Reply(b"action=DUNNO\n\n", None)
-        answer = self.decide(attrs[b"recipient"])
+        answer = self.decide(canonical(attrs[b"recipient"]))
         if answer.unavailable:
             action = self.s.unavailable
         elif answer.accepted is False:
@@ -149,12 +168,25 @@ class Conversation:
             return Reply(netstring(b"PERM unknown map " + name[:64]), None)
         if key.startswith(b"@"):                  # Postfix's fallback: see the docstring
             return Reply(netstring(b"NOTFOUND "), Answer(False, key))
-        answer = self.decide(key)
+        answer = self.decide(canonical(key))
         if answer.unavailable:
             return Reply(netstring(b"TEMP " + answer.unavailable.encode()[:200]), answer)
         if answer.accepted is False or answer.accepted is None:
             return Reply(netstring(b"NOTFOUND "), answer)
         return Reply(netstring(b"OK valid"), answer)
+
+
+def canonical(address: bytes) -> bytes:
+    """The recipient as Postfix routes it: the trailing dots of its domain dropped
+    (``user@example.net.`` is delivered as ``user@example.net``, so it must be judged
+    as that, or a trailing dot would be a way past the list), and ``<...>`` around it
+    removed.  Case is the checker's business (ASCII only, as qmail-smtpd)."""
+    if address.startswith(b"<") and address.endswith(b">"):
+        address = address[1:-1]
+    at = address.rfind(b"@")
+    if at >= 0 and address.endswith(b"."):
+        address = address[:at + 1] + address[at + 1:].rstrip(b".")
+    return address
 
 
 def netstring(data: bytes) -> bytes:

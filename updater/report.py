@@ -11,10 +11,12 @@ from our own log format (the domain part is printed escaped).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 LINE_MAX = 8192
@@ -55,6 +57,7 @@ class Report:
     busy: int = 0
     first: float | None = None
     last: float | None = None
+    skipped: int = 0                # lines over LINE_MAX bytes, not looked at
 
     def add(self, line: str, when: float | None) -> None:
         if when is not None:
@@ -65,7 +68,10 @@ class Report:
             self.rejected += 1
             address = m.group(1)
             at = address.rfind("@")
-            self.domains[address[at + 1:].lower() if at != -1 else "(no domain)"] += 1
+            domain = address[at + 1:].lower() if at != -1 else "(no domain)"
+            if domain not in self.domains and len(self.domains) >= MAX_DOMAINS:
+                domain = "(other domains)"
+            self.domains[domain] += 1
         elif _HANGUP.search(line):
             self.hangups_invalid += 1
         elif _AUTH_FAILED.search(line):
@@ -90,11 +96,51 @@ class Report:
                f"{self.hangups_auth} (too many AUTH failures)",
                f"AUTH failures:        {self.auth_failed}",
                f"connections refused:  {self.denied} (rules), {self.busy} (limits)"]
+        if self.skipped:
+            out.append(f"lines skipped:        {self.skipped} (longer than {LINE_MAX} bytes)")
         if self.domains:
             out.append(f"refused recipients by domain (top {top}):")
             for domain, n in self.domains.most_common(top):
                 out.append(f"  {n:>8}  {domain}")
         return out
+
+
+CHUNK = 1 << 16
+MAX_DOMAINS = 100_000       # distinct refused domains kept; the rest counted as one
+
+
+def log_lines(path: str, report: Report) -> Iterator[str]:
+    """The lines of one log file, read a chunk at a time: a regular file only (opened
+    without blocking: a FIFO or a device is refused, never waited on or read for
+    ever), lines longer than LINE_MAX skipped and counted (``report.skipped``), so
+    memory stays bounded whatever the file holds.  OSError names what is wrong."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(22, "not a regular file", path)
+        buf, skipping = b"", False
+        while True:
+            chunk = os.read(fd, CHUNK)
+            if not chunk:
+                break
+            buf += chunk
+            *whole, buf = buf.split(b"\n")
+            for line in whole:
+                if skipping:                        # the rest of an overlong line
+                    skipping = False
+                    continue
+                if len(line) > LINE_MAX:
+                    report.skipped += 1
+                    continue
+                yield line.decode("utf-8", "replace")
+            if len(buf) > LINE_MAX:
+                if not skipping:
+                    report.skipped += 1
+                buf, skipping = b"", True
+        if buf and not skipping:
+            yield buf.decode("utf-8", "replace")
+    finally:
+        os.close(fd)
 
 
 def read(lines: Iterable[str], start: float | None, report: Report | None = None) -> Report:

@@ -33,7 +33,7 @@ COUNTERS: list[tuple[str, str, str, tuple[str, ...]]] = [
 ]
 RCPT_REASONS = {"accepted": ("validrcptto", "rcpthosts", "relayclient", "auth"),
                 "rejected": ("validrcptto", "rcpthosts", "badmailfrom", "syntax", "maxrcpt")}
-SINGLE = ("bytes_received", "tls_sessions")
+SINGLE = ("bytes_received", "tls_sessions", "textfile_drops")
 GAUGES = ("sessions_open", "cdb_entries", "cdb_mtime")
 
 
@@ -159,6 +159,9 @@ def families(t: list[float], gauges: tuple[float, float, float]) -> list[Family]
                 [((), t[SLOTS["bytes_received"]])]))
     out.append((p + "tls_sessions", "counter", "STARTTLS handshakes completed", [],
                 [((), t[SLOTS["tls_sessions"]])]))
+    out.append((p + "textfile_drops", "counter",
+                "sessions METRICS_TEXTFILE could not add (its lock was held too long)", [],
+                [((), t[SLOTS["textfile_drops"]])]))
     samples: list[tuple[tuple[str, ...], float]] = []
     acc = 0.0
     for i, bound in enumerate(list(BUCKETS) + [float("inf")]):
@@ -217,28 +220,78 @@ def cdb_header(path: str) -> tuple[int, float]:
     return sum(slots for _, slots in struct.iter_unpack("<LL", head)) // 2, mtime
 
 
+LOCK_WAIT = 0.5            # seconds a session waits for the textfile's lock, at most
+
+
+def _own_file(path: str, flags: int) -> int:
+    """Open a file of ours for writing: not through a symlink, a regular file of our
+    uid, mode 0600, one link (a planted hard link is refused, never written through)."""
+    import os
+    import stat
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                 0o600)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1 or \
+            st.st_mode & 0o077:
+        os.close(fd)
+        raise OSError(1, "not a regular file of ours with mode 0600 and one link: "
+                         "refusing to write it", path)
+    return fd
+
+
 def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
-               cdb: tuple[int, float]) -> None:
-    """tcpserver mode: add one session to the totals kept in ``path``.data (under an
-    exclusive lock, opened without following a symlink) and rewrite the textfile
-    ``path`` (a temporary file and a rename) for node-exporter's textfile collector."""
+               cdb: tuple[int, float]) -> str | None:
+    """tcpserver mode: add one session to the totals kept in ``path``.data (ours only:
+    ``_own_file``) and rewrite the textfile ``path`` (a temporary file and a rename)
+    for node-exporter's textfile collector.  The lock is waited for LOCK_WAIT seconds
+    at most: past that the session is not added, only counted in ``path``.drops (added
+    to ``textfile_drops`` by the next session that gets the lock), and OSError says so.
+    Returns a line for the log when the totals were corrupt and started over."""
     import fcntl
+    import math
     import os
     import struct
     import tempfile
-    data_path = path + ".data"
-    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK |
-                 os.O_CLOEXEC, 0o644)
+    import time
+    fd = _own_file(path + ".data", os.O_RDWR)
+    note = None
     try:
-        import stat
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(22, "not a regular file", data_path)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    drop = _own_file(path + ".drops", os.O_WRONLY | os.O_APPEND)
+                    try:
+                        os.write(drop, b"x")
+                    finally:
+                        os.close(drop)
+                    raise OSError(11, f"lock held for more than {LOCK_WAIT:g}s: this "
+                                      "session was not counted (textfile_drops)") from None
+                time.sleep(0.01)
         raw = os.pread(fd, WIDTH * 8, 0)
         m = Metrics(1)
         if len(raw) == WIDTH * 8:
-            m.rows = list(struct.unpack(f"<{WIDTH}d", raw))
+            rows = list(struct.unpack(f"<{WIDTH}d", raw))
+            if all(math.isfinite(x) and x >= 0 for x in rows):
+                m.rows = rows
+            else:
+                note = "the totals were corrupt (NaN, infinite or negative): starting over"
+        elif raw:
+            note = "the totals were of another size: starting over"
         m.session_ended(counts, end, seconds)
+        try:
+            drop = _own_file(path + ".drops", os.O_RDWR)
+        except OSError:
+            drop = -1
+        if drop >= 0:
+            try:
+                m.add("textfile_drops", float(os.fstat(drop).st_size))
+                os.ftruncate(drop, 0)
+            finally:
+                os.close(drop)
         m.set("sessions_open", 0.0)
         m.set("cdb_entries", float(cdb[0]))
         m.set("cdb_mtime", cdb[1])
@@ -255,6 +308,11 @@ def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
             raise
     finally:
         os.close(fd)
+    return note
+
+
+MAX_SCRAPES = 4            # /metrics connections served at once
+SCRAPE_TIMEOUT = 5.0       # seconds for each read and write of one
 
 
 def bind(listen: str) -> socket.socket:
@@ -270,6 +328,7 @@ def http_server(sock: socket.socket, collector: Any = None) -> http.server.Threa
     a thread, or from a process of its own when the caller forks (the supervisor of
     several workers must not have threads)."""
     import http.server
+    import threading
 
     from prometheus_client.exposition import MetricsHandler
     from prometheus_client.registry import CollectorRegistry
@@ -278,11 +337,39 @@ def http_server(sock: socket.socket, collector: Any = None) -> http.server.Threa
         registry.register(collector)      # a collector: anything with collect()
 
     class Handler(MetricsHandler.factory(registry)):  # type: ignore[misc]
+        timeout = SCRAPE_TIMEOUT    # every read and write of a scrape
+
+        def do_GET(self) -> None:
+            if self.path.partition("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            super().do_GET()
+
         def log_message(self, format: str, *args: Any) -> None:
             pass                    # no line per scrape
 
     class Server(http.server.ThreadingHTTPServer):
+        """At most MAX_SCRAPES connections served at once (a thread each); one more is
+        closed as soon as it is accepted, so /metrics never holds more than a few
+        descriptors of the service's, however many clients connect and wait."""
         daemon_threads = True
+        slots = threading.BoundedSemaphore(MAX_SCRAPES)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
     httpd = Server(sock.getsockname()[:2], Handler, bind_and_activate=False)
     httpd.socket.close()
     httpd.socket = sock

@@ -229,11 +229,13 @@ def run(qmail_dir: str, env: Any, rfd: int = 0, wfd: int = 1,
         if textfile:                    # the totals of every session, for node-exporter
             from .metrics import accumulate, cdb_header
             try:
-                accumulate(textfile, session.counts, session.end_reason,
-                           time.monotonic() - started,
-                           cdb_header(env.get("VALIDRCPTTO_CDB") or ""))
+                note = accumulate(textfile, session.counts, session.end_reason,
+                                  time.monotonic() - started,
+                                  cdb_header(env.get("VALIDRCPTTO_CDB") or ""))
             except OSError as err:
-                log(f"METRICS_TEXTFILE {textfile}: {err.strerror or err}")
+                note = f"{err.strerror or err}"
+            if note:
+                log(f"METRICS_TEXTFILE {textfile}: {note}")
 
 
 def main(argv: list[str] | None = None) -> None:
