@@ -18,7 +18,7 @@ import pytest
 from helpers.tools import need, script, CI
 from helpers.net import free_port
 from helpers.wait import wait_for
-from helpers.smtp_client import make_cdb, RCPTHOSTS, T1
+from helpers.smtp_client import make_cdb, T1
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not CI, reason="Postfix starts as root")
 
@@ -122,15 +122,6 @@ access_map_reject_code = 550
     def stop(self) -> None:
         subprocess.run(["script", "-qc", f"{need('postfix')} -c {self.conf} stop", "/dev/null"],
                        capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def qdir(tmp_path: Path) -> Path:
-    control = tmp_path / "qmail/control"
-    control.mkdir(parents=True)
-    (control / "rcpthosts").write_text(RCPTHOSTS)
-    make_cdb(control / "validrcptto.cdb", T1)
-    return tmp_path / "qmail"
 
 
 def test_postfix_check_policy_service(qdir, tmp_path):
