@@ -247,9 +247,8 @@ def install(keys: list[bytes], path: str, *, rejects: AbstractSet[bytes] = froze
             added = [k for k in diff.added if not is_new_user(k)] if new_user else added
             old_user = new_user - (len(diff.added) - len(added)) + len(diff.removed) \
                 - len(removed)
-        refused = 0
-        if old_count is not None and not force:
-            refused = len(live_losses(path, removed, diff.changed, added, keys, new, rejects))
+        refused = len(live_losses(path, removed, diff.changed, added, keys, new, rejects)) \
+            if old_count is not None and not force else 0
         why = gate(len(keys) - new_user, None if old_count is None else old_count - old_user,
                    max_shrink, force, empty=len(keys) == 0,
                    users=(new_user, old_user) if user_keys is not None else None,

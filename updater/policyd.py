@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import os
 import signal
 import socket
@@ -30,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .checker import check
 from .postfix import Answer, Conversation, Reply, Settings
-from .netsock import listen_tcp
 from .smtp.cdbfile import CdbCache
 from .smtp.watched import Watched
+from .listeners import RateLog, bind
 from .smtp.controls import ControlError, morercpthosts_path, readfile
 from .smtp.addresses import rcpthosts_allows
 from .textsafe import escape
@@ -95,31 +94,6 @@ class Lookup:
         return Answer(verdict.accepted, address, verdict.key)
 
 
-class RateLog:
-    """At most ``rate`` lines a second; the rest are counted and summed up in one line
-    (``flush``, from the once-a-second sweep): a flood cannot flood the log."""
-
-    def __init__(self, rate: int):
-        self.rate, self.second, self.lines, self.dropped = rate, 0, 0, 0
-
-    def line(self, text: str) -> None:
-        now = int(time.monotonic())
-        if now != self.second:
-            self.flush()
-            self.second, self.lines = now, 0
-        self.lines += 1
-        if self.lines <= self.rate:
-            log(text)
-        else:
-            self.dropped += 1
-
-    def flush(self) -> None:
-        if self.dropped:
-            log(f"{self.dropped} more log lines in the last second left out "
-                f"(at most {self.rate} a second)")
-            self.dropped = 0
-
-
 class Counts:
     """What the service answered, for --metrics (one process: plain numbers)."""
 
@@ -139,7 +113,7 @@ class Server:
                                  map_name=opts.map_name.encode())
         self.conns: set[PolicyProtocol] = set()
         self.serial = 0
-        self.logs = RateLog(LOG_RATE)
+        self.logs = RateLog(LOG_RATE, log)
 
     def note(self, conn: PolicyProtocol, reply: Reply) -> None:
         a = reply.answer
@@ -255,70 +229,6 @@ class PolicyProtocol(asyncio.Protocol):
                 asyncio.get_running_loop().call_soon(self.answer)
         else:
             self.transport.resume_reading()
-
-
-def parse_listen(text: str) -> tuple[str, str, int]:
-    """("unix", PATH, 0) or ("inet", HOST, PORT)."""
-    if text.startswith("unix:"):
-        return "unix", text[5:], 0
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT or unix:PATH, got {text!r}")
-    return "inet", host.strip("[]") or "0.0.0.0", int(port)
-
-
-def bind(spec: str, mode: int, owner: str) -> socket.socket:
-    kind, where, port = parse_listen(spec)
-    if kind == "unix":
-        sock = bind_unix(where, mode, owner)
-    else:
-        return listen_tcp(where, port, 256)
-    sock.listen(256)
-    sock.setblocking(False)
-    return sock
-
-
-def bind_unix(path: str, mode: int, owner: str) -> socket.socket:
-    """A unix socket at ``path``, in a directory others (postfix) may write: nothing at
-    the path is followed or changed through a name.  A stale socket is removed; a
-    symlink (dangling or not) or any other file is refused, saying what is there.  The
-    mode comes from the umask at bind() (no chmod), the owner by lchown (a socket
-    swapped for a link after bind() gets only the link's owner changed)."""
-    import stat as st_
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if st_.S_ISSOCK(st.st_mode):
-            os.unlink(path)                          # a stale socket (ours, last time)
-        elif st_.S_ISLNK(st.st_mode):
-            target = os.readlink(path)
-            dangling = "" if os.path.exists(path) else ", dangling"
-            raise OSError(errno.EEXIST, f"is a symbolic link (to {target!r}{dangling}): "
-                                        "refusing to bind there", path)
-        else:
-            what = "a regular file" if st_.S_ISREG(st.st_mode) else \
-                "a directory" if st_.S_ISDIR(st.st_mode) else "not a socket"
-            raise OSError(errno.EEXIST, f"exists and is {what}: refusing to replace it",
-                          path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(~mode & 0o777)
-    try:
-        sock.bind(path)
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        os.umask(old)
-    if owner:
-        import grp
-        import pwd
-        user, _, group = owner.partition(":")
-        uid = pwd.getpwnam(user).pw_uid if user else -1
-        gid = grp.getgrnam(group).gr_gid if group else -1
-        os.chown(path, uid, gid, follow_symlinks=False)
-    return sock
 
 
 def metrics_collector(server: Server) -> Any:

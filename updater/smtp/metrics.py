@@ -239,6 +239,29 @@ def _own_file(path: str, flags: int) -> int:
     return fd
 
 
+def _lock_or_drop(fd: int, path: str) -> None:
+    """The data file's lock within LOCK_WAIT seconds; else the session is counted in
+    ``path``.drops and OSError says it was not added."""
+    import fcntl
+    import os
+    import time
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                drop = _own_file(path + ".drops", os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(drop, b"x")
+                finally:
+                    os.close(drop)
+                raise OSError(11, f"lock held for more than {LOCK_WAIT:g}s: this "
+                                  "session was not counted (textfile_drops)") from None
+            time.sleep(0.01)
+
+
 def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
                cdb: tuple[int, float]) -> str | None:
     """tcpserver mode: add one session to the totals kept in ``path``.data (ours only:
@@ -247,30 +270,14 @@ def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
     at most: past that the session is not added, only counted in ``path``.drops (added
     to ``textfile_drops`` by the next session that gets the lock), and OSError says so.
     Returns a line for the log when the totals were corrupt and started over."""
-    import fcntl
     import math
     import os
     import struct
     import tempfile
-    import time
     fd = _own_file(path + ".data", os.O_RDWR)
     note = None
     try:
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    drop = _own_file(path + ".drops", os.O_WRONLY | os.O_APPEND)
-                    try:
-                        os.write(drop, b"x")
-                    finally:
-                        os.close(drop)
-                    raise OSError(11, f"lock held for more than {LOCK_WAIT:g}s: this "
-                                      "session was not counted (textfile_drops)") from None
-                time.sleep(0.01)
+        _lock_or_drop(fd, path)
         raw = os.pread(fd, WIDTH * 8, 0)
         m = Metrics(1)
         if len(raw) == WIDTH * 8:
