@@ -24,7 +24,7 @@ def test_quick_benchmark_prints_every_row_and_writes_results(tmp_path: Path):
                           timeout=300)
     assert done.returncode == 0, done.stderr       # (it fails if our cdb and cdbmake's differ)
     rows = [line.split() for line in done.stdout.splitlines()[1:]]
-    assert len(rows) == 29, done.stdout
+    assert len(rows) == 30, done.stdout
     table = out.read_text()
     assert table.startswith("# Benchmark results\n") and "| measurement | ours |" in table
     for what in ("full rebuild, 10k", "cdb write alone", "validrcptto-smtpd session",
