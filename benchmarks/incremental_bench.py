@@ -17,7 +17,7 @@ import subprocess
 import time
 
 import trees
-from run import QU, SMTPD, fmt_n, fmt_s, has_key, read_json, wait
+from run import QU, SMTPD, _listening, fmt_n, fmt_s, has_key, read_json, wait
 
 MB = 1024
 
@@ -70,7 +70,7 @@ def _new_domain_served(bench, env: dict[str, str], fifo: str) -> float:
     server = subprocess.Popen(SMTPD + ["--listen", f"127.0.0.1:{port}", "--quiet"],
                               env=env, stderr=subprocess.DEVNULL)
     try:
-        wait(lambda: _listening_on(port), 30, "the server")
+        wait(lambda: _listening(port), 30, "the server")
         times = []
         for i in range(max(1, bench.runs // 2)):
             domain = f"fresh{i}.example"
@@ -91,15 +91,6 @@ def _new_domain_served(bench, env: dict[str, str], fifo: str) -> float:
     finally:
         server.terminate()
         server.wait(30)
-
-
-def _listening_on(port: int) -> bool:
-    import socket
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def run(bench) -> None:

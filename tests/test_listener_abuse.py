@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.net import free_port
+from helpers.net import free_port, wait_port
 from helpers.tools import CI, need, script
 from helpers.wait import wait_for
 
@@ -269,7 +269,7 @@ def test_the_metrics_textfile_cannot_be_held_or_planted(tmp_path: Path):
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True).start()
     try:
-        wait_for(lambda: subprocess.run(["true"]) and _up(port), 15, "tcpserver")
+        wait_port(port, server, 15)
         session(port)
         wait_for(data.exists, 10, "the data file")
         st = data.stat()
@@ -304,14 +304,6 @@ def test_the_metrics_textfile_cannot_be_held_or_planted(tmp_path: Path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(10)
-
-
-def _up(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_report_reads_only_regular_files_and_bounded_lines(tmp_path: Path):

@@ -225,17 +225,19 @@ LOCK_WAIT = 0.5            # seconds a session waits for the textfile's lock, at
 
 def _own_file(path: str, flags: int) -> int:
     """Open a file of ours for writing: not through a symlink, a regular file of our
-    uid, mode 0600, one link (a planted hard link is refused, never written through)."""
+    uid with one link (a planted hard link is refused, never written through), made
+    0600 (an older version's 0644 file is ours: its mode is set on the descriptor)."""
     import os
     import stat
     fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                  0o600)
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1 or \
-            st.st_mode & 0o077:
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
         os.close(fd)
-        raise OSError(1, "not a regular file of ours with mode 0600 and one link: "
-                         "refusing to write it", path)
+        raise OSError(1, "not a regular file of ours with one link: refusing to write it",
+                      path)
+    if st.st_mode & 0o077:
+        os.fchmod(fd, 0o600)
     return fd
 
 
