@@ -35,7 +35,7 @@ class RateLog:
     def flush(self) -> None:
         if self.dropped:
             self.log(f"{self.dropped} more log lines in the last second left out "
-                f"(at most {self.rate} a second)")
+                     f"(at most {self.rate} a second)")
             self.dropped = 0
 
 

@@ -87,10 +87,15 @@ class Watched(Generic[T]):
                     not path.endswith(("rcpthosts", "badmailfrom")):
                 continue
             if time.time() - ident[3] / 1e9 < SETTLE:
-                try:
-                    with open(path, "rb", buffering=0) as f:
-                        last = os.pread(f.fileno(), 1, ident[2] - 1)
+                try:                            # (never blocks: O_NONBLOCK)
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 except OSError:
                     continue
+                try:
+                    last = os.pread(fd, 1, ident[2] - 1)
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
                 if last != b"\n":
                     raise ControlError(f"{path}: being written (no final newline yet)")
