@@ -224,8 +224,8 @@ def test_report_on_a_captured_multilog_file(tmp_path: Path):
         s = greeted(port, wait=15)
         s.cmd("HELO x")
         s.cmd("MAIL FROM:<a@b.example>")
-        for rcpt in ("nobody@example.com", "Other@Example.COM", "joe@example.com",
-                     "x@blockdom.net"):
+        for rcpt in ("nobody@example.com", "Other@Example.COM", "relay@elsewhere.test",
+                     "joe@example.com", "x@blockdom.net"):
             s.cmd(f"RCPT TO:<{rcpt}>")
         s.close()
         s = greeted(port)
@@ -245,10 +245,13 @@ def test_report_on_a_captured_multilog_file(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "sessions:             2\n" in out
-    assert "recipients refused:   6 (not in the validrcptto list)" in out
+    assert "recipients refused:   6 (not in the validrcptto list), 1 (domain not in " \
+        "rcpthosts)" in out
     assert "hung up:              2 (too many invalid recipients)" in out
     assert "       5  example.com\n" in out and "       1  blockdom.net\n" in out
     assert "nobody" not in out and "harvest" not in out              # counts, no addresses
+    assert "not in rcpthosts: elsewhere.test" in current.read_text()   # the domain only
+    assert "relay@" not in current.read_text()
     old = subprocess.run([script("qmail-updater"), "report", "--since", "0", str(current)],
                          capture_output=True, text=True, timeout=60)
     assert "recipients refused:   0" in old.stdout                   # nothing that recent

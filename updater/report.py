@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 LINE_MAX = 8192
 _TAI = re.compile(r"@([0-9a-f]{16})[0-9a-f]{8} ")
 _NOT_FOUND = re.compile(r"validrcptto \[[^\]]*\] not found: (.*)$")
+_NOT_OURS = re.compile(r"validrcptto \[[^\]]*\] not in rcpthosts: ")
 _HANGUP = re.compile(r"validrcptto \[[^\]]*\] excessive violations, hanging up$")
 _AUTH_FAILED = re.compile(r"AUTH failed user ")
 _AUTH_LIMIT = re.compile(r"too many authentication failures")
@@ -48,6 +49,7 @@ def since(text: str, now: float | None = None) -> float:
 @dataclass
 class Report:
     rejected: int = 0
+    not_ours: int = 0               # RCPT to a domain not in rcpthosts (relaying refused)
     domains: Counter[str] = field(default_factory=Counter)
     hangups_invalid: int = 0
     hangups_auth: int = 0
@@ -72,6 +74,8 @@ class Report:
             if domain not in self.domains and len(self.domains) >= MAX_DOMAINS:
                 domain = "(other domains)"
             self.domains[domain] += 1
+        elif _NOT_OURS.search(line):
+            self.not_ours += 1
         elif _HANGUP.search(line):
             self.hangups_invalid += 1
         elif _AUTH_FAILED.search(line):
@@ -91,7 +95,8 @@ class Report:
                 f"{time.strftime(fmt, time.localtime(self.last))}") if self.first else "-"
         out = [f"period:               {span}",
                f"sessions:             {self.sessions}",
-               f"recipients refused:   {self.rejected} (not in the validrcptto list)",
+               f"recipients refused:   {self.rejected} (not in the validrcptto list), "
+               f"{self.not_ours} (domain not in rcpthosts)",
                f"hung up:              {self.hangups_invalid} (too many invalid recipients), "
                f"{self.hangups_auth} (too many AUTH failures)",
                f"AUTH failures:        {self.auth_failed}",

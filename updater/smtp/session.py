@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable       # (not typing: start-up counts here)
 
+from ..textsafe import escape
 from .addresses import addrparse, badmailfrom, rcpthosts_allows, validrcptto
 from .events import (AUTH, CALLBACKS, Event, COMMAND, DATA, DONE, QUEUE_CLOSING, QUEUE_OPENING,
                      TLS_STARTING, Close, Log, ProtocolError, QueueAbort, QueueOpen, Reply,
@@ -345,7 +346,9 @@ class Session:
         else:
             if not rcpthosts_allows(addr, self.c.rcpthosts, self.more):
                 self.count("rcpt.rejected.rcpthosts")
-                ev.append(Reply(R_NOGATEWAY))
+                at = addr.rfind(b"@")               # the domain only: no address logged
+                ev += [Log(self._vlog(f"not in rcpthosts: {escape(addr[at + 1:])}")),
+                       Reply(R_NOGATEWAY)]
                 return
             why = "rcpthosts" if self.validrcptto is None else "validrcptto"
             ok = True
