@@ -108,7 +108,7 @@ class SmtpProtocol(asyncio.Protocol):
                 rule = lookup(w.rules_current(), ip)
             except OSError as err:           # tcpserver drops the connection, and logs
                 w.metrics.add("connections_refused.rules")
-                log(f"deny {self.id} {where}: {w.rules_error(err)}")
+                w.rules_failed(err, self.id, where)
                 transport.abort()
                 return False, None
             if not rule.allow:

@@ -29,6 +29,9 @@ SWEEP = 0.5                 # seconds between checks of the sessions' read deadl
 OWED_WAIT = 30.0            # after the grace period: seconds for replies owed after a message
 
 
+RULES_LOG_EVERY = 60.0     # seconds between the lines about connections dropped for rules
+
+
 class Worker:
     """One process's state: the cached controls, cdb snapshots, rules; the sessions."""
 
@@ -51,6 +54,8 @@ class Worker:
         self.stopping = False
         self.grace_over = False
         self.serial = 0
+        self.rules_dropped = 0                    # connections dropped for unreadable rules
+        self.rules_logged = float("-inf")
 
     def reload(self) -> None:
         """SIGHUP: controls and rules are read again at the next connection."""
@@ -75,10 +80,26 @@ class Worker:
 
     def rules_current(self) -> CdbGetter:
         """The rules cdb for a new connection; OSError (tcpserver drops the connection)
-        when it cannot be read or is not a whole cdb."""
+        when it cannot be read or is not a whole cdb.  Readable again after drops: one
+        line says so."""
         if self.rules is None:
             raise OSError("no rules")
-        return self.rules.current()
+        getter = self.rules.current()
+        if self.rules_dropped:
+            log(f"rules {self.o.rules} readable again: {self.rules_dropped} connection(s) "
+                "were dropped while they were not")
+            self.rules_dropped, self.rules_logged = 0, float("-inf")
+        return getter
+
+    def rules_failed(self, err: OSError, ident: int, where: str) -> None:
+        """A connection dropped for unreadable rules: logged at the first and then once a
+        minute while it lasts, with the count (a flood cannot flood the log)."""
+        self.rules_dropped += 1
+        now = time.monotonic()
+        if now - self.rules_logged >= RULES_LOG_EVERY:
+            self.rules_logged = now
+            log(f"deny {ident} {where}: {self.rules_error(err)}; every connection is dropped "
+                f"until it is fixed ({self.rules_dropped} so far)")
 
     def rules_error(self, err: OSError) -> str:
         return f"cannot read rules {self.o.rules}: {err.strerror or err}"
