@@ -24,10 +24,31 @@ HERE = Path(__file__).resolve().parent
 TOP = HERE.parent
 
 
-def deploy_block() -> str:
+def block(heading: str) -> str:
     readme = (TOP / "README.md").read_text()
-    section = readme[readme.index("\n## Deploy\n"):]
+    section = readme[readme.index(f"\n## {heading}\n"):]
     return re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+
+
+def deploy_block() -> str:
+    return block("Deploy")
+
+
+def svstat_up(services: Path, name: str) -> int | None:
+    out = subprocess.run([need("svstat"), str(services / name)], capture_output=True,
+                         text=True).stdout
+    m = re.search(r": up \(pid (\d+)\) (\d+) seconds", out)
+    return int(m.group(1)) if m and int(m.group(2)) >= 1 else None
+
+
+def wait_up(services: Path, name: str, old: int | None) -> int | None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pid = svstat_up(services, name)
+        if pid is not None and pid != old:
+            return pid
+        time.sleep(0.2)
+    return None
 
 
 @pytest.mark.skipif(os.geteuid() != 0 and not CI, reason="the services run as root")
@@ -67,9 +88,13 @@ def test_the_readme_deploy_block_as_written(tmp_path: Path):
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("UPDATER_", "VALIDRCPTTO_", "QMAIL_", "VPOPMAIL_", "TCP"))}
+    vpopmail = root / "home/vpopmail"
+    (vpopmail / "etc").mkdir(parents=True)
+    pport = free_port()
     env.update(PREFIX=str(tmp_path / "venv"), QMAIL=str(qmail), SERVICE=str(services),
                TCPRULES=str(root / "etc/tcp.smtp"), SMTPD_USER="nobody", IP="::",
-               PORT=str(port), CHECK_SERVER="::1")
+               PORT=str(port), CHECK_SERVER="::1", POLICYD=f"127.0.0.1:{pport}",
+               VPOPMAIL=str(vpopmail))
     scan = subprocess.Popen([need("svscan"), str(services)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -95,8 +120,40 @@ def test_the_readme_deploy_block_as_written(tmp_path: Path):
         assert listed.returncode == 0, listed.stdout + listed.stderr
         log = (qmail / "supervise/validrcptto-smtpd/log/main/current").read_text()
         assert "listening on" in log and "WARNING" not in log
+        # validrcptto-policyd deployed too, answering for the list
+        assert re.search(r"/validrcptto-policyd: up \(pid \d+\)", out), out
+        import socket
+        with socket.create_connection(("127.0.0.1", pport), timeout=10) as sock:
+            sock.sendall(b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+                         b"recipient=nobody-here@deploy.test\n\n")
+            assert sock.recv(200).startswith(b"action=REJECT")
+        # the onchange hook, pointed at this qmail's FIFO, reaches the daemon
+        hook = vpopmail / "etc/onchange"
+        assert f"{qmail}/control/validrcptto.trigger" in hook.read_text()
+        ran = subprocess.run([str(hook), "add_user", "postmaster@deploy.test", "-", ""],
+                             capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+        assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+        # a second run changes nothing and says so
+        again = subprocess.run(["bash", "-e", "-c", deploy_block()], cwd=TOP, env=env,
+                               capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "deploy: nothing to change (already deployed)" in again.stdout, again.stdout
+        assert [x for x in again.stdout.splitlines() if x.startswith("deploy:")] == \
+            ["deploy: nothing to change (already deployed)"], again.stdout
+        assert "ok: nobody-here@deploy.test refused (553" in again.stdout
+        assert not (qmail / "supervise/qmail-updater/qmail-updater").exists()
+        # the Upgrade block: installed again, every service restarted, all up again
+        pids = {s: svstat_up(services, s) for s in
+                ("qmail-updater", "validrcptto-smtpd", "validrcptto-policyd")}
+        up = subprocess.run(["bash", "-e", "-c", block("Upgrade")], cwd=TOP, env=env,
+                            capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, up.stdout + up.stderr
+        for s, pid in pids.items():
+            assert f"upgrade: {s} restarted" in up.stdout, up.stdout
+            new = wait_up(services, s, pid)
+            assert new and new != pid
     finally:
-        for s in ("validrcptto-smtpd", "qmail-updater"):
+        for s in ("validrcptto-smtpd", "qmail-updater", "validrcptto-policyd"):
             d = qmail / "supervise" / s
             if d.exists():
                 subprocess.run([need("svc"), "-dx", str(d), str(d / "log")])
