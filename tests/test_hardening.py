@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -420,3 +421,69 @@ def test_symlinked_live_cdb_is_refused(tree: Tree):
     assert tree.cdb.is_symlink() and real.read_bytes() == b""
     assert tree.run("build", VALIDRCPTTO_CDB=str(real)).returncode == 0
     assert "joe@example.com" in keys_of(real)
+
+
+def test_the_daemon_runs_as_vpopmail_with_a_directory_of_its_own(tree: Tree, vpopmail_account):
+    """UPDATER_USER=vpopmail as README "Running the daemon as vpopmail" sets it up: the
+    cdb, locks, status and FIFO in a directory of vpopmail's, with the owners and modes
+    it states; the hook (as vpopmail) reaches the daemon.  In root's control/ the daemon
+    exits with one line saying what it needs."""
+    import grp
+    import stat as st_
+    setuidgid = need("setuidgid")
+    d = setup_tree(tree)
+    for p in [tree.root, *tree.root.parents]:           # vpopmail walks down to the tree
+        if p in (Path("/tmp"), Path("/")):
+            break
+        p.chmod(p.stat().st_mode | 0o711)
+    own = tree.qmail / "control/validrcptto"
+    own.mkdir(mode=0o755)
+    os.chown(own, vpopmail_account.pw_uid, vpopmail_account.pw_gid)
+    env = tree.env(UPDATER_QUIET="0.2", UPDATER_MIN_INTERVAL="0", PYTHONPATH="",
+                   VALIDRCPTTO_CDB=str(own / "validrcptto.cdb"),
+                   UPDATER_STATUS=str(own / "validrcptto.status"),
+                   UPDATER_FIFO=str(own / "validrcptto.trigger"))
+    # the program as vpopmail can start it: the system's Python 3 with this checkout and
+    # the virtual environment's packages (this Python's own home may be root's alone)
+    import site
+    import sysconfig
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    paths = os.pathsep.join([str(ROOT), sysconfig.get_path("purelib"),
+                             sysconfig.get_path("platlib"), *site.getsitepackages()])
+    run = [setuidgid, "vpopmail", python, "-m", "updater", "run"]
+    wrong = subprocess.run(run, env=tree.env(PYTHONPATH=paths), capture_output=True,
+                           text=True, timeout=30)
+    assert wrong.returncode != 0
+    assert "cannot open lock file: Permission denied (this user may not write the cdb's " \
+        "directory" in wrong.stderr, wrong.stderr
+    env["PYTHONPATH"] = paths
+    proc = subprocess.Popen(run, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    import threading
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    try:
+        wait_for(lambda: any("build (start): installed" in x for x in lines), 20,
+                 "the first build")
+        vp = vpopmail_account.pw_uid
+        for name, mode in (("validrcptto.cdb", 0o644), ("validrcptto.cdb.lock", 0o600),
+                           ("validrcptto.cdb.daemon", 0o600)):
+            s = os.stat(own / name)
+            assert (s.st_uid, st_.S_IMODE(s.st_mode)) == (vp, mode), name
+        fifo = os.stat(own / "validrcptto.trigger")
+        assert st_.S_ISFIFO(fifo.st_mode) and st_.S_IMODE(fifo.st_mode) == 0o620
+        assert fifo.st_gid == grp.getgrnam("vchkpw").gr_gid
+        (d / "vpasswd").write_text((d / "vpasswd").read_text() + "late:x:1:0::/x:NOQUOTA\n")
+        hook = tree.root / "onchange"
+        shutil.copy(ROOT / "service/onchange", hook)
+        hook.chmod(0o755)
+        ran = subprocess.run(as_user(vp, vpopmail_account.pw_gid,
+                                     groups=str(vpopmail_account.pw_gid)) +
+                             [str(hook), "add_user", "late@vpop.example"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+        wait_for(lambda: "late@vpop.example" in keys_of(own / "validrcptto.cdb"), 10,
+                 "the new mailbox")
+        assert (own / "validrcptto.status").stat().st_uid == vp
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)

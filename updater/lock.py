@@ -29,6 +29,10 @@ def open_lock(lock_path: str) -> int:
             fd = os.open(lock_path, flags, LOCK_MODE)
         except OSError as err:
             why = "is a symbolic link" if err.errno == errno.ELOOP else err.strerror
+            if err.errno == errno.EACCES:        # the daemon as UPDATER_USER, say
+                why += (" (this user may not write the cdb's directory: give it one of "
+                        "its own for the cdb, status and FIFO; README \"Running the "
+                        "daemon as vpopmail\")")
             raise InstallError(f"cannot open lock file: {why}", lock_path) from None
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and \
