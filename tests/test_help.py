@@ -4,6 +4,7 @@ programs answer --version."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -89,13 +90,90 @@ def test_qmail_updater_settings_tables_match_the_help():
         assert block(text, flag).endswith(f"; default {default}]"), block(text, flag)
 
 
+def env_column(rows: list[str]) -> dict[str, str]:
+    """flag -> the variable in the "environment" column."""
+    out = {}
+    for row in rows:
+        cells = row.split("|")
+        flag = FLAG.findall(cells[1])[0]
+        var = re.search(r"`([A-Z_]+)`", cells[2])
+        if var:
+            out[flag] = var.group(1)
+    return out
+
+
+def help_vars(text: str) -> dict[str, str]:
+    """flag -> the variable its --help names ([$VAR])."""
+    out = {}
+    for flag in options(text):
+        m = re.search(r"\[\$([A-Z_]+)(=1)?\]$", block(text, flag))
+        if m:
+            out[flag] = m.group(1)
+    return out
+
+
+SERVICE = Path(__file__).resolve().parent.parent / "service"
+# in the smtpd env/ but no option's: the run scripts' own, and the per-connection ones
+SMTPD_OTHER = {"PATH", "IP", "PORT", "SMTPD_UID", "SMTPD_GID", "VALIDRCPTTO_CDB",
+               "VALIDRCPTTO_LIMIT", "VALIDRCPTTO_LOG", "AUTH_MAX_FAILURES", "AUTH_PLAINTEXT",
+               "CHECKPASSWORD_TIMEOUT", "TLS_CERT", "TLS_KEY"}
+
+
 def test_validrcptto_smtpd_table_matches_the_help():
     text = helps("validrcptto-smtpd", ())
-    documented = first_cells(table("| option | default | meaning |"))
+    rows = table("| option | environment | default | meaning |")
+    documented = first_cells(rows)
     assert options(text) == documented
     for flag, default in (("--max-connections", "500"), ("--max-per-ip", "20"),
                           ("--grace", "10")):
-        assert block(text, flag).endswith(f"(default: {default})"), block(text, flag)
+        assert f"(default: {default}) [$" in block(text, flag), block(text, flag)
+    # every option but --listen (IP:PORT) has its variable, named alike in --help, the
+    # README and the shipped env/ directory; the README names the other files too
+    named = help_vars(text)
+    assert named == {k: v for k, v in env_column(rows).items() if k != "--listen"}
+    assert set(options(text)) - set(named) == {"--listen"}
+    env_dir = set(os.listdir(SERVICE / "validrcptto-smtpd/env"))
+    assert set(named.values()) <= env_dir
+    assert env_dir - set(named.values()) <= SMTPD_OTHER
+    for var in env_dir - {"PATH"}:
+        assert f"`{var}`" in README, var
+
+
+def test_validrcptto_policyd_table_matches_the_help_and_its_env_dir():
+    text = helps("validrcptto-policyd", ())
+    head = "| option | environment | default | meaning |\n|---|---|---|---|\n"
+    rows = table(head + "| `--listen ADDR`")
+    assert options(text) == first_cells(rows)
+    named = help_vars(text)
+    assert named == env_column(rows) and set(named) == options(text)
+    assert set(os.listdir(SERVICE / "validrcptto-policyd/env")) - {"PATH"} == \
+        set(named.values())
+
+
+def test_options_come_from_the_environment(tmp_path: Path):
+    """A variable sets the option, a flag wins over it, a bad one is a usage error
+    naming it (--listen mode); under tcpserver it never costs a session."""
+    env = {**os.environ, "GRACE": "abc"}
+    done = subprocess.run([script("validrcptto-smtpd"), "--listen", "127.0.0.1:1"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "$GRACE: not a valid --grace value: 'abc'" in done.stderr
+    done = subprocess.run([script("validrcptto-policyd")], capture_output=True, text=True,
+                          env={**os.environ, "LISTEN": "", "VERBOSE": "x"}, timeout=60)
+    assert done.returncode == 2 and "$VERBOSE" in done.stderr
+    from updater.smtp.options import parse_args
+    import updater.smtp.options as o
+    saved = dict(os.environ)
+    try:
+        os.environ.update(CONCURRENCY="7", WORKERS="3", SMTPD_QUIET="1", GRACE="2.5")
+        opts = parse_args(["--listen", "127.0.0.1:1", "--workers", "2"])
+        assert (opts.max_connections, opts.workers, opts.verbose, opts.grace) == \
+            (7, 2, False, 2.5)
+        os.environ["GRACE"] = "bad"
+        assert parse_args(["--qmail-dir", str(tmp_path)]).grace == 10.0   # tcpserver mode
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    del o
 
 
 def test_mkvalidrcptto_help_is_plain_text_and_matches():

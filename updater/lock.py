@@ -28,7 +28,7 @@ def open_lock(lock_path: str) -> int:
         try:
             fd = os.open(lock_path, flags, LOCK_MODE)
         except OSError as err:
-            why = "is a symbolic link" if err.errno == errno.ELOOP else err.strerror
+            why = "is a symbolic link" if err.errno == errno.ELOOP else (err.strerror or str(err))
             if err.errno == errno.EACCES:        # the daemon as UPDATER_USER, say
                 why += (" (this user may not write the cdb's directory: give it one of "
                         "its own for the cdb, status and FIFO; README \"Running the "

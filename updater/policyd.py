@@ -30,6 +30,7 @@ from . import __version__
 from .checker import check
 from .postfix import Answer, Conversation, Reply, Settings
 from .smtp.cdbfile import CdbCache
+from .serveropts import Param, add_params, resolve
 from .smtp.watched import Watched
 from .listeners import RateLog, bind
 from .smtp.controls import ControlError, morercpthosts_path, readfile
@@ -304,35 +305,41 @@ async def serve(opts: argparse.Namespace, socks: list[socket.socket],
     log("stopped")
 
 
-PARAMS: list[tuple[str, str, type, object, str, str]] = [
+PARAMS: list[Param] = [
     ("--listen", "listen", str, None, "ADDR",
-     "HOST:PORT or unix:PATH to listen on (may be given more than once; required)"),
-    ("--qmail-dir", "qmail_dir", str, None, "DIR",
-     "qmail's home: control/rcpthosts and morercpthosts.cdb say which domains are ours "
-     "(default: $QMAIL_DIR, else /var/qmail)"),
+     "HOST:PORT or unix:PATH to listen on (may be given more than once; required; the "
+     "variable: separated by spaces)", "LISTEN"),
+    ("--qmail-dir", "qmail_dir", str, "/var/qmail", "DIR",
+     "qmail's home: control/rcpthosts and morercpthosts.cdb say which domains are ours",
+     "QMAIL_DIR"),
     ("--cdb", "cdb", str, None, "CDB",
-     "the list (default: $VALIDRCPTTO_CDB, else QMAIL_DIR/control/validrcptto.cdb)"),
+     "the list (default: QMAIL_DIR/control/validrcptto.cdb)", "VALIDRCPTTO_CDB"),
     ("--reject-action", "reject_action", str, Settings.reject, "TEXT",
      "policy answer for a refused recipient ({address} is replaced by the recipient; "
-     "Postfix itself puts \"<ADDRESS>: Recipient address rejected:\" before the text)"),
+     "Postfix itself puts \"<ADDRESS>: Recipient address rejected:\" before the text)",
+     "REJECT_ACTION"),
     ("--unavailable-action", "unavailable_action", str, Settings.unavailable, "TEXT",
-     "policy answer when the cdb cannot be read"),
-    ("--map-name", "map_name", str, "validrcptto", "NAME", "the socketmap's name"),
-    ("--max-connections", "max_connections", int, 200, "N", "connections in all"),
+     "policy answer when the cdb cannot be read", "UNAVAILABLE_ACTION"),
+    ("--map-name", "map_name", str, "validrcptto", "NAME", "the socketmap's name",
+     "MAP_NAME"),
+    ("--max-connections", "max_connections", int, 200, "N", "connections in all",
+     "MAX_CONNECTIONS"),
     ("--idle-timeout", "idle_timeout", float, 600.0, "SECONDS",
-     "a connection idle this long (or leaving answers unread) is closed"),
+     "a connection idle this long (or leaving answers unread) is closed", "IDLE_TIMEOUT"),
     ("--request-timeout", "request_timeout", float, 10.0, "SECONDS",
      "a request must be complete this long after its first byte (a trickling client "
-     "is closed)"),
-    ("--socket-mode", "socket_mode", str, "0660", "MODE", "mode of unix: sockets"),
+     "is closed)", "REQUEST_TIMEOUT"),
+    ("--socket-mode", "socket_mode", str, "0660", "MODE", "mode of unix: sockets",
+     "SOCKET_MODE"),
     ("--socket-owner", "socket_owner", str, "", "USER:GROUP",
-     "owner of unix: sockets (default: the starting user)"),
-    ("--user", "user", str, "", "NAME", "run as this account once bound"),
+     "owner of unix: sockets (default: the starting user)", "SOCKET_OWNER"),
+    ("--user", "user", str, "", "NAME", "run as this account once bound", "POLICYD_USER"),
     ("--metrics", "metrics", str, "", "HOST:PORT",
-     "serve Prometheus metrics at http://HOST:PORT/metrics"),
+     "serve Prometheus metrics at http://HOST:PORT/metrics", "METRICS"),
     ("--verbose", "verbose", int, 1, "N",
-     "log: 0 errors only, 1 also each refusal, 2 every decision"),
+     "log: 0 errors only, 1 also each refusal, 2 every decision", "VERBOSE"),
 ]
+REPEAT = frozenset({"listen"})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -340,12 +347,7 @@ def parser() -> argparse.ArgumentParser:
         prog=PROG, description="validrcptto.cdb for Postfix: a policy service "
         "(check_policy_service) and a socketmap (relay_recipient_maps), told apart by the "
         "first byte of each connection.")
-    for flag, attr, kind, default, metavar, text in PARAMS:
-        if default not in (None, ""):
-            text += f" (default: {default})"
-        p.add_argument(flag, dest=attr, type=kind, metavar=metavar, help=text,
-                       action="append" if attr == "listen" else "store",
-                       default=None if attr == "listen" else default)
+    add_params(p, PARAMS, REPEAT)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -353,12 +355,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     p = parser()
     opts = p.parse_args(sys.argv[1:] if argv is None else argv)
+    resolve(opts, PARAMS, os.environ, p.error, REPEAT)
     if not opts.listen:
-        p.error("--listen is required")
-    opts.qmail_dir = os.path.abspath(opts.qmail_dir or os.environ.get("QMAIL_DIR") or
-                                     "/var/qmail")
-    opts.cdb = opts.cdb or os.environ.get("VALIDRCPTTO_CDB") or \
-        os.path.join(opts.qmail_dir, "control", "validrcptto.cdb")
+        p.error("--listen (or $LISTEN) is required")
+    opts.qmail_dir = os.path.abspath(opts.qmail_dir)
+    opts.cdb = opts.cdb or os.path.join(opts.qmail_dir, "control", "validrcptto.cdb")
     try:
         mode = int(opts.socket_mode, 8)
         socks = [bind(spec, mode, opts.socket_owner) for spec in opts.listen]
