@@ -139,7 +139,7 @@ def test_postfix_check_policy_service(qdir, tmp_path):
         assert pf.rcpt("anyone@catchall.org").startswith("250 ")          # @domain
         assert pf.rcpt("x@other.test").startswith("250 ")     # not in rcpthosts: Postfix's
         assert pf.rcpt("x@elsewhere.test").startswith("454 4.7.1")       # own rules decide
-        assert any("policy: reject nobody@example.com" in x for x in pd.lines)
+        assert any("policy: reject nobody@example.com (no key)" in x for x in pd.lines)
         odd_forms(pf, qdir)
     finally:
         pf.stop()
