@@ -1,12 +1,11 @@
-"""The qmail-smtpd conversation (netqmail 1.06 plus the validrcptto.cdb check) as an
-I/O-free state machine, in the style of h11: bytes in, events out (``events``: the
-events, the states and the contract a driver keeps).  A driver feeds one read at a time
-and carries out every event before it reads again, so the session holds at most one
-read plus one partial command line (4 KiB); after BATCH command lines it stops with
-``pending`` true until the driver calls ``proceed()``, so a client that pipelines
-without reading gets at most about BATCH replies ahead.  The controls, the lookups, the
-clocks and the queue come from outside; ``check_timeout()`` turns a passed ``deadline``
-into qmail's ``451 timeout``.  DATA, the Received line and AUTH are imported when
+"""The qmail-smtpd conversation (netqmail 1.06 plus the validrcptto.cdb check) as an I/O-free state
+machine, in the style of h11: bytes in, events out (``events``: the events, the states and the
+contract a driver keeps). A driver feeds one read at a time and carries out every event before
+it reads again, so the session holds at most one read plus one partial command line (4 KiB);
+after BATCH command lines it stops with ``pending`` true until the driver calls ``proceed()``,
+so a client that pipelines without reading gets at most about BATCH replies ahead. The controls,
+the lookups, the clocks and the queue come from outside; ``check_timeout()`` turns a passed
+``deadline`` into qmail's ``451 timeout``. DATA, the Received line and AUTH are imported when
 first needed (``blast``, ``received``, ``sasl``)."""
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ class Session:
                  ipme: Callable[[tuple[int, int, int, int]], bool] | None = None,
                  clock: Callable[[], float], monotonic: Callable[[], float] | None = None):
         self.c, self.peer, self.policy = controls, peer, policy or Policy()
-        self.validrcptto, self.more, self.ipme, self.clock = \
-            validrcptto, morercpthosts, ipme, clock
+        self.validrcptto, self.more, self.ipme, self.clock = validrcptto, morercpthosts, ipme, clock
         self.mono = monotonic or clock            # for deadlines; clock for dates
         self.remote = peer.remoteip.decode("latin-1")
         self.helo: bytes | None = None            # fakehelo: only when it differs
@@ -346,9 +344,8 @@ class Session:
         else:
             if not rcpthosts_allows(addr, self.c.rcpthosts, self.more):
                 self.count("rcpt.rejected.rcpthosts")
-                at = addr.rfind(b"@")               # the domain only: no address logged
-                ev += [Log(self._vlog(f"not in rcpthosts: {escape(addr[at + 1:])}")),
-                       Reply(R_NOGATEWAY)]
+                ev += [Log(self._vlog("not in rcpthosts: " +  # the domain only
+                                      escape(addr[addr.rfind(b"@") + 1:]))), Reply(R_NOGATEWAY)]
                 return
             why = "rcpthosts" if self.validrcptto is None else "validrcptto"
             ok = True
