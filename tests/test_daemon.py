@@ -118,33 +118,6 @@ def test_trigger_during_a_build_makes_exactly_one_more(tree: Tree, running):
     assert r.count(r"build \(fifo: first\)") == 1
 
 
-def test_debouncer_rule():
-    from updater.debounce import Debouncer
-    from updater.retry import backoff
-    d = Debouncer(quiet=2, max_delay=30)
-    assert d.due() is None
-    d.add(100, "a")
-    assert d.due() == 102
-    d.add(101, "b")
-    assert d.due() == 103
-    for t in range(102, 140):
-        d.add(t, "c")
-    assert d.due() == 130                      # the maximum delay caps a steady stream
-    assert d.take()[:2] == ["a", "b"] and d.due() is None
-    d.add(5, "now", immediate=True)
-    assert d.due() == 5
-    assert [backoff(n, 10, 600) for n in (1, 2, 3, 7, 8)] == [10, 20, 40, 600, 600]
-    # FIFO-only requests wait for the floor after the previous build; others do not
-    f = Debouncer(quiet=2, max_delay=30, floor=30)
-    f.add(100, "fifo: a", fifo=True)
-    assert f.due(last_build=90) == 120 and f.due(last_build=50) == 102
-    f.add(101, "modified vpasswd")
-    assert f.due(last_build=90) == 103
-    f.take()
-    f.add(200, "fifo: b", fifo=True)
-    assert f.due(last_build=195) == 225
-
-
 # --------------------------------------------------------------------------- watches
 
 def test_watched_changes_and_our_own_writes(tree: Tree, running):

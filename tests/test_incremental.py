@@ -225,7 +225,7 @@ def test_splice_matches_sorting_the_set(keys, added, cut):
 
 
 def test_onchange_requests_that_name_a_domain():
-    from updater.debounce import onchange_target
+    from updater.onchange import onchange_target
 
     def target(line):
         got = onchange_target(line)
@@ -264,32 +264,6 @@ def test_onchange_requests_that_name_a_domain():
                  "add_user joe@" + "a" * 300, "add_domain", "add_domain -", "x!y a@b",
                  "add_alias_domain d2.example d/1"):
         assert target(full) is None, full
-
-
-def test_debouncer_targeted_rule():
-    from updater.debounce import Debouncer
-    d = Debouncer(quiet=2, max_delay=30, floor=30, fast_quiet=0.05, fast_max_delay=1,
-                  fast_floor=1)
-    d.target(100, "add_user a@x", {"x"}, fast=True)
-    assert d.due() == pytest.approx(100.05)
-    assert d.due(last_build=99, last_end=99.5, last_seconds=0.3) == pytest.approx(100.5)
-    assert d.due(last_end=99.5, last_seconds=3.0) == pytest.approx(101.0)  # 2/3-busy bound
-    for i in range(50):                              # a burst: at most fast_max_delay
-        d.target(100 + i * 0.03, "add_user", {f"d{i}"}, fast=True)
-    assert d.due() == pytest.approx(101)
-    d.add(100.2, "fifo: burst", fifo=True)         # a full request held by the floor ...
-    assert d.full_due(last_build=90) == 120
-    reasons, domains = d.take_targeted(102)         # ... does not hold the targeted build
-    assert len(domains) == 51 and d.full_due(last_build=90) == 120 and d.count == 1
-    assert d.waiting == 1                          # what status shows: the held request
-    d.target(200, "del_user a@x", {"x"}, fast=False)   # a removal waits the quiet period
-    d.target(200.5, "moved .../y/vpasswd", {"y"}, fast=False, settles=True)
-    assert d.targeted_due() == 202.5
-    d.target(201, "add_user b@z", {"z"}, fast=True)
-    assert d.take_targeted(201.1) == (["del_user a@x", "moved .../y/vpasswd",
-                                       "add_user b@z"], {"z"})
-    d.settle(201.1, {"x", "y", "z"})               # the watched change is answered,
-    assert d.take_targeted() == ([], {"x"})         # the removal report is not
 
 
 # --------------------------------------------------------------------------- the daemon

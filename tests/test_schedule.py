@@ -1,0 +1,277 @@
+"""The rebuild daemon's timing rules (``updater.schedule``), on a fake clock: typed
+events in, actions out, no sleeping, no threads."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from updater.buildevents import (Build, BuildDone, BuildOutcome, CheckFiles, CheckLive,
+                                 Exit, FileChanged, FilesChecked, Log, Publish, Requested,
+                                 Rewatch, StatusNews, Stop, Targeted, Tick, Timing,
+                                 WriteStatus)
+from updater.install import Report
+from updater.retry import backoff
+from updater.schedule import LIVE_CHECK, Scheduler
+
+WALL = 1_700_000_000.0            # the epoch time at monotonic 0 of these tests
+
+
+def make(**timing: float) -> Scheduler:
+    return Scheduler(Timing(**timing))
+
+
+def at(s: Scheduler, now: float, event) -> list:
+    return s.handle(event, now, WALL + now)
+
+
+def builds(actions: list) -> list[Build]:
+    return [a for a in actions if isinstance(a, Build)]
+
+
+def done(s: Scheduler, started: float, ended: float, build: Build,
+         status: str = "installed", error: str | None = None) -> list:
+    report = None if error else Report("/x/validrcptto.cdb", status, 10, [b"a@b"])
+    redone = None if build.domains is None else build.domains
+    outcome = BuildOutcome(started, ended, WALL + started, report, error, redone)
+    return at(s, ended, BuildDone(outcome))
+
+
+def first_build(s: Scheduler, t: float = 0.0, took: float = 1.0) -> None:
+    (start,) = s.start()
+    done(s, t, t + took, start)
+
+
+def test_full_requests_are_debounced():
+    s = make(quiet=2, max_delay=30, floor=30)
+    assert s.full_due() is None
+    at(s, 100, Requested("a"))
+    assert s.full_due() == 102
+    at(s, 101, Requested("b"))
+    assert s.full_due() == 103
+    for t in range(102, 140):
+        at(s, t, Requested("c"))
+    assert s.full_due() == 130                 # the maximum delay caps a steady stream
+    assert builds(at(s, 129.9, Tick())) == []
+    (b,) = builds(at(s, 130, Tick()))
+    assert b.domains is None and b.why == "a; b; c (+17 more)"
+    assert s.full_due() is None and s.waiting == 0
+    at(s, 200, Requested("now", immediate=True))
+    assert s.full_due() == 200
+
+
+def test_fifo_requests_wait_for_the_floor_others_do_not():
+    s = make(quiet=2, max_delay=30, floor=30)
+    first_build(s, 90, 1)                       # the floor counts from a build's start
+    at(s, 100, Requested("fifo: a", fifo=True))
+    assert s.full_due() == 120 and s.held() == 120
+    at(s, 101, Requested("modified vpasswd"))
+    assert s.full_due() == 103 and s.held() is None
+    (b,) = builds(at(s, 103, Tick()))
+    done(s, 103, 104, b)
+    at(s, 110, Requested("fifo: b", fifo=True))
+    assert s.full_due() == 133
+
+
+def test_held_build_is_logged_once_and_shown_in_the_status():
+    s = make(quiet=2, max_delay=30, floor=30)
+    first_build(s, 0, 1)
+    acts = at(s, 5, Requested("fifo: a", fifo=True))
+    logs = [a.line for a in acts if isinstance(a, Log)]
+    assert len(logs) == 1 and logs[0].startswith("held until ") and "fifo: a" in logs[0]
+    (w,) = [a for a in acts if isinstance(a, WriteStatus)]   # held: written at once
+    assert w.record["pending"] == 1 and w.record["held_until"] == WALL + 30
+    acts = at(s, 5.5, Requested("fifo: b", fifo=True))
+    assert not [a for a in acts if isinstance(a, Log)]          # logged once
+    assert not [a for a in acts if isinstance(a, WriteStatus)]  # at most one write a second
+    assert s.status_due == 6.0
+    (w,) = [a for a in at(s, 6.0, Tick()) if isinstance(a, WriteStatus)]
+    assert w.record["pending"] == 2
+
+
+def test_targeted_requests():
+    s = make(quiet=2, max_delay=30, floor=30, fast_quiet=0.05, fast_max_delay=1,
+             fast_floor=1)
+    at(s, 100, Targeted("add_user a@x", frozenset({"x"}), fast=True))
+    assert s.targeted_due() == pytest.approx(100.05)
+    for i in range(50):                              # a burst: at most fast_max_delay
+        at(s, 100 + i * 0.03, Targeted("add_user", frozenset({f"d{i}"}), fast=True))
+    assert s.targeted_due() == pytest.approx(101)
+    first_build(s, 80, 1)
+    at(s, 100.2, Requested("fifo: burst", fifo=True))   # a full request held by the floor
+    assert s.full_due() == 110
+    (b,) = builds(at(s, 101, Tick()))                   # ... does not hold the targeted one
+    assert b.domains is not None and len(b.domains) == 51 and s.full_due() == 110
+    assert s.waiting == 1                                # what status shows: the held one
+    done(s, 101, 104, b)
+    # the next incremental build waits fast_floor, or half the last one's duration
+    at(s, 104.1, Targeted("add_user b@x", frozenset({"x"}), fast=True))
+    assert s.targeted_due() == pytest.approx(105.5)
+
+
+def test_removals_wait_the_quiet_period_and_watched_files_settle():
+    s = make(quiet=2, max_delay=30, floor=30, fast_quiet=0.05, fast_max_delay=1,
+             fast_floor=1)
+    first_build(s, 0, 1)
+    at(s, 200, Targeted("del_user a@x", frozenset({"x"}), fast=False))
+    at(s, 200.5, FileChanged("moved .../y/vpasswd", "/v/y/vpasswd", frozenset({"y"})))
+    assert s.targeted_due() == 202.5
+    at(s, 201, Targeted("add_user b@z", frozenset({"z"}), fast=True))
+    (b,) = builds(at(s, 201.1, Tick()))
+    assert b.domains == {"z"} and b.why == "del_user a@x; moved .../y/vpasswd; add_user b@z"
+    done(s, 201.1, 201.2, Build(b.why, frozenset({"x", "y", "z"})))
+    # the watched change is answered by that build (it started later), the removal is not
+    assert s.slow_domains.keys() == {"x"}
+
+
+def test_watched_files_only_are_checked_before_a_build():
+    s = make(quiet=2, max_delay=30)
+    first_build(s, 0, 1)
+    at(s, 10, FileChanged("modified /v/y/.qmail-a", "/v/y/.qmail-a", frozenset({"y"})))
+    acts = at(s, 12, Tick())
+    (check,) = [a for a in acts if isinstance(a, CheckFiles)]
+    assert check.domains == {"y"} and not builds(acts)
+    assert not builds(at(s, 12, FilesChecked(check.domains, changed=False)))
+    assert s.waiting == 0 and s.targeted_due() is None
+    at(s, 20, FileChanged("modified /v/y/.qmail-a", "/v/y/.qmail-a", frozenset({"y"})))
+    at(s, 22, Tick())
+    (b,) = builds(at(s, 22, FilesChecked(frozenset({"y"}), changed=True)))
+    assert b.domains == {"y"}
+    # a global file's change (no domains): a full build after the quiet period
+    at(s, 30, FileChanged("modified /q/control/locals", "/q/control/locals"))
+    (b,) = builds(at(s, 32, Tick()))
+    assert b.domains is None
+
+
+def test_failures_are_retried_with_backoff_and_success_clears():
+    s = make(retry_min=10, retry_max=600, interval=0)
+    (start,) = s.start()
+    acts = done(s, 0, 1, start, error="cannot read control/locals")
+    lines = [a.line for a in acts if isinstance(a, Log)]
+    assert lines == ["build failed (start): cannot read control/locals; live cdb kept; "
+                     "retry in 10s"]
+    (w,) = [a for a in acts if isinstance(a, WriteStatus)]
+    assert w.record["result"] == "failed" and w.record["failures"] == 1
+    assert s.retry_at == 11
+    assert [backoff(n, 10, 600) for n in (1, 2, 3, 7, 8)] == [10, 20, 40, 600, 600]
+    (b,) = builds(at(s, 11, Tick()))
+    assert b.why == "retry 1"
+    done(s, 11, 12, b, error="again")
+    assert s.retry_at == 32                             # 20 s after it ended
+    (b,) = builds(at(s, 32, Tick()))
+    acts = done(s, 32, 33, b)
+    assert s.retry_at is None and s.failures == 0
+    (w,) = [a for a in acts if isinstance(a, WriteStatus)]
+    assert w.record["result"] == "installed" and w.record["last_success"] == WALL + 32
+    assert s.next_deadline() == s.live_due             # nothing else is due
+
+
+def test_safety_net_counts_from_the_last_full_build():
+    s = make(interval=3600, fast_floor=0.5)
+    first_build(s, 0, 2)
+    assert s.safety_due() == 3602
+    at(s, 100, Targeted("add_user a@x", frozenset({"x"}), fast=True))
+    (b,) = builds(at(s, 100.05, Tick()))
+    done(s, 100.05, 100.2, b)                           # incremental: not counted
+    assert s.safety_due() == 3602
+    (b,) = builds(at(s, 3602, Tick()))
+    assert b.why == "safety net" and b.domains is None
+    assert make(interval=0).safety_due() is None
+
+
+def test_publish_status_and_rewatch_after_builds():
+    s = make()
+    (start,) = s.start()
+    acts = done(s, 0, 1, start, status="unchanged")
+    kinds = [type(a) for a in acts]
+    # the first list goes out even unchanged; the status is written before the log lines
+    assert kinds == [Publish, WriteStatus, Log, Log, Rewatch]
+    assert acts[2].line == "build (start): unchanged /x/validrcptto.cdb: 10 entries, 0.00s"
+    at(s, 5, Requested("signal SIGHUP", immediate=True))
+    (b,) = builds(at(s, 5, Tick()))
+    assert Publish not in [type(a) for a in done(s, 5, 6, b, status="unchanged")]
+    at(s, 7, Targeted("add_user a@x", frozenset({"x"}), fast=True))
+    (b,) = builds(at(s, 7.05, Tick()))
+    acts = done(s, 7.05, 7.1, b)
+    assert Publish in [type(a) for a in acts] and Rewatch not in [type(a) for a in acts]
+    assert "[incremental: 1 domain: x]" in [a for a in acts if isinstance(a, Log)][0].line
+    (w,) = [a for a in at(s, 8, StatusNews()) if isinstance(a, WriteStatus)]
+    assert w.record["incremental_builds"] == 1 and w.record["builds"] == 3
+
+
+def test_live_checks_and_stop():
+    s = make()
+    first_build(s, 0, 1)
+    assert CheckLive() in at(s, 1, Tick())
+    assert s.live_due == 1 + LIVE_CHECK
+    assert CheckLive() not in at(s, 1.1, Tick())
+    assert at(s, 2, Stop()) == [Exit()] and s.stopping
+
+
+events = st.lists(st.tuples(
+    st.floats(0, 5), st.sampled_from(["full", "fifo", "now", "fast", "slow", "file"]),
+    st.sampled_from(["a", "b", "c"])), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events, st.floats(0.01, 3))
+def test_every_request_is_built_in_bounded_time(evs, took):
+    """Liveness, on any stream of requests: driven by its own deadlines, the scheduler
+    builds every request's domain (or everything) no later than the longest wait its
+    rules allow, and never starts an incremental build inside the floor after one."""
+    WORST[0] = 0.0
+    t = Timing(quiet=2, max_delay=30, floor=30, fast_quiet=0.05, fast_max_delay=1,
+               fast_floor=0.5, interval=0)
+    s = Scheduler(t)
+    first_build(s, 0, took)
+    now = took
+    asked: list[tuple[float, str | None]] = []
+    for gap, kind, domain in evs:
+        now += gap
+        d = frozenset({domain})
+        if kind in ("full", "fifo", "now"):
+            ev = Requested(kind, immediate=kind == "now", fifo=kind == "fifo")
+            asked.append((now, None))
+        elif kind == "file":
+            ev = FileChanged("file", "/" + domain, d)
+            asked.append((now, domain))
+        else:
+            ev = Targeted(kind, d, fast=kind == "fast")
+            asked.append((now, domain))
+        serve(s, at(s, now, ev), now, took, asked)
+        now = drain(s, now, until=now, took=took, asked=asked)
+    now = drain(s, now, until=None, took=took, asked=asked)
+    assert not asked and s.waiting == 0
+    bound = max(t.max_delay, t.floor) + 2 * took + t.quiet + 1
+    assert WORST[0] <= bound
+
+
+WORST = [0.0]                # the longest wait from a request to the build that took it
+
+
+def serve(s: Scheduler, actions: list, now: float, took: float, asked: list) -> float:
+    for a in actions:
+        if isinstance(a, CheckFiles):
+            return serve(s, at(s, now, FilesChecked(a.domains, changed=True)), now, took,
+                         asked)
+        if isinstance(a, Build):
+            if a.domains is not None and s.last_end is not None:
+                assert now >= s.last_end + 0.5 - 1e-9     # the incremental floor
+            for i, (when, domain) in reversed(list(enumerate(asked))):
+                if when <= now and (a.domains is None or domain in a.domains):
+                    WORST[0] = max(WORST[0], now - when)
+                    del asked[i]
+            return serve(s, done(s, now, now + took, a), now + took, took, asked)
+    return now
+
+
+def drain(s: Scheduler, now: float, until: float | None, took: float, asked: list) -> float:
+    for _ in range(1000):
+        due = s.next_deadline()
+        if due is None or (until is not None and due > until):
+            return now
+        if s.waiting == 0 and s.retry_at is None and due == s.live_due and until is None:
+            return now
+        now = max(now, due)
+        now = serve(s, at(s, now, Tick()), now, took, asked)
+    raise AssertionError("the scheduler never settles")

@@ -1,0 +1,149 @@
+"""The rebuild daemon's vocabulary: the events its driver hands to ``schedule.Scheduler``
+and the actions it gets back (plain data, no behaviour), as h11's events are to its
+connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .install import Report
+
+
+# ---- events: what happened
+@dataclass(frozen=True)
+class Requested:
+    """A request for a full build (a FIFO line that names nothing, a signal, the live cdb
+    deleted); ``fifo``: it came through the FIFO, which others may write."""
+    reason: str
+    immediate: bool = False
+    fifo: bool = False
+
+
+@dataclass(frozen=True)
+class Targeted:
+    """An onchange line naming the domains it changes; ``fast``: an addition."""
+    reason: str
+    domains: frozenset[str]
+    fast: bool
+
+
+@dataclass(frozen=True)
+class FileChanged:
+    """A watched file changed; ``domains``: the ones the list's record says depend on
+    it (none: a file every domain depends on, so a full build)."""
+    reason: str
+    path: str
+    domains: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    """What a build did.  ``report`` on success, ``error`` on failure; ``redone``: the
+    domains an incremental build redid (None: it was a full build); ``lines``: its
+    warnings and notes, logged before the result."""
+    started: float                        # monotonic
+    ended: float
+    wall: float                           # when it started, epoch seconds
+    report: Report | None = None
+    error: str | None = None
+    redone: frozenset[str] | None = None
+    lines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BuildDone:
+    outcome: BuildOutcome
+
+
+@dataclass(frozen=True)
+class FilesChecked:
+    """The answer to ``CheckFiles``: whether any of those domains' files changed."""
+    domains: frozenset[str]
+    changed: bool
+
+
+@dataclass(frozen=True)
+class StatusNews:
+    """A publish worker has news for the status file."""
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed (a deadline came)."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """SIGTERM / SIGINT: exit once the build in progress is done."""
+
+
+Event = (Requested | Targeted | FileChanged | BuildDone | FilesChecked | StatusNews | Tick
+         | Stop)
+
+
+# ---- actions: what the driver does
+@dataclass(frozen=True)
+class Build:
+    """Build now: the ``domains`` given (incremental), or everything (None)."""
+    why: str
+    domains: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class CheckFiles:
+    domains: frozenset[str]
+
+
+@dataclass(frozen=True)
+class CheckLive:
+    """Look whether the live cdb and its .sources file are still what the last build
+    left there (if not: a ``Requested(immediate=True)`` saying why)."""
+
+
+@dataclass(frozen=True)
+class WriteStatus:
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Log:
+    line: str
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Push the live list to the other MX hosts."""
+
+
+@dataclass(frozen=True)
+class Rewatch:
+    """A full build may have changed what to watch: start the watches again."""
+
+
+@dataclass(frozen=True)
+class Exit:
+    pass
+
+
+Action = Build | CheckFiles | CheckLive | WriteStatus | Log | Publish | Rewatch | Exit
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The settings the rules use (``config.Settings`` gives them: ``Timing.of``)."""
+    quiet: float = 2.0
+    max_delay: float = 30.0
+    floor: float = 30.0
+    fast_quiet: float = 0.05
+    fast_max_delay: float = 1.0
+    fast_floor: float = 0.5
+    interval: float = 3600.0
+    retry_min: float = 10.0
+    retry_max: float = 600.0
+
+    @classmethod
+    def of(cls, s: Any) -> Timing:
+        return cls(s.quiet, s.max_delay, s.min_interval, s.target_quiet,
+                   max(s.target_interval, s.target_quiet), s.target_interval, s.interval,
+                   s.retry_min, s.retry_max)

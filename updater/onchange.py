@@ -1,0 +1,50 @@
+"""What a vpopmail onchange line names (pure, no I/O): ``onchange_target`` reads the
+domains out of it, and whether it is an addition (applied without the quiet period)."""
+
+from __future__ import annotations
+
+import re
+
+
+# What vpopmail's onchange lines name.  The hook writes its arguments joined by spaces, so
+# one line reads the same from both versions: 5.4 passes the command and one string
+# (``valias_insert`` ``sales@d - alice@d``), 5.6 the command and three fields, the last
+# empty (``add_user`` ``alice@d`` ``-`` ``''``; ``add_alias_domain`` ``d2`` ``d1`` ``''``).
+# A command whose first argument is an address changes that address's domain; the domain
+# commands name one domain, or two (``add_alias_domain D R``, ``del_domain D alias of R``).
+# Additions are applied at once; removals (``del_user`` and ``valias_delete`` are
+# reported before the change is made) after the quiet period.
+ADDITIONS = re.compile(r"(add|mod)(_.*)?|.*_(insert|add)|add.*")
+DOMAIN_COMMANDS = {"valias_delete_domain", "add_domain", "del_domain", "add_alias_domain"}
+MAX_DOMAIN = 253
+MAX_WORDS = 64
+_DOMAIN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+def onchange_target(line: str) -> tuple[frozenset[str], bool] | None:
+    """(domains, fast) for an onchange request that names what it changes, else None
+    (pure).  ``fast``: an addition, applied without the quiet period."""
+    words = line.split(None, MAX_WORDS)
+    if words and words[-1] in ("before", "after"):   # the two-stage variant's last word
+        words = words[:-1]
+    if len(words) < 2 or not words[0].replace("_", "").isalpha():
+        return None
+    command, first = words[0], words[1]
+    if command in DOMAIN_COMMANDS:
+        names = [first]
+        if command == "add_alias_domain" and len(words) >= 3:
+            names.append(words[2])                          # D R: the real domain too
+        elif command == "del_domain" and words[2:4] == ["alias", "of"] and len(words) >= 5:
+            names.append(words[4])                          # D alias of R
+    elif "@" in first:
+        names = [first.rpartition("@")[2]]
+    else:
+        return None
+    domains = frozenset(n.translate(_LOWER) for n in names)
+    if not all(0 < len(d) <= MAX_DOMAIN and _DOMAIN.fullmatch(d) for d in domains):
+        return None
+    fast = command != "valias_delete_domain" and ADDITIONS.fullmatch(command) is not None
+    return domains, fast
+
+
+_LOWER = {c: c + 32 for c in range(65, 91)}
