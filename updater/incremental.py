@@ -35,7 +35,8 @@ from .generate import generate, global_inputs
 from .merge import Result
 from .inputs import Ident, Inputs, identities
 from .cdbdiff import Changes
-from .install import Report, install_delta
+from .gate import accepting_under, sorted_getter
+from .install import Candidate, Report, install_delta
 from .qmail import ENCODING, ERRORS
 
 MAX_DOMAINS = 200       # more changed domains than this and than half of all: a full build
@@ -219,13 +220,14 @@ def build(settings: Settings, snap: Snapshot, named: set[str],
         return report, new, result.warnings, todo
     removed_admin = [k for k in delta.changes.removed if k not in snap.user]
     added_admin = [k for k in delta.changes.added if k not in delta.user]
-    report = install_delta(
-        delta.keys, path, rejects=delta.rejects, changes=delta.changes,
-        expect=snap.live, users=(len(delta.user), len(snap.user)), old_count=len(snap.keys),
-        removed_admin=removed_admin, added_admin=added_admin, old_keys=snap.keys,
-        old_rejects=snap.rejects, new_keys=delta.new_keys, domains=snap.domains,
-        sources=sources, max_shrink=settings.max_shrink, force=force or settings.force,
-        lock_timeout=settings.lock_timeout, stop=stop, started=started)
+    candidate = Candidate(
+        delta.keys, delta.rejects, snap.domains, sources, delta.changes, len(snap.keys),
+        removed_admin, added_admin, (len(delta.user), len(snap.user)), delta.new_keys,
+        sorted_getter(snap.keys, snap.rejects), sorted_getter(delta.keys, delta.rejects),
+        accepting_under(delta.new_keys, delta.rejects))
+    report = install_delta(candidate, path, expect=snap.live,
+                           max_shrink=settings.max_shrink, force=force or settings.force,
+                           lock_timeout=settings.lock_timeout, stop=stop, started=started)
     report.phases = {**phases, **report.phases}
     new = Snapshot(delta.keys, delta.rejects, delta.parts, delta.user, sources, snap.domains,
                    snap.bare, snap.globals, inputs, report.identity, snap.builds + 1)

@@ -14,14 +14,14 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Set as AbstractSet
+from collections.abc import Callable, Collection, Iterator, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import atomicfile
 from .cdbdiff import CHUNK, REJECT, Changes, compare_live, record_count
 from .errors import InstallError, InstallRefused
-from .gate import accepting_under, emptied, gate, lost, set_getter, sorted_getter, vanished
+from .gate import Getter, accepting_under, emptied, gate, lost, set_getter, vanished
 from .inputs import Ident, identity
 from .lock import locked
 from .qmail import ENCODING, ERRORS
@@ -191,37 +191,106 @@ def write_atomically(path: str, data: Any = None,
         raise InstallError(f"cannot write: {err.strerror or err}", path) from None
 
 
+@dataclass
+class Candidate:
+    """A list about to be installed and what it changes against the live one: what the
+    one ``judge`` needs, made by either install path (``against_live`` reads the live
+    file; an incremental build knows its changes)."""
+    keys: list[bytes]                     # sorted
+    rejects: AbstractSet[bytes]           # keys with the value ``-``
+    domains: frozenset[bytes]             # the domains still served
+    sources: dict[str, Any] | None        # what each source gave per domain (``vanished``)
+    changes: Changes                      # against the live list
+    old_count: int | None                 # the live list's keys (None: there is none)
+    removed: list[bytes]                  # removed / added keys local users do not control
+    added: list[bytes]
+    users: tuple[int, int] | None         # (new, old) keys local users control
+    present: Collection[bytes]            # new keys: a domain none of them names lost all
+    old: Getter | None                    # lookups in the live list and in the new one
+    new: Getter
+    under: Callable[[bytes, bytes], bool]  # ``gate.accepting_under`` of the new list
+
+
+def judge(c: Candidate, live_sources: dict[str, Any] | None, max_shrink: float,
+          force: bool) -> str | None:
+    """Why ``c`` must not replace the live list, or None: the gate's questions in one
+    order for both install paths (what the list accepts, then a domain emptied, then a
+    source that returned nothing)."""
+    if force:
+        return None
+    asked = c.removed + c.changes.changed + [k for k in c.added if k in c.rejects]
+    refused = len(lost(asked, c.old, c.new, c.under)) if asked and c.old is not None else 0
+    users = c.users or (0, 0)
+    old_count = None if c.old_count is None else c.old_count - users[1]
+    why = gate(len(c.keys) - users[0], old_count, max_shrink, force,
+               empty=len(c.keys) == 0, users=c.users, refused=refused)
+    if not why:
+        why = emptied(c.removed, c.present, c.domains)
+    if not why and c.sources is not None and c.removed:
+        why = vanished(live_sources or {}, c.sources, c.domains)
+    return why
+
+
 def install_result(result: Result, path: str, settings: Settings, force: bool = False,
                    stop: threading.Event | None = None,
                    keys: list[bytes] | None = None) -> Report:
     """Install a ``generate.Result`` with the gate settings of ``settings`` (``keys``:
     its sorted keys, when the caller has them)."""
     user_key = getattr(result, "user_key", None)
-    return install(result.sorted_keys() if keys is None else keys, path,
-                   rejects=result.rejects, present=result.keys,
-                   max_shrink=settings.max_shrink, force=force, domains=result.domains,
-                   lock_timeout=settings.lock_timeout, stop=stop,
-                   sources=getattr(result, "sources", None),
-                   user_keys=(result.user_count, result.is_user_key, user_key)
-                   if user_key else None)
+    offer = Offer(result.sorted_keys() if keys is None else keys, result.rejects,
+                  result.keys, result.domains, getattr(result, "sources", None),
+                  (result.user_count, result.is_user_key, user_key) if user_key else None)
+    return install(offer, path, max_shrink=settings.max_shrink, force=force,
+                   lock_timeout=settings.lock_timeout, stop=stop)
 
 
-def install(keys: list[bytes], path: str, *, rejects: AbstractSet[bytes] = frozenset(),
-            present: Collection[bytes] | None = None, max_shrink: float = 20.0,
-            force: bool = False, domains: frozenset[bytes] = frozenset(),
-            lock_timeout: float = 60.0, stop: threading.Event | None = None,
-            user_keys: Any = None, sources: dict[str, Any] | None = None) -> Report:
-    """Install the sorted ``keys`` (``rejects`` get the value ``-``) at ``path`` if the
-    file would change and the list passes the sanity gate (``domains``: the domains still
-    served, none of which may lose all of its keys; ``present``: a fast container of the
-    keys, if the caller has one; ``user_keys``: (count of the new keys local users control,
-    test for a new key, test for a removed key) — the gate counts only the others;
-    ``sources``: what each source gave per domain, see ``vanished``).  Raises InstallRefused /
-    InstallError, leaving ``path`` alone."""
+@dataclass
+class Offer:
+    """A whole list to install: its sorted ``keys`` (``rejects`` get the value ``-``),
+    a fast container of them (``present``), the ``domains`` still served, what each
+    source gave (``sources``) and, when local users control some keys, (count of the
+    new ones, test for a new key, test for a live key)."""
+    keys: list[bytes]
+    rejects: AbstractSet[bytes] = frozenset()
+    present: Collection[bytes] | None = None
+    domains: frozenset[bytes] = frozenset()
+    sources: dict[str, Any] | None = None
+    user_keys: tuple[Callable[[], int], Callable[[bytes], bool],
+                     Callable[[bytes], bool]] | None = None
+
+
+def against_live(offer: Offer, path: str, image: Any, live: Any) -> Candidate:
+    """The Candidate of a whole list against the live file (``live``: it opened with
+    cdbx, or None when there is none)."""
+    keys, rejects = offer.keys, offer.rejects
+    new = offer.present if offer.present is not None else set(keys)
+    old_count = record_count(live_header(path)) if live is not None else None
+    diff = compare_live(path, keys, new, rejects, image) if old_count is not None \
+        else Changes(list(keys), [], [])
+    removed, added, users = diff.removed, diff.added, None
+    if offer.user_keys is not None:
+        # keys local users make in their own homes never move the gate
+        count, is_new_user, is_user = offer.user_keys
+        new_user = count()
+        removed = [k for k in diff.removed if not is_user(k)]
+        added = [k for k in diff.added if not is_new_user(k)] if new_user else added
+        old_user = new_user - (len(diff.added) - len(added)) + len(diff.removed) \
+            - len(removed)
+        users = (new_user, old_user)
+    return Candidate(keys, rejects, offer.domains, offer.sources, diff, old_count, removed,
+                     added, users, new, live,
+                     set_getter(new, rejects), accepting_under(keys, rejects))
+
+
+def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = False,
+            lock_timeout: float = 60.0, stop: threading.Event | None = None) -> Report:
+    """Install ``offer`` at ``path`` if the file would change and the list passes the
+    sanity gate (``judge``).  Raises InstallRefused / InstallError, leaving ``path``
+    alone."""
     started = time.monotonic()
     check_target(path)
     try:
-        image = make_cdb(keys, rejects)
+        image = make_cdb(offer.keys, offer.rejects)
     except OSError as err:
         raise InstallError(f"cannot build the cdb in memory: {err.strerror or err}", path) from None
     with image, locked(path, lock_timeout, stop):
@@ -229,113 +298,73 @@ def install(keys: list[bytes], path: str, *, rejects: AbstractSet[bytes] = froze
         remove_stale_temps(path)
         same = same_content(path, image)
         if same:
-            if sources is not None:
-                save_sources(path, sources)
-            return Report(path, "unchanged", len(keys), seconds=time.monotonic() - started,
-                          identity=identity(path))
-        old_count = record_count(live_header(path)) if same is not None else None
-        new = present if present is not None else set(keys)
-        diff = compare_live(path, keys, new, rejects, image) if old_count is not None \
-            else Changes(list(keys), [], [])
-        removed, added = diff.removed, diff.added
-        new_user = old_user = 0
-        if user_keys is not None:
-            # keys local users make in their own homes never move the gate
-            count, is_new_user, is_user = user_keys
-            new_user = count()
-            removed = [k for k in diff.removed if not is_user(k)]
-            added = [k for k in diff.added if not is_new_user(k)] if new_user else added
-            old_user = new_user - (len(diff.added) - len(added)) + len(diff.removed) \
-                - len(removed)
-        refused = len(live_losses(path, removed, diff.changed, added, keys, new, rejects)) \
-            if old_count is not None and not force else 0
-        why = gate(len(keys) - new_user, None if old_count is None else old_count - old_user,
-                   max_shrink, force, empty=len(keys) == 0,
-                   users=(new_user, old_user) if user_keys is not None else None,
-                   refused=refused)
-        if not why and not force:
-            why = emptied(removed, new, domains)
-        if not why and not force and sources is not None and removed:
-            why = vanished(read_sources(path) or {}, sources, domains)
+            if offer.sources is not None:
+                save_sources(path, offer.sources)
+            return Report(path, "unchanged", len(offer.keys),
+                          seconds=time.monotonic() - started, identity=identity(path))
+        with open_live(path, same is not None) as live:
+            c = against_live(offer, path, image, live)
+            why = judge(c, read_sources(path), max_shrink, force)
         if why:
             raise InstallRefused(why, path)
         write_atomically(path, image)
-        if sources is not None:
-            save_sources(path, sources)
+        if offer.sources is not None:
+            save_sources(path, offer.sources)
         size = len(image)
         now = identity(path)
-    return Report(path, "installed", len(keys), diff.added, diff.removed, diff.changed,
-                  time.monotonic() - started, size, now)
+    return Report(path, "installed", len(offer.keys), c.changes.added, c.changes.removed,
+                  c.changes.changed, time.monotonic() - started, size, now)
 
 
-def live_losses(path: str, removed: list[bytes], changed: list[bytes], added: list[bytes],
-                keys: list[bytes], new: Collection[bytes], rejects: AbstractSet[bytes]
-                ) -> list[bytes]:
-    """The changed keys whose addresses the live cdb accepts and the new list refuses
-    (``gate.lost``); the live file is asked through cdbx, a key at a time."""
+@contextlib.contextmanager
+def open_live(path: str, exists: bool) -> Iterator[Any]:
+    """The live cdb opened for lookups (None when there is none or it cannot be
+    opened: the shrink check then asks nothing of it)."""
     from .checker import open_cdb
-    asked = removed + changed + [k for k in added if k in rejects]
-    if not asked:
-        return []
+    live = None
+    if exists:
+        try:
+            live = open_cdb(path)
+        except OSError:
+            live = None
     try:
-        live = open_cdb(path)
-    except OSError:
-        return []
-    try:
-        return lost(asked, live, set_getter(new, rejects), accepting_under(keys, rejects))
+        yield live
     finally:
-        live.close()
+        if live is not None:
+            live.close()
 
 
 class LiveChanged(InstallError):
     """The live cdb is not the file an incremental build's delta applies to."""
 
 
-def install_delta(keys: list[bytes], path: str, *, rejects: set[bytes], changes: Changes,
-                  expect: Ident | None, users: tuple[int, int], old_count: int,
-                  removed_admin: list[bytes], added_admin: list[bytes],
-                  old_keys: list[bytes], old_rejects: AbstractSet[bytes],
-                  new_keys: Collection[bytes],
-                  domains: frozenset[bytes], sources: dict[str, Any], max_shrink: float,
+def install_delta(c: Candidate, path: str, *, expect: Ident | None, max_shrink: float,
                   force: bool, lock_timeout: float, stop: threading.Event | None = None,
                   started: float | None = None) -> Report:
-    """Install the sorted ``keys`` of an incremental build: the previous list (whose
-    file had the identity ``expect``) with ``changes`` applied.  The live file is neither
-    read nor compared: the changes are known.  The same gate as ``install``:
-    ``users``: (new, old) keys local users control, left out of the shrink count;
-    ``removed_admin`` / ``added_admin``: the removed / added keys that are not theirs;
-    ``old_keys`` / ``old_rejects``: the previous list; ``new_keys``: the changed
-    domains' keys now (a domain none of them names has lost everything).  Raises
+    """Install the Candidate of an incremental build: the previous list (whose file had
+    the identity ``expect``) with its changes applied.  The live file is neither read
+    nor compared: the changes are known.  The same ``judge`` as ``install``.  Raises
     LiveChanged when someone else replaced the live file since."""
     started = time.monotonic() if started is None else started
     check_target(path)
-    why = None
-    if not force:
-        asked = removed_admin + changes.changed + [k for k in added_admin if k in rejects]
-        refused = lost(asked, sorted_getter(old_keys, old_rejects), sorted_getter(keys, rejects),
-                       accepting_under(new_keys, rejects)) if asked else []
-        why = gate(len(keys) - users[0], old_count - users[1], max_shrink, force,
-                   empty=len(keys) == 0, users=users, refused=len(refused))
-        if not why:
-            why = emptied(removed_admin, new_keys, domains)
     with locked(path, lock_timeout, stop):
         check_target(path)
         if expect is None or identity(path) != expect:
             raise LiveChanged("the live cdb is not the one the last build installed", path)
-        if not why and not force and removed_admin:
-            why = vanished(read_sources(path) or {}, sources, domains)
+        why = judge(c, read_sources(path), max_shrink, force)
         if why:
             raise InstallRefused(why, path)
         remove_stale_temps(path)
         t0 = time.monotonic()
         # straight into the temp file beside the live one (no image in memory: nothing
         # to compare, the changes are known), fsynced and renamed as always
-        write_atomically(path, fill=lambda f: write_cdb(f, keys, rejects))
+        write_atomically(path, fill=lambda f: write_cdb(f, c.keys, c.rejects))
         t1 = time.monotonic()
-        save_sources(path, sources)
+        if c.sources is not None:
+            save_sources(path, c.sources)
         now = identity(path)
     done = time.monotonic()
     size = now[2] if now is not None else 0
-    return Report(path, "installed", len(keys), changes.added, changes.removed,
-                  changes.changed, done - started, size, now,
+    return Report(path, "installed", len(c.keys), c.changes.added, c.changes.removed,
+                  c.changes.changed, done - started, size, now,
                   {"cdb": t1 - t0, "install": done - t1})
