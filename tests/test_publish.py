@@ -135,7 +135,8 @@ def cdbget(path: Path, key: str) -> bool:
 def test_targets_and_the_rsync_command():
     from updater import config
     from updater.errors import ConfigError
-    from updater.publish import Target, parse_targets, rsync_argv
+    from updater.publish import rsync_argv
+    from updater.targets import Target, parse_targets
     assert parse_targets("mx2:/var/qmail/control/validrcptto.cdb, "
                          "rsync://mx3:8730/qmail/validrcptto.cdb  root@[::1]:/x/v.cdb") == [
         Target("mx2:/var/qmail/control/validrcptto.cdb", "ssh"),

@@ -254,12 +254,12 @@ def test_maxrcpt_and_small_memory_per_recipient():
     s, _ = make(P.Policy(maxrcpt=3), relayclient=b"")
     s.receive_data(b"MAIL FROM:<a@b>\r\n" + b"RCPT TO:<r@x>\r\n" * 5)
     assert replies(s.receive_data(b"NOOP\r\n")) == b"250 ok\r\n"
-    assert s.nrcpt == 3 and bytes(s.rcptto) == b"Tr@x\0" * 3
+    assert s.env.nrcpt == 3 and bytes(s.env.rcptto) == b"Tr@x\0" * 3
     s, _ = make(relayclient=b"")
     s.receive_data(b"MAIL FROM:<a@b>\r\n" + b"RCPT TO:<someone@catchall.example>\r\n" * 200000)
     while s.pending:
         s.proceed()
-    assert s.nrcpt == 200000 and len(s.rcptto) == 200000 * 26
+    assert s.env.nrcpt == 200000 and len(s.env.rcptto) == 200000 * 26
 
 
 def test_log_lines_per_rcpt_are_capped():

@@ -14,6 +14,7 @@ from typing import Any
 from collections.abc import Callable, Mapping
 
 from .errors import ConfigError
+from .targets import parse_targets
 
 
 def _bool(text: str) -> bool:
@@ -286,7 +287,6 @@ class Settings:
         if not self.status:
             derived["status"] = self.control("validrcptto.status")
         if self.publish:
-            from .publish import parse_targets
             parse_targets(self.publish)                 # a malformed target: exit 2
         if self.publish_timeout <= 0:
             raise ConfigError(f"UPDATER_PUBLISH_TIMEOUT: must be positive, got "

@@ -33,7 +33,8 @@ from .incremental import Snapshot
 from .inputs import Ident, identity
 from .install import LiveChanged, Report, install_result, sources_path
 from .onchange import onchange_target
-from .publish import Publisher, parse_targets
+from .publish import Publisher
+from .targets import parse_targets
 from .schedule import IDLE, Scheduler
 from .textsafe import printable
 from .watch import Watcher

@@ -13,52 +13,23 @@ the local install nor the other targets.  A failed push is retried with backoff;
 install supersedes a pending retry (the push always sends the live file as it is then,
 so an old list is never sent after a newer one).
 
-``Target`` and ``parse_targets`` are pure; ``rsync_argv`` builds the command line;
+``rsync_argv`` builds the command line;
 ``Publisher`` runs the workers.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .config import Settings
 from .errors import ConfigError
-
-if TYPE_CHECKING:                 # (config imports this module)
-    from .config import Settings
-
-_SSH = re.compile(r"^(?:(?P<user>[^@:/\s]+)@)?(?P<host>\[[^\]]+\]|[^@:/\s\[]+)"
-                  r":(?P<path>/(?!/)\S+)$")
-_RSYNCD = re.compile(r"^rsync://(?P<host>\[[^\]]+\]|[^/:\s]+)(?::(?P<port>\d+))?/(?P<path>\S+)$")
-
-
-@dataclass(frozen=True)
-class Target:
-    spec: str                 # as the admin wrote it: also its name in status and metrics
-    kind: str                 # "ssh" or "rsyncd"
-
-
-def parse_targets(text: str) -> list[Target]:
-    """The targets of UPDATER_PUBLISH; a malformed one is a ConfigError naming it."""
-    out: list[Target] = []
-    for spec in text.replace(",", " ").split():
-        if _RSYNCD.match(spec):
-            kind = "rsyncd"
-        elif _SSH.match(spec):
-            kind = "ssh"
-        else:
-            raise ConfigError(f"UPDATER_PUBLISH: {spec!r} is neither [user@]host:/path nor "
-                              "rsync://host[:port]/module/path")
-        if spec not in {t.spec for t in out}:
-            out.append(Target(spec, kind))
-    return out
-
+from .targets import Target, parse_targets
 
 def rsync_argv(target: Target, source: str, settings: Settings) -> list[str]:
     """The rsync command that pushes ``source`` to ``target`` (pure)."""

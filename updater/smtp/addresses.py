@@ -116,3 +116,19 @@ def validrcptto(get: Callable[[bytes], bytes | None], addr: bytes,
     if not verdict.accepted:
         logs.append(f"not found: {escape(addr)}")
     return bool(verdict.accepted), logs
+
+
+def recipient(addr: bytes, rcpthosts: frozenset[bytes] | None,
+              more: Callable[[bytes], bytes | None] | None,
+              lookup: Callable[[bytes], bytes | None] | None,
+              loglevel: int) -> tuple[str, list[str]]:
+    """A recipient no RELAYCLIENT or AUTH lets through, judged as qmail-smtpd with the
+    validrcptto patch judges it: (verdict, log texts).  ``outside``: not in rcpthosts
+    (553; the log names the domain only), ``invalid``: not in validrcptto.cdb,
+    ``rcpthosts`` / ``validrcptto``: accepted by that."""
+    if not rcpthosts_allows(addr, rcpthosts, more):
+        return "outside", ["not in rcpthosts: " + escape(addr[addr.rfind(b"@") + 1:])]
+    if lookup is None:
+        return "rcpthosts", []
+    ok, logs = validrcptto(lookup, addr, loglevel)
+    return ("validrcptto" if ok else "invalid"), logs

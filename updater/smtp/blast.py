@@ -1,5 +1,5 @@
-"""The DATA phase: the message from 354 to qmail-queue's verdict (``start``, ``absorb``,
-``finish``, on the session's state), and qmail-smtpd's blast() as a decoder over whole
+"""The DATA phase: the message from 354 to qmail-queue's verdict (``Message``, a
+sub-machine the session drives), and qmail-smtpd's blast() as a decoder over whole
 runs of lines (``DataDecoder``, pure).
 
 The message ends at CRLF.CRLF; dot-stuffing is undone, CRLF turned into LF (other CRs
@@ -11,16 +11,11 @@ methods, so the cost per byte is C's, whatever the line lengths.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .events import COMMAND, DATA, DONE, QUEUE_CLOSING, Close, QueueAbort, QueueClose, QueueData
-from .events import Reply
+from .events import QueueAbort, QueueClose, QueueData, Reply
 from .params import MAXHOPS
-from .received import received_line
 from .replies import R_HOPS, R_SIZE, R_STRAYLF, qq_reply
-
-if TYPE_CHECKING:
-    from .session import Session
 
 # blast()'s states
 IN_LINE = 0           # inside a line
@@ -155,69 +150,60 @@ class DataDecoder:
 
 # --------------------------------------------------------------------------- the message
 
-def start(s: Session, qp: int) -> list[Any]:
-    """qmail-queue is running (pid ``qp``): 354, and the Received line goes first."""
-    s.qp = qp
-    s.mode = DATA
-    s.data = DataDecoder()
-    s.size = 0
-    p = s.peer
-    proto = b"SMTP" if not (s.tls or s.user) else \
-        b"ESMTP" + (b"S" if s.tls else b"") + (b"A" if s.user else b"")
-    return [Reply(b"354 go ahead\r\n"),
-            QueueData(received_line(p.local, p.remoteip, p.remotehost, p.remoteinfo, s.helo,
-                                    s.clock(), proto))]
+class Message:
+    """The DATA sub-machine: one message from 354 to qmail-queue's verdict.  It returns
+    its events and says where it ended; only the session assigns the session's state."""
 
+    def __init__(self, qp: int, envelope: bytes, limit: int):
+        self.qp = qp
+        self.envelope = envelope         # F<sender>\0T<rcpt>\0...\0, as qmail-queue reads it
+        self.limit = limit               # DATABYTES (0: none)
+        self.decoder = DataDecoder()
+        self.size = 0
 
-def absorb(s: Session, ev: list[Any]) -> None:
-    """Feed the client's bytes to the decoder; the message goes on to qmail-queue up
-    to DATABYTES; the end of it closes the queue (no envelope when it must fail)."""
-    d = s.data
-    assert d is not None
-    pieces, used, end = d.feed(s.buf)
-    s.buf = s.buf[used:]
-    limit = s.c.databytes
-    for piece in pieces:
-        if not piece:
-            continue
-        before = s.size
-        s.size += len(piece)
-        if limit and s.size > limit:
-            if before < limit:
-                ev.append(QueueData(piece[:limit - before]))
-        else:
-            ev.append(QueueData(piece))
-    if end is False:
-        s.end = "error"
-        s.count("message.rejected")
-        ev += [QueueAbort(), Reply(R_STRAYLF), Close()]
-        s.mode = DONE
-        s.buf = b""
-    elif end:
-        hops = d.hops >= MAXHOPS
-        overflow = bool(limit) and s.size > limit
-        envelope = None if hops or overflow else \
-            b"F" + s.mailfrom + b"\0" + bytes(s.rcptto) + b"\0"
-        ev.append(QueueClose(envelope))
-        s.mode = QUEUE_CLOSING
+    @staticmethod
+    def begin(received: bytes) -> list[Any]:
+        """qmail-queue is running: 354, and the Received line goes first."""
+        return [Reply(b"354 go ahead\r\n"), QueueData(received)]
 
+    def absorb(self, buf: bytes) -> tuple[list[Any], int, bool | None]:
+        """Feed the client's bytes to the decoder; the message goes on to qmail-queue
+        up to DATABYTES.  Returns (events, bytes used, end): end True once the message
+        is complete (the events close the queue, with no envelope when it must fail),
+        False on a bare LF (the events abort it; the session must hang up)."""
+        ev: list[Any] = []
+        pieces, used, end = self.decoder.feed(buf)
+        limit = self.limit
+        for piece in pieces:
+            if not piece:
+                continue
+            before = self.size
+            self.size += len(piece)
+            if limit and self.size > limit:
+                if before < limit:
+                    ev.append(QueueData(piece[:limit - before]))
+            else:
+                ev.append(QueueData(piece))
+        if end is False:
+            ev += [QueueAbort(), Reply(R_STRAYLF)]
+        elif end:
+            ev.append(QueueClose(None if self.failed else self.envelope))
+        return ev, used, end
 
-def finish(s: Session, status: int | None, write_failed: bool) -> bytes:
-    """qmail-queue's exit status: the reply to the message."""
-    d = s.data
-    assert d is not None
-    hops = d.hops >= MAXHOPS
-    overflow = bool(s.c.databytes) and s.size > s.c.databytes
-    s.data = None
-    s.mode = COMMAND
-    reply = qq_reply(status, write_failed or hops or overflow)
-    if reply is None:
-        reply = b"250 ok %d qp %d\r\n" % (int(s.clock()), s.qp)
-    elif hops:
-        reply = R_HOPS
-    elif overflow:
-        reply = R_SIZE
-    s.count("message.queued" if reply.startswith(b"250") else
-            "message.rejected" if reply.startswith(b"5") else "message.tempfail")
-    s.count("bytes", s.size)
-    return reply
+    @property
+    def failed(self) -> bool:
+        """Too many hops, or over DATABYTES: refused whatever qmail-queue says."""
+        return self.decoder.hops >= MAXHOPS or bool(self.limit) and self.size > self.limit
+
+    def finish(self, status: int | None, write_failed: bool, now: float) -> tuple[bytes, str]:
+        """qmail-queue's exit status: (the reply to the message, what it counts as)."""
+        reply = qq_reply(status, write_failed or self.failed)
+        if reply is None:
+            reply = b"250 ok %d qp %d\r\n" % (int(now), self.qp)
+        elif self.decoder.hops >= MAXHOPS:
+            reply = R_HOPS
+        elif self.failed:
+            reply = R_SIZE
+        counted = "message.queued" if reply.startswith(b"250") else \
+            "message.rejected" if reply.startswith(b"5") else "message.tempfail"
+        return reply, counted

@@ -34,3 +34,10 @@ def received_line(local: bytes, remoteip: bytes, remotehost: bytes, remoteinfo: 
         line += _safe(remoteinfo) + b"@"
     return line + _safe(remoteip) + b")\n  by " + _safe(local) + b" with " + proto + b"; " + \
         date822(when) + b"\n"
+
+
+def protocol(tls: bool, authed: bool) -> bytes:
+    """The ``with`` word: SMTP, or RFC 3848's ESMTPS, ESMTPA, ESMTPSA."""
+    if not (tls or authed):
+        return b"SMTP"
+    return b"ESMTP" + (b"S" if tls else b"") + (b"A" if authed else b"")

@@ -65,3 +65,14 @@ _QQ = {11: "Denvelope address too long for qq (#5.1.3)",
 _QQ[115] = _QQ[11]                                    # compatibility
 for _code in range(62, 67):
     _QQ[_code] = "Zqq trouble creating files in queue (#4.3.0)"
+
+
+def ehlo(greeting: bytes, starttls: bool, auth: bool) -> bytes:
+    """The EHLO reply: the greeting, PIPELINING, 8BITMIME, and STARTTLS / AUTH when
+    they are offered (both AUTH lines, as the qmail AUTH patches write them)."""
+    lines = [greeting, b"PIPELINING", b"8BITMIME"]
+    if starttls:
+        lines.append(b"STARTTLS")
+    if auth:
+        lines += [b"AUTH LOGIN PLAIN", b"AUTH=LOGIN PLAIN"]
+    return b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]) + b"250 " + lines[-1] + b"\r\n"

@@ -1,20 +1,19 @@
 """AUTH PLAIN and AUTH LOGIN (RFC 4954), as the qmail AUTH patches answer them: the
-command, the client's base64 responses, and the checkpassword program's verdict.  The
-session (``session.Session``) imports this only when a client says AUTH."""
+command, the client's base64 responses, and the checkpassword program's verdict, as a
+sub-machine that knows nothing of the session: ``session.Session`` imports it when a
+client says AUTH and assigns what it returns."""
 
 from __future__ import annotations
 
 import binascii
-from typing import TYPE_CHECKING, Any
+import enum
+from typing import Any
 
 from ..textsafe import escape
-from .events import AUTH, CHECKING_PASSWORD, COMMAND, DONE, CheckPassword, Close, Log, Reply
+from .events import CheckPassword, Log, Reply
 from .replies import (R_AUTH_AGAIN, R_AUTH_BAD, R_AUTH_CANCELLED, R_AUTH_INMAIL,
                       R_AUTH_MALFORMED, R_AUTH_NEEDTLS, R_AUTH_OK, R_AUTH_TEMP, R_AUTH_TOOMANY,
                       R_AUTH_TYPE, R_UNIMPL)
-
-if TYPE_CHECKING:
-    from .session import Session
 
 PROMPT_PLAIN = b"334 \r\n"
 PROMPT_USER = b"334 VXNlcm5hbWU6\r\n"          # "Username:"
@@ -45,114 +44,89 @@ def usable(user: bytes, password: bytes) -> bool:
 
 
 # --------------------------------------------------------------------------- the exchange
+# A sub-machine: each function takes what it needs and returns its events and the step
+# the exchange waits in next (None: back to commands); only the session assigns state.
 
-def command(s: Session, arg: bytes, ev: list[Any]) -> None:
+class Step(enum.Enum):
+    PLAIN = "plain"            # waiting for AUTH PLAIN's response
+    USER = "user"              # waiting for AUTH LOGIN's user name
+    PASSWORD = "password"      # ... and its password
+    CHECK = "check"            # the checkpassword program is running
+
+
+Next = tuple[Step, bytes] | None       # the step and the user named so far
+
+
+def command(arg: bytes, *, enabled: bool, offered: bool, authed: bool,
+            in_mail: bool) -> tuple[list[Any], Next]:
     """``AUTH MECH [initial response]``."""
-    if not s.policy.auth:
-        ev.append(Reply(R_UNIMPL))
-        return
-    if not s.auth_offered():
-        ev.append(Reply(R_AUTH_NEEDTLS))
-        return
-    if s.user is not None:
-        ev.append(Reply(R_AUTH_AGAIN))
-        return
-    if s.seenmail:
-        ev.append(Reply(R_AUTH_INMAIL))
-        return
+    if not enabled:
+        return [Reply(R_UNIMPL)], None
+    if not offered:
+        return [Reply(R_AUTH_NEEDTLS)], None
+    if authed:
+        return [Reply(R_AUTH_AGAIN)], None
+    if in_mail:
+        return [Reply(R_AUTH_INMAIL)], None
     mech, _, initial = arg.partition(b" ")
     mech, initial = mech.lower(), initial.strip()
     if mech == b"plain":
-        if initial:
-            _plain(s, initial, ev)
-        else:
-            s.auth_step, s.mode = ("plain",), AUTH
-            ev.append(Reply(PROMPT_PLAIN))
-    elif mech == b"login":
-        if initial:
-            _login_user(s, initial, ev)
-        else:
-            s.auth_step, s.mode = ("user",), AUTH
-            ev.append(Reply(PROMPT_USER))
-    else:
-        ev.append(Reply(R_AUTH_TYPE))
+        return _plain(initial) if initial else ([Reply(PROMPT_PLAIN)], (Step.PLAIN, b""))
+    if mech == b"login":
+        return _login_user(initial) if initial else ([Reply(PROMPT_USER)], (Step.USER, b""))
+    return [Reply(R_AUTH_TYPE)], None
 
 
-def response(s: Session, line: bytes, ev: list[Any]) -> None:
+def response(line: bytes, step: Step, user: bytes) -> tuple[list[Any], Next]:
     """A line the client sent in answer to a 334 prompt (``*`` cancels)."""
     line = line.rstrip(b"\r").strip()
-    step, s.mode = s.auth_step, COMMAND
     if line == b"*":
-        s.auth_step = ()
-        ev.append(Reply(R_AUTH_CANCELLED))
-    elif step[0] == "plain":
-        _plain(s, line, ev)
-    elif step[0] == "user":
-        _login_user(s, line, ev)
-    else:
-        password = b64(line)
-        if password is None:
-            s.auth_step = ()
-            ev.append(Reply(R_AUTH_MALFORMED))
-        else:
-            _check(s, step[1], password, ev)
+        return [Reply(R_AUTH_CANCELLED)], None
+    if step is Step.PLAIN:
+        return _plain(line)
+    if step is Step.USER:
+        return _login_user(line)
+    password = b64(line)
+    if password is None:
+        return [Reply(R_AUTH_MALFORMED)], None
+    return _check(user, password)
 
 
-def _plain(s: Session, data: bytes, ev: list[Any]) -> None:
+def _plain(data: bytes) -> tuple[list[Any], Next]:
     got = plain(data)
     if got is None:
-        s.auth_step = ()
-        ev.append(Reply(R_AUTH_MALFORMED))
-        return
-    _check(s, got[0], got[1], ev)
+        return [Reply(R_AUTH_MALFORMED)], None
+    return _check(got[0], got[1])
 
 
-def _login_user(s: Session, data: bytes, ev: list[Any]) -> None:
+def _login_user(data: bytes) -> tuple[list[Any], Next]:
     user = b64(data)
     if not user:
-        s.auth_step = ()
-        ev.append(Reply(R_AUTH_MALFORMED))
-        return
-    s.auth_step, s.mode = ("pass", user), AUTH
-    ev.append(Reply(PROMPT_PASSWORD))
+        return [Reply(R_AUTH_MALFORMED)], None
+    return [Reply(PROMPT_PASSWORD)], (Step.PASSWORD, user)
 
 
-def _check(s: Session, user: bytes, password: bytes, ev: list[Any]) -> None:
+def _check(user: bytes, password: bytes) -> tuple[list[Any], Next]:
     if not usable(user, password):
-        s.auth_step = ()
-        ev.append(Reply(R_AUTH_MALFORMED))
-        return
-    s.auth_step = ("check", user)
-    s.mode = CHECKING_PASSWORD
-    ev.append(CheckPassword(user, password))
+        return [Reply(R_AUTH_MALFORMED)], None
+    return [CheckPassword(user, password)], (Step.CHECK, user)
 
 
-def result(s: Session, code: int | None) -> list[Any]:
+def verdict(code: int | None, user: bytes, remote: str, last_chance: bool
+            ) -> tuple[list[Any], str]:
     """The checkpassword program's exit code: 0 ok, 1 wrong, else (or None) a
-    temporary failure; AUTH_MAX_FAILURES wrong ones hang up."""
-    ev: list[Any] = []
-    user, s.auth_step = s.auth_step[1], ()
-    s.mode = COMMAND
+    temporary failure.  Returns the events and what it was: ``ok``, ``failed``,
+    ``tempfail``, or ``hangup`` (a wrong one when ``last_chance``: the session hangs
+    up after these events)."""
     who = escape(user, 64)
-    s.count("auth.ok" if code == 0 else "auth.failed" if code == 1 else "auth.tempfail")
     if code == 0:
-        s.user = user
-        s.relay = b""
-        ev += [Log(f"AUTH ok user {who} [{s.remote}]"), Reply(R_AUTH_OK)]
-    elif code == 1:
-        s.auth_failures += 1
-        ev.append(Log(f"AUTH failed user {who} [{s.remote}]"))
-        if s.auth_failures >= s.policy.auth_failures:
-            s.count("hangup.auth_failures")
-            s.end = "limit"
-            ev += [Log(f"AUTH too many authentication failures [{s.remote}], "
-                       "hanging up"), Reply(R_AUTH_TOOMANY), Close()]
-            s.mode = DONE
-            s.buf = b""
-            return ev
-        ev.append(Reply(R_AUTH_BAD))
-    else:
-        ev += [Log(f"AUTH temporary failure user {who} [{s.remote}]: "
-                   f"{'no answer' if code is None else f'exit {code}'}"),
-               Reply(R_AUTH_TEMP)]
-    return ev
+        return [Log(f"AUTH ok user {who} [{remote}]"), Reply(R_AUTH_OK)], "ok"
+    if code == 1:
+        ev: list[Any] = [Log(f"AUTH failed user {who} [{remote}]")]
+        if last_chance:
+            return ev + [Log(f"AUTH too many authentication failures [{remote}], "
+                             "hanging up"), Reply(R_AUTH_TOOMANY)], "hangup"
+        return ev + [Reply(R_AUTH_BAD)], "failed"
+    return [Log(f"AUTH temporary failure user {who} [{remote}]: "
+                f"{'no answer' if code is None else f'exit {code}'}"),
+            Reply(R_AUTH_TEMP)], "tempfail"

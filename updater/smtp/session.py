@@ -1,31 +1,28 @@
-"""The qmail-smtpd conversation (netqmail 1.06 plus the validrcptto.cdb check) as an I/O-free state
-machine, in the style of h11: bytes in, events out (``events``: the events, the states and the
-contract a driver keeps). A driver feeds one read at a time and carries out every event before
-it reads again, so the session holds at most one read plus one partial command line (4 KiB);
-after BATCH command lines it stops with ``pending`` true until the driver calls ``proceed()``,
-so a client that pipelines without reading gets at most about BATCH replies ahead. The controls,
-the lookups, the clocks and the queue come from outside; ``check_timeout()`` turns a passed
-``deadline`` into qmail's ``451 timeout``. DATA, the Received line and AUTH are imported when
-first needed (``blast``, ``received``, ``sasl``)."""
+"""The qmail-smtpd conversation (netqmail 1.06 plus the validrcptto.cdb check) as an I/O-free
+state machine, in the style of h11: bytes in, events out (``events``: the events, the states
+and the contract a driver keeps, BATCH and ``proceed()`` included).  Only this module assigns
+the session's state; DATA (``blast.Message``) and AUTH (``sasl``) are sub-machines that return
+their events and where they ended, imported when first needed, as is ``received``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable       # (not typing: start-up counts here)
 
-from ..textsafe import escape
-from .addresses import addrparse, badmailfrom, rcpthosts_allows, validrcptto
-from .events import (AUTH, CALLBACKS, Event, COMMAND, DATA, DONE, QUEUE_CLOSING, QUEUE_OPENING,
-                     TLS_STARTING, Close, Log, ProtocolError, QueueAbort, QueueOpen, Reply,
-                     StartTls, _READING, _READING_LINES)
-from .params import BATCH, COMMAND_LINE_MAX, Controls, Lookup, Peer, Policy
+from .addresses import addrparse, badmailfrom, recipient
+from .events import (AUTH, CALLBACKS, CHECKING_PASSWORD, Event, COMMAND, DATA, DONE,
+                     QUEUE_CLOSING, QUEUE_OPENING, TLS_STARTING, Close, Log, ProtocolError,
+                     QueueAbort, QueueOpen, Reply, StartTls, _READING, _READING_LINES)
+from .envelope import Envelope
+from .framing import TOO_LONG, next_line
+from .params import BATCH, Controls, Lookup, Peer, Policy
 from .replies import (R_BMF, R_HELP, R_MAILFIRST, R_MAXRCPT, R_NOGATEWAY, R_NOTVALID, R_QQT,
                       R_RCPTFIRST, R_SYNTAX, R_TIMEOUT, R_TLS_AGAIN, R_TLS_PIPELINED,
-                      R_TLS_READY, R_TOOLONG, R_TOOMANY, R_UNIMPL)
+                      R_TLS_READY, R_TOOLONG, R_TOOMANY, R_UNIMPL, ehlo)
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
-    from .blast import DataDecoder
+if TYPE_CHECKING:                  # (no cycle: blast and sasl know nothing of the session)
+    from .blast import Message
+    from .sasl import Next
 
 
 class Session:
@@ -38,28 +35,23 @@ class Session:
         self.mono = monotonic or clock            # for deadlines; clock for dates
         self.remote = peer.remoteip.decode("latin-1")
         self.helo: bytes | None = None            # fakehelo: only when it differs
-        self.seenmail = False
-        self.flagbarf = False
-        self.mailfrom = b""
-        self.rcptto = bytearray()                 # "Taddr\0" ..., as qmail-queue wants
-        self.nrcpt = 0
+        self.env: Envelope | None = None          # after MAIL (qmail's seenmail)
         self.invalid = 0
         self.buf = b""
         self.discarding = False                   # inside an over-long command line
         self.mode = COMMAND
         self.held = False                         # lines left for proceed()
         self.quit = False                         # QUIT ended it (qmail exits 0)
-        self.data: DataDecoder | None = None
+        self.message: Message | None = None       # DATA, from 354 to qmail-queue's exit
+        self.message_env: Envelope | None = None  # its envelope
         self.rest = False                         # bytes follow the command line
         self.drop = False                         # ... and are refused
-        self.size = 0
-        self.qp = 0
         self.deadline = self.mono() + controls.timeout
         self.relay = peer.relayclient               # RELAYCLIENT, or b"" after AUTH
         self.tls = False
         self.user: bytes | None = None              # who authenticated
         self.auth_failures = 0
-        self.auth_step: tuple[Any, ...] = ()        # ("plain",), ("user",), ("pass", u)
+        self.auth_step: Next = None                 # where an AUTH exchange waits
         # what happened, for the driver's metrics: "rcpt.accepted.validrcptto", ... -> n
         self.counts: dict[str, int] = {}
         self.end = ""                               # why it ended: quit, timeout, limit, error
@@ -88,24 +80,26 @@ class Session:
         self._expect("tls_started")
         self.tls = True
         self.count("tls")
-        self.helo = None
-        self.seenmail = False
-        self.rcptto = bytearray()
-        self.mailfrom = b""
-        self.mode = COMMAND
-        self.buf = b""
+        self.helo, self.env, self.mode, self.buf = None, None, COMMAND, b""
         self.deadline = self.mono() + self.c.timeout
         return []
 
     def auth_result(self, code: int | None) -> list[Event]:
         """The checkpassword program's exit code (None: it hung or could not run)."""
         self._expect("auth_result")
-        from .sasl import result
-        ev = result(self, code)
-        if self.mode is not DONE:
-            self.deadline = self.mono() + self.c.timeout
-            self._run(ev)
-        return ev
+        from .sasl import verdict
+        assert self.auth_step is not None
+        user, self.auth_step, self.mode = self.auth_step[1], None, COMMAND
+        failures = self.auth_failures + (code == 1)
+        ev, what = verdict(code, user, self.remote, failures >= self.policy.auth_failures)
+        self.count("auth.failed" if what == "hangup" else "auth." + what)
+        self.auth_failures = failures
+        if what == "ok":
+            self.user, self.relay = user, b""
+        elif what == "hangup":
+            self.count("hangup.auth_failures")
+            self._hang_up(ev, "limit")
+        return ev if self.mode is DONE else self._resume(ev)
 
     @property
     def pending(self) -> bool:
@@ -137,8 +131,7 @@ class Session:
         if not data:
             if self.mode is DATA or self.mode is QUEUE_CLOSING:
                 ev.append(QueueAbort())
-            self.mode = DONE
-            ev.append(Close())
+            self._hang_up(ev)
             return ev
         self.buf += data
         self._run(ev)
@@ -151,10 +144,17 @@ class Session:
         ev: list[Event] = []
         if self.mode is DATA:
             ev.append(QueueAbort())
-        self.mode = DONE
-        self.end = "timeout"
-        ev += [Reply(R_TIMEOUT), Close()]
+        ev.append(Reply(R_TIMEOUT))
+        self._hang_up(ev, "timeout")
         return ev
+
+    def _hang_up(self, ev: list[Event], end: str = "") -> None:
+        """The one way a session ends: Close after the events so far, nothing more read."""
+        ev.append(Close())
+        self.mode = DONE
+        self.buf = b""
+        if end:
+            self.end = end
 
     def queue_opened(self, qp: int | None) -> list[Event]:
         self._expect("queue_opened")
@@ -163,21 +163,31 @@ class Session:
             self.count("message.tempfail")
             ev: list[Event] = [Reply(R_QQT)]
         else:
-            from .blast import start              # (imported when a message starts)
-            ev = start(self, qp)
-        self.deadline = self.mono() + self.c.timeout
-        self._run(ev)
-        return ev
+            from .blast import Message            # (imported when a message starts)
+            assert self.message_env is not None
+            self.message = Message(qp, self.message_env.queue_envelope(), self.c.databytes)
+            self.mode = DATA
+            ev = Message.begin(self._received())
+        return self._resume(ev)
 
     def queue_closed(self, status: int | None, write_failed: bool = False) -> list[Event]:
         self._expect("queue_closed")
-        from .blast import finish
-        ev: list[Event] = [Reply(finish(self, status, write_failed))]
+        m = self.message
+        assert m is not None
+        reply, counted = m.finish(status, write_failed, self.clock())
+        self.count(counted)
+        self.count("bytes", m.size)
+        self.message, self.message_env, self.mode = None, None, COMMAND
+        ev: list[Event] = [Reply(reply)]
+        return self._resume(ev)
+
+    # ---- the machine
+    def _resume(self, ev: list[Event]) -> list[Event]:
+        """A callback answered: the deadline starts again, then the lines waiting."""
         self.deadline = self.mono() + self.c.timeout
         self._run(ev)
         return ev
 
-    # ---- the machine
     def _run(self, ev: list[Event]) -> None:
         while self.buf and self.mode in _READING:
             if self.mode is DATA:
@@ -191,23 +201,12 @@ class Session:
                     self.held = True
                     break
                 lines += 1
-                nl = buf.find(b"\n", pos)
-                if self.discarding:                      # the rest of an over-long line
-                    if nl == -1:
-                        pos = n
-                        break
-                    pos, self.discarding = nl + 1, False
-                    ev.append(Reply(R_TOOLONG))
-                    continue
-                if nl == -1:
-                    if n - pos > COMMAND_LINE_MAX:
-                        pos, self.discarding = n, True
+                line, pos, self.discarding = next_line(buf, pos, self.discarding)
+                if line is None:
                     break
-                if nl - pos > COMMAND_LINE_MAX:
-                    pos = nl + 1
+                if line is TOO_LONG:
                     ev.append(Reply(R_TOOLONG))
                     continue
-                line, pos = buf[pos:nl], nl + 1
                 if self.mode is AUTH:
                     self._auth_line(line, ev)
                     continue
@@ -225,8 +224,23 @@ class Session:
                 return                                   # no complete line left
 
     def _data(self, ev: list[Event]) -> None:
-        from .blast import absorb
-        absorb(self, ev)
+        m = self.message
+        assert m is not None
+        out, used, end = m.absorb(self.buf)
+        ev += out
+        self.buf = self.buf[used:]
+        if end is False:
+            self.end = "error"
+            self.count("message.rejected")
+            self._hang_up(ev)
+        elif end:
+            self.mode = QUEUE_CLOSING
+
+    def _received(self) -> bytes:
+        from .received import protocol, received_line
+        p = self.peer
+        return received_line(p.local, p.remoteip, p.remotehost, p.remoteinfo, self.helo,
+                             self.clock(), protocol(self.tls, self.user is not None))
 
     def _command(self, line: bytes, ev: list[Event]) -> None:
         if line.endswith(b"\r"):
@@ -245,21 +259,13 @@ class Session:
         else:
             handler(self, arg, ev)
 
-    def _greet(self, code: bytes) -> bytes:
-        return code + self.c.greeting
-
     def smtp_helo(self, arg: bytes, ev: list[Event]) -> None:
-        ev.append(Reply(self._greet(b"250 ") + b"\r\n"))
+        ev.append(Reply(b"250 " + self.c.greeting + b"\r\n"))
         self._dohelo(arg)
 
     def smtp_ehlo(self, arg: bytes, ev: list[Event]) -> None:
-        lines = [self._greet(b""), b"PIPELINING", b"8BITMIME"]
-        if self.policy.tls and not self.tls:
-            lines.append(b"STARTTLS")
-        if self.auth_offered():
-            lines += [b"AUTH LOGIN PLAIN", b"AUTH=LOGIN PLAIN"]
-        ev.append(Reply(b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]) +
-                        b"250 " + lines[-1] + b"\r\n"))
+        ev.append(Reply(ehlo(self.c.greeting, self.policy.tls and not self.tls,
+                             self.auth_offered())))
         self._dohelo(arg)
 
     def auth_offered(self) -> bool:
@@ -279,34 +285,33 @@ class Session:
 
     def smtp_auth(self, arg: bytes, ev: list[Event]) -> None:
         from .sasl import command                 # (imported when AUTH starts)
-        command(self, arg, ev)
+        self._auth(ev, *command(arg, enabled=self.policy.auth, offered=self.auth_offered(),
+                                authed=self.user is not None, in_mail=self.env is not None))
 
     def _auth_line(self, line: bytes, ev: list[Event]) -> None:
         from .sasl import response
-        response(self, line, ev)
+        assert self.auth_step is not None
+        self._auth(ev, *response(line, *self.auth_step))
+
+    def _auth(self, ev: list[Event], out: list[Event], step: Next) -> None:
+        from .sasl import Step
+        ev += out
+        self.auth_step = step
+        self.mode = COMMAND if step is None else \
+            CHECKING_PASSWORD if step[0] is Step.CHECK else AUTH
 
     def _dohelo(self, arg: bytes) -> None:
-        self.seenmail = False
+        self.env = None
         self.helo = arg if arg.lower() != self.peer.remotehost.lower() else None
 
     def smtp_quit(self, arg: bytes, ev: list[Event]) -> None:
-        ev += [Reply(self._greet(b"221 ") + b"\r\n"), Close()]
-        self.mode = DONE
+        ev.append(Reply(b"221 " + self.c.greeting + b"\r\n"))
         self.quit = True
-        self.buf = b""
+        self._hang_up(ev)
 
     def smtp_rset(self, arg: bytes, ev: list[Event]) -> None:
-        self.seenmail = False
+        self.env = None
         ev.append(Reply(b"250 flushed\r\n"))
-
-    def smtp_noop(self, arg: bytes, ev: list[Event]) -> None:
-        ev.append(Reply(b"250 ok\r\n"))
-
-    def smtp_vrfy(self, arg: bytes, ev: list[Event]) -> None:
-        ev.append(Reply(b"252 send some mail, i'll try my best\r\n"))
-
-    def smtp_help(self, arg: bytes, ev: list[Event]) -> None:
-        ev.append(Reply(R_HELP))
 
     def _addr(self, arg: bytes) -> bytes | None:
         return addrparse(arg, self.c.liphost, self.ipme)
@@ -316,15 +321,12 @@ class Session:
         if addr is None:
             ev.append(Reply(R_SYNTAX))
             return
-        self.flagbarf = badmailfrom(addr, self.c.badmailfrom)
-        self.seenmail = True
-        self.rcptto = bytearray()
-        self.nrcpt = 0
-        self.mailfrom = addr
+        self.env = Envelope(addr, badmailfrom(addr, self.c.badmailfrom))
         ev.append(Reply(b"250 ok\r\n"))
 
     def smtp_rcpt(self, arg: bytes, ev: list[Event]) -> None:
-        if not self.seenmail:
+        env = self.env
+        if env is None:
             self.count("rcpt.rejected.syntax")
             ev.append(Reply(R_MAILFIRST))
             return
@@ -333,7 +335,7 @@ class Session:
             self.count("rcpt.rejected.syntax")
             ev.append(Reply(R_SYNTAX))
             return
-        if self.flagbarf:
+        if env.flagbarf:
             self.count("rcpt.rejected.badmailfrom")
             ev.append(Reply(R_BMF))
             return
@@ -342,59 +344,56 @@ class Session:
             addr += relay
             why = "auth" if self.user is not None else "relayclient"
         else:
-            if not rcpthosts_allows(addr, self.c.rcpthosts, self.more):
+            why, logs = recipient(addr, self.c.rcpthosts, self.more, self.validrcptto,
+                                  self.policy.loglevel)
+            ev += [Log(f"validrcptto [{self.remote}] {text}") for text in logs]
+            if why == "outside":
                 self.count("rcpt.rejected.rcpthosts")
-                ev += [Log(self._vlog("not in rcpthosts: " +  # the domain only
-                                      escape(addr[addr.rfind(b"@") + 1:]))), Reply(R_NOGATEWAY)]
+                ev.append(Reply(R_NOGATEWAY))
                 return
-            why = "rcpthosts" if self.validrcptto is None else "validrcptto"
-            ok = True
-            if self.validrcptto is not None:
-                ok, logs = validrcptto(self.validrcptto, addr, self.policy.loglevel)
-                ev += [Log(self._vlog(text)) for text in logs]
-            if not ok:
+            if why == "invalid":
                 self.invalid += 1
                 self.count("rcpt.rejected.validrcptto")
-                limit = self.policy.limit
-                if limit and self.invalid >= limit:
+                if self.policy.limit and self.invalid >= self.policy.limit:
                     self.count("hangup.invalid_limit")
-                    self.end = "limit"
-                    ev += [Log(self._vlog("excessive violations, hanging up")),
-                           Reply(R_TOOMANY), Close()]
-                    self.mode = DONE
-                    self.buf = b""
-                    return
-                ev.append(Reply(R_NOTVALID))
+                    ev += [Log(f"validrcptto [{self.remote}] excessive violations, "
+                               "hanging up"), Reply(R_TOOMANY)]
+                    self._hang_up(ev, "limit")
+                else:
+                    ev.append(Reply(R_NOTVALID))
                 return
-        if self.policy.maxrcpt and self.nrcpt >= self.policy.maxrcpt:
+        if self.policy.maxrcpt and env.nrcpt >= self.policy.maxrcpt:
             self.count("rcpt.rejected.maxrcpt")
             ev.append(Reply(R_MAXRCPT))
             return
         self.count("rcpt.accepted." + why)
-        self.rcptto += b"T" + addr + b"\0"
-        self.nrcpt += 1
+        env.rcptto += b"T" + addr + b"\0"
+        env.nrcpt += 1
         ev.append(Reply(b"250 ok\r\n"))
 
-    def _vlog(self, text: str) -> str:
-        return f"validrcptto [{self.remote}] {text}"
-
     def smtp_data(self, arg: bytes, ev: list[Event]) -> None:
-        if not self.seenmail:
+        if self.env is None:
             ev.append(Reply(R_MAILFIRST))
             return
-        if not self.rcptto:
+        if not self.env.rcptto:
             ev.append(Reply(R_RCPTFIRST))
             return
-        self.seenmail = False
+        self.message_env, self.env = self.env, None      # qmail: seenmail = 0
         self.mode = QUEUE_OPENING
         ev.append(QueueOpen())
+
+
+def _fixed(reply: bytes) -> Callable[[Session, bytes, list[Event]], None]:
+    """A command whose reply never varies (NOOP, VRFY, HELP)."""
+    return lambda s, arg, ev: ev.append(Reply(reply))
 
 
 _COMMANDS = {
     b"rcpt": Session.smtp_rcpt, b"mail": Session.smtp_mail, b"data": Session.smtp_data,
     b"quit": Session.smtp_quit, b"helo": Session.smtp_helo, b"ehlo": Session.smtp_ehlo,
-    b"rset": Session.smtp_rset, b"help": Session.smtp_help, b"noop": Session.smtp_noop,
-    b"vrfy": Session.smtp_vrfy, b"starttls": Session.smtp_starttls, b"auth": Session.smtp_auth,
+    b"rset": Session.smtp_rset, b"help": _fixed(R_HELP), b"noop": _fixed(b"250 ok\r\n"),
+    b"vrfy": _fixed(b"252 send some mail, i'll try my best\r\n"),
+    b"starttls": Session.smtp_starttls, b"auth": Session.smtp_auth,
 }
 
 
