@@ -15,9 +15,10 @@ from .logline import log
 from .queue import AsyncQueue
 from .events import Event
 
+from .host import Host
+
 if TYPE_CHECKING:
     from .session import Session
-    from .worker import Worker
 
 HOLD_MAX = 65536            # client input held while the session cannot take it
 R_CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
@@ -36,7 +37,7 @@ class SmtpProtocol(asyncio.Protocol):
     input, the transport's write buffer, and one batch of replies (session.BATCH
     lines)."""
 
-    def __init__(self, worker: Worker):
+    def __init__(self, worker: Host):
         self.w = worker
         self.loop = asyncio.get_running_loop()
         self.transport: Any = None            # asyncio's, then the TLS one after STARTTLS
