@@ -24,13 +24,15 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .checker import check
 from .postfix import Answer, Conversation, Reply, Settings
 from .smtp.cdbfile import CdbCache
-from .serveropts import Param, add_params, resolve
+from .declare import setting
+from .serveropts import add_params, build
 from .smtp.watched import Watched
 from .listeners import RateLog, bind
 from .smtp.controls import ControlError, morercpthosts_path, readfile
@@ -107,7 +109,7 @@ class Counts:
 
 
 class Server:
-    def __init__(self, opts: argparse.Namespace, lookup: Lookup):
+    def __init__(self, opts: Options, lookup: Lookup):
         self.o, self.lookup = opts, lookup
         self.counts = Counts()
         self.settings = Settings(reject=opts.reject_action, unavailable=opts.unavailable_action,
@@ -260,7 +262,7 @@ def metrics_collector(server: Server) -> Any:
     return Collector()
 
 
-async def serve(opts: argparse.Namespace, socks: list[socket.socket],
+async def serve(opts: Options, socks: list[socket.socket],
                 httpd: http.server.ThreadingHTTPServer | None = None) -> None:
     loop = asyncio.get_running_loop()
     lookup = Lookup(opts.cdb, opts.qmail_dir)
@@ -305,41 +307,54 @@ async def serve(opts: argparse.Namespace, socks: list[socket.socket],
     log("stopped")
 
 
-PARAMS: list[Param] = [
-    ("--listen", "listen", str, None, "ADDR",
-     "HOST:PORT or unix:PATH to listen on (may be given more than once; required; the "
-     "variable: separated by spaces)", "LISTEN"),
-    ("--qmail-dir", "qmail_dir", str, "/var/qmail", "DIR",
-     "qmail's home: control/rcpthosts and morercpthosts.cdb say which domains are ours",
-     "QMAIL_DIR"),
-    ("--cdb", "cdb", str, None, "CDB",
-     "the list (default: QMAIL_DIR/control/validrcptto.cdb)", "VALIDRCPTTO_CDB"),
-    ("--reject-action", "reject_action", str, Settings.reject, "TEXT",
-     "policy answer for a refused recipient ({address} is replaced by the recipient; "
-     "Postfix itself puts \"<ADDRESS>: Recipient address rejected:\" before the text)",
-     "REJECT_ACTION"),
-    ("--unavailable-action", "unavailable_action", str, Settings.unavailable, "TEXT",
-     "policy answer when the cdb cannot be read", "UNAVAILABLE_ACTION"),
-    ("--map-name", "map_name", str, "validrcptto", "NAME", "the socketmap's name",
-     "MAP_NAME"),
-    ("--max-connections", "max_connections", int, 200, "N", "connections in all",
-     "MAX_CONNECTIONS"),
-    ("--idle-timeout", "idle_timeout", float, 600.0, "SECONDS",
-     "a connection idle this long (or leaving answers unread) is closed", "IDLE_TIMEOUT"),
-    ("--request-timeout", "request_timeout", float, 10.0, "SECONDS",
-     "a request must be complete this long after its first byte (a trickling client "
-     "is closed)", "REQUEST_TIMEOUT"),
-    ("--socket-mode", "socket_mode", str, "0660", "MODE", "mode of unix: sockets",
-     "SOCKET_MODE"),
-    ("--socket-owner", "socket_owner", str, "", "USER:GROUP",
-     "owner of unix: sockets (default: the starting user)", "SOCKET_OWNER"),
-    ("--user", "user", str, "", "NAME", "run as this account once bound", "POLICYD_USER"),
-    ("--metrics", "metrics", str, "", "HOST:PORT",
-     "serve Prometheus metrics at http://HOST:PORT/metrics", "METRICS"),
-    ("--verbose", "verbose", int, 1, "N",
-     "log: 0 errors only, 1 also each refusal, 2 every decision", "VERBOSE"),
-]
-REPEAT = frozenset({"listen"})
+@dataclass
+class Options:
+    """validrcptto-policyd's options, each declared once (``declare.setting``)."""
+    listen: list[str] | None = setting(
+        None, flag="--listen", metavar="ADDR", env="LISTEN", repeat=True,
+        help="HOST:PORT or unix:PATH to listen on (may be given more than once; required; the "
+        "variable: separated by spaces)")
+    qmail_dir: str = setting(
+        "/var/qmail", flag="--qmail-dir", metavar="DIR", env="QMAIL_DIR",
+        help="qmail's home: control/rcpthosts and morercpthosts.cdb say which domains are ours")
+    cdb: str = setting(
+        "", flag="--cdb", metavar="CDB", env="VALIDRCPTTO_CDB",
+        help="the list (default: QMAIL_DIR/control/validrcptto.cdb)")
+    reject_action: str = setting(
+        Settings.reject, flag="--reject-action", metavar="TEXT", env="REJECT_ACTION",
+        help="policy answer for a refused recipient ({address} is replaced by the recipient; "
+        "Postfix itself puts \"<ADDRESS>: Recipient address rejected:\" before the text)")
+    unavailable_action: str = setting(
+        Settings.unavailable, flag="--unavailable-action", metavar="TEXT", env="UNAVAILABLE_ACTION",
+        help="policy answer when the cdb cannot be read")
+    map_name: str = setting(
+        "validrcptto", flag="--map-name", metavar="NAME", env="MAP_NAME",
+        help="the socketmap's name")
+    max_connections: int = setting(
+        200, flag="--max-connections", metavar="N", env="MAX_CONNECTIONS",
+        help="connections in all")
+    idle_timeout: float = setting(
+        600.0, flag="--idle-timeout", metavar="SECONDS", env="IDLE_TIMEOUT",
+        help="a connection idle this long (or leaving answers unread) is closed")
+    request_timeout: float = setting(
+        10.0, flag="--request-timeout", metavar="SECONDS", env="REQUEST_TIMEOUT",
+        help="a request must be complete this long after its first byte (a trickling client "
+        "is closed)")
+    socket_mode: str = setting(
+        "0660", flag="--socket-mode", metavar="MODE", env="SOCKET_MODE",
+        help="mode of unix: sockets")
+    socket_owner: str = setting(
+        "", flag="--socket-owner", metavar="USER:GROUP", env="SOCKET_OWNER",
+        help="owner of unix: sockets (default: the starting user)")
+    user: str = setting(
+        "", flag="--user", metavar="NAME", env="POLICYD_USER",
+        help="run as this account once bound")
+    metrics: str = setting(
+        "", flag="--metrics", metavar="HOST:PORT", env="METRICS",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    verbose: int = setting(
+        1, flag="--verbose", metavar="N", env="VERBOSE",
+        help="log: 0 errors only, 1 also each refusal, 2 every decision")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -347,15 +362,15 @@ def parser() -> argparse.ArgumentParser:
         prog=PROG, description="validrcptto.cdb for Postfix: a policy service "
         "(check_policy_service) and a socketmap (relay_recipient_maps), told apart by the "
         "first byte of each connection.")
-    add_params(p, PARAMS, REPEAT)
+    add_params(p, Options)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser()
-    opts = p.parse_args(sys.argv[1:] if argv is None else argv)
-    resolve(opts, PARAMS, os.environ, p.error, REPEAT)
+    ns = p.parse_args(sys.argv[1:] if argv is None else argv)
+    opts = build(Options, ns, os.environ, p.error)
     if not opts.listen:
         p.error("--listen (or $LISTEN) is required")
     opts.qmail_dir = os.path.abspath(opts.qmail_dir)

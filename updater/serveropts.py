@@ -1,50 +1,58 @@
 """The long-running servers' options (validrcptto-smtpd --listen, validrcptto-policyd):
-each declared once, as a row of its program's table, with the environment variable that
-sets it, so a daemontools ``env/`` directory or a systemd ``EnvironmentFile`` sets any
-of them; argparse, ``--help`` (naming the variable) and the README follow from the
-table.  A flag wins over the variable, which wins over the default; an empty variable
-is the default (an empty ``env/`` file)."""
+each declared once, as a field of its program's options dataclass (``declare.setting``
+with its flag, metavar and environment variable), so a daemontools ``env/`` directory
+or a systemd ``EnvironmentFile`` sets any of them; argparse, ``--help`` (naming the
+variable) and the README follow from the fields.  A flag wins over the variable, which
+wins over the default; an empty variable is the default (an empty ``env/`` file)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-# flag, attribute, type, default, metavar, help, environment variable (None: none)
-Param = tuple[str, str, type, object, str, str, "str | None"]
+from .declare import Opt, declared
 
-
-def add_params(p: argparse.ArgumentParser, params: list[Param],
-               repeat: frozenset[str] = frozenset()) -> None:
-    """Each row as an option whose help ends with its default and its variable; the
-    value is left None unless given, so ``from_env`` and the defaults can fill it."""
-    for flag, attr, kind, default, metavar, text, env in params:
-        if default not in (None, ""):
-            text += f" (default: {default:g})" if kind is float else f" (default: {default})"
-        if env:
-            text += f" [${env}]"
-        p.add_argument(flag, dest=attr, type=kind, metavar=metavar, help=text,
-                       action="append" if attr in repeat else "store", default=None)
+T = TypeVar("T")
 
 
-def resolve(ns: argparse.Namespace, params: list[Param], environ: Mapping[str, str],
-            error: Callable[[str], object], repeat: frozenset[str] = frozenset()) -> None:
-    """Fill what no flag gave from the environment, then from the defaults; a variable
-    that does not parse is a usage error naming it."""
-    for flag, attr, kind, default, _, _, env in params:
-        if getattr(ns, attr) is not None:
-            continue
-        raw = environ.get(env or "", "").strip() if env else ""
+def kind(opt: Opt) -> type:
+    """The type argparse converts a flag's value to (the default's; str for None)."""
+    return type(opt.default) if opt.default is not None else str
+
+
+def add_params(p: argparse.ArgumentParser, cls: type) -> None:
+    """Each field as an option whose help ends with its default and its variable; the
+    value is left None unless given, so ``build`` can fill it."""
+    for opt in declared(cls):
+        text = opt.help
+        if opt.default not in (None, ""):
+            text += f" (default: {opt.default:g})" if isinstance(opt.default, float) \
+                else f" (default: {opt.default})"
+        if opt.env:
+            text += f" [${opt.env}]"
+        p.add_argument(opt.flag, dest=opt.name, type=kind(opt), metavar=opt.metavar,
+                       help=text, action="append" if opt.repeat else "store", default=None)
+
+
+def build(cls: type[T], ns: argparse.Namespace, environ: Mapping[str, str],
+          error: Callable[[str], object]) -> T:
+    """The options: flags, else the environment, else the defaults; a variable that does
+    not parse, or a negative number, is a usage error naming it (``error``; when it
+    returns, the default is kept)."""
+    values: dict[str, Any] = {}
+    for opt in declared(cls):
+        value = getattr(ns, opt.name, None)
+        raw = environ.get(opt.env, "").strip() if opt.env and value is None else ""
         if raw:
             try:
-                value: object = raw.split() if attr in repeat else kind(raw)
+                value = raw.split() if opt.repeat else kind(opt)(raw)
             except ValueError:
-                error(f"${env}: not a valid {flag} value: {raw!r}")
-                return
-            setattr(ns, attr, value)
-        else:
-            setattr(ns, attr, default)
-
-
-def env_names(params: list[Param]) -> set[str]:
-    return {env for *_, env in params if env}
+                error(f"${opt.env}: not a valid {opt.flag} value: {raw!r}")
+                value = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            error(f"{opt.flag} must not be negative")
+            value = None
+        if value is not None:
+            values[opt.name] = value
+    return cls(**values)
