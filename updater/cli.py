@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from collections.abc import Sequence
 
 from . import __version__
+from .textsafe import escape
 
 if TYPE_CHECKING:
     import argparse
@@ -25,13 +26,6 @@ ENCODING, ERRORS = "utf-8", "surrogateescape"
 
 PROG = "qmail-updater"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-
-def escape(text: str, limit: int = 500) -> str:
-    """Make a string safe for a one-line log: control characters become \\xNN."""
-    out = "".join(c if " " <= c < "\x7f" or c > "\xa0" else f"\\x{ord(c) & 0xff:02x}"
-                  for c in text[:limit])
-    return out + ("..." if len(text) > limit else "")
 
 
 def log(message: str, prog: str = PROG) -> None:

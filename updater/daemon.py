@@ -30,7 +30,7 @@ from .errors import UpdaterError
 from .fifo import Reader
 from .generate import generate
 from .incremental import Snapshot
-from .inputs import Ident, identity
+from .ident import Ident, identity
 from .install import LiveChanged, Report, install_result, sources_path
 from .onchange import onchange_target
 from .publish import Publisher

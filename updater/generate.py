@@ -23,7 +23,7 @@ from .errors import SourceError
 from .inputs import Inputs
 from .qmail import (ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, accounts as load_accounts,
                     cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
-                    parse_assign, parse_domain_map, read_text, read_users_cdb, users_db)
+                    parse_assign, parse_domain_map, part_of, read_text, read_users_cdb, users_db)
 from .merge import Result, merge
 from .chain import TAIL
 from .routing import DomainKeys, Router
@@ -198,13 +198,6 @@ def routed_keys(domain: str, keys: DomainKeys, notes: Notes) -> Iterator[Found]:
             not any(ans.ok for ans in keys.prefix.values()):
         notes.warn(f"{domain}: qmail delivers no address there (its mail ends at "
                    "~alias or bounces)")
-
-
-def part_of(key: str, bare: str | None) -> str:
-    """The domain a key belongs to (its incremental unit): the part after the last
-    ``@``; a key without ``@`` belongs to the envnoathost domain, whose keys make it."""
-    at = key.rfind("@")
-    return lower_ascii(key[at + 1:]) if at >= 0 else (bare or "")
 
 
 def split_singles(plan: Plan, notes: Notes, want: Callable[[str], bool]

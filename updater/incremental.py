@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from .config import Settings
 from .generate import generate, global_inputs
 from .merge import Result
-from .inputs import Ident, Inputs, identities
+from .ident import Ident, identities
+from .inputs import Inputs
 from .cdbdiff import Changes
 from .gate import accepting_under, sorted_getter
 from .install import Candidate, Report, install_delta
-from .qmail import ENCODING, ERRORS
+from .qmail import ENCODING, ERRORS, part_of
 
 MAX_DOMAINS = 200       # more changed domains than this and than half of all: a full build
 SPLICE_LIMIT = 64       # up to this many added + removed keys: insert/delete in place
@@ -51,13 +52,8 @@ class NeedFull(Exception):
     """The incremental path cannot answer: the reason, for the log."""
 
 
-def part_of(key: bytes, bare: bytes | None) -> bytes:
-    at = key.rfind(b"@")
-    return key[at + 1:] if at >= 0 else (bare or b"")
-
-
 def split(keys: list[bytes], bare: bytes | None) -> dict[bytes, list[bytes]]:
-    """The sorted keys grouped by domain (``generate.part_of``), each group sorted."""
+    """The sorted keys grouped by domain (``qmail.part_of``), each group sorted."""
     parts: defaultdict[bytes, list[bytes]] = defaultdict(list)
     default = bare or b""
     for k in keys:

@@ -15,21 +15,7 @@ from __future__ import annotations
 import os
 import stat
 
-Ident = tuple[int, int, int, int, int]
-
-
-def identity(path: str) -> Ident | None:
-    """(dev, inode, size, mtime ns, ctime ns) of ``path`` (symlinks followed), or None
-    when it cannot be stat()ed."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def identities(paths: list[str]) -> dict[str, Ident | None]:
-    return {p: identity(p) for p in paths}
+from .ident import Ident, identity
 
 
 def dotqmail_files(home: str, names: list[str]) -> frozenset[str]:

@@ -22,7 +22,7 @@ from . import atomicfile
 from .cdbdiff import CHUNK, REJECT, Changes, compare_live, record_count
 from .errors import InstallError, InstallRefused
 from .gate import Getter, accepting_under, emptied, gate, lost, set_getter, vanished
-from .inputs import Ident, identity
+from .ident import Ident, identity
 from .lock import locked
 from .qmail import ENCODING, ERRORS
 
@@ -43,7 +43,7 @@ class Report:
     changed: list[bytes] = field(default_factory=list)
     seconds: float = 0.0
     bytes_written: int = 0
-    identity: Ident | None = None    # of the live file after this build (inputs.identity)
+    identity: Ident | None = None    # of the live file after this build (ident.identity)
     phases: dict[str, float] = field(default_factory=dict)   # seconds per step (incremental)
 
     def line(self) -> str:

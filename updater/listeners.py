@@ -39,13 +39,14 @@ class RateLog:
             self.dropped = 0
 
 
-def parse_listen(text: str) -> tuple[str, str, int]:
-    """("unix", PATH, 0) or ("inet", HOST, PORT)."""
-    if text.startswith("unix:"):
+def parse_listen(text: str, unix: bool = True) -> tuple[str, str, int]:
+    """("unix", PATH, 0) or ("inet", HOST, PORT) ([::] and [::1] as IPv6; an empty host
+    is 0.0.0.0), for both servers (``unix``: whether unix:PATH is allowed)."""
+    if unix and text.startswith("unix:"):
         return "unix", text[5:], 0
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT or unix:PATH, got {text!r}")
+        raise ValueError(f"expected HOST:PORT{' or unix:PATH' if unix else ''}, got {text!r}")
     return "inet", host.strip("[]") or "0.0.0.0", int(port)
 
 

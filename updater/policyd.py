@@ -35,6 +35,7 @@ from .declare import setting
 from .serveropts import add_params, build
 from .smtp.watched import Watched
 from .listeners import RateLog, bind
+from .logline import logger
 from .smtp.controls import ControlError, morercpthosts_path, readfile
 from .smtp.addresses import rcpthosts_allows
 from .textsafe import escape
@@ -48,11 +49,7 @@ WRITE_HIGH = 64 * 1024          # answers unsent past this: stop reading from th
 LOG_RATE = 100                  # decision lines a second; past that, one summary line
 
 
-def log(text: str) -> None:
-    try:
-        os.write(2, f"{PROG}[{os.getpid()}]: {text}\n".encode("utf-8", "backslashreplace"))
-    except OSError:
-        pass
+log = logger(PROG)
 
 
 def read_hosts(path: str) -> frozenset[bytes] | None:

@@ -11,7 +11,7 @@ import errno
 import os
 import stat
 from collections import namedtuple
-from typing import Any, NamedTuple
+from typing import Any, AnyStr, NamedTuple
 from collections.abc import Iterable
 
 from .errors import SourceError
@@ -21,6 +21,17 @@ ERRORS = "surrogateescape"     # never fail on 8-bit bytes; write them back unch
 
 # Only ASCII A-Z are lowercased, by qmail-smtpd and therefore by us (REFERENCE §1.6).
 _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def part_of(key: AnyStr, bare: AnyStr | None) -> AnyStr:
+    """The domain a key belongs to (its incremental unit): the part after the last
+    ``@``, lowercased; a key without ``@`` belongs to the envnoathost domain (``bare``),
+    whose keys make it.  For the generator's text keys and the list's bytes alike."""
+    if isinstance(key, str):
+        at = key.rfind("@")
+        return lower_ascii(key[at + 1:]) if at >= 0 else (bare or "")
+    at = key.rfind(b"@")
+    return key[at + 1:].lower() if at >= 0 else (bare or b"")
 
 
 def lower_ascii(text: str) -> str:

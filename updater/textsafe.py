@@ -12,6 +12,13 @@ def printable(data: bytes, backslash: bool = True) -> str:
                    for b in data)
 
 
-def escape(data: bytes, limit: int = 300) -> str:
-    """Client bytes for a log line: ``printable`` (backslash too), cut at ``limit``."""
-    return printable(data[:limit]) + ("..." if len(data) > limit else "")
+def escape(data: bytes | str, limit: int = 300) -> str:
+    """Others' bytes (or text) for a log line, cut at ``limit``: bytes through
+    ``printable`` (backslash too); text keeps printable and non-ASCII letters, control
+    characters become \\xNN."""
+    if isinstance(data, str):
+        out = "".join(c if " " <= c < "\x7f" or c > "\xa0" else f"\\x{ord(c) & 0xff:02x}"
+                      for c in data[:limit])
+    else:
+        out = printable(data[:limit])
+    return out + ("..." if len(data) > limit else "")

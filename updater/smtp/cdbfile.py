@@ -17,9 +17,9 @@ import stat
 from collections.abc import Callable
 
 from ..checker import CdbGetter, records, whole as is_whole
+from ..ident import Ident, of_stat
 
 
-Ident = tuple[int, int, int, int]          # (dev, inode, size, mtime in ns)
 
 
 def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, Ident, bool]:
@@ -31,7 +31,7 @@ def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, Ident, bool]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(22, "not a regular file", path)
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        ident = of_stat(st)
         mfd = os.memfd_create("validrcptto.cdb", os.MFD_CLOEXEC)
         try:
             copied = 0
@@ -86,13 +86,13 @@ class CdbCache:
     @property
     def mtime(self) -> float:
         """When the file the snapshot was copied from was last written."""
-        return self.ident[3] / 1e9 if self.ident else 0.0
+        return self.ident[3] / 1e9 if self.ident else 0.0     # mtime
 
     def current(self) -> CdbGetter:
         """The snapshot for a new connection; OSError when the file cannot be opened or
         there is no whole snapshot to answer with."""
         st = os.stat(self.path)
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        ident = of_stat(st)
         if self.strict:
             if ident == self.torn:
                 raise OSError(errno.EPROTO, "not a cdb", self.path)

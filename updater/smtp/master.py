@@ -32,7 +32,8 @@ from ..privileges import become
 from .anvil import Limits
 from .logline import PROG, log
 from .metrics import Metrics
-from .options import Options, parse_args, parse_listen
+from ..listeners import parse_listen
+from .options import Options, parse_args
 from .worker import run_worker
 
 LISTEN_BACKLOG = 1024       # the kernel's queue of connections not accepted yet
@@ -43,7 +44,7 @@ __all__ = ["Options", "parse_args", "main"]
 
 def bind(opts: Options, reuse_port: bool) -> socket.socket:
     from ..netsock import listen_tcp
-    host, port = parse_listen(opts.listen or "")
+    _, host, port = parse_listen(opts.listen or "", unix=False)
     return listen_tcp(host, port, LISTEN_BACKLOG, reuse_port=reuse_port)
 
 

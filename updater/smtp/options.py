@@ -10,6 +10,7 @@ import ssl
 from dataclasses import dataclass
 
 from ..declare import setting
+from ..listeners import parse_listen
 from ..serveropts import add_params, build
 from .controls import ControlError
 from .logline import PROG
@@ -93,7 +94,7 @@ def parse_args(argv: list[str]) -> Options:
         os.environ.get(QUIET_ENV, "").strip().lower() not in ("1", "yes", "true")
     if opts.listen is not None:
         try:
-            parse_listen(opts.listen)
+            parse_listen(opts.listen, unix=False)
         except ValueError as err:
             parser().error(f"--listen: {err}")
     if opts.workers == 0:
@@ -110,10 +111,3 @@ def parse_args(argv: list[str]) -> Options:
         except ControlError:
             opts.local_name = ""
     return opts
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)

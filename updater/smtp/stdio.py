@@ -189,11 +189,9 @@ class Driver:
 
 def run(qmail_dir: str, env: Any, rfd: int = 0, wfd: int = 1,
         log: Callable[[str], None] | None = None) -> int:
-    pid = os.getpid()
     if log is None:
-        def log(text: str) -> None:
-            sys.stderr.write(f"{PROG}[{pid}]: {text}\n")
-            sys.stderr.flush()
+        from .logline import log as default_log
+        log = default_log
     try:
         conn = Connection(qmail_dir, env, IpMe())
     except ControlError as err:

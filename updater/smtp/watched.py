@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ..ident import Ident, of_stat
 from .controls import ControlError
 
 # the control files qmail-smtpd reads (morercpthosts.cdb is a cdb snapshot of its own)
@@ -18,7 +19,7 @@ CONTROL_FILES = ("me", "smtpgreeting", "localiphost", "timeoutsmtpd", "rcpthosts
 RECHECK = 0.5           # seconds between looks at a long-running server's control files
 SETTLE = 1.0            # a list without its last newline, younger than this: being written
 T = TypeVar("T")
-FileIdent = tuple[int, int, int, int] | None
+FileIdent = Ident | None
 
 
 def control_files(qmail_dir: str) -> list[str]:
@@ -31,8 +32,8 @@ def file_ident(path: str) -> FileIdent:
     except FileNotFoundError:
         return None
     except OSError:
-        return (-1, -1, -1, -1)                 # unreadable: read_controls says why
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return (-1, -1, -1, -1, -1)             # unreadable: read_controls says why
+    return of_stat(st)
 
 
 class Watched(Generic[T]):
