@@ -36,7 +36,7 @@ from .serveropts import add_params, build
 from .smtp.watched import Watched
 from .listeners import RateLog, bind
 from .logline import logger
-from .smtp.controls import ControlError, morercpthosts_path, readfile
+from .smtp.controlfiles import ControlError, morercpthosts_path, readfile
 from .smtp.addresses import rcpthosts_allows
 from .textsafe import escape
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import events as E
 from .anvil import R_BUSY
-from .controls import ControlError, open_session, queue_program
+from .controlfiles import ControlError
+from .controls import open_session, queue_program
 from .logline import log
 from .queue import AsyncQueue
 from .events import Event

@@ -1,89 +1,17 @@
-"""What qmail-smtpd reads before it greets: control files (with qmail's own control.c
-rules, as bytes), the environment, and this host's IPv4 addresses.
-
-These readers follow control_readline / control_readfile / control_readint exactly
-(first line only, trailing space/tab/LF stripped, no comment handling in single-line
-files), which differs in small ways from the generator's line-numbered readers in
-``updater.qmail``; they stay here, free of heavy imports, because the tcpserver front
-end runs them once per connection.  Every read is bounded.
-"""
+"""What qmail-smtpd reads before it greets: its control files (``controlfiles``), the
+environment, and this host's IPv4 addresses; ``SessionSetup`` is its setup() for one
+connection, shared by both front ends."""
 
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections.abc import Callable, Mapping
 
 from ..checker import CdbGetter, unusable
-from .params import (DEFAULT_TIMEOUT, Controls, Lookup, peer_from_env, policy_from_env,
-                     scan_ulong)
+from .controlfiles import ControlError, morercpthosts_path, readfile, readint, readline
+from .params import DEFAULT_TIMEOUT, Controls, Lookup, peer_from_env, policy_from_env, scan_ulong
 from .session import Session
-
-READ_MAX = 4 * 1024 * 1024        # no control file qmail-smtpd reads is anywhere near this
-
-
-class ControlError(Exception):
-    """A control file exists but cannot be read: ``421 unable to read controls``."""
-
-
-def _read(path: str) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise ControlError(f"{path}: {err.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ControlError(f"{path}: not a regular file")
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > READ_MAX:
-                raise ControlError(f"{path}: larger than {READ_MAX} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as err:
-        raise ControlError(f"{path}: {err.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def readline(path: str) -> bytes | None:
-    """control_readline: the first line, trailing spaces/tabs removed; None if absent."""
-    data = _read(path)
-    if data is None:
-        return None
-    return data.split(b"\n", 1)[0].rstrip(b" \t")
-
-
-def readfile(path: str) -> list[bytes] | None:
-    """control_readfile: every non-empty line not starting with ``#``, trailing
-    spaces/tabs removed; None if absent."""
-    data = _read(path)
-    if data is None:
-        return None
-    out = []
-    for line in data.split(b"\n"):
-        line = line.rstrip(b" \t")
-        if line and not line.startswith(b"#"):
-            out.append(line)
-    return out
-
-
-def readint(path: str, default: int) -> int:
-    """control_readint: leading digits of the first line; the default when the file is
-    absent or has no digits."""
-    line = readline(path)
-    if line is None or not line[:1].isdigit():
-        return default
-    return scan_ulong(line)
-
 
 def read_controls(qmail_dir: str, env: Mapping[str, str]) -> Controls:
     """qmail-smtpd's setup(); raises ControlError where it would die_control()."""
@@ -110,10 +38,6 @@ def read_controls(qmail_dir: str, env: Mapping[str, str]) -> Controls:
         rcpthosts=None if rcpthosts is None else frozenset(h.lower() for h in rcpthosts),
         badmailfrom=None if bmf is None else frozenset(b.lower() for b in bmf),
         databytes=databytes, timeout=timeout)
-
-
-def morercpthosts_path(qmail_dir: str) -> str:
-    return os.path.join(qmail_dir, "control", "morercpthosts.cdb")
 
 
 def _log(text: str) -> None:
@@ -148,7 +72,7 @@ def queue_program(env: Mapping[str, str], qmail_dir: str) -> str:
     return env.get("QMAILQUEUE") or os.path.join(qmail_dir, "bin", "qmail-queue")
 
 
-class Connection:
+class SessionSetup:
     """qmail-smtpd's setup() for one connection, shared by both front ends: the
     controls, the cdbs (validrcptto and morercpthosts, opened once), the session and the
     queue program.  Raises ControlError (``421 unable to read controls``) with nothing

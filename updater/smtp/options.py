@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..declare import setting
 from ..listeners import parse_listen
 from ..serveropts import add_params, build
-from .controls import ControlError
+from .controlfiles import ControlError
 from .logline import PROG
 
 
@@ -105,7 +105,7 @@ def parse_args(argv: list[str]) -> Options:
     opts.max_connections = max(1, opts.max_connections)
     if not opts.local_name:
         try:
-            from .controls import readline
+            from .controlfiles import readline
             me = readline(os.path.join(opts.qmail_dir, "control", "me"))
             opts.local_name = me.decode("utf-8", "surrogateescape") if me else ""
         except ControlError:

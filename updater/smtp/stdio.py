@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 
 from . import events as E
-from .controls import Connection, ControlError, IpMe
+from .controlfiles import ControlError
+from .controls import IpMe, SessionSetup
 
 TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class Stdio:
 class Driver:
     """Carries out one session's events on fd 0/1 (blocking: one process per connection)."""
 
-    def __init__(self, conn: Connection, io: Stdio, qmail_dir: str, env: Any,
+    def __init__(self, conn: SessionSetup, io: Stdio, qmail_dir: str, env: Any,
                  log: Callable[[str], None]):
         self.conn, self.io, self.qmail_dir, self.env, self.log = conn, io, qmail_dir, env, log
         self.session = conn.session
@@ -193,7 +194,7 @@ def run(qmail_dir: str, env: Any, rfd: int = 0, wfd: int = 1,
         from .logline import log as default_log
         log = default_log
     try:
-        conn = Connection(qmail_dir, env, IpMe())
+        conn = SessionSetup(qmail_dir, env, IpMe())
     except ControlError as err:
         log(f"unable to read controls: {err}")
         try:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from ..ident import Ident, of_stat
-from .controls import ControlError
+from .controlfiles import ControlError
 
 # the control files qmail-smtpd reads (morercpthosts.cdb is a cdb snapshot of its own)
 CONTROL_FILES = ("me", "smtpgreeting", "localiphost", "timeoutsmtpd", "rcpthosts",

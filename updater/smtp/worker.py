@@ -16,7 +16,8 @@ from ..checker import CdbGetter
 from .cdbfile import CdbCache
 from .child import LIVE
 from .connection import SmtpProtocol
-from .controls import ControlError, IpMe, morercpthosts_path, read_controls
+from .controlfiles import ControlError, morercpthosts_path
+from .controls import IpMe, read_controls
 from .watched import Watched, control_files
 from .logline import log
 from .metrics import Metrics
