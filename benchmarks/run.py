@@ -83,7 +83,7 @@ def command(name: str, module: str) -> list[str]:
 
 
 QU = command("qmail-updater", "updater")
-SMTPD = command("validrcptto-smtpd", "updater.smtp.stdio")
+SMTPD = command("validrcptto-smtpd", "updater.smtpd.stdio")
 
 # Runs the CLI, then reports the bytes the process sent towards the disk (write_bytes
 # in /proc/self/io: page-cache pages it dirtied; its output goes to pipes, and the cdb

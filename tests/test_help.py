@@ -160,8 +160,8 @@ def test_options_come_from_the_environment(tmp_path: Path):
     done = subprocess.run([script("validrcptto-policyd")], capture_output=True, text=True,
                           env={**os.environ, "LISTEN": "", "VERBOSE": "x"}, timeout=60)
     assert done.returncode == 2 and "$VERBOSE" in done.stderr
-    from updater.smtp.options import parse_args
-    import updater.smtp.options as o
+    from updater.smtpd.options import parse_args
+    import updater.smtpd.options as o
     saved = dict(os.environ)
     try:
         os.environ.update(CONCURRENCY="7", WORKERS="3", SMTPD_QUIET="1", GRACE="2.5")

@@ -61,6 +61,26 @@ def test_no_import_cycle():
     assert not cycles, "\n".join(shown[:20])
 
 
+# the packages' layers: what each may not import (the protocol core is pure; the
+# serving machinery is shared by both servers, so it knows neither)
+FORBIDDEN = {
+    "updater.smtp.": ("updater.smtpd", "updater.serving", "updater.postfix"),
+    "updater.serving.": ("updater.smtpd", "updater.postfix"),
+    "updater.postfix.": ("updater.smtpd",),
+}
+
+
+def test_packages_keep_their_layers():
+    known = modules()
+    wrong = []
+    for name, path in known.items():
+        for prefix, banned in FORBIDDEN.items():
+            if name.startswith(prefix):
+                wrong += [f"{name} -> {m}" for m in sorted(imports(name, path, known))
+                          if m.startswith(banned)]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_cycle_detector_finds_one(tmp_path):
     """The detector itself: a lazy import that closes a loop is found."""
     known = {"updater.a": tmp_path / "a.py", "updater.b": tmp_path / "b.py"}

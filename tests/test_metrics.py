@@ -300,7 +300,7 @@ def test_tcpserver_mode_keeps_a_textfile(tmp_path: Path):
         assert got["validrcptto_smtpd_session_duration_seconds_count"] == 2.0
         assert got["validrcptto_cdb_entries"] == 11.0
         assert (tmp_path / "validrcptto_smtpd.prom.data").stat().st_size == 8 * len(
-            __import__("updater.smtp.metrics", fromlist=["SLOTS"]).SLOTS)
+            __import__("updater.serving.metrics", fromlist=["SLOTS"]).SLOTS)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from updater.smtp import blast, events as E, params as P, replies as R, session as S
+from updater.smtp import blast, events as E, context as P, replies as R, session as S
 
 CONTROLS = P.Controls(greeting=b"mx.example.com", liphost=b"mx.example.com",
                       rcpthosts=frozenset({b"example.com"}), badmailfrom=None, databytes=0,

@@ -25,7 +25,7 @@ from .qmail import (ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, accoun
                     cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
                     parse_assign, parse_domain_map, part_of, read_text, read_users_cdb, users_db)
 from .merge import Result, merge
-from .chain import TAIL
+from .localdelivery import TAIL
 from .routing import DomainKeys, Router
 from .sources import Found, Notes, at
 from .sources.qmailtree import DiskView

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from .qmail import Account, ENCODING, ERRORS, UsersDb, lower_ascii, lspawn_lookup
 
-from .chain import GETPW_USERLEN, TAIL, getpw, qmail_search, safe_ext, spellings
+from .localdelivery import GETPW_USERLEN, TAIL, getpw, qmail_search, safe_ext, spellings
 
 class Target(NamedTuple):
     """Where qmail-lspawn sends a local part: a home, the dash and the extension."""

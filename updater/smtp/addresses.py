@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from ..checker import check, lower
 from ..textsafe import escape
-from .params import TRY_LOG_MAX
+from .context import TRY_LOG_MAX
 
 
 _IPLIT = re.compile(rb"\[([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)\]\Z")

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from .events import QueueAbort, QueueClose, QueueData, Reply
-from .params import MAXHOPS
+from .context import MAXHOPS
 from .replies import R_HOPS, R_SIZE, R_STRAYLF, qq_reply
 
 # blast()'s states

@@ -14,7 +14,7 @@ from .events import (AUTH, CALLBACKS, CHECKING_PASSWORD, Event, COMMAND, DATA, D
                      QueueAbort, QueueOpen, Reply, StartTls, _READING, _READING_LINES)
 from .envelope import Envelope
 from .framing import TOO_LONG, next_line
-from .params import BATCH, Controls, Lookup, Peer, Policy
+from .context import BATCH, Controls, Lookup, Peer, Policy
 from .replies import (R_BMF, R_HELP, R_MAILFIRST, R_MAXRCPT, R_NOGATEWAY, R_NOTVALID, R_QQT,
                       R_RCPTFIRST, R_SYNTAX, R_TIMEOUT, R_TLS_AGAIN, R_TLS_PIPELINED,
                       R_TLS_READY, R_TOOLONG, R_TOOMANY, R_UNIMPL, ehlo)

@@ -9,12 +9,12 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from ..checker import CdbGetter
-from .anvil import Limits
-from .cdbfile import CdbCache
+from ..serving.anvil import Limits
+from ..serving.cdbfile import CdbCache
 from .controls import IpMe
-from .metrics import Metrics
+from ..serving.metrics import Metrics
 from .options import Options
-from .params import Controls
+from ..smtp.context import Controls
 
 
 class Host(Protocol):

@@ -10,9 +10,9 @@ import ssl
 from dataclasses import dataclass
 
 from ..declare import setting
-from ..listeners import parse_listen
-from ..serveropts import add_params, build
-from .controlfiles import ControlError
+from ..serving.listeners import parse_listen
+from ..serving.options import add_params, build
+from ..serving.controlfiles import ControlError
 from .logline import PROG
 
 
@@ -105,7 +105,7 @@ def parse_args(argv: list[str]) -> Options:
     opts.max_connections = max(1, opts.max_connections)
     if not opts.local_name:
         try:
-            from .controlfiles import readline
+            from ..serving.controlfiles import readline
             me = readline(os.path.join(opts.qmail_dir, "control", "me"))
             opts.local_name = me.decode("utf-8", "surrogateescape") if me else ""
         except ControlError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..logline import logger
+from ..serving.logline import logger
 
 PROG = "validrcptto-smtpd"
 log = logger(PROG)

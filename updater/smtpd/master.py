@@ -28,11 +28,11 @@ import sys
 import time
 from typing import Any
 
-from ..privileges import become
-from .anvil import Limits
+from ..serving.privileges import become
+from ..serving.anvil import Limits
 from .logline import PROG, log
-from .metrics import Metrics
-from ..listeners import parse_listen
+from ..serving.metrics import Metrics
+from ..serving.listeners import parse_listen
 from .options import Options, parse_args
 from .worker import run_worker
 
@@ -43,7 +43,7 @@ __all__ = ["Options", "parse_args", "main"]
 
 
 def bind(opts: Options, reuse_port: bool) -> socket.socket:
-    from ..netsock import listen_tcp
+    from ..serving.netsock import listen_tcp
     _, host, port = parse_listen(opts.listen or "", unix=False)
     return listen_tcp(host, port, LISTEN_BACKLOG, reuse_port=reuse_port)
 
@@ -123,7 +123,7 @@ def main(opts: Options) -> None:
     httpd = None
     if opts.metrics:
         try:
-            from .metrics import bind as bind_metrics, server as metrics_server
+            from ..serving.metrics import bind as bind_metrics, server as metrics_server
             httpd = metrics_server(metrics, bind_metrics(opts.metrics))
         except (OSError, ValueError) as err:
             sys.stderr.write(f"{PROG}: cannot serve metrics on {opts.metrics}: {err}\n")
@@ -133,7 +133,7 @@ def main(opts: Options) -> None:
     import cdbx  # noqa: F401
     import concurrent.futures.thread  # noqa: F401
     import ssl  # noqa: F401
-    from . import cdbfile, queue, secure, tcprules  # noqa: F401
+    from . import secure
     opts.tls = secure.tls_context(opts.qmail_dir, os.environ, log)
     if opts.user:
         become(opts.user, PROG)

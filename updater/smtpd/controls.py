@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable, Mapping
 
 from ..checker import CdbGetter, unusable
-from .controlfiles import ControlError, morercpthosts_path, readfile, readint, readline
-from .params import DEFAULT_TIMEOUT, Controls, Lookup, peer_from_env, policy_from_env, scan_ulong
-from .session import Session
+from ..serving.controlfiles import ControlError, morercpthosts_path, readfile, readint, readline
+from ..smtp.context import (DEFAULT_TIMEOUT, Controls, Lookup, peer_from_env, policy_from_env,
+                            scan_ulong)
+from ..smtp.session import Session
 
 def read_controls(qmail_dir: str, env: Mapping[str, str]) -> Controls:
     """qmail-smtpd's setup(); raises ControlError where it would die_control()."""

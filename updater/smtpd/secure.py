@@ -136,7 +136,7 @@ async def check_async(argv: list[str], user: bytes, password: bytes, timeout: fl
     """From the event loop: the program runs while other sessions go on.  It is owned
     until reaped: killed after ``timeout``, and killed and reaped if the session ends
     (its task cancelled) while it runs."""
-    from .child import Child
+    from ..serving.child import Child
     pid = spawn(argv, user, password, env)
     if pid is None:
         return None

@@ -8,18 +8,18 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import events as E
-from .anvil import R_BUSY
-from .controlfiles import ControlError
+from ..smtp import events as E
+from ..serving.anvil import R_BUSY
+from ..serving.controlfiles import ControlError
 from .controls import open_session, queue_program
 from .logline import log
 from .queue import AsyncQueue
-from .events import Event
+from ..smtp.events import Event
 
 from .host import Host
 
 if TYPE_CHECKING:
-    from .session import Session
+    from ..smtp.session import Session
 
 HOLD_MAX = 65536            # client input held while the session cannot take it
 R_CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"

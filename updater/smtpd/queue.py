@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from .child import Child, spawn
+from ..serving.child import Child, spawn
 
 
 

@@ -326,7 +326,7 @@ SCRAPE_TIMEOUT = 5.0       # seconds for each read and write of one
 
 def bind(listen: str) -> socket.socket:
     """The /metrics socket, bound while we may still bind (before --user)."""
-    from ..netsock import listen_tcp
+    from .netsock import listen_tcp
     host, _, port = listen.rpartition(":")
     return listen_tcp(host.strip("[]") or "0.0.0.0", int(port), 16, blocking=True)
 

@@ -14,8 +14,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import events as E
-from .controlfiles import ControlError
+from ..smtp import events as E
+from ..serving.controlfiles import ControlError
 from .controls import IpMe, SessionSetup
 
 TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
@@ -226,7 +226,7 @@ def run(qmail_dir: str, env: Any, rfd: int = 0, wfd: int = 1,
         conn.close()
         textfile = env.get("METRICS_TEXTFILE")
         if textfile:                    # the totals of every session, for node-exporter
-            from .metrics import accumulate, cdb_header
+            from ..serving.metrics import accumulate, cdb_header
             try:
                 note = accumulate(textfile, session.counts, session.end_reason,
                                   time.monotonic() - started,

@@ -11,18 +11,18 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from .anvil import Limits
+from ..serving.anvil import Limits
 from ..checker import CdbGetter
-from .cdbfile import CdbCache
-from .child import LIVE
+from ..serving.cdbfile import CdbCache
+from ..serving.child import LIVE
 from .connection import SmtpProtocol
-from .controlfiles import ControlError, morercpthosts_path
+from ..serving.controlfiles import ControlError, morercpthosts_path
 from .controls import IpMe, read_controls
-from .watched import Watched, control_files
+from ..serving.watched import Watched, control_files
 from .logline import log
-from .metrics import Metrics
+from ..serving.metrics import Metrics
 from .options import Options
-from .params import Controls
+from ..smtp.context import Controls
 from .queue import AsyncQueue
 
 

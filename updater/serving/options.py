@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from .declare import Opt, declared
+from ..declare import Opt, declared
 
 T = TypeVar("T")
 

@@ -27,18 +27,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .checker import check
-from .postfix import Answer, Conversation, Reply, Settings
-from .smtp.cdbfile import CdbCache
-from .declare import setting
-from .serveropts import add_params, build
-from .smtp.watched import Watched
-from .listeners import RateLog, bind
-from .logline import logger
-from .smtp.controlfiles import ControlError, morercpthosts_path, readfile
-from .smtp.addresses import rcpthosts_allows
-from .textsafe import escape
+from .. import __version__
+from ..checker import check
+from .protocol import Answer, Conversation, Reply, Settings
+from ..serving.cdbfile import CdbCache
+from ..declare import setting
+from ..serving.options import add_params, build
+from ..serving.watched import Watched
+from ..serving.listeners import RateLog, bind
+from ..serving.logline import logger
+from ..serving.controlfiles import ControlError, morercpthosts_path, readfile
+from ..smtp.addresses import rcpthosts_allows
+from ..textsafe import escape
 
 if TYPE_CHECKING:
     import http.server
@@ -381,14 +381,14 @@ def main(argv: list[str] | None = None) -> None:
     httpd = None
     if opts.metrics:
         try:
-            from .smtp.metrics import bind as bind_metrics, http_server
+            from ..serving.metrics import bind as bind_metrics, http_server
             httpd = http_server(bind_metrics(opts.metrics))
         except (OSError, ValueError) as err:
             sys.stderr.write(f"{PROG}: cannot serve metrics on {opts.metrics}: {err}\n")
             sys.exit(111)
     import cdbx  # noqa: F401  (loaded before --user: the installation may be root's)
     if opts.user:
-        from .privileges import become
+        from ..serving.privileges import become
         become(opts.user, PROG)
     elif os.geteuid() == 0:
         log("WARNING: running as root without --user")

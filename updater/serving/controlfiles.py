@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .params import scan_ulong
+from ..smtp.context import scan_ulong
 
 READ_MAX = 4 * 1024 * 1024        # no control file qmail-smtpd reads is anywhere near this
 
