@@ -120,6 +120,28 @@ def test_trigger_during_a_build_makes_exactly_one_more(tree: Tree, running):
 
 # --------------------------------------------------------------------------- watches
 
+def test_watches_come_from_the_builds_record(tree: Tree):
+    """What the daemon watches is what the last build read (its one record), plus the
+    global inputs' directories; no second run of the delivery chain."""
+    from updater import config
+    from updater.generate import generate
+    from updater.inputs import Inputs
+    from updater.watch import watch_targets
+    d = setup_tree(tree)
+    s = config.load(environ=tree.env())
+    record = Inputs()
+    generate(s, tracer=record)
+    targets = watch_targets(s, record)
+    assert {"vpasswd", "vpasswd.cdb"} <= targets[str(d)][0] and ".qmail" in targets[str(d)][1]
+    assert str(tree.root / "home/joe") not in targets       # a user's own home: the FIFO's
+    assert record.homes[str(tree.root / "home/joe")].startswith("account ")
+    before = watch_targets(s, None)                       # no build yet, or a failing one
+    assert str(d) not in before and str(tree.qmail / "control") in before
+    quiet = Inputs(recording=False)                       # a build that keeps no record
+    generate(s, tracer=quiet)
+    assert not quiet.homes and not quiet.paths
+
+
 def test_watched_changes_and_our_own_writes(tree: Tree, running):
     d = setup_tree(tree)
     r = running()

@@ -30,6 +30,7 @@ from .errors import UpdaterError
 from .fifo import Reader
 from .generate import generate
 from .incremental import Snapshot
+from .inputs import Inputs
 from .ident import Ident, identity
 from .install import LiveChanged, Report, install_result, sources_path
 from .onchange import onchange_target
@@ -54,6 +55,8 @@ class Daemon:
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.scheduler = Scheduler(Timing.of(settings))
         self.snapshot: Snapshot | None = None   # what an incremental build starts from
+        self.record: Inputs | None = None       # what the last full build read
+        self.fresh = False                      # ... made by the build just done
         self.stop_event = threading.Event()
         self.publisher: Publisher | None = None
         cdb = settings.cdb or ""
@@ -135,14 +138,16 @@ class Daemon:
                 self.snapshot = snap
                 return report, frozenset(redone)
         if not self.s.incremental:
-            result = generate(self.s)
+            record = Inputs()
+            result = generate(self.s, tracer=record)
+            self.record, self.fresh = record, True
             lines[:0] = [f"warning: {w}" for w in result.warnings]
             return install_result(result, self.s.cdb or "", self.s, self.s.force,
                                   stop=self.stop_event), None
         self.snapshot = None            # never two lists in memory at once
         report, full_snap, warnings = incremental.full(self.s, self.stop_event, self.s.force)
         lines[:0] = [f"warning: {w}" for w in warnings]
-        self.snapshot = full_snap
+        self.snapshot, self.record, self.fresh = full_snap, full_snap.inputs, True
         return report, None
 
     def build(self, domains: frozenset[str] | None) -> BuildOutcome:
@@ -217,8 +222,23 @@ class Daemon:
             if self.publisher is not None:
                 self.publisher.installed()
         elif isinstance(action, Rewatch):
-            self.watcher.start()
+            self.rewatch()
         return None
+
+    def rewatch(self) -> None:
+        """Watch what the last full build read; what changed while it read (before the
+        watches were in place) is asked for at once (only after the build that made the
+        record: an older one has changed, or the build would not have been asked for)."""
+        record = self.record
+        self.watcher.start(record)
+        if record is None or not self.fresh:
+            return
+        self.fresh = False
+        moved = record.changed()
+        if moved:
+            names = ", ".join(sorted(moved)[:3]) + (", ..." if len(moved) > 3 else "")
+            self.events.put(Targeted(f"changed while the build read it: {names}",
+                                     frozenset(moved), fast=False))
 
     # ---- main loop
     def run(self) -> int:

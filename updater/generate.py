@@ -154,9 +154,10 @@ def users_database(settings: Settings, notes: Notes) -> UsersDb:
     return users_db(entries, assign_path)
 
 
-def router_for(settings: Settings, notes: Notes, lazy: bool = False
+def router_for(settings: Settings, notes: Notes, tracer: Inputs
                ) -> tuple[Router, DiskView]:
-    """The delivery chain over this tree: (router, view, close)."""
+    """The delivery chain over this tree, recording what it reads in ``tracer``:
+    (router, view); ``router.close()`` releases the database."""
     accts = load_accounts(settings.passwd)
     by_name: dict[str, Account] = {}
     for a in accts:
@@ -167,12 +168,12 @@ def router_for(settings: Settings, notes: Notes, lazy: bool = False
     users_of: Callable[[str, str], tuple[str, list[Any]]] = file_users(vuserinfo)
     aliases_of: Callable[[str], list[str] | None] | None = None
     db = None
-    if settings.mysql and not lazy:
+    if settings.mysql:
         from .sources.mysql import MysqlUsers
         db = MysqlUsers(dataclasses.replace(settings, vpopmail_dir=vpop), notes)
         users_of, aliases_of = (lambda home, domain: db.users(domain)), db.valiases
     view = DiskView(accts, users, settings.qmail_dir, notes.warn, users_of, aliases_of,
-                    settings.qmail_ext, lazy)
+                    settings.qmail_ext, tracer)
     router = Router(users, view, accts, settings.uid_min, settings.uid_max, notes.warn)
     router.close = db.close if db is not None else (lambda: None)
     return router, view
@@ -226,14 +227,12 @@ def split_singles(plan: Plan, notes: Notes, want: Callable[[str], bool]
 @contextlib.contextmanager
 def tracing(router: Router, domain: str) -> Iterator[None]:
     """What the router reads meanwhile is recorded for ``domain`` (incremental builds)."""
-    tracer = getattr(router.view, "tracer", None)
-    if tracer is not None:
-        tracer.domain = domain
+    tracer = router.view.tracer
+    tracer.domain = domain
     try:
         yield
     finally:
-        if tracer is not None:
-            tracer.domain = None
+        tracer.domain = None
 
 
 def chain_keys(plan: Plan, notes: Notes, router: Router, singles: dict[str, dict[str, str]],
@@ -315,8 +314,8 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
 def generate(settings: Settings, only: frozenset[str] | None = None,
              tracer: Inputs | None = None) -> Result:
     """The whole list, or a SourceError: never a partial list.  ``only``: just the keys
-    of these domains (``part_of``), for an incremental build; ``tracer`` records what was
-    read for each domain."""
+    of these domains (``part_of``), for an incremental build; ``tracer``: the record of
+    what was read for each domain (none kept when not given)."""
     started = time.monotonic()
     LIMITS["max_file_size"] = settings.max_file_size
     notes = Notes()
@@ -326,8 +325,8 @@ def generate(settings: Settings, only: frozenset[str] | None = None,
     bare = lower_ascii(bare) if bare and lower_ascii(bare) in handled else None
     router = None
     if plan.local or plan.virtual or plan.singles:
-        router, view = router_for(settings, notes)
-        view.tracer = tracer
+        router, _ = router_for(settings, notes,
+                               tracer if tracer is not None else Inputs(recording=False))
     counts: dict[str, dict[str, int]] = {}
     result = merge(sources(settings, plan, notes, router, counts, only, bare), notes, bare)
     result.domains = frozenset(d.encode(ENCODING, ERRORS) for d in universe_)

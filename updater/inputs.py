@@ -40,30 +40,47 @@ def _listing(home: str) -> frozenset[str] | None:
 
 
 class Inputs:
-    """Per domain, the paths a build read for it, each with its identity before the read.
+    """The one record of what a build read: per domain, the paths it read for it, each
+    with its identity before the read (what an incremental build consults), and every
+    home and file the delivery chain looked at (what the daemon watches).
 
     ``domain`` is the domain being worked on (set by the build); touches outside any
-    domain are not recorded (the global inputs are compared separately)."""
+    domain are not recorded (the global inputs are compared separately).  A build that
+    needs no record is given ``Inputs(recording=False)``, which records nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, recording: bool = True) -> None:
+        self.recording = recording
         self.ident: dict[str, Ident | None] = {}
         self.paths: dict[str, set[str]] = {}          # domain -> paths read for it
         self.names: dict[str, frozenset[str]] = {}    # home -> its .qmail files, as read
+        self.homes: dict[str, str] = {}               # every home looked at -> how found
+        self.files: set[str] = set()                  # other files read (fastforward cdbs)
         self.domain: str | None = None
 
     def touch(self, path: str) -> None:
-        if self.domain is None:
+        if self.domain is None or not self.recording:
             return
         path = os.path.abspath(path)
         if path not in self.ident:
             self.ident[path] = identity(path)
         self.paths.setdefault(self.domain, set()).add(path)
 
-    def listed(self, home: str, names: frozenset[str]) -> None:
-        """The ``.qmail`` files found in ``home`` (touched before it was listed): when
-        the directory changes but not these (vpasswd replaced by a rename), the domains
-        that only looked for ``.qmail`` files there are not redone."""
-        self.names.setdefault(os.path.abspath(home), names)
+    def listed(self, home: str, how: str, names: frozenset[str] | None) -> None:
+        """The ``.qmail`` files found in ``home`` (touched before it was listed; None:
+        it could not be listed): when the directory changes but not these (vpasswd
+        replaced by a rename), the domains that only looked for ``.qmail`` files there
+        are not redone.  ``how``: how the home was found (``account NAME``, ...)."""
+        if not self.recording:
+            return
+        self.homes.setdefault(home, how)
+        if names is not None:
+            self.names.setdefault(os.path.abspath(home), names)
+
+    def read(self, path: str) -> None:
+        """A file other than a home's own (a fastforward cdb) was read."""
+        if self.recording:
+            self.files.add(os.path.abspath(path))
+            self.touch(path)
 
     def changed(self) -> set[str]:
         """The domains any of whose inputs is not what it was when it was read."""
@@ -95,6 +112,8 @@ class Inputs:
         """A new record: this one with the ``redone`` domains' entries taken from
         ``other`` (the incremental build that redid them)."""
         out = Inputs()
+        out.homes = {**self.homes, **other.homes}
+        out.files = self.files | other.files
         out.paths = {d: ps for d, ps in self.paths.items() if d not in redone}
         # a path a domain that was not redone also reads keeps its old identity: if it
         # moved, the next build redoes every domain that reads it (never a change missed)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 from collections.abc import Callable
 
+from .inputs import Inputs
 from .qmail import Account, ENCODING, ERRORS, UsersDb, lower_ascii, lspawn_lookup
 
 from .localdelivery import GETPW_USERLEN, TAIL, getpw, qmail_search, safe_ext, spellings
@@ -78,6 +79,7 @@ def accepted(acc: Accepts, default: str) -> bool:
 
 
 class View(Protocol):
+    tracer: Inputs                                           # the record of what was read
     def account(self, name: str) -> Account | None: ...      # qmail-getpw's rule, cached
     def dotfiles(self, home: str, how: str) -> frozenset[str]: ...
     def rule(self, home: str, name: str) -> Rule: ...

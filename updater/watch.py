@@ -10,20 +10,22 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .config import Settings
-from .errors import SourceError
-from .generate import CONTROL_FILES, plan_for, router_for
-from .qmail import lower_ascii
-from .sources import Notes
+from .generate import CONTROL_FILES
+from .inputs import Inputs
 
 Targets = dict[str, tuple[set[str], tuple[str, ...]]]
 
 
-def watch_targets(settings: Settings) -> dict[str, tuple[set[str], tuple[str, ...]]]:
-    """directory -> (file names, name prefixes) whose change can change the list.
+def watch_targets(settings: Settings, record: Inputs | None
+                  ) -> dict[str, tuple[set[str], tuple[str, ...]]]:
+    """directory -> (file names, name prefixes) whose change can change the list: the
+    global inputs' directories always, and what the last build's record says it read
+    (the homes the delivery chain looked at, the fastforward cdbs it read).
 
-    Directories rather than files, so a replace-by-rename is seen.  When the control
-    files cannot be read (the build is failing), the control, users and alias
-    directories are still watched, so fixing them triggers the next build."""
+    Directories rather than files, so a replace-by-rename is seen.  Before the first
+    build, or while builds fail, the control, users and alias directories are still
+    watched, so fixing them triggers the next build.  Users' own homes are left to the
+    FIFO and the safety net."""
     targets: dict[str, tuple[set[str], tuple[str, ...]]] = {}
 
     def add(directory: str, names: Iterable[str] = (), prefixes: Iterable[str] = ()) -> None:
@@ -33,29 +35,19 @@ def watch_targets(settings: Settings) -> dict[str, tuple[set[str], tuple[str, ..
 
     add(os.path.join(settings.qmail_dir, "control"), CONTROL_FILES)
     add(os.path.join(settings.qmail_dir, "users"), ("assign", "cdb"))
+    add(os.path.join(settings.qmail_dir, "alias"), (), (".qmail",))
     for site in (settings.include, settings.exclude):
         add(os.path.dirname(site), (os.path.basename(site),))
     if settings.passwd:
         add(os.path.dirname(os.path.abspath(settings.passwd)), (os.path.basename(settings.passwd),))
-    try:
-        notes = Notes()
-        plan, _ = plan_for(settings)
-        router, view = router_for(settings, notes, lazy=True)
-        try:
-            add(view.alias_home(), (), (".qmail",))
-            for domain in plan.local:
-                router.domain(domain, "")
-            for domain, entry in plan.virtual:
-                router.domain(domain, lower_ascii(entry.right) + "-")
-        finally:
-            router.close()
-        for home, how in view.homes.items():
-            if not how.startswith("account "):     # users' own homes: the FIFO's job
+    if record is not None:
+        for home, how in record.homes.items():
+            if how == "alias":
+                add(home, (), (".qmail",))
+            elif not how.startswith("account "):     # users' own homes: the FIFO's job
                 add(home, ("vpasswd", "vpasswd.cdb"), (".qmail",))
-        for path in view.files:
+        for path in record.files:
             add(os.path.dirname(path), (os.path.basename(path),))
-    except SourceError:
-        pass
     return targets
 
 
@@ -89,10 +81,15 @@ class Watcher:
         self.observer: Any = None
         self.polling = settings.poll > 0
         self.targets: Targets = {}
+        self.record: Inputs | None = None
 
-    def start(self) -> None:
-        """(Re)start the watches when the directories to watch changed."""
-        targets = {d: t for d, t in watch_targets(self.s).items() if os.path.isdir(d)}
+    def start(self, record: Inputs | None = None) -> None:
+        """(Re)start the watches when the directories to watch changed (``record``: what
+        the last build read; None keeps the last one's)."""
+        if record is not None:
+            self.record = record
+        targets = {d: t for d, t in watch_targets(self.s, self.record).items()
+                   if os.path.isdir(d)}
         if targets == self.targets and self.observer is not None and self.observer.is_alive():
             return
         self.targets = targets

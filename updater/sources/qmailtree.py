@@ -27,7 +27,9 @@ class DiskView:
     def __init__(self, accounts: list[Account], users: UsersDb, qmail_dir: str,
                  warn: Callable[[str], None], users_of: Callable[[str, str], Any] | None = None,
                  aliases_of: Callable[[str], list[str] | None] | None = None,
-                 qmail_ext: bool = False, lazy: bool = False):
+                 qmail_ext: bool = False, tracer: Inputs | None = None):
+        # the build's record of what it read (a do-nothing one when it keeps none)
+        self.tracer = tracer if tracer is not None else Inputs(recording=False)
         self.accounts: dict[str, Account] = {}
         for a in accounts:
             self.accounts.setdefault(a.name, a)
@@ -37,15 +39,11 @@ class DiskView:
         self.users_of = users_of            # (dir, domain) -> (origin, names)
         self.aliases_of = aliases_of        # domain -> names (MySQL valias), or None
         self.qmail_ext = qmail_ext
-        self.lazy = lazy                    # the daemon's watch list: no user lists read
         self._accounts: dict[str, Account | None] = {}
         self._dotfiles: dict[str, frozenset[str]] = {}
         self._rules: dict[str, Rule] = {}
         self._accepts: dict[tuple[Rule, str, str], Accepts] = {}
         self._ff: dict[str, list[str]] = {}
-        self.homes: dict[str, str] = {}     # every directory looked at -> how it was found
-        self.files: set[str] = set()        # every file read (fastforward cdbs)
-        self.tracer: Inputs | None = None   # records what each domain read (incremental)
 
     # ---- qmail-getpw
     def account(self, name: str) -> Account | None:
@@ -68,14 +66,13 @@ class DiskView:
     # ---- qmail-local
     def dotfiles(self, home: str, how: str) -> frozenset[str]:
         """The regular files (symlinks followed) named ``.qmail*`` in a home."""
-        if self.tracer is not None:
-            self.tracer.touch(home)
+        self.tracer.touch(home)
         hit = self._dotfiles.get(home)
         if hit is not None:
             return hit
-        self.homes.setdefault(home, how)
         names = list_dir(home)
         if names is None:
+            self.tracer.listed(home, how, None)
             if how == "alias":
                 self.warn(f"{home}: no ~alias directory: postmaster and other qmail "
                           "aliases are not listed")
@@ -83,14 +80,12 @@ class DiskView:
             else:
                 raise SourceError(f"home directory of {how} does not exist", home)
         self._dotfiles[home] = result = dotqmail_files(home, names)
-        if self.tracer is not None:
-            self.tracer.listed(home, result)
+        self.tracer.listed(home, how, result)
         return result
 
     def rule(self, home: str, name: str) -> Rule:
         path = os.path.join(home, name)
-        if self.tracer is not None:
-            self.tracer.touch(path)
+        self.tracer.touch(path)
         hit = self._rules.get(path)
         if hit is not None:
             return hit
@@ -135,11 +130,8 @@ class DiskView:
         if entry is None or os.path.normpath(entry.home) != os.path.normpath(home):
             return Accepts(f"{rule.arg}: vpopmail has no domain {domain} there", [],
                            lambda name: False)
-        if self.lazy:
-            return Accepts(rule.arg, [], lambda name: False, self.qmail_ext)
-        if self.tracer is not None:       # vpasswd (named even for MySQL: alias domains
-            for name in ("vpasswd", "vpasswd.cdb"):         # share it with their domain)
-                self.tracer.touch(os.path.join(home, name))
+        for name in ("vpasswd", "vpasswd.cdb"):  # (named even for MySQL: alias domains
+            self.tracer.touch(os.path.join(home, name))     # share it with their domain)
         assert self.users_of is not None
         origin, names = self.users_of(home, domain)
         if names and isinstance(names[0], bytes):
@@ -154,12 +146,10 @@ class DiskView:
 
     def _fastforward(self, rule: Rule, home: str, domain: str) -> Accepts:
         cdb = rule.arg
-        if self.tracer is not None:
-            self.tracer.touch(os.path.abspath(cdb))
+        self.tracer.read(cdb)
         keys = self._ff.get(cdb)
         if keys is None:
-            self.files.add(os.path.abspath(cdb))
-            keys = [] if self.lazy and not os.path.exists(cdb) else cdb_keys(cdb)
+            keys = cdb_keys(cdb)
             if keys is None:
                 raise SourceError(f"runs fastforward with {cdb}, which does not exist "
                                   "(run newaliases)", os.path.join(home, ".qmail-default"))
