@@ -71,7 +71,7 @@ def smtp_conversation(settings: config.Settings) -> list[str]:
     env = dict(os.environ, QMAIL_DIR=settings.qmail_dir, VALIDRCPTTO_CDB=settings.cdb,
                TCPREMOTEIP="192.0.2.7")
     env.pop("RELAYCLIENT", None)
-    done = subprocess.run([sys.executable, "-c", "from updater.smtp.stdio import main; main()"],
+    done = subprocess.run([sys.executable, "-c", "from updater.smtpd.stdio import main; main()"],
                           input=b"".join(c + b"\r\n" for c in client), env=env,
                           capture_output=True, timeout=60)
     replies = done.stdout.decode("latin-1").split("\r\n")
