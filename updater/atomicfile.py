@@ -8,6 +8,7 @@ target's name holds the old or the new complete file; a failure removes the temp
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,7 +31,7 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def replace(path: str, data: bytes | str | memoryview | None = None,
+def replace(path: str, data: bytes | str | memoryview | mmap.mmap | None = None,
             fill: Callable[[BinaryIO], None] | None = None, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` (or what ``fill(f)`` writes into the open file).
     Raises OSError, leaving ``path`` as it was."""

@@ -17,6 +17,7 @@ import queue
 import signal
 import threading
 import time
+from types import FrameType
 from collections.abc import Callable
 from typing import Any
 
@@ -250,7 +251,7 @@ class Daemon:
             raise UpdaterError(f"{err}: exiting") from None
         reader = Reader(self.s.fifo, self.s.fifo_mode, self.log, group=self.s.fifo_group)
 
-        def stop(n: int, f: Any) -> None:
+        def stop(n: int, f: FrameType | None) -> None:
             self.stop_event.set()
             self.events.put(Stop())
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import atomicfile
+from .checker import CdbGetter, open_cdb
 from .cdbdiff import CHUNK, REJECT, Changes, compare_live, record_count
 from .errors import InstallError, InstallRefused
 from .gate import Getter, accepting_under, emptied, gate, lost, set_getter, vanished
@@ -157,7 +158,7 @@ def make_cdb(keys: list[bytes], rejects: AbstractSet[bytes]) -> mmap.mmap:
         return mmap.mmap(f.fileno(), os.fstat(f.fileno()).st_size, prot=mmap.PROT_READ)
 
 
-def same_content(path: str, image: Any) -> bool | None:
+def same_content(path: str, image: mmap.mmap) -> bool | None:
     """Whether the live file holds exactly ``image`` (compared a chunk at a time);
     None when there is no live file."""
     try:
@@ -182,7 +183,7 @@ def live_header(path: str) -> bytes:
         raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
 
 
-def write_atomically(path: str, data: Any = None,
+def write_atomically(path: str, data: bytes | str | mmap.mmap | None = None,
                      fill: Callable[[BinaryIO], None] | None = None) -> None:
     """``atomicfile.replace`` (mode 0644), failures as InstallError naming the file."""
     try:
@@ -259,7 +260,8 @@ class Offer:
                      Callable[[bytes], bool]] | None = None
 
 
-def against_live(offer: Offer, path: str, image: Any, live: Any) -> Candidate:
+def against_live(offer: Offer, path: str, image: mmap.mmap, live: CdbGetter | None
+                 ) -> Candidate:
     """The Candidate of a whole list against the live file (``live``: it opened with
     cdbx, or None when there is none)."""
     keys, rejects = offer.keys, offer.rejects
@@ -317,11 +319,10 @@ def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = 
 
 
 @contextlib.contextmanager
-def open_live(path: str, exists: bool) -> Iterator[Any]:
+def open_live(path: str, exists: bool) -> Iterator[CdbGetter | None]:
     """The live cdb opened for lookups (None when there is none or it cannot be
     opened: the shrink check then asks nothing of it)."""
-    from .checker import open_cdb
-    live = None
+    live: CdbGetter | None = None
     if exists:
         try:
             live = open_cdb(path)

@@ -42,7 +42,7 @@ class SmtpProtocol(asyncio.Protocol):
         self.w = worker
         self.loop = asyncio.get_running_loop()
         self.transport: Any = None            # asyncio's, then the TLS one after STARTTLS
-        self.session: Any = None              # a Session once connection_made admits it
+        self.session: Session | None = None   # once connection_made admits it
         self.write_timer: asyncio.TimerHandle | None = None
         self.queue: AsyncQueue | None = None
         self.backlog: list[bytes] = []        # input the session has not taken yet
@@ -209,9 +209,9 @@ class SmtpProtocol(asyncio.Protocol):
     def next_events(self) -> list[Event] | None:
         """The session's next events from input already here, or None when there is
         none or it must wait (the client is not reading, or it is closed)."""
-        if self.done or self.out_paused or self.session.closed:
+        session = self.session
+        if self.done or self.out_paused or session is None or session.closed:
             return None
-        session: Session = self.session
         if session.pending:
             return session.proceed()
         if self.backlog:
@@ -283,7 +283,8 @@ class SmtpProtocol(asyncio.Protocol):
                 self.task = self.loop.create_task(self.run_queue(events))
                 return
             events.pop(0)
-        if self.w.stopping and self.w.grace_over and self.session.idle():
+        if self.w.stopping and self.w.grace_over and self.session is not None and \
+                self.session.idle():
             self.shutdown = True
             self.transport.write(R_SHUTDOWN)
             self.finish()
@@ -329,7 +330,8 @@ class SmtpProtocol(asyncio.Protocol):
     async def _awaited(self, ev: Event) -> list[Event] | None:
         """A queue, TLS or AUTH event carried out; the session's answer to it (None:
         the connection is gone)."""
-        session: Session = self.session
+        session = self.session
+        assert session is not None                  # (admitted before any event)
         if isinstance(ev, E.QueueData):
             assert self.queue is not None
             await self.queue.put(ev.data)

@@ -21,7 +21,9 @@ from .controls import IpMe, SessionSetup
 TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Mapping
     from typing import Any
+    from .queue import QueueProcess
 
 PROG = "validrcptto-smtpd"
 READ_SIZE = 65536
@@ -136,11 +138,11 @@ class Stdio:
 class Driver:
     """Carries out one session's events on fd 0/1 (blocking: one process per connection)."""
 
-    def __init__(self, conn: SessionSetup, io: Stdio, qmail_dir: str, env: Any,
+    def __init__(self, conn: SessionSetup, io: Stdio, qmail_dir: str, env: Mapping[str, str],
                  log: Callable[[str], None]):
         self.conn, self.io, self.qmail_dir, self.env, self.log = conn, io, qmail_dir, env, log
         self.session = conn.session
-        self.queue: Any = None
+        self.queue: QueueProcess | None = None
 
     def carry_out(self, pending: list[Any]) -> int | None:
         """Every event, the callbacks' events too; the exit status once it is over."""
@@ -151,6 +153,7 @@ class Driver:
             if kind is E.Reply:
                 io.out.append(ev.data)
             elif kind is E.QueueData:
+                assert self.queue is not None
                 self.queue.put(ev.data)
             elif kind is E.Log:
                 self.log(ev.text)
@@ -160,6 +163,7 @@ class Driver:
                 pending[:0] = session.queue_opened(self.queue.start())
             elif kind is E.QueueClose:
                 io.flush()
+                assert self.queue is not None
                 status, failed = self.queue.close(ev.envelope)
                 self.queue = None
                 pending[:0] = session.queue_closed(status, failed)
@@ -188,7 +192,7 @@ class Driver:
             self.queue = None
 
 
-def run(qmail_dir: str, env: Any, rfd: int = 0, wfd: int = 1,
+def run(qmail_dir: str, env: Mapping[str, str], rfd: int = 0, wfd: int = 1,
         log: Callable[[str], None] | None = None) -> int:
     if log is None:
         from .logline import log as default_log
