@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers.tools import need
 
-from helpers.tree import Tree
+from helpers.tree import Tree, keys_of
 from helpers.net import free_port
 
 PASSWORD = "Sekrit-Pw-42"
@@ -112,6 +113,89 @@ def mysql_tree(tree: Tree, db: MariaDB) -> None:
     tree.write("home/vpopmail/etc/vpopmail.mysql",
                f"# vpopmail's own settings\n127.0.0.1|{db.port}|vpop|{PASSWORD}|vpopmail\n"
                f"127.0.0.1|{db.port}|writer|other|vpopmail\n")
+
+
+# --------------------------------------------------------------------------- incremental
+
+INC_DOMAINS = ["one.example", "two-b.example"]
+INC_NAMES = ["ann", "bob", "cy", "dee", "list", "info"]
+MYSQL_OPS = st.tuples(st.sampled_from(["add_user", "del_user", "lock", "unlock",
+                                       "valias_insert", "valias_delete",
+                                       "valias_delete_domain"]),
+                      st.integers(0, 1), st.integers(0, len(INC_NAMES) - 1))
+SEED = """
+DROP DATABASE IF EXISTS incdb; CREATE DATABASE incdb; USE incdb;
+CREATE TABLE vpopmail (pw_name char(32) not null, pw_domain varchar(96) not null,
+  pw_passwd varchar(128), pw_gid int, primary key (pw_name, pw_domain));
+CREATE TABLE valias (alias char(32) not null, domain varchar(96) not null,
+  valias_line text not null, index (alias, domain));
+CREATE TABLE one_example (pw_name char(32) not null primary key, pw_passwd varchar(128),
+  pw_gid int);
+CREATE TABLE two_b_example LIKE one_example;
+INSERT INTO vpopmail VALUES ('ann', 'one.example', 'x', 0), ('bob', 'two-b.example', 'x', 0);
+INSERT INTO one_example VALUES ('ann', 'x', 0);
+INSERT INTO valias VALUES ('info', 'one.example', '&ann@one.example');
+GRANT SELECT ON incdb.* TO 'vpop'@'%';
+"""
+
+
+def mysql_change(db: MariaDB, layout: str, op: tuple[str, int, int]
+                 ) -> tuple[str, frozenset[str] | None]:
+    """One change as vpopmail's tools make it; (domain, what the onchange line names:
+    the address, or None for a domain command)."""
+    kind, i, j = op
+    d, n = INC_DOMAINS[i], INC_NAMES[j]
+    table = "vpopmail" if layout == "single" else d.replace(".", "_").replace("-", "_")
+    key = f"pw_name = '{n}'" + (f" AND pw_domain = '{d}'" if layout == "single" else "")
+    statement = {
+        "add_user": f"INSERT IGNORE INTO {table} (pw_name, "
+                    f"{'pw_domain, ' if layout == 'single' else ''}pw_passwd, pw_gid) VALUES "
+                    f"('{n}', {repr(d) + ', ' if layout == 'single' else ''}'x', 0)",
+        "del_user": f"DELETE FROM {table} WHERE {key}",
+        "lock": f"UPDATE {table} SET pw_gid = 16 WHERE {key}",
+        "unlock": f"UPDATE {table} SET pw_gid = 0 WHERE {key}",
+        "valias_insert": f"INSERT INTO valias VALUES ('{n}', '{d}', '&ann@{d}')",
+        "valias_delete": f"DELETE FROM valias WHERE alias = '{n}' AND domain = '{d}'",
+        "valias_delete_domain": f"DELETE FROM valias WHERE domain = '{d}'",
+    }[kind]
+    db.sql(f"USE incdb; {statement};")
+    return d, (None if kind == "valias_delete_domain" else frozenset({f"{n}@{d}"}))
+
+
+@settings(max_examples=int(os.environ.get("QMAIL_MYSQL_EXAMPLES", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(MYSQL_OPS, min_size=1, max_size=8),
+       layout=st.sampled_from(["single", "per-domain"]))
+def test_mysql_incremental_equals_full_byte_for_byte(mariadb: MariaDB, ops, layout):
+    """vpopmail on MariaDB: after each change, the daemon's incremental build (the named
+    rows asked again by their keys, the rest from memory) installs exactly what a full
+    build of the same database installs, and asks the server a few rows, not the
+    tables."""
+    import tempfile
+    from updater import incremental
+    from updater.config import load
+    mariadb.sql(SEED)
+    root = Path(tempfile.mkdtemp(prefix="mysql-inc-"))
+    try:
+        tree = Tree(root)
+        mysql_tree(tree, mariadb)
+        env = tree.env(UPDATER_MYSQL="1", UPDATER_MYSQL_DATABASE="incdb",
+                       UPDATER_MYSQL_LAYOUT=layout)
+        s = load(environ={**env, "VALIDRCPTTO_CDB": str(root / "live.cdb")})
+        s_full = load(environ={**env, "VALIDRCPTTO_CDB": str(root / "full.cdb")})
+        _, snap, _ = incremental.full(s, force=True)
+        for op in ops:
+            domain, named = mysql_change(mariadb, layout, op)
+            asked = snap.mysql.queries
+            report, snap, _, _ = incremental.build(s, snap, {domain}, force=True,
+                                                   rows={domain: named})
+            incremental.full(s_full, force=True)
+            assert (root / "live.cdb").read_bytes() == (root / "full.cdb").read_bytes(), \
+                (op, layout, report.line())
+            # a row: one question per list (users, valias) and the connection's probes
+            assert snap.mysql.queries - asked <= (4 if named else 5), op
+    finally:
+        shutil.rmtree(root)
 
 
 def test_mysql_single_table_layout_and_valias(tree: Tree, mariadb: MariaDB):
@@ -314,6 +398,7 @@ class Slapd:
             "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
             f"pidfile {self.root}/slapd.pid\n"
             "database mdb\nsuffix \"dc=corp,dc=example\"\n"
+            "index objectClass eq\nindex modifyTimestamp eq\n"
             "rootdn \"cn=admin,dc=corp,dc=example\"\n"
             f"rootpw {PASSWORD}\ndirectory {self.root}/db\n"
             # like AD: plain searches stop at 10 entries, paged ones get everything
@@ -399,6 +484,89 @@ def test_ldap_configured_without_domains_file(tree: Tree, slapd: Slapd):
     assert done.returncode == 1
     assert done.stderr.strip() == (f"qmail-updater: {tree.qmail}/control/"
                                    "validrcptto.ldapdomains: missing")
+
+
+def ldap_change(server: Slapd, ldif: str, tool: str = "ldapmodify") -> None:
+    subprocess.run([need(tool), "-x", "-H", server.uri, "-D", "cn=admin,dc=corp,dc=example",
+                    "-w", PASSWORD], input=ldif, text=True, check=True, capture_output=True)
+
+
+def test_ldap_poll_reads_only_what_changed(tree: Tree, slapd: Slapd):
+    """A poll asks for the entries changed since the newest change stamp seen: a new
+    entry, one changed, one that no longer has an address (gone); a deleted entry is
+    found by the next full read.  Each poll's searches do not grow with the directory."""
+    from updater.config import load
+    from updater.sources import ldap
+    env = ldap_tree(tree, slapd)
+    s = load(environ=tree.env(**env))
+    cache = ldap.read_all(s)
+    assert len(cache.entries) == 27 and cache.mark
+    time.sleep(1.1)                                # a new second: stamps are in seconds
+    ldap_change(slapd, user(100), "ldapadd")
+    ldap_change(slapd, "dn: cn=User 3,ou=people,dc=corp,dc=example\nchangetype: modify\n"
+                       "replace: proxyAddresses\nproxyAddresses: smtp:third@corp.example\n\n"
+                       "dn: cn=User 4,ou=people,dc=corp,dc=example\nchangetype: modify\n"
+                       "delete: mail\n-\ndelete: proxyAddresses\n\n")
+    updates, mark, searches = ldap.poll(s, cache.mark)
+    assert {"cn=user 100,ou=people,dc=corp,dc=example", "cn=user 3,ou=people,dc=corp,dc=example",
+            "cn=user 4,ou=people,dc=corp,dc=example"} <= set(updates)
+    # (and the entries of the newest stamp's second: stamps are whole seconds, so a poll
+    # asks from that second on)
+    assert searches >= 2 and mark > cache.mark       # (pages of 7 here)
+    assert ldap.apply(cache, updates, mark) == {"corp.example"}
+    wanted = set(cache.addresses({"corp.example"}))
+    assert {"user100@corp.example", "u100@corp.example", "third@corp.example"} <= wanted
+    assert not {"u3@corp.example", "user4@corp.example", "u4@corp.example"} & wanted
+    # nothing changed since: the poll returns the last second's entries, which change nothing
+    updates, mark2, _ = ldap.poll(s, mark)
+    assert set(updates) <= {"cn=user 100,ou=people,dc=corp,dc=example",
+                            "cn=user 3,ou=people,dc=corp,dc=example",
+                            "cn=user 4,ou=people,dc=corp,dc=example"}
+    assert ldap.apply(cache, updates, mark2) == set()
+    # a deletion: invisible to a poll, found by a full read
+    ldap_change(slapd, "dn: cn=User 100,ou=people,dc=corp,dc=example\nchangetype: delete\n\n")
+    updates, mark3, _ = ldap.poll(s, cache.mark)
+    ldap.apply(cache, updates, mark3)
+    assert "u100@corp.example" in cache.addresses({"corp.example"})
+    fresh = ldap.read_all(s)
+    assert ldap.apply(cache, fresh.entries, fresh.mark, whole=True) == {"corp.example"}
+    assert "u100@corp.example" not in cache.addresses({"corp.example"})
+    ldap_change(slapd, user(3).replace("dn: ", "dn: ", 1).split("\n", 1)[0] +
+                "\nchangetype: delete\n\n")
+    ldap_change(slapd, user(3), "ldapadd")        # put the fixture's entries back
+    ldap_change(slapd, "dn: cn=User 4,ou=people,dc=corp,dc=example\nchangetype: delete\n\n")
+    ldap_change(slapd, user(4), "ldapadd")
+
+
+def test_daemon_polls_ldap_and_keeps_the_list_when_it_is_down(tree: Tree, slapd: Slapd):
+    """A mailbox created in the directory is live within the poll interval plus a second,
+    with no trigger; a directory that goes away costs one line and keeps the list."""
+    import json
+    from helpers.daemon import Running
+    env = ldap_tree(tree, slapd)
+    r = Running(tree, UPDATER_LDAP_POLL="0.5", UPDATER_LDAP_FULL="600", **env)
+    try:
+        ldap_change(slapd, user(200), "ldapadd")
+        added = time.monotonic()
+        wait_until(lambda: "u200@corp.example" in keys_of(tree.cdb), 5, "the new entry")
+        assert time.monotonic() - added <= 0.5 + 1 + 0.5     # poll + 1 s (+ the wait's step)
+        assert r.count(r"build \(directory changed: corp.example\): installed .*"
+                       r"\[incremental: 1 domain: corp.example\]") == 1
+        slapd.stop()
+        try:
+            r.wait(r"directory poll failed: ldap .*connect failed: .*; list kept; retry in", 5)
+            time.sleep(2)
+            assert r.count("directory poll failed") == 1          # one line, not one a poll
+            assert "u200@corp.example" in keys_of(tree.cdb)
+            status = json.loads((tree.qmail / "control/validrcptto.status").read_text())
+            assert status["result"] == "installed"
+        finally:
+            slapd.start()
+        r.wait(r"directory poll works again after \d+ failure", 10)
+    finally:
+        assert r.stop() == 0
+        ldap_change(slapd, "dn: cn=User 200,ou=people,dc=corp,dc=example\n"
+                           "changetype: delete\n\n")
 
 
 def test_ldap_addresses_rule():

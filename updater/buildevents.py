@@ -22,10 +22,13 @@ class Requested:
 
 @dataclass(frozen=True)
 class Targeted:
-    """An onchange line naming the domains it changes; ``fast``: an addition."""
+    """An onchange line naming the domains it changes; ``fast``: an addition;
+    ``addresses``: the user or alias it names (a database source reads just that row
+    again; none: the whole domain)."""
     reason: str
     domains: frozenset[str]
     fast: bool
+    addresses: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,19 @@ class FilesChecked:
 
 
 @dataclass(frozen=True)
+class DirectoryPolled:
+    """The answer to ``PollDirectory``: the domains whose addresses changed, or why the
+    poll failed (the list is kept).  ``updates``, ``mark``: what the poll read (DN ->
+    addresses, the newest change stamp), applied by the driver, which fills
+    ``domains``."""
+    domains: frozenset[str]
+    error: str | None = None
+    full: bool = False
+    updates: dict[str, list[str]] | None = None
+    mark: str = ""
+
+
+@dataclass(frozen=True)
 class StatusNews:
     """A publish worker has news for the status file."""
 
@@ -78,8 +94,8 @@ class Stop:
     """SIGTERM / SIGINT: exit once the build in progress is done."""
 
 
-Event = (Requested | Targeted | FileChanged | BuildDone | FilesChecked | StatusNews | Tick
-         | Stop)
+Event = (Requested | Targeted | FileChanged | BuildDone | FilesChecked | DirectoryPolled
+         | StatusNews | Tick | Stop)
 
 
 # ---- actions: what the driver does
@@ -99,6 +115,13 @@ class CheckFiles:
 class CheckLive:
     """Look whether the live cdb and its .sources file are still what the last build
     left there (if not: a ``Requested(immediate=True)`` saying why)."""
+
+
+@dataclass(frozen=True)
+class PollDirectory:
+    """Ask the directory what changed since the last poll (``full``: read it all and
+    compare, which also finds deleted entries)."""
+    full: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,7 +149,8 @@ class Exit:
     pass
 
 
-Action = Build | CheckFiles | CheckLive | WriteStatus | Log | Publish | Rewatch | Exit
+Action = (Build | CheckFiles | CheckLive | PollDirectory | WriteStatus | Log | Publish | Rewatch
+          | Exit)
 
 
 @dataclass(frozen=True)
@@ -141,9 +165,13 @@ class Timing:
     interval: float = 3600.0
     retry_min: float = 10.0
     retry_max: float = 600.0
+    directory_poll: float = 0.0          # LDAP / AD: seconds between polls (0: none)
+    directory_full: float = 600.0        # ... and between full reads (deletions)
 
     @classmethod
     def of(cls, s: Any) -> Timing:
+        poll = s.ldap_poll if s.ldap_uri and s.incremental else 0.0
         return cls(s.quiet, s.max_delay, s.min_interval, s.target_quiet,
                    max(s.target_interval, s.target_quiet), s.target_interval, s.interval,
-                   s.retry_min, s.retry_max)
+                   s.retry_min, s.retry_max, poll, s.ldap_full)
+

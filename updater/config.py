@@ -124,6 +124,14 @@ class Settings:
     ldap_timeout: float = setting(
         30.0, env="UPDATER_LDAP_TIMEOUT", group="directory",
         help="seconds for connecting and for each LDAP operation")
+    ldap_poll: float = setting(
+        10.0, env="UPDATER_LDAP_POLL", group="directory",
+        help="the daemon asks the directory for entries changed since its last poll this "
+        "often (seconds; 0: only the safety net)")
+    ldap_full: float = setting(
+        600.0, env="UPDATER_LDAP_FULL", group="directory", positive=True,
+        help="seconds between the daemon's full reads of the directory (which find "
+        "deleted entries)")
     ldap_domains: str = setting(
         "", env="UPDATER_LDAP_DOMAINS", derived=True, group="directory",
         help="file naming the domains listed from LDAP "

@@ -24,13 +24,15 @@ from typing import Any
 from . import incremental
 from . import status as status_file
 from .buildevents import (Action, Build, BuildDone, BuildOutcome, CheckFiles, CheckLive,
-                          Event, FileChanged, FilesChecked, Log, Publish, Requested,
-                          Rewatch, StatusNews, Stop, Targeted, Tick, Timing, WriteStatus)
+                          DirectoryPolled, Event, FileChanged, FilesChecked, Log,
+                          PollDirectory, Publish, Requested, Rewatch, StatusNews, Stop,
+                          Targeted, Tick, Timing, WriteStatus)
 from .config import Settings
 from .errors import UpdaterError
 from .fifo import Reader
 from .generate import generate
 from .incremental import Snapshot
+from .sources.mysql import Rows
 from .inputs import Inputs
 from .ident import Ident, identity
 from .install import LiveChanged, Report, install_result, sources_path
@@ -58,6 +60,7 @@ class Daemon:
         self.snapshot: Snapshot | None = None   # what an incremental build starts from
         self.record: Inputs | None = None       # what the last full build read
         self.fresh = False                      # ... made by the build just done
+        self.rows: Rows = {}                    # per domain, the addresses requests named
         self.stop_event = threading.Event()
         self.publisher: Publisher | None = None
         cdb = settings.cdb or ""
@@ -129,9 +132,10 @@ class Daemon:
         """The build itself: incremental when ``domains`` is given and there is a
         snapshot to start from, else full.  Returns (report, domains redone or None)."""
         if domains is not None and self.snapshot is not None:
+            rows = {d: self.rows.pop(d) for d in domains if d in self.rows}
             try:
                 report, snap, warnings, redone = incremental.build(
-                    self.s, self.snapshot, set(domains), self.stop_event, self.s.force)
+                    self.s, self.snapshot, set(domains), self.stop_event, self.s.force, rows)
             except (incremental.NeedFull, LiveChanged) as why:
                 lines.append(f"incremental build not possible ({why}): full build")
             else:
@@ -146,6 +150,7 @@ class Daemon:
             return install_result(result, self.s.cdb or "", self.s, self.s.force,
                                   stop=self.stop_event), None
         self.snapshot = None            # never two lists in memory at once
+        self.rows.clear()               # a full build reads everything again
         report, full_snap, warnings = incremental.full(self.s, self.stop_event, self.s.force)
         lines[:0] = [f"warning: {w}" for w in warnings]
         self.snapshot, self.record, self.fresh = full_snap, full_snap.inputs, True
@@ -212,7 +217,10 @@ class Daemon:
             snap = self.snapshot
             changed = snap is None or bool(action.domains & snap.inputs.changed())
             return FilesChecked(action.domains, changed)
-        if isinstance(action, CheckLive):
+        if isinstance(action, PollDirectory):
+            threading.Thread(target=self.poll_directory, args=(action.full,),
+                             daemon=True).start()
+        elif isinstance(action, CheckLive):
             self.check_live()
             self.watcher.check()
         elif isinstance(action, WriteStatus):
@@ -238,7 +246,7 @@ class Daemon:
         moved = record.changed()
         if moved:
             names = ", ".join(sorted(moved)[:3]) + (", ..." if len(moved) > 3 else "")
-            self.events.put(Targeted(f"changed while the build read it: {names}",
+            self.events.put(Targeted(f"changed since the build read it: {names}",
                                      frozenset(moved), fast=False))
 
     # ---- main loop
@@ -277,6 +285,44 @@ class Daemon:
         self.log("stopped")
         return 0
 
+    def poll_directory(self, full: bool) -> None:
+        """(A thread of its own: a slow directory never holds a build back.)  Ask the
+        directory what changed; the answer goes on the queue, applied by the main
+        thread (``applied``)."""
+        from .sources import ldap
+        snap = self.snapshot
+        try:
+            if full:
+                fresh = ldap.read_all(self.s)
+                updates, mark = fresh.entries, fresh.mark
+            else:
+                mark = snap.ldap.mark if snap is not None and snap.ldap is not None else ""
+                updates, mark, _ = ldap.poll(self.s, mark)
+        except UpdaterError as err:
+            self.events.put(DirectoryPolled(frozenset(), str(err), full))
+        except Exception as err:            # a bug: logged, the daemon goes on
+            self.events.put(DirectoryPolled(frozenset(), f"internal error: "
+                                            f"{type(err).__name__}: {err}", full))
+        else:
+            self.events.put(DirectoryPolled(frozenset(), None, full, updates, mark))
+
+    def applied(self, event: DirectoryPolled) -> DirectoryPolled:
+        """A poll's answer applied to the kept directory (the domains it changed)."""
+        from .sources.ldap import apply
+        snap = self.snapshot
+        if event.updates is None or snap is None or snap.ldap is None:
+            return event
+        changed = apply(snap.ldap, event.updates, event.mark, whole=event.full)
+        return dataclasses.replace(event, domains=frozenset(changed), updates=None)
+
+    def note_rows(self, event: Targeted) -> None:
+        """What the next build of these domains must read again from a database: the
+        addresses the request names, or (none named) the whole domain."""
+        for d in event.domains:
+            mine = {a for a in event.addresses if a.endswith("@" + d)}
+            had = self.rows.get(d, frozenset())
+            self.rows[d] = None if not mine or had is None else had | mine
+
     def step(self) -> None:
         """Wait for the next event or deadline, and handle it."""
         deadline = self.scheduler.next_deadline()
@@ -287,6 +333,10 @@ class Daemon:
             event = Tick()
         if isinstance(event, FileChanged):
             event = self.resolve(event)
+        elif isinstance(event, Targeted):
+            self.note_rows(event)
+        elif isinstance(event, DirectoryPolled):
+            event = self.applied(event)
         self.feed(event)
         if not isinstance(event, Tick) and deadline is not None and \
                 deadline <= time.monotonic():

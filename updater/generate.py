@@ -25,6 +25,8 @@ from .qmail import (ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, accoun
                     cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
                     parse_assign, parse_domain_map, part_of, read_text, read_users_cdb, users_db)
 from .merge import Result, merge
+from .sources.ldap import LdapCache
+from .sources.mysql import MysqlCache
 from .localdelivery import TAIL
 from .routing import DomainKeys, Router
 from .sources import Found, Notes, at
@@ -154,10 +156,11 @@ def users_database(settings: Settings, notes: Notes) -> UsersDb:
     return users_db(entries, assign_path)
 
 
-def router_for(settings: Settings, notes: Notes, tracer: Inputs
-               ) -> tuple[Router, DiskView]:
+def router_for(settings: Settings, notes: Notes, tracer: Inputs,
+               mysql: MysqlCache | None = None) -> tuple[Router, DiskView]:
     """The delivery chain over this tree, recording what it reads in ``tracer``:
-    (router, view); ``router.close()`` releases the database."""
+    (router, view); ``router.close()`` releases the database.  ``mysql``: what the
+    database gave before, kept by the daemon (filled by a full build)."""
     accts = load_accounts(settings.passwd)
     by_name: dict[str, Account] = {}
     for a in accts:
@@ -170,7 +173,7 @@ def router_for(settings: Settings, notes: Notes, tracer: Inputs
     db = None
     if settings.mysql:
         from .sources.mysql import MysqlUsers
-        db = MysqlUsers(dataclasses.replace(settings, vpopmail_dir=vpop), notes)
+        db = MysqlUsers(dataclasses.replace(settings, vpopmail_dir=vpop), notes, mysql)
         users_of, aliases_of = (lambda home, domain: db.users(domain)), db.valiases
     view = DiskView(accts, users, settings.qmail_dir, notes.warn, users_of, aliases_of,
                     settings.qmail_ext, tracer)
@@ -265,9 +268,10 @@ def chain_keys(plan: Plan, notes: Notes, router: Router, singles: dict[str, dict
 
 
 def ldap_keys(settings: Settings, domains: list[str],
-              counts: dict[str, dict[str, int]] | None) -> Iterator[Found]:
+              counts: dict[str, dict[str, int]] | None,
+              cache: LdapCache | None = None) -> Iterator[Found]:
     from .sources.ldap import ldap_entries
-    for found in ldap_entries(settings, domains):
+    for found in ldap_entries(settings, domains, cache):
         if counts is not None:
             for domain in domains:
                 counts.setdefault(domain, {})["ldap"] = 0
@@ -280,7 +284,8 @@ def ldap_keys(settings: Settings, domains: list[str],
 
 def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None = None,
             counts: dict[str, dict[str, int]] | None = None,
-            only: frozenset[str] | None = None, bare: str | None = None) -> Iterator[Found]:
+            only: frozenset[str] | None = None, bare: str | None = None,
+            ldap_cache: LdapCache | None = None) -> Iterator[Found]:
     """Every source, in a fixed order (the output does not depend on it: it is sorted).
     ``only``: just the keys of these domains (an incremental build); the keys of one
     domain never depend on another domain's sources."""
@@ -298,7 +303,7 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
             yield Found(f"{e.path}:{e.line} (delivered remotely)", [f"{user}@{domain}"])
     ldap = [d for d in plan.ldap if want(d)]
     if ldap:
-        yield from ldap_keys(settings, ldap, counts)
+        yield from ldap_keys(settings, ldap, counts, ldap_cache)
     for domain, entry in plan.routed:
         if want(domain):
             yield Found(f"smtproutes {entry.path}:{entry.line}", ["@" + domain])
@@ -312,10 +317,12 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
 
 
 def generate(settings: Settings, only: frozenset[str] | None = None,
-             tracer: Inputs | None = None) -> Result:
+             tracer: Inputs | None = None, mysql: MysqlCache | None = None,
+             ldap: LdapCache | None = None) -> Result:
     """The whole list, or a SourceError: never a partial list.  ``only``: just the keys
     of these domains (``part_of``), for an incremental build; ``tracer``: the record of
-    what was read for each domain (none kept when not given)."""
+    what was read for each domain (none kept when not given); ``mysql`` / ``ldap``: the
+    database's and the directory's answers kept between the daemon's builds."""
     started = time.monotonic()
     LIMITS["max_file_size"] = settings.max_file_size
     notes = Notes()
@@ -326,9 +333,10 @@ def generate(settings: Settings, only: frozenset[str] | None = None,
     router = None
     if plan.local or plan.virtual or plan.singles:
         router, _ = router_for(settings, notes,
-                               tracer if tracer is not None else Inputs(recording=False))
+                               tracer if tracer is not None else Inputs(recording=False), mysql)
     counts: dict[str, dict[str, int]] = {}
-    result = merge(sources(settings, plan, notes, router, counts, only, bare), notes, bare)
+    result = merge(sources(settings, plan, notes, router, counts, only, bare, ldap), notes,
+                   bare)
     result.domains = frozenset(d.encode(ENCODING, ERRORS) for d in universe_)
     result.sources = counts
     result.bare = bare.encode(ENCODING, ERRORS) if bare else None

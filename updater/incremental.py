@@ -29,6 +29,7 @@ import time
 from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import Settings
 from .generate import generate, global_inputs
@@ -39,6 +40,8 @@ from .cdbdiff import Changes
 from .gate import accepting_under, sorted_getter
 from .install import Candidate, Report, install_delta
 from .qmail import ENCODING, ERRORS, part_of
+from .sources.ldap import LdapCache
+from .sources.mysql import MysqlCache, Rows
 
 MAX_DOMAINS = 200       # more changed domains than this and than half of all: a full build
 SPLICE_LIMIT = 64       # up to this many added + removed keys: insert/delete in place
@@ -76,14 +79,18 @@ class Snapshot:
     inputs: Inputs
     live: Ident | None                      # the installed file's identity
     builds: int = 0                         # incremental builds since the full one
+    mysql: MysqlCache | None = None         # the database's answers (vpopmail on MySQL)
+    ldap: LdapCache | None = None           # the directory's (kept current by polls)
 
     @classmethod
     def of(cls, result: Result, keys: list[bytes], inputs: Inputs,
-           globals_: dict[str, Ident | None], live: Ident | None) -> Snapshot:
+           globals_: dict[str, Ident | None], live: Ident | None,
+           mysql: MysqlCache | None = None, ldap: LdapCache | None = None) -> Snapshot:
         user = {k for k, i in result.keys.items() if i in result.user_origins} \
             if result.user_origins else set()
         return cls(keys, set(result.rejects), split(keys, result.bare), user,
-                   dict(result.sources), result.domains, result.bare, globals_, inputs, live)
+                   dict(result.sources), result.domains, result.bare, globals_, inputs, live,
+                   0, mysql, ldap)
 
 
 @dataclass
@@ -172,11 +179,12 @@ def splice(keys: list[bytes], added: list[bytes], removed: list[bytes]) -> list[
 
 
 def build(settings: Settings, snap: Snapshot, named: set[str],
-          stop: threading.Event | None = None,
-          force: bool = False) -> tuple[Report, Snapshot, list[str], set[str]]:
+          stop: threading.Event | None = None, force: bool = False,
+          rows: Rows | None = None) -> tuple[Report, Snapshot, list[str], set[str]]:
     """Redo the ``named`` domains and whatever else changed; install.  Returns (report,
     the new snapshot, warnings, the domains redone); NeedFull when only a full build
-    can tell."""
+    can tell.  ``rows``: for a database source, the addresses the requests named per
+    domain (a named domain not there is read again whole)."""
     started = time.monotonic()
     path = live_path(settings)
     now = identities(global_inputs(settings))
@@ -196,8 +204,11 @@ def build(settings: Settings, snap: Snapshot, named: set[str],
     if len(todo) > max(MAX_DOMAINS, len(snap.domains) // 2):
         raise NeedFull(f"{len(todo)} of {len(snap.domains)} domains to redo")
     checked = time.monotonic()
+    if snap.mysql is not None:
+        snap.mysql.ask({d: (rows or {}).get(d) for d in todo & named})
     tracer = Inputs()
-    result = generate(settings, only=frozenset(todo), tracer=tracer)
+    result = generate(settings, only=frozenset(todo), tracer=tracer, mysql=snap.mysql,
+                      ldap=snap.ldap)
     read = time.monotonic()
     if result.bare != snap.bare or result.domains != snap.domains:
         raise NeedFull("the domains we serve changed")
@@ -212,8 +223,20 @@ def build(settings: Settings, snap: Snapshot, named: set[str],
         report = Report(path, "unchanged", len(snap.keys),
                         seconds=time.monotonic() - started, identity=snap.live, phases=phases)
         new = Snapshot(snap.keys, snap.rejects, snap.parts, snap.user, sources, snap.domains,
-                       snap.bare, snap.globals, inputs, snap.live, snap.builds + 1)
+                       snap.bare, snap.globals, inputs, snap.live, snap.builds + 1, snap.mysql,
+                       snap.ldap)
         return report, new, result.warnings, todo
+    report = install(settings, snap, delta, sources, stop, force, started)
+    report.phases = {**phases, **report.phases}
+    new = Snapshot(delta.keys, delta.rejects, delta.parts, delta.user, sources, snap.domains,
+                   snap.bare, snap.globals, inputs, report.identity, snap.builds + 1,
+                   snap.mysql, snap.ldap)
+    return report, new, result.warnings, todo
+
+
+def install(settings: Settings, snap: Snapshot, delta: Delta, sources: dict[str, Any],
+            stop: threading.Event | None, force: bool, started: float) -> Report:
+    """The new list of an incremental build through the same gate as a full build."""
     removed_admin = [k for k in delta.changes.removed if k not in snap.user]
     added_admin = [k for k in delta.changes.added if k not in delta.user]
     candidate = Candidate(
@@ -221,13 +244,9 @@ def build(settings: Settings, snap: Snapshot, named: set[str],
         removed_admin, added_admin, (len(delta.user), len(snap.user)), delta.new_keys,
         sorted_getter(snap.keys, snap.rejects), sorted_getter(delta.keys, delta.rejects),
         accepting_under(delta.new_keys, delta.rejects))
-    report = install_delta(candidate, path, expect=snap.live,
-                           max_shrink=settings.max_shrink, force=force or settings.force,
-                           lock_timeout=settings.lock_timeout, stop=stop, started=started)
-    report.phases = {**phases, **report.phases}
-    new = Snapshot(delta.keys, delta.rejects, delta.parts, delta.user, sources, snap.domains,
-                   snap.bare, snap.globals, inputs, report.identity, snap.builds + 1)
-    return report, new, result.warnings, todo
+    return install_delta(candidate, live_path(settings), expect=snap.live,
+                         max_shrink=settings.max_shrink, force=force or settings.force,
+                         lock_timeout=settings.lock_timeout, stop=stop, started=started)
 
 
 def full(settings: Settings, stop: threading.Event | None = None, force: bool = False
@@ -237,8 +256,11 @@ def full(settings: Settings, stop: threading.Event | None = None, force: bool = 
     from .install import install_result
     globals_ = identities(global_inputs(settings))     # taken before anything is read
     tracer = Inputs()
-    result = generate(settings, tracer=tracer)
+    mysql = MysqlCache() if settings.mysql else None
+    ldap = LdapCache() if settings.ldap_uri else None
+    result = generate(settings, tracer=tracer, mysql=mysql, ldap=ldap)
     keys = result.sorted_keys()
     report = install_result(result, live_path(settings), settings, force, stop=stop,
                             keys=keys)
-    return report, Snapshot.of(result, keys, tracer, globals_, report.identity), result.warnings
+    snap = Snapshot.of(result, keys, tracer, globals_, report.identity, mysql, ldap)
+    return report, snap, result.warnings

@@ -18,12 +18,16 @@ ADDITIONS = re.compile(r"(add|mod)(_.*)?|.*_(insert|add)|add.*")
 DOMAIN_COMMANDS = {"valias_delete_domain", "add_domain", "del_domain", "add_alias_domain"}
 MAX_DOMAIN = 253
 MAX_WORDS = 64
+MAX_LOCAL = 64
 _DOMAIN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_LOCAL = re.compile(r"[^\s@/\x00-\x1f\x7f]+")
 
 
-def onchange_target(line: str) -> tuple[frozenset[str], bool] | None:
-    """(domains, fast) for an onchange request that names what it changes, else None
-    (pure).  ``fast``: an addition, applied without the quiet period."""
+def onchange_target(line: str) -> tuple[frozenset[str], bool, frozenset[str]] | None:
+    """(domains, fast, addresses) for an onchange request that names what it changes,
+    else None (pure).  ``fast``: an addition, applied without the quiet period;
+    ``addresses``: the one address a user or alias command names (its row is all a
+    database source needs to read again), empty for a domain command."""
     words = line.split(None, MAX_WORDS)
     if words and words[-1] in ("before", "after"):   # the two-stage variant's last word
         words = words[:-1]
@@ -40,11 +44,15 @@ def onchange_target(line: str) -> tuple[frozenset[str], bool] | None:
         names = [first.rpartition("@")[2]]
     else:
         return None
+    address = first.translate(_LOWER) if command not in DOMAIN_COMMANDS else ""
     domains = frozenset(n.translate(_LOWER) for n in names)
     if not all(0 < len(d) <= MAX_DOMAIN and _DOMAIN.fullmatch(d) for d in domains):
         return None
     fast = command != "valias_delete_domain" and ADDITIONS.fullmatch(command) is not None
-    return domains, fast
+    local = address.rpartition("@")[0]
+    if address and not (0 < len(local) <= MAX_LOCAL and _LOCAL.fullmatch(local)):
+        address = ""                        # an odd name: its whole domain is read again
+    return domains, fast, frozenset({address} if address else ())
 
 
 _LOWER = {c: c + 32 for c in range(65, 91)}

@@ -40,9 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .buildevents import (Action, Build, BuildDone, BuildOutcome, CheckFiles, CheckLive,
-                          Event, Exit, FileChanged, FilesChecked, Log, Publish, Rewatch,
-                          StatusNews, Stop, Targeted, Tick, Timing, WriteStatus)
+                          DirectoryPolled, Event, Exit, FileChanged, FilesChecked, Log,
+                          Publish, Rewatch, StatusNews, Stop, Targeted, Tick, Timing,
+                          WriteStatus)
 from .install import Report
+from .pollclock import PollClock
 from .retry import backoff
 
 LIVE_CHECK = 0.25            # seconds between looks at the live cdb and its .sources file
@@ -108,6 +110,7 @@ class Scheduler:
 
     def __post_init__(self) -> None:
         t = self.timing
+        self.poll = PollClock(t)
         self.full = Window(t.quiet, t.max_delay)
         self.fast = Window(t.fast_quiet, t.fast_max_delay)
         self.slow = Window(t.quiet, t.max_delay)
@@ -123,6 +126,14 @@ class Scheduler:
                 return [self._build_targeted(now)]
             self.settle(now, set(event.domains))
             return self._pending(now, wall, "")
+        if isinstance(event, DirectoryPolled):
+            line = self.poll.answered(event, now)
+            out: list[Action] = [Log(line)] if line else []
+            if not event.domains:
+                return out
+            names = ", ".join(sorted(event.domains)[:3])
+            self._target(now, f"directory changed: {names}", set(event.domains), True, False)
+            return out + self._pending(now, wall, "directory")
         if isinstance(event, StatusNews):
             return [WriteStatus(dict(self.status))] if self.status else []
         if isinstance(event, Stop):
@@ -209,7 +220,7 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """When to tick if no event comes first (None: nothing is due; wait for one)."""
         dues = [d for d in (self.full_due(), self.targeted_due(), self.retry_at,
-                            self.status_due, self.live_due, self.safety_due())
+                            self.status_due, self.live_due, self.safety_due(), self.poll.due)
                 if d is not None]
         return min(dues) if dues else None
 
@@ -221,6 +232,9 @@ class Scheduler:
         if self.live_due <= now:
             self.live_due = now + LIVE_CHECK
             actions.append(CheckLive())
+        poll = self.poll.take(now)
+        if poll is not None:
+            actions.append(poll)
         full, targeted = self.full_due(), self.targeted_due()
         if full is not None and full <= now:
             actions.append(self._build_full(self._take()))
@@ -307,6 +321,8 @@ class Scheduler:
             self.settle(o.started, set(o.redone))
         else:
             self.last_full, self.full_started = o.ended, o.started
+            if o.report is not None:
+                self.poll.started(o.ended)
         record.update(seconds=round(o.ended - o.started, 3), incremental=o.redone is not None,
                       incremental_builds=self.incremental_builds)
         self.status = record

@@ -11,6 +11,9 @@ file and is never logged.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
@@ -38,7 +41,113 @@ def addresses(values: dict[str, list[Any]], attrs: list[str]) -> list[str]:
     return out
 
 
-def ldap_entries(settings: Settings, domains: list[str]) -> list[Found]:
+PAGED = "1.2.840.113556.1.4.319"
+STAMP = "modifyTimestamp"
+
+
+@dataclass
+class LdapCache:
+    """The directory as the daemon last read it: each entry's addresses (every domain),
+    and the newest ``modifyTimestamp`` seen, where the next poll starts.  A poll asks
+    only for the entries changed since (``poll``); an entry deleted outright is only
+    noticed by the next full read (OpenLDAP keeps no tombstones)."""
+    entries: dict[str, list[str]] = field(default_factory=dict)     # DN -> addresses
+    mark: str = ""                                                  # generalized time
+    complete: bool = False                                          # a full read filled it
+    searches: int = 0                                               # (tests, benchmarks)
+
+    def addresses(self, wanted: set[str]) -> list[str]:
+        return [a for addrs in self.entries.values() for a in addrs
+                if a.rpartition("@")[2] in wanted]
+
+
+def ldap_entries(settings: Settings, domains: list[str],
+                 cache: LdapCache | None = None) -> list[Found]:
+    """The addresses of ``domains``: from ``cache`` when a full read filled it (the
+    daemon's polls keep it current), else a paged search of the whole directory
+    (which fills ``cache``)."""
+    where = f"ldap {settings.ldap_uri}"
+    origin = f"{where} base {settings.ldap_base}"
+    if cache is not None and cache.complete:
+        return [Found(origin, cache.addresses(set(domains)))]
+    fresh = read_all(settings)
+    if cache is not None:
+        cache.entries, cache.mark, cache.complete = fresh.entries, fresh.mark, True
+        cache.searches += fresh.searches
+    return [Found(origin, fresh.addresses(set(domains)))]
+
+
+def read_all(settings: Settings) -> LdapCache:
+    """Every entry the filter selects, with its addresses (a paged search)."""
+    out = LdapCache()
+    with session(settings) as (conn, attrs):
+        for dn, values in search(conn, settings, settings.ldap_filter, attrs + [STAMP], out):
+            out.entries[dn] = addresses(values, attrs)
+            out.mark = max(out.mark, stamp(values))
+    out.complete = True
+    return out
+
+
+Updates = dict[str, list[str]]          # DN -> its addresses now ([]: gone)
+
+
+def poll(settings: Settings, mark: str) -> tuple[Updates, str, int]:
+    """What changed in the directory since ``mark`` (a modifyTimestamp): the entries the
+    filter selects that changed since (their addresses now), and those changed since
+    that it no longer selects (gone); the new mark; the searches made.  Pure of the
+    cache, so it can run beside a build.  The cost follows the changes, not the
+    directory's size, where ``modifyTimestamp`` is indexed (OpenLDAP: ``index
+    modifyTimestamp eq``; Active Directory indexes its own change stamps)."""
+    since = f"({STAMP}>={mark or '19700101000000Z'})"
+    updates: Updates = {}
+    count = LdapCache()
+    with session(settings) as (conn, attrs):
+        for dn, values in search(conn, settings, f"(&{settings.ldap_filter}{since})",
+                                 attrs + [STAMP], count):
+            updates[dn] = addresses(values, attrs)
+            mark = max(mark, stamp(values))
+        for dn, values in search(conn, settings, f"(&(!{settings.ldap_filter}){since})",
+                                 [STAMP], count):
+            updates.setdefault(dn, [])
+            mark = max(mark, stamp(values))
+    return updates, mark, count.searches
+
+
+def apply(cache: LdapCache, updates: Updates, mark: str, whole: bool = False) -> set[str]:
+    """Apply a poll's (or, ``whole``, a full read's: an entry it did not return is gone)
+    answer to ``cache``; the domains whose addresses changed."""
+    changed: set[str] = set()
+    if whole:
+        updates = {**{dn: [] for dn in cache.entries}, **updates}
+    for dn, new in updates.items():
+        old = cache.entries.get(dn, [])
+        if sorted(old) == sorted(new):
+            continue
+        if new:
+            cache.entries[dn] = new
+        else:
+            cache.entries.pop(dn, None)
+        changed |= {a.rpartition("@")[2] for a in old + new}
+    cache.mark = max(cache.mark, mark)
+    return changed
+
+
+def stamp(values: dict[str, Any]) -> str:
+    """An entry's modifyTimestamp as generalized time (``YYYYmmddHHMMSSZ``), "" if none."""
+    v = values.get(STAMP)
+    if isinstance(v, list):
+        v = v[0] if v else None
+    if v is None:
+        return ""
+    if hasattr(v, "strftime"):
+        return str(v.strftime("%Y%m%d%H%M%SZ"))
+    return str(v)
+
+
+@contextlib.contextmanager
+def session(settings: Settings) -> Iterator[tuple[Any, list[str]]]:
+    """A bound connection and the address attributes; every failure a SourceError naming
+    the server and the step (the password is never in it)."""
     import ldap3
     from ldap3.core.exceptions import LDAPException, LDAPOperationResult
     where = f"ldap {settings.ldap_uri}"
@@ -46,45 +155,46 @@ def ldap_entries(settings: Settings, domains: list[str]) -> list[Found]:
     if settings.ldap_password_file:
         password = (read_text(settings.ldap_password_file, required=True) or "").strip("\r\n")
     attrs = [a.strip() for a in settings.ldap_attrs.split(",") if a.strip()]
-    wanted = set(domains)
-    keys: list[str] = []
-    step = "connect"
+    step = ["connect"]
     try:
         timeout = max(1, int(settings.ldap_timeout + 0.999))   # ldap3 packs whole seconds
         uri = settings.ldap_uri.rstrip("/")           # ldap3 wants no path: ldap://host:port
-        server = ldap3.Server(uri, connect_timeout=timeout,
-                              get_info=ldap3.NONE)
+        server = ldap3.Server(uri, connect_timeout=timeout, get_info=ldap3.NONE)
         conn = ldap3.Connection(server, user=settings.ldap_bind_dn or None,
                                 password=password or None, receive_timeout=timeout,
                                 raise_exceptions=True, auto_bind=ldap3.AUTO_BIND_NONE)
         conn.open()
         if settings.ldap_starttls:
-            step = "starttls"
+            step[0] = "starttls"
             conn.start_tls()
-        step = "bind"
+        step[0] = "bind"
         conn.bind()
-        step = "search"
-        cookie = None
-        while True:
-            conn.search(settings.ldap_base, settings.ldap_filter, search_scope=ldap3.SUBTREE,
-                        attributes=attrs, paged_size=settings.ldap_page_size, paged_cookie=cookie)
-            for entry in conn.response:
-                if entry.get("type") != "searchResEntry":
-                    continue
-                for address in addresses(entry.get("attributes", {}), attrs):
-                    if address.rpartition("@")[2] in wanted:
-                        keys.append(address)
-            controls = conn.result.get("controls", {})
-            cookie = controls.get("1.2.840.113556.1.4.319", {}).get("value", {}).get("cookie")
-            if not cookie:
-                break
+        step[0] = "search"
+        yield conn, attrs
         conn.unbind()
     except LDAPOperationResult as err:
         detail = f": {err.message}" if err.message else ""
-        raise SourceError(f"{step} failed: {err.description} ({err.result}){detail}",
+        raise SourceError(f"{step[0]} failed: {err.description} ({err.result}){detail}",
                           where) from None
     except LDAPException as err:
-        raise SourceError(f"{step} failed: {type(err).__name__}: {err}", where) from None
+        raise SourceError(f"{step[0]} failed: {type(err).__name__}: {err}", where) from None
     except OSError as err:
-        raise SourceError(f"{step} failed: {err.strerror or err}", where) from None
-    return [Found(f"{where} base {settings.ldap_base}", keys)]
+        raise SourceError(f"{step[0]} failed: {err.strerror or err}", where) from None
+
+
+def search(conn: Any, settings: Settings, query: str, attrs: list[str],
+           cache: LdapCache) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(DN, attributes) of every entry ``query`` selects, page by page."""
+    import ldap3
+    cookie = None
+    while True:
+        cache.searches += 1
+        conn.search(settings.ldap_base, query, search_scope=ldap3.SUBTREE,
+                    attributes=attrs, paged_size=settings.ldap_page_size, paged_cookie=cookie)
+        for entry in conn.response:
+            if entry.get("type") == "searchResEntry":
+                yield str(entry.get("dn", "")).lower(), entry.get("attributes", {})
+        controls = conn.result.get("controls", {})
+        cookie = controls.get(PAGED, {}).get("value", {}).get("cookie")
+        if not cookie:
+            break

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
@@ -143,18 +143,45 @@ def connection(settings: Settings) -> Conn:
     return conn
 
 
-class MysqlUsers:
-    """All vpopmail users and valiases, fetched once per build, then served per domain."""
+Rows = dict[str, "frozenset[str] | None"]     # domain -> addresses to read again (None: all)
 
-    def __init__(self, settings: Settings, notes: Notes | None = None):
+
+@dataclass
+class MysqlCache:
+    """What the database gave, kept by the daemon between builds: each domain's users
+    and valiases from the full build.  Before an incremental build ``refresh`` names
+    what to ask again: the rows a request names, by primary key (``pw_name,
+    pw_domain``; ``alias, domain``), or a whole domain (``WHERE pw_domain = ?``, its
+    own table in the per-domain layout); the rest is served from memory."""
+    users: dict[str, list[str]] = field(default_factory=dict)
+    complete: bool = False              # the single layout's whole table was read
+    aliases: dict[str, list[str]] | None = None
+    refresh_users: Rows = field(default_factory=dict)
+    refresh_aliases: Rows = field(default_factory=dict)
+    valias_absent: bool = False         # (auto) the server has no valias table
+    queries: int = 0                    # asked of the server (tests and benchmarks)
+
+    def ask(self, rows: Rows) -> None:
+        """What the next build must read again."""
+        self.refresh_users, self.refresh_aliases = dict(rows), dict(rows)
+
+
+class MysqlUsers:
+    """All vpopmail users and valiases, fetched once per build (or kept in a
+    ``MysqlCache`` between the daemon's builds), then served per domain."""
+
+    def __init__(self, settings: Settings, notes: Notes | None = None,
+                 cache: MysqlCache | None = None):
         self.conn = connection(settings)
         self.layout = settings.mysql_layout
         self.valias = settings.mysql_valias
         self.timeout = settings.mysql_timeout
         self.notes = notes
-        self._single: dict[str, list[str]] | None = None
+        self.cache = cache if cache is not None else MysqlCache()
+        self._single: dict[str, list[str]] | None = \
+            self.cache.users if self.cache.complete else None
         self._db: Any = None
-        self.aliases: dict[str, list[str]] | None = None
+        self.aliases: dict[str, list[str]] | None = self.cache.aliases
 
     def _connect(self) -> Any:
         if self._db is None:
@@ -186,6 +213,7 @@ class MysqlUsers:
         import pymysql
         import pymysql.cursors
         self._missing = False
+        self.cache.queries += 1
         try:
             with self._db.cursor(pymysql.cursors.SSCursor) as cur:
                 cur.execute(sql, args)
@@ -209,14 +237,45 @@ class MysqlUsers:
                 for name, dom in self._query(
                         f"SELECT pw_name, pw_domain FROM vpopmail WHERE {UNLOCKED}"):
                     found.setdefault(lower_ascii(dom), []).append(name)
-                self._single = found
+                self._single = self.cache.users = found
+                self.cache.complete = True
+                self.cache.refresh_users = {}
+            self._again(self._single, domain, self.cache.refresh_users,
+                        "SELECT pw_name FROM vpopmail WHERE pw_domain = %s AND " + UNLOCKED,
+                        "SELECT pw_name FROM vpopmail WHERE pw_name = %s AND pw_domain = %s "
+                        "AND " + UNLOCKED, "vpopmail", (domain,))
             return f"{where} table vpopmail", self._single.get(domain, [])
         table = table_for(domain)
+        kept = self.cache.users
+        if domain in kept and self.cache.refresh_users.get(domain, ()) is not None:
+            self._again(kept, domain, self.cache.refresh_users, "",
+                        f"SELECT pw_name FROM `{table}` WHERE pw_name = %s AND {UNLOCKED}",
+                        table, ())
+            return f"{where} table {table}", kept[domain]
+        self.cache.refresh_users.pop(domain, None)
         rows = [row[0] for row in self._query(
             f"SELECT pw_name FROM `{table}` WHERE {UNLOCKED}", table=table)]
         if self._missing:
             raise SourceError(f"no table {table} for {domain}", where)
+        kept[domain] = rows
         return f"{where} table {table}", rows
+
+    def _again(self, kept: dict[str, list[str]], domain: str, refresh: Rows, whole: str,
+               row: str, table: str, tail: tuple[str, ...]) -> None:
+        """Read again what ``refresh`` names for ``domain`` (once): the whole domain
+        (``whole``), or each named address's row (``row``, by its key)."""
+        if domain not in refresh:
+            return
+        addresses = refresh.pop(domain)
+        if addresses is None:
+            kept[domain] = [r[0] for r in self._query(whole, (domain,), table=table)]
+            return
+        names = kept.setdefault(domain, [])
+        for address in sorted(addresses):
+            local = address.rpartition("@")[0]
+            found = [r[0] for r in self._query(row, (local, *tail), table=table)]
+            names[:] = [n for n in names if lower_ascii(n) != local] + \
+                [n for n in found if lower_ascii(n) == local][:1]
 
     def valiases(self, domain: str) -> list[str]:
         self._connect()
@@ -235,7 +294,14 @@ class MysqlUsers:
                                       self.conn.where())
                 for alias, dom in rows:
                     found.setdefault(lower_ascii(dom), []).append(alias)
-            self.aliases = found
+                self.cache.valias_absent = self._missing
+            self.aliases = self.cache.aliases = found
+            self.cache.refresh_aliases = {}
+        if self.valias != "no" and not self.cache.valias_absent:
+            self._again(self.aliases, domain, self.cache.refresh_aliases,
+                        "SELECT DISTINCT alias FROM valias WHERE domain = %s",
+                        "SELECT DISTINCT alias FROM valias WHERE alias = %s AND domain = %s",
+                        "valias", (domain,))
         return self.aliases.get(domain, [])
 
     def close(self) -> None:
