@@ -275,3 +275,38 @@ def drain(s: Scheduler, now: float, until: float | None, took: float, asked: lis
         now = max(now, due)
         now = serve(s, at(s, now, Tick()), now, took, asked)
     raise AssertionError("the scheduler never settles")
+
+
+def test_directory_polls_start_after_a_full_build_and_back_off_on_failure():
+    from updater.buildevents import DirectoryPolled, PollDirectory
+    s = make(directory_poll=10, directory_full=600)
+    assert s.poll.due is None                          # nothing read yet: no poll
+    first_build(s, 0, 1)
+    assert s.poll.due == 11 and s.next_deadline() == s.live_due
+    assert PollDirectory(False) in at(s, 11, Tick())
+    assert s.poll.due is None                          # one poll at a time
+    assert at(s, 12, DirectoryPolled(frozenset())) == [] and s.poll.due == 22
+    # what changed is built at once (it has happened), not after the quiet period
+    at(s, 22, Tick())
+    acts = at(s, 22.5, DirectoryPolled(frozenset({"corp.example"})))
+    assert s.targeted_due() == pytest.approx(22.55)
+    (b,) = builds(at(s, 22.55, Tick()))
+    assert b.domains == {"corp.example"} and b.why == "directory changed: corp.example"
+    done(s, 22.55, 22.7, b)
+    # a failing directory: one line, then a poll every 10, 20, 40 ... s up to 300
+    at(s, 32.5, Tick())
+    acts = at(s, 33, DirectoryPolled(frozenset(), "ldap ldap://x: connect failed: refused"))
+    assert [a.line for a in acts if isinstance(a, Log)] == [
+        "directory poll failed: ldap ldap://x: connect failed: refused; list kept; retry in 10s"]
+    at(s, 43, Tick())
+    assert not at(s, 44, DirectoryPolled(frozenset(), "again"))     # logged once
+    assert s.poll.due == 44 + 20
+    at(s, 64, Tick())
+    acts = at(s, 65, DirectoryPolled(frozenset()))
+    assert [a.line for a in acts if isinstance(a, Log)] == [
+        "directory poll works again after 2 failure(s)"]
+    # the full read (deletions) comes every directory_full seconds
+    at(s, 600.5, Tick())
+    s.poll.due = 601.5
+    assert PollDirectory(True) in at(s, 601.5, Tick())
+    assert make().poll.due is None and Timing().directory_poll == 0   # off by default
