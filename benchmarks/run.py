@@ -333,7 +333,8 @@ def markdown(bench: Bench, sizes: list[int], runs: int, seconds: float) -> str:
 # alone (a module that needs another's figure measures it itself when it is missing)
 MODULES = {"builds": "builds_bench", "checks": "checks_bench", "publish": "publish_bench",
            "daemon": "daemon_bench", "incremental": "incremental_bench",
-           "smtpd": "server_bench", "policyd": "policyd_bench"}
+           "directory": "directory_bench", "smtpd": "server_bench",
+           "policyd": "policyd_bench"}
 
 
 def main() -> None:

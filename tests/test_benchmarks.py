@@ -24,7 +24,7 @@ def test_quick_benchmark_prints_every_row_and_writes_results(tmp_path: Path):
                           timeout=300)
     assert done.returncode == 0, done.stderr       # (it fails if our cdb and cdbmake's differ)
     rows = [line.split() for line in done.stdout.splitlines()[1:]]
-    assert len(rows) == 30, done.stdout
+    assert len(rows) == 40, done.stdout
     table = out.read_text()
     assert table.startswith("# Benchmark results\n") and "| measurement | ours |" in table
     for what in ("full rebuild, 10k", "cdb write alone", "validrcptto-smtpd session",
@@ -33,7 +33,11 @@ def test_quick_benchmark_prints_every_row_and_writes_results(tmp_path: Path):
                  "install -> visible on a receiver",
                  "new mailbox -> live (add_user, incremental)", "  of which cdb",
                  "  with vpopmail 5.6's line", "live cdb deleted by hand -> back",
-                 "1,000 add_user in 10 s: builds", "peak RSS of the daemon"):
+                 "1,000 add_user in 10 s: builds", "peak RSS of the daemon",
+                 "new mailbox -> live, vpopmail on MariaDB", "LDAP poll after one new entry",
+                 "new LDAP entry -> live (polling every 1 s)",
+                 "new mailbox -> live on a second MX over ssh",
+                 "  bytes sent for a one-address change (rsync --stats)"):
         assert f"| {what}" in table, what
     # a no-change rebuild writes nothing; a full one writes the whole file
     line = next(l for l in table.splitlines() if "no-change rebuild, 10k: bytes" in l)
