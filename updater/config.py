@@ -128,6 +128,10 @@ class Settings:
         10.0, env="UPDATER_LDAP_POLL", group="directory",
         help="the daemon asks the directory for entries changed since its last poll this "
         "often (seconds; 0: only the safety net)")
+    ldap_stamp: str = setting(
+        "modifyTimestamp", env="UPDATER_LDAP_STAMP", group="directory",
+        help="the change stamp the daemon's polls ask by (generalized time; Active "
+        "Directory: whenChanged, as its modifyTimeStamp cannot be searched by)")
     ldap_full: float = setting(
         600.0, env="UPDATER_LDAP_FULL", group="directory", positive=True,
         help="seconds between the daemon's full reads of the directory (which find "

@@ -42,15 +42,14 @@ def addresses(values: dict[str, list[Any]], attrs: list[str]) -> list[str]:
 
 
 PAGED = "1.2.840.113556.1.4.319"
-STAMP = "modifyTimestamp"
 
 
 @dataclass
 class LdapCache:
     """The directory as the daemon last read it: each entry's addresses (every domain),
-    and the newest ``modifyTimestamp`` seen, where the next poll starts.  A poll asks
-    only for the entries changed since (``poll``); an entry deleted outright is only
-    noticed by the next full read (OpenLDAP keeps no tombstones)."""
+    and the newest change stamp seen (``UPDATER_LDAP_STAMP``), where the next poll
+    starts.  A poll asks only for the entries changed since (``poll``); an entry deleted
+    outright is only noticed by the next full read (OpenLDAP keeps no tombstones)."""
     entries: dict[str, list[str]] = field(default_factory=dict)     # DN -> addresses
     mark: str = ""                                                  # generalized time
     complete: bool = False                                          # a full read filled it
@@ -80,10 +79,11 @@ def ldap_entries(settings: Settings, domains: list[str],
 def read_all(settings: Settings) -> LdapCache:
     """Every entry the filter selects, with its addresses (a paged search)."""
     out = LdapCache()
+    key = settings.ldap_stamp
     with session(settings) as (conn, attrs):
-        for dn, values in search(conn, settings, settings.ldap_filter, attrs + [STAMP], out):
+        for dn, values in search(conn, settings, settings.ldap_filter, attrs + [key], out):
             out.entries[dn] = addresses(values, attrs)
-            out.mark = max(out.mark, stamp(values))
+            out.mark = max(out.mark, stamp(values, key))
     out.complete = True
     return out
 
@@ -92,24 +92,25 @@ Updates = dict[str, list[str]]          # DN -> its addresses now ([]: gone)
 
 
 def poll(settings: Settings, mark: str) -> tuple[Updates, str, int]:
-    """What changed in the directory since ``mark`` (a modifyTimestamp): the entries the
+    """What changed in the directory since ``mark`` (a change stamp): the entries the
     filter selects that changed since (their addresses now), and those changed since
     that it no longer selects (gone); the new mark; the searches made.  Pure of the
     cache, so it can run beside a build.  The cost follows the changes, not the
     directory's size, where ``modifyTimestamp`` is indexed (OpenLDAP: ``index
     modifyTimestamp eq``; Active Directory indexes its own change stamps)."""
-    since = f"({STAMP}>={mark or '19700101000000Z'})"
+    key = settings.ldap_stamp
+    since = f"({key}>={mark or '19700101000000Z'})"
     updates: Updates = {}
     count = LdapCache()
     with session(settings) as (conn, attrs):
         for dn, values in search(conn, settings, f"(&{settings.ldap_filter}{since})",
-                                 attrs + [STAMP], count):
+                                 attrs + [key], count):
             updates[dn] = addresses(values, attrs)
-            mark = max(mark, stamp(values))
+            mark = max(mark, stamp(values, key))
         for dn, values in search(conn, settings, f"(&(!{settings.ldap_filter}){since})",
-                                 [STAMP], count):
+                                 [key], count):
             updates.setdefault(dn, [])
-            mark = max(mark, stamp(values))
+            mark = max(mark, stamp(values, key))
     return updates, mark, count.searches
 
 
@@ -132,9 +133,9 @@ def apply(cache: LdapCache, updates: Updates, mark: str, whole: bool = False) ->
     return changed
 
 
-def stamp(values: dict[str, Any]) -> str:
-    """An entry's modifyTimestamp as generalized time (``YYYYmmddHHMMSSZ``), "" if none."""
-    v = values.get(STAMP)
+def stamp(values: dict[str, Any], key: str = "modifyTimestamp") -> str:
+    """An entry's change stamp as generalized time (``YYYYmmddHHMMSSZ``), "" if none."""
+    v = values.get(key)
     if isinstance(v, list):
         v = v[0] if v else None
     if v is None:
