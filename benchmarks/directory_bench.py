@@ -195,7 +195,7 @@ def _add(uri: str, i: int) -> None:
 
 
 def ldap(bench) -> None:
-    sizes = [10000, 100000] if bench.sizes[-1] >= 100000 else [1000, 10000]
+    sizes = [10000, 100000] if bench.sizes[-1] >= 100000 else [500, 2000]
     for count in sizes:
         root = os.path.join(bench.root, f"ldap-{count}")
         os.makedirs(root)

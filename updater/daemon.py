@@ -218,6 +218,9 @@ class Daemon:
             changed = snap is None or bool(action.domains & snap.inputs.changed())
             return FilesChecked(action.domains, changed)
         if isinstance(action, PollDirectory):
+            snap = self.snapshot
+            if snap is None or snap.ldap is None:     # nothing kept to poll against (a
+                return DirectoryPolled(frozenset())   # full build is failing): skip it
             threading.Thread(target=self.poll_directory, args=(action.full,),
                              daemon=True).start()
         elif isinstance(action, CheckLive):
@@ -297,7 +300,11 @@ class Daemon:
                 updates, mark = fresh.entries, fresh.mark
             else:
                 mark = snap.ldap.mark if snap is not None and snap.ldap is not None else ""
-                updates, mark, _ = ldap.poll(self.s, mark)
+                if not mark:                            # no stamp seen: a full read
+                    fresh = ldap.read_all(self.s)
+                    updates, mark, full = fresh.entries, fresh.mark, True
+                else:
+                    updates, mark, _ = ldap.poll(self.s, mark)
         except UpdaterError as err:
             self.events.put(DirectoryPolled(frozenset(), str(err), full))
         except Exception as err:            # a bug: logged, the daemon goes on
