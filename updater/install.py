@@ -260,13 +260,13 @@ class Offer:
                      Callable[[bytes], bool]] | None = None
 
 
-def against_live(offer: Offer, path: str, image: mmap.mmap, live: CdbGetter | None
-                 ) -> Candidate:
-    """The Candidate of a whole list against the live file (``live``: it opened with
-    cdbx, or None when there is none)."""
+def against_live(offer: Offer, path: str, image: mmap.mmap, exists: bool,
+                 live: CdbGetter | None) -> Candidate:
+    """The Candidate of a whole list against the live file (``exists``: there is one;
+    ``live``: it opened for lookups, else None and the shrink check asks nothing)."""
     keys, rejects = offer.keys, offer.rejects
     new = offer.present if offer.present is not None else set(keys)
-    old_count = record_count(live_header(path)) if live is not None else None
+    old_count = record_count(live_header(path)) if exists else None
     diff = compare_live(path, keys, new, rejects, image) if old_count is not None \
         else Changes(list(keys), [], [])
     removed, added, users = diff.removed, diff.added, None
@@ -305,7 +305,7 @@ def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = 
             return Report(path, "unchanged", len(offer.keys),
                           seconds=time.monotonic() - started, identity=identity(path))
         with open_live(path, same is not None) as live:
-            c = against_live(offer, path, image, live)
+            c = against_live(offer, path, image, same is not None, live)
             why = judge(c, read_sources(path), max_shrink, force)
         if why:
             raise InstallRefused(why, path)

@@ -83,6 +83,7 @@ def _why(reasons: list[str]) -> str:
 @dataclass
 class Scheduler:
     timing: Timing
+    poll: PollClock = field(init=False)  # when to ask a directory (LDAP / AD) what changed
     full: Window = field(init=False)
     full_reasons: list[str] = field(default_factory=list)
     full_count: int = 0                # full-build requests since the last full build

@@ -93,18 +93,21 @@ class Watcher:
         if targets == self.targets and self.observer is not None and self.observer.is_alive():
             return
         self.targets = targets
-        self.stop()
+        # the new watches start before the old ones stop, so no change falls between
+        # them (one seen twice is one more request, debounced); only when the new ones
+        # cannot start are the old ones stopped first, freeing their inotify watches
+        old, self.observer = self.observer, None
         while True:
             observer = None
             try:
                 observer = self._observer(targets)
                 observer.start()
             except OSError as err:
-                try:
-                    if observer is not None:
-                        observer.stop()
-                except Exception:
-                    pass
+                _halt(observer)
+                if old is not None:
+                    _halt(old)
+                    old = None
+                    continue
                 if self.polling:
                     self.log(f"cannot watch files ({err}); relying on triggers and the "
                              "safety net")
@@ -112,6 +115,7 @@ class Watcher:
                 self.log(f"inotify refused ({err}); falling back to polling")
                 self.polling = True
                 continue
+            _halt(old)
             self.observer = observer
             self.log(f"watching {len(targets)} directories"
                      f"{' by polling' if self.polling else ''}")
@@ -159,10 +163,16 @@ class Watcher:
             self.start()
 
     def stop(self) -> None:
-        if self.observer is not None:
-            try:
-                self.observer.stop()
-                self.observer.join(5)
-            except Exception:
-                pass
-            self.observer = None
+        _halt(self.observer)
+        self.observer = None
+
+
+def _halt(observer: Any) -> None:
+    """Stop a watchdog observer and wait for its thread (a broken one is let go)."""
+    if observer is None:
+        return
+    try:
+        observer.stop()
+        observer.join(5)
+    except Exception:
+        pass
