@@ -569,6 +569,14 @@ def test_daemon_polls_ldap_and_keeps_the_list_when_it_is_down(tree: Tree, slapd:
                            "changetype: delete\n\n")
 
 
+def test_ldap_change_stamps_never_become_filter_syntax():
+    from updater.sources.ldap import stamp
+    assert stamp({"modifyTimestamp": ["20261205031000Z"]}) == "20261205031000Z"
+    assert stamp({"whenChanged": ["20261205031000.0Z"]}, "whenChanged") == "20261205031000.0Z"
+    assert stamp({"modifyTimestamp": ["2026*)(objectClass=*"]}) == ""
+    assert stamp({}) == ""
+
+
 def test_ldap_addresses_rule():
     from updater.sources.ldap import addresses
     values = {"mail": ["A@B.example"],

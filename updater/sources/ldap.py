@@ -12,6 +12,7 @@ file and is never logged.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ def addresses(values: dict[str, list[Any]], attrs: list[str]) -> list[str]:
 
 
 PAGED = "1.2.840.113556.1.4.319"
+_GENERALIZED = re.compile(r"[0-9]{10,14}([.,][0-9]{1,6})?(Z|[+-][0-9]{4})?")
 
 
 @dataclass
@@ -142,7 +144,10 @@ def stamp(values: dict[str, Any], key: str = "modifyTimestamp") -> str:
         return ""
     if hasattr(v, "strftime"):
         return str(v.strftime("%Y%m%d%H%M%SZ"))
-    return str(v)
+    # the server's value goes into the next poll's filter: generalized time only
+    # (digits, a fraction, Z or an offset), never filter syntax
+    text = str(v)
+    return text if _GENERALIZED.fullmatch(text) else ""
 
 
 @contextlib.contextmanager
