@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .generate import CONTROL_FILES
 from .inputs import Inputs
+
+if TYPE_CHECKING:                   # (watchdog is imported when the daemon starts watching)
+    from watchdog.events import FileSystemEvent
+    from watchdog.observers.api import BaseObserver
 
 Targets = dict[str, tuple[set[str], tuple[str, ...]]]
 
@@ -78,7 +82,7 @@ class Watcher:
     def __init__(self, settings: Settings, log: Callable[[str], None],
                  on_change: Callable[[str, str], None], ignore: set[str]):
         self.s, self.log, self.on_change, self.ignore = settings, log, on_change, ignore
-        self.observer: Any = None
+        self.observer: BaseObserver | None = None
         self.polling = settings.poll > 0
         self.targets: Targets = {}
         self.record: Inputs | None = None
@@ -121,7 +125,7 @@ class Watcher:
                      f"{' by polling' if self.polling else ''}")
             return
 
-    def _observer(self, targets: Targets) -> Any:
+    def _observer(self, targets: Targets) -> BaseObserver:
         from watchdog.events import (FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
                                      FileModifiedEvent, FileMovedEvent, FileSystemEventHandler)
         watcher = self
@@ -130,7 +134,7 @@ class Watcher:
                    FileClosedEvent]
 
         class Handler(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:
+            def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.event_type in ("opened", "closed_no_write") or event.is_directory:
                     return
                 for path in (event.src_path, getattr(event, "dest_path", "")):
@@ -140,7 +144,7 @@ class Watcher:
                         watcher.on_change(event.event_type, path)
                         return
 
-        observer: Any
+        observer: BaseObserver
         if self.polling:
             from watchdog.observers.polling import PollingObserver
             observer = PollingObserver(timeout=self.s.poll or 5.0)
@@ -167,7 +171,7 @@ class Watcher:
         self.observer = None
 
 
-def _halt(observer: Any) -> None:
+def _halt(observer: BaseObserver | None) -> None:
     """Stop a watchdog observer and wait for its thread (a broken one is let go)."""
     if observer is None:
         return
