@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import socket
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..checker import check
+from ..serving.loop import every, one_line_errors, stop_on_signals
 from .protocol import Answer, Conversation, Reply, Settings
 from ..serving.cdbfile import CdbCache
 from ..declare import setting
@@ -262,6 +262,7 @@ def metrics_collector(server: Server) -> Any:
 async def serve(opts: Options, socks: list[socket.socket],
                 httpd: http.server.ThreadingHTTPServer | None = None) -> None:
     loop = asyncio.get_running_loop()
+    one_line_errors(loop, log)
     lookup = Lookup(opts.cdb, opts.qmail_dir)
     server = Server(opts, lookup)
     if httpd is not None:
@@ -282,16 +283,12 @@ async def serve(opts: Options, socks: list[socket.socket],
                                  f"{opts.request_timeout:g}s of its first byte; closing")
                 c.transport.abort()
         server.logs.flush()
-        loop.call_later(SWEEP, sweep)
-    loop.call_later(SWEEP, sweep)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    every(loop, SWEEP, sweep)
 
     def hup() -> None:
         lookup.reload()
         log("SIGHUP: re-reading rcpthosts and the cdb")
-    loop.add_signal_handler(signal.SIGHUP, hup)
+    stop = stop_on_signals(loop, hup)
     for s in socks:
         name = s.getsockname()
         log("listening on " + (name if isinstance(name, str) else f"{name[0]}:{name[1]}"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import time
 from collections.abc import Coroutine
@@ -24,6 +23,7 @@ from ..serving.metrics import Metrics
 from .options import Options
 from ..smtp.context import Controls
 from .queue import AsyncQueue
+from ..serving.loop import every, one_line_errors, stop_on_signals
 
 
 SWEEP = 0.5                 # seconds between checks of the sessions' read deadlines
@@ -137,20 +137,7 @@ class Worker:
 async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Metrics) -> None:
     loop = asyncio.get_running_loop()
     worker = Worker(opts, limits, metrics)
-    warned = [0.0]
-
-    def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        # one line, never a traceback
-        msg = context.get("message", "")
-        exc = context.get("exception")
-        if "out of system resource" in msg:
-            now = time.monotonic()
-            if now - warned[0] > 60:
-                warned[0] = now
-                log(f"accept: {exc}; pausing accepts for a second (sessions go on)")
-            return
-        log(f"{msg}: {type(exc).__name__ if exc else ''} {exc or ''}".strip())
-    loop.set_exception_handler(on_error)
+    one_line_errors(loop, log)
     server = await loop.create_server(lambda: SmtpProtocol(worker), sock=sock)
 
     def sweep() -> None:                        # read deadlines, checked twice a second
@@ -158,8 +145,7 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Met
         for p in list(worker.sessions):
             if p.session is not None and p.session.deadline <= now:
                 p.on_timeout()
-        loop.call_later(SWEEP, sweep)
-    loop.call_later(SWEEP, sweep)
+    every(loop, SWEEP, sweep)
     if worker.rules is not None:
         try:
             worker.rules_current()
@@ -167,10 +153,7 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Met
             log(f"{worker.rules_error(err)}; every connection is dropped until it is fixed")
     addr = sock.getsockname()
     log(f"listening on {addr[0]}:{addr[1]}")
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, worker.reload)
+    stop = stop_on_signals(loop, worker.reload)
     await stop.wait()
     server.close()                              # no new connections
     worker.stopping = True
