@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need
+from helpers.tools import CI, need
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def test_quick_benchmark_prints_every_row_and_writes_results(tmp_path: Path):
                  "ldapadd", "ldapsearch", "sshd", "ssh", "ssh-keygen", "rsync"):
         need(tool)
     if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
+        if CI:
             pytest.fail("the benchmark's ssh rows start sshd: run the tests as root under CI")
         pytest.skip("the benchmark's ssh rows start sshd, which needs root: run as root")
     out = tmp_path / "RESULTS.md"
