@@ -224,6 +224,26 @@ def test_splice_matches_sorting_the_set(keys, added, cut):
     assert splice(keys, added, removed) == sorted((set(keys) - set(removed)) | set(added))
 
 
+def test_named_rows_are_bounded_per_domain(tmp_path: Path):
+    """What a database build asks again: the named addresses, or past MAX_ROWS waiting
+    (a FIFO flood) the whole domain, once."""
+    from updater.buildevents import Targeted
+    from updater.daemon import MAX_ROWS, Daemon
+    t = make_tree(tmp_path)
+    d = Daemon(settings_for(t, tmp_path / "live.cdb"), lambda line: None)
+    d.note_rows(Targeted("add_user", frozenset({"x.example"}), True,
+                         frozenset({"ann@x.example", "bob@y.example"})))
+    assert d.rows == {"x.example": {"ann@x.example"}}
+    for i in range(MAX_ROWS):
+        d.note_rows(Targeted("add_user", frozenset({"x.example"}), True,
+                             frozenset({f"u{i}@x.example"})))
+    assert d.rows["x.example"] is None
+    d.note_rows(Targeted("add_domain", frozenset({"z.example"}), True))
+    d.note_rows(Targeted("add_user", frozenset({"z.example"}), True,
+                         frozenset({"ann@z.example"})))
+    assert d.rows["z.example"] is None                     # a whole-domain read stays
+
+
 def test_onchange_requests_that_name_a_domain():
     from updater.onchange import onchange_target
 
@@ -231,6 +251,14 @@ def test_onchange_requests_that_name_a_domain():
         got = onchange_target(line)
         return None if got is None else (set(got[0]), got[1])
     assert target("add_user joe@Example.COM") == ({"example.com"}, True)
+    # the address a database source asks again (a domain command names none; an odd
+    # local part reads the whole domain)
+    assert onchange_target("add_user joe@Example.COM")[2] == {"joe@example.com"}
+    assert onchange_target("valias_insert sales@d1.example - alice@d1.example")[2] == \
+        {"sales@d1.example"}
+    assert onchange_target("add_domain d1.example")[2] == frozenset()
+    assert onchange_target("add_user " + "a" * 65 + "@d1.example")[2] == frozenset()
+    assert onchange_target("del_user jo/e@d1.example")[2] == frozenset()
     assert target("mod_user joe@example.com") == ({"example.com"}, True)
     assert target("valias_insert sales@example.com") == ({"example.com"}, True)
     assert target("add_user joe@example.com after") == ({"example.com"}, True)

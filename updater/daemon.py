@@ -44,6 +44,7 @@ from .textsafe import printable
 from .watch import Watcher
 
 MAX_FIFO_LINES = 1000         # lines of one FIFO read looked at (the rest: dropped)
+MAX_ROWS = 64                 # addresses asked again per domain; more: the whole domain
 
 
 class Daemon:
@@ -324,11 +325,14 @@ class Daemon:
 
     def note_rows(self, event: Targeted) -> None:
         """What the next build of these domains must read again from a database: the
-        addresses the request names, or (none named) the whole domain."""
+        addresses the request names, or (none named, or more than MAX_ROWS waiting: a
+        FIFO writer's flood costs one read of the domain, not a query per line) the
+        whole domain."""
         for d in event.domains:
             mine = {a for a in event.addresses if a.endswith("@" + d)}
             had = self.rows.get(d, frozenset())
-            self.rows[d] = None if not mine or had is None else had | mine
+            both = None if not mine or had is None else had | mine
+            self.rows[d] = both if both is not None and len(both) <= MAX_ROWS else None
 
     def step(self) -> None:
         """Wait for the next event or deadline, and handle it."""
