@@ -18,7 +18,14 @@ WALL = 1_700_000_000.0            # the epoch time at monotonic 0 of these tests
 
 
 def make(**timing: float) -> Scheduler:
-    return Scheduler(Timing(**timing))
+    return Scheduler(timing_with(**timing))
+
+
+def timing_with(**changes: float) -> Timing:
+    """The shipped defaults (config.Settings) with some rules changed."""
+    import dataclasses
+    from updater.config import Settings
+    return dataclasses.replace(Timing.of(Settings()), **changes)
 
 
 def at(s: Scheduler, now: float, event) -> list:
@@ -220,8 +227,8 @@ def test_every_request_is_built_in_bounded_time(evs, took):
     builds every request's domain (or everything) no later than the longest wait its
     rules allow, and never starts an incremental build inside the floor after one."""
     WORST[0] = 0.0
-    t = Timing(quiet=2, max_delay=30, floor=30, fast_quiet=0.05, fast_max_delay=1,
-               fast_floor=0.5, interval=0)
+    t = timing_with(quiet=2, max_delay=30, floor=30, fast_quiet=0.05, fast_max_delay=1,
+                    fast_floor=0.5, interval=0)
     s = Scheduler(t)
     first_build(s, 0, took)
     now = took
@@ -309,4 +316,4 @@ def test_directory_polls_start_after_a_full_build_and_back_off_on_failure():
     at(s, 600.5, Tick())
     s.poll.due = 601.5
     assert PollDirectory(True) in at(s, 601.5, Tick())
-    assert make().poll.due is None and Timing().directory_poll == 0   # off by default
+    assert make().poll.due is None and timing_with().directory_poll == 0  # no LDAP: off

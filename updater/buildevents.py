@@ -155,18 +155,19 @@ Action = (Build | CheckFiles | CheckLive | PollDirectory | WriteStatus | Log | P
 
 @dataclass(frozen=True)
 class Timing:
-    """The settings the rules use (``config.Settings`` gives them: ``Timing.of``)."""
-    quiet: float = 2.0
-    max_delay: float = 30.0
-    floor: float = 30.0
-    fast_quiet: float = 0.05
-    fast_max_delay: float = 1.0
-    fast_floor: float = 0.5
-    interval: float = 3600.0
-    retry_min: float = 10.0
-    retry_max: float = 600.0
-    directory_poll: float = 0.0          # LDAP / AD: seconds between polls (0: none)
-    directory_full: float = 600.0        # ... and between full reads (deletions)
+    """The settings the rules use, under the rules' names (``Timing.of`` takes them from
+    ``config.Settings``, where they and their defaults are declared)."""
+    quiet: float
+    max_delay: float
+    floor: float                         # UPDATER_MIN_INTERVAL: the FIFO floor
+    fast_quiet: float
+    fast_max_delay: float
+    fast_floor: float                    # UPDATER_TARGET_INTERVAL
+    interval: float
+    retry_min: float
+    retry_max: float
+    directory_poll: float                # LDAP / AD: seconds between polls (0: none)
+    directory_full: float                # ... and between full reads (deletions)
 
     @classmethod
     def of(cls, s: Any) -> Timing:
