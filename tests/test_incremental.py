@@ -177,22 +177,39 @@ def test_a_named_change_in_a_shared_directory_redoes_the_alias_domain(tmp_path: 
     assert report.added == [b"new@a0.example", b"new@v0.example"]
 
 
-def test_incremental_builds_pass_the_same_gate(tmp_path: Path):
-    """A domain whose vpasswd is emptied loses all its mailboxes: refused, as a full
-    build refuses it; the live file and the snapshot stay as they were."""
+def test_incremental_builds_hold_what_a_full_build_holds(tmp_path: Path):
+    """A domain whose vpasswd is emptied, one whose vpasswd is broken, and a new mailbox
+    in a third: the incremental build holds the first two (their live entries kept; the
+    alias domain of the broken one with it) and
+    installs the third, byte for byte as a full build of the same tree over the same
+    live list; the holds clear by themselves once the files are whole again."""
     from updater import incremental
-    from updater.errors import InstallRefused
     t = make_tree(tmp_path / "t")
-    live = tmp_path / "live.cdb"
+    live, copy = tmp_path / "live.cdb", tmp_path / "copy.cdb"
     s = settings_for(t, live)
     _, snap, _ = incremental.full(s)
-    before = live.read_bytes()
-    (t.vpop / "domains" / VPOP[1] / "vpasswd").write_text("")
-    with pytest.raises(InstallRefused, match="v1.example"):
-        incremental.build(s, snap, {VPOP[1]})
-    assert live.read_bytes() == before
-    with pytest.raises(InstallRefused, match="v1.example"):
-        incremental.full(s)                   # the full build says the same
+    before = keys_of(live)
+    shutil.copy(live, copy)
+    shutil.copy(str(live) + ".sources", str(copy) + ".sources")
+    domains = t.vpop / "domains"
+    replace(domains / VPOP[1] / "vpasswd", "")
+    good = (domains / VPOP[0] / "vpasswd").read_text()
+    replace(domains / VPOP[0] / "vpasswd", good + "no fields here\n")
+    vp = domains / VPOP[2] / "vpasswd"
+    replace(vp, vp.read_text() + f"zed:x:1:0::{vp.parent}/zed:NOQUOTA\n")
+    report, snap, _, _ = incremental.build(s, snap, set(VPOP))
+    assert sorted(report.held) == [ALIAS, VPOP[0], VPOP[1]]      # the alias shares v0's
+    assert report.held[VPOP[0]].failed and not report.held[VPOP[1]].failed
+    assert keys_of(live) == before | {f"zed@{VPOP[2]}"}
+    full_report, _, _ = incremental.full(settings_for(t, copy))
+    assert sorted(full_report.held) == [ALIAS, VPOP[0], VPOP[1]]
+    assert live.read_bytes() == copy.read_bytes()
+    replace(domains / VPOP[0] / "vpasswd", good)
+    replace(domains / VPOP[1] / "vpasswd", f"ann:x:1:0::{domains / VPOP[1]}/ann:NOQUOTA\n"
+            f"bob:x:1:0::{domains / VPOP[1]}/bob:NOQUOTA\n")
+    report, snap, _, _ = incremental.build(s, snap, {VPOP[0], VPOP[1]})
+    assert report.held == {} and snap.held == {}
+    assert keys_of(live) == before | {f"zed@{VPOP[2]}"}
 
 
 def test_someone_else_replacing_the_live_cdb_means_a_full_build(tmp_path: Path):

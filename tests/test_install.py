@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from helpers.tools import need, script
 
 from helpers.tree import Tree
-from updater.gate import gate
+from updater.gate import DomainChange, Peak, judge_domain
 
 
 def local_tree(tree: Tree, users: int) -> None:
@@ -110,7 +110,10 @@ def test_diff_shows_a_key_whose_value_changed(tree: Tree):
     assert tree.run("check", "user0000001@big.example").returncode == 0
 
 
-def test_sanity_gate_refuses_empty_and_big_shrink(tree: Tree):
+def test_sanity_gate_holds_a_big_shrink_and_refuses_an_empty_list(tree: Tree):
+    """Half of a domain's mailboxes gone with no onchange line naming them: that domain
+    keeps its last good entries (exit 1, one line naming it), and ``accept`` takes the
+    new list; an empty list is refused whole."""
     local_tree(tree, 100)
     assert tree.run("build").returncode == 0
     good = tree.cdb.read_bytes()
@@ -118,90 +121,114 @@ def test_sanity_gate_refuses_empty_and_big_shrink(tree: Tree):
     set_users(d, 50)
     done = tree.run("build")
     assert done.returncode == 1
-    assert done.stderr.strip() == (
-        f"qmail-updater: {tree.cdb}: refusing to install: the list shrinks by 50.0% "
-        "(it refuses 50 of the 100 entries it accepted), more than the 20% allowed "
-        "(--max-shrink; --force installs it anyway)")
+    assert done.stderr.strip().splitlines()[-1] == (
+        "qmail-updater: held big.example (the gate doubts its new list, last good entries "
+        "kept): big.example would refuse 50 of the 100 addresses it accepted, more than the "
+        "20% allowed (--max-shrink)")
     assert tree.cdb.read_bytes() == good
     assert tree.run("build", "--max-shrink", "60").returncode == 0       # a looser gate
     set_users(d, 100)
     tree.run("build")
     assert tree.run("build", UPDATER_MAX_SHRINK="60").returncode == 0
+    set_users(d, 50)
+    done = tree.run("accept", "big.example")
+    assert done.returncode == 0, done.stderr
+    assert "accepted big.example" in done.stderr and "50 entries, +0 -50" in done.stderr
+    assert tree.run("build").returncode == 0          # the accepted list is the reference
     set_users(d, 0)
     done = tree.run("build")
     assert done.returncode == 1 and "refusing to install an empty list" in done.stderr
-    assert tree.cdb.read_bytes() == good
     done = tree.run("build", "--force")
-    assert done.returncode == 0 and "0 entries, +0 -100" in done.stderr
+    assert done.returncode == 0 and "0 entries, +0 -50" in done.stderr
 
 
-def test_gate_rule():
-    assert gate(0, None, 20, False) is not None
-    assert gate(0, 5, 20, True) is None
-    assert gate(80, 100, 20, False) is None
-    assert gate(79, 100, 20, False) is not None
-    assert gate(1, 100, 0, False) is None           # 0 = no shrink limit
-    assert gate(5, None, 20, False) is None
+def test_the_per_domain_rule():
+    def judge(old, new, lost, named=(), peak=None, now=1000.0, **kw):
+        change = DomainChange(old, new, [b"x%d@d" % i for i in range(lost)], **kw)
+        return judge_domain("d", change, frozenset(named), peak, now, 20.0)
+    assert judge(100, 80, 20) == (None, Peak(100, 20, 1000.0))   # 20 %: allowed
+    why, peak = judge(100, 79, 21)
+    assert why.startswith("d would refuse 21 of the 100 addresses") and \
+        peak == Peak(100, 0, 1000.0)
+    assert judge(100, 79, 21, named=[b"x%d" % i for i in range(21)])[0] is None   # named
+    assert judge(3, 2, 1)[0] is None                # one address is never a shrink
+    assert judge(3, 0, 3)[0].startswith("d had 3 entries and now has none")
+    assert judge(1, 0, 1, named=[b"x0"])[0] is None  # the last one, named by its line
+    # a stream of small cuts measures against the largest list of the last hour
+    assert judge(85, 72, 13, peak=Peak(100, 15, 500.0))[0] == (
+        "d would refuse 28 of the 100 addresses it accepted within 1 h, more than the 20% "
+        "allowed (--max-shrink)")
+    assert judge(85, 72, 13, peak=Peak(100, 15, 500.0 - 3600))[0] is None   # an hour on
+    assert judge(100, 1, 0)[0] is None              # a catch-all that took over: no loss
+    # a domain gone from the control files is intended; gone from rcpthosts alone is not
+    assert judge(5, 0, 5, served=False) == (None, None)
+    assert "no longer in rcpthosts but still in" in judge(5, 0, 5, served=False,
+                                                          configured=True)[0]
+    # a source that gave nothing where it gave some, remembered while not consulted
+    why, _ = judge(10, 9, 1, sources_old={"users": 303}, sources_new={"users": 0})
+    assert why == "d: its vpopmail users are gone (303 last time, none now); did a source " \
+        "return nothing?"
+    assert judge(10, 9, 1, sources_old={"users": 303}, sources_new={})[0] is None
 
 
-def test_emptied_domain_rule():
-    from updater.gate import emptied
-    old = {b"a@x", b"b@x", b"c@y", b"@z"}
-
-    def check(new, domains):
-        return emptied(sorted(old - new), new, frozenset(domains))
-    assert check({b"a@x", b"c@y", b"@z"}, [b"x", b"y", b"z"]) is None
-    why = check({b"c@y", b"@z"}, [b"x", b"y", b"z"])
-    assert why.startswith("refusing to install: x had 2 entries and now has none;")
-    assert check({b"c@y", b"@z"}, [b"y", b"z"]) is None                # x left rcpthosts
-    assert check({b"a@x", b"c@y"}, [b"x", b"y", b"z"]).startswith(
-        "refusing to install: z had 1 entries")
-    assert check({b"c@y"}, [b"x", b"y", b"z"]).endswith(
-        "and now has none (and 1 more domains); did a source return nothing? "
-        "(--force installs it anyway)")
+def test_carried_source_counts():
+    from updater.gate import carried
+    assert carried({"users": 303, "valias": 2}, {"valias": 3}) == {"users": 303, "valias": 3}
+    assert carried(None, {"ldap": 1}) == {"ldap": 1}
 
 
-def test_a_domain_whose_vpopmail_users_vanished_is_refused(tree: Tree):
-    """An emptied vpasswd: 3 users of small.example gone, its .qmail alias stays and the
-    whole list shrinks by 6 %: the shrink and emptied-domain rules pass it, the
-    per-source memory (CDB.sources) does not."""
+def test_a_domain_whose_vpopmail_users_vanished_is_held(tree: Tree):
+    """An emptied vpasswd: the 3 users of small.example gone, its .qmail alias stays:
+    the per-source memory (CDB.sources) holds small.example; big.example's new mailbox
+    installs meanwhile."""
     tree.control("rcpthosts", "big.example\nsmall.example\n")
     tree.control("virtualdomains", "big.example:big.example\nsmall.example:small.example\n")
-    set_users(tree.vpop_domain("big.example"), 46)
+    big = tree.vpop_domain("big.example")
+    set_users(big, 46)
     small = tree.vpop_domain("small.example", users=("ann", "bob", "cy"), files=(".qmail-info",))
     assert tree.run("build").returncode == 0
-    good = tree.cdb.read_bytes()
     (small / "vpasswd").write_text("")
+    set_users(big, 47)
     done = tree.run("build")
     assert done.returncode == 1, done.stderr
-    assert "refusing to install: the vpopmail users of small.example are gone (3 last " \
-        "time, none now); did a source return nothing? (--force installs it anyway)" in done.stderr
-    assert tree.cdb.read_bytes() == good
+    assert "held small.example (the gate doubts its new list, last good entries kept): " \
+        "small.example: its vpopmail users are gone (3 last time, none now); did a source " \
+        "return nothing?" in done.stderr
+    assert tree.run("check", "ann@small.example", "user0000046@big.example").returncode == 0
     done = tree.run("build", "--force")
     assert done.returncode == 0 and "+0 -3" in done.stderr
     assert tree.run("build").returncode == 0          # the new state is remembered
     (small / "vpasswd").write_text("dan:x:1:0::/d/dan:NOQUOTA\n")     # users again: fine
     assert tree.run("build").returncode == 0
     (small / "vpasswd").write_text("")               # the last user really deleted...
-    assert tree.run("build").returncode == 1         # ...needs --force, as documented
+    assert tree.run("build").returncode == 1         # ...needs accept, as documented
+    assert tree.run("accept", "small.example").returncode == 0
     tree.control("rcpthosts", "big.example\n")       # or the domain leaving rcpthosts
     tree.control("virtualdomains", "big.example:big.example\n")
     assert tree.run("build").returncode == 0
 
 
-def test_vanished_source_rule():
-    from updater.gate import vanished
-    old = {"x": {"users": 3, "valias": 0}, "y": {"ldap": 5}}
-    assert vanished(old, {"x": {"users": 1}, "y": {"ldap": 5}}, frozenset([b"x", b"y"])) is None
-    assert "vpopmail users of x are gone (3 last time" in vanished(
-        old, {"x": {"valias": 2, "users": 0}, "y": {"ldap": 5}}, frozenset([b"x", b"y"]))
-    assert "LDAP addresses of y are gone" in vanished(old, {"x": {"users": 3},
-                                                            "y": {"ldap": 0}},
-                                                      frozenset([b"x", b"y"]))
-    # a source not consulted this time (the domain became a catch-all) is no loss
-    assert vanished(old, {"x": {"valias": 2}, "y": {"ldap": 5}}, frozenset([b"x", b"y"])) is None
-    assert vanished(old, {"x": {"users": 3}}, frozenset([b"x", b"y"])) is None
-    assert vanished(old, {"x": {"users": 3}}, frozenset([b"x"])) is None     # y left
+def test_a_domain_whose_vpasswd_is_broken_is_held_and_the_others_go_on(tree: Tree):
+    """A vpasswd line broken by hand in one domain: that domain keeps its last good
+    entries (its mail is never refused), a new mailbox in another domain installs, and
+    the hold clears by itself once the file is mended."""
+    tree.control("rcpthosts", "big.example\nsmall.example\n")
+    tree.control("virtualdomains", "big.example:big.example\nsmall.example:small.example\n")
+    big = tree.vpop_domain("big.example")
+    set_users(big, 5)
+    small = tree.vpop_domain("small.example", users=("ann", "bob"))
+    assert tree.run("build").returncode == 0
+    good = (small / "vpasswd").read_text()
+    (small / "vpasswd").write_text(good + "broken line without fields\n")
+    set_users(big, 6)
+    done = tree.run("build")
+    assert done.returncode == 1
+    assert f"held small.example (its source fails, last good entries kept): {small}/vpasswd:3:" \
+        in done.stderr
+    assert tree.run("check", "ann@small.example", "user0000005@big.example").returncode == 0
+    (small / "vpasswd").write_text(good)
+    done = tree.run("build")
+    assert done.returncode == 0 and "held" not in done.stderr
 
 
 def test_unwritable_target_keeps_old_and_leaves_no_temp(tree: Tree):

@@ -52,6 +52,7 @@ class BuildOutcome:
     error: str | None = None
     redone: frozenset[str] | None = None
     lines: tuple[str, ...] = ()
+    space: bool = False                   # failed for want of disk space (ENOSPC)
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,9 @@ def out(lines: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------- commands
 
-def _build_result(settings: config.Settings) -> Result:
+def _build_result(settings: config.Settings, partial: bool = False) -> Result:
     from .generate import generate
-    result = generate(settings)
+    result = generate(settings, partial=partial)
     for w in result.warnings:
         log(f"warning: {w}")
     return result
@@ -75,16 +75,34 @@ def write_list(result: Result, fmt: str = "plain", origins: bool = False) -> Non
 
 
 def cmd_build(args: argparse.Namespace, settings: config.Settings) -> int:
+    """``build`` and ``accept DOMAIN...`` (the same build, the gate told that an admin
+    takes those domains' lists as they are now).  A domain held (its source failed, or
+    the gate doubts it) keeps its last good entries: one line each, exit 1."""
     from .install import install_result
-    result = _build_result(settings)
-    report = install_result(result, settings.cdb, settings, settings.force)
+    from .verdict import Intent
+    from .qmail import ENCODING as ENC, ERRORS as ERR, lower_ascii
+    accept = [lower_ascii(d.strip()) for d in getattr(args, "domain", None) or []]
+    result = _build_result(settings, partial=True)
+    intent = Intent(accepted=frozenset(d.encode(ENC, ERR) for d in accept))
+    report = install_result(result, settings.cdb, settings, settings.force, intent=intent)
     log(report.line())
+    for domain, held in sorted(report.held.items()):
+        log(held.line(domain))
     if args.diff:
         out(report.diff_lines())
+    code = EXIT_FAIL if report.held else EXIT_OK
+    for domain in accept:
+        if domain in report.held:
+            log(f"{domain}: not accepted: its source fails; mend it and it clears by itself")
+        elif domain.encode(ENC, ERR) not in result.domains:
+            log(f"{domain}: not a domain this server lists (not in rcpthosts)")
+            code = EXIT_FAIL
+        else:
+            log(f"accepted {domain}: its list now is the one it is judged against")
     if settings.publish and report.status == "installed":
         from .publish import publish_once
-        return publish_once(settings, settings.cdb, log)
-    return EXIT_OK
+        return publish_once(settings, settings.cdb, log) or code
+    return code
 
 
 def cmd_publish(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -152,6 +170,14 @@ def parser() -> argparse.ArgumentParser:
                    "changed (~) keys")
     b.set_defaults(func=cmd_build)
 
+    a = sub.add_parser("accept", help="install the list with these held domains' losses "
+                       "accepted as they are now")
+    config.add_arguments(a, ("generate", "directory", "install", "publish"))
+    a.add_argument("--diff", action="store_true", help="print added (+), removed (-) and "
+                   "changed (~) keys")
+    a.add_argument("domain", nargs="+", help="a domain the gate holds (see status)")
+    a.set_defaults(func=cmd_build)
+
     c = sub.add_parser("check", help="look addresses up as qmail-smtpd would")
     c.add_argument("--cdb", help="the cdb (default $VALIDRCPTTO_CDB, else "
                    "QMAIL_DIR/control/validrcptto.cdb)")
@@ -199,6 +225,9 @@ def add_service_commands(sub: Any) -> None:
     st = sub.add_parser("status", help="what the daemon's last build did")
     st.add_argument("--status", help="the status file [$UPDATER_STATUS]")
     st.add_argument("--qmail-dir", dest="qmail_dir", help="qmail's home [$QMAIL_DIR]")
+    st.add_argument("--service", help="the daemon's service directory (its env/ is read); "
+                    "default: a running daemon's own environment, else "
+                    "$SERVICE/qmail-updater, /etc/service/qmail-updater, ...")
     st.add_argument("--json", action="store_true", help="print the status file as it is")
     st.set_defaults(func=cmd_status)
 
@@ -227,78 +256,30 @@ def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
+    """What the daemon's last build did, and everything that makes it untrue (exit 1)."""
     import json
 
-    from .lock import daemon_holder
-    from .status import describe, read_status
+    from .status import checks, describe, read_status, status_settings
+    settings, where = status_settings(args, settings)
     st = read_status(settings.status)
-    running = daemon_holder((settings.cdb or "") + ".daemon")
+    running, problems = checks(settings, st, where)
     if st is None:
         log(f"{settings.status}: no status yet (" + (
             f"qmail-updater run is running: {running})" if running else
             "is qmail-updater run running?)"))
-        return EXIT_FAIL
-    st["running"] = running
-    out([json.dumps(st, indent=1, sort_keys=True)] if args.json else describe(st))
-    return EXIT_FAIL if st.get("result") == "failed" else EXIT_OK
-
-
-def trigger(argv: Sequence[str]) -> int:
-    """``trigger [--fifo PATH] [--qmail-dir DIR] [REASON...]`` without importing argparse:
-    it must return to vpopmail (or any caller) within 100 ms, daemon or not."""
-    fifo = os.environ.get("UPDATER_FIFO") or ""
-    qmail_dir = os.environ.get("QMAIL_DIR") or "/var/qmail"
-    words: list[str] = []
-    args = list(argv)
-    while args:
-        a = args.pop(0)
-        if a in ("--fifo", "--qmail-dir") and args:
-            if a == "--fifo":
-                fifo = args.pop(0)
-            else:
-                qmail_dir = args.pop(0)
-        elif a.startswith("--fifo="):
-            fifo = a.split("=", 1)[1]
-        elif a.startswith("--qmail-dir="):
-            qmail_dir = a.split("=", 1)[1]
-        elif a in ("-h", "--help"):
-            sys.stdout.write(TRIGGER_HELP)
-            return EXIT_OK
-        elif a == "--version":
-            sys.stdout.write(f"qmail-updater {__version__}\n")
-            return EXIT_OK
-        else:
-            words.append(a)
-    from .fifo import send
-    status, warning = send(fifo or os.path.join(qmail_dir, "control", "validrcptto.trigger"),
-                           " ".join(words))
-    if warning:
-        log(f"warning: {warning}")
-    return status
-
-
-TRIGGER_HELP = """usage: qmail-updater trigger [--fifo PATH] [--qmail-dir DIR] [REASON...]
-
-Ask the daemon for a build: one line (REASON, default "trigger") written to its trigger
-FIFO with a non-blocking open.  It never waits, daemon or not.
-
-options:
-  --fifo PATH      the trigger FIFO (default: $UPDATER_FIFO, else
-                   QMAIL_DIR/control/validrcptto.trigger)
-  --qmail-dir DIR  qmail's home (default: $QMAIL_DIR, else /var/qmail)
-  -h, --help       show this help and exit
-  --version        show the version and exit
-
-exit status: 0 written; 3 no daemon is reading the FIFO; 4 the FIFO does not exist;
-5 permission denied (not in the FIFO's group); 6 the path is not a FIFO, or another
-error.
-"""
+    else:
+        st["running"] = running
+        out([json.dumps(st, indent=1, sort_keys=True)] if args.json else describe(st))
+    for line in problems:
+        log(line)
+    return EXIT_FAIL if st is None or st.get("result") == "failed" or problems else EXIT_OK
 
 
 def run(argv: Sequence[str] | None, prog: str = PROG) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["trigger"]:
-        return trigger(argv[1:])
+        from .trigger import trigger
+        return trigger(argv[1:], log)
     from . import config
     from .errors import ConfigError, UpdaterError
     try:

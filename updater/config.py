@@ -147,7 +147,8 @@ class Settings:
         "(default QMAIL_DIR/control/validrcptto.cdb)")
     max_shrink: float = setting(
         20.0, env="UPDATER_MAX_SHRINK", group="install",
-        help="refuse a list that shrinks by more than this percentage (0 = no limit)")
+        help="hold a domain whose new list refuses more than this percentage of the "
+        "addresses it accepted within the hour (0 = no limit)")
     lock_timeout: float = setting(
         60.0, env="UPDATER_LOCK_TIMEOUT", group="install",
         help="seconds to wait for another build's lock before giving up")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from errno import ENOSPC
 import queue
 import signal
 import threading
@@ -28,14 +29,17 @@ from .buildevents import (Action, Build, BuildDone, BuildOutcome, CheckFiles, Ch
                           PollDirectory, Publish, Requested, Rewatch, StatusNews, Stop,
                           Targeted, Tick, Timing, WriteStatus)
 from .config import Settings
-from .errors import UpdaterError
+from .errors import InstallError, UpdaterError
+from .qmail import ENCODING, ERRORS
 from .fifo import Reader
 from .generate import generate
 from .incremental import Snapshot
 from .sources.mysql import Rows
 from .inputs import Inputs
 from .ident import Ident, identity
-from .install import LiveChanged, Report, install_result, sources_path
+from .install import LiveChanged, Report, install_result
+from .liverecord import sources_path
+from .verdict import Intent
 from .onchange import onchange_target
 from .publish import Publisher
 from .targets import parse_targets
@@ -62,6 +66,9 @@ class Daemon:
         self.record: Inputs | None = None       # what the last full build read
         self.fresh = False                      # ... made by the build just done
         self.rows: Rows = {}                    # per domain, the addresses requests named
+        # ... and for the gate: whose removal is intended (None: too many to name)
+        self.named: dict[str, frozenset[str] | None] = {}
+        self.needs = 0                          # bytes a build needs after ENOSPC
         self.stop_event = threading.Event()
         self.publisher: Publisher | None = None
         cdb = settings.cdb or ""
@@ -128,50 +135,95 @@ class Daemon:
         return dataclasses.replace(event, domains=frozenset(snap.inputs.domains_of(path)))
 
     # ---- builds
+    def intent(self) -> Intent:
+        """What the next build's gate is told: the addresses onchange lines named."""
+        return Intent(named={d.encode(ENCODING, ERRORS): frozenset(
+            a.rpartition("@")[0].encode(ENCODING, ERRORS) for a in names)
+            for d, names in self.named.items() if names is not None})
+
     def run_build(self, domains: frozenset[str] | None,
                   lines: list[str]) -> tuple[Report, frozenset[str] | None]:
         """The build itself: incremental when ``domains`` is given and there is a
-        snapshot to start from, else full.  Returns (report, domains redone or None)."""
+        snapshot to start from, else full.  Returns (report, domains redone or None).
+        A failed full build keeps the snapshot: incremental builds go on from it."""
         if domains is not None and self.snapshot is not None:
             rows = {d: self.rows.pop(d) for d in domains if d in self.rows}
             try:
                 report, snap, warnings, redone = incremental.build(
-                    self.s, self.snapshot, set(domains), self.stop_event, self.s.force, rows)
+                    self.s, self.snapshot, set(domains), self.stop_event, self.s.force, rows,
+                    self.intent())
             except (incremental.NeedFull, LiveChanged) as why:
                 lines.append(f"incremental build not possible ({why}): full build")
+                for d, kept in rows.items():      # asked again by the full build below
+                    self.rows.setdefault(d, kept)
             else:
                 lines[:0] = [f"warning: {w}" for w in warnings]
                 self.snapshot = snap
+                for d in redone:
+                    self.named.pop(d, None)
                 return report, frozenset(redone)
         if not self.s.incremental:
             record = Inputs()
-            result = generate(self.s, tracer=record)
+            result = generate(self.s, tracer=record, partial=True)
             self.record, self.fresh = record, True
             lines[:0] = [f"warning: {w}" for w in result.warnings]
-            return install_result(result, self.s.cdb or "", self.s, self.s.force,
-                                  stop=self.stop_event), None
-        self.snapshot = None            # never two lists in memory at once
-        self.rows.clear()               # a full build reads everything again
-        report, full_snap, warnings = incremental.full(self.s, self.stop_event, self.s.force)
+            report = install_result(result, self.s.cdb or "", self.s, self.s.force,
+                                    stop=self.stop_event, intent=self.intent())
+            self.named.clear()
+            return report, None
+        report, full_snap, warnings = incremental.full(self.s, self.stop_event, self.s.force,
+                                                       self.intent())
         lines[:0] = [f"warning: {w}" for w in warnings]
+        if full_snap.ldap is not None and not full_snap.ldap.complete and \
+                self.snapshot is not None and self.snapshot.ldap is not None:
+            full_snap.ldap = self.snapshot.ldap   # the directory failed: keep what it gave
         self.snapshot, self.record, self.fresh = full_snap, full_snap.inputs, True
+        self.rows.clear()                       # a full build read everything again
+        self.named.clear()
         return report, None
 
     def build(self, domains: frozenset[str] | None) -> BuildOutcome:
         wall, started = time.time(), time.monotonic()
         lines: list[str] = []
         try:
+            full_disk = self.still_full()
+            if full_disk:
+                raise InstallError(full_disk, self.s.cdb, errno=ENOSPC)
             report, redone = self.run_build(domains, lines)
         except Exception as err:            # a source error, or a bug: the daemon keeps running
             text = str(err) if isinstance(err, UpdaterError) else \
                 f"internal error: {type(err).__name__}: {err}"
-            outcome = BuildOutcome(started, time.monotonic(), wall, error=text,
-                                   lines=tuple(lines))
+            space = getattr(err, "errno", None) == ENOSPC
+            self.needs = (self.needs or self.cdb_size() * 2 or 1) if space else 0
+            outcome = BuildOutcome(started, time.monotonic(), wall,
+                                   error=text.strip() or type(err).__name__,
+                                   lines=tuple(lines), space=space)
         else:
+            self.needs = 0
             outcome = BuildOutcome(started, time.monotonic(), wall, report, None, redone,
                                    tuple(lines))
         self.live = self.live_files()
         return outcome
+
+    def cdb_size(self) -> int:
+        st = identity(self.s.cdb or "")
+        return st[2] if st is not None else 0
+
+    def still_full(self) -> str | None:
+        """After a build failed for want of space: the reason to fail again at once, as
+        long as the cdb's file system still has less room than it needs (the retries
+        come every second, so a freed disk is used within a second, and a full one
+        costs a statvfs, not a build)."""
+        if not self.needs:
+            return None
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.s.cdb or ".")))
+        except OSError:
+            return None
+        free = st.f_bavail * st.f_frsize
+        if free >= self.needs:
+            return None
+        return f"no space left on the device ({free} bytes free, about {self.needs} needed)"
 
     # ---- the live files
     def live_files(self) -> tuple[Ident | None, Ident | None]:
@@ -193,6 +245,7 @@ class Daemon:
 
     # ---- carrying out the actions
     def write_status(self, record: dict[str, Any]) -> None:
+        record["written"] = time.time()          # ``status`` knows a stale file by it
         if self.publisher is not None:
             record["publish"] = self.publisher.report()
         try:
@@ -290,38 +343,15 @@ class Daemon:
         return 0
 
     def poll_directory(self, full: bool) -> None:
-        """(A thread of its own: a slow directory never holds a build back.)  Ask the
-        directory what changed; the answer goes on the queue, applied by the main
-        thread (``applied``)."""
-        from .sources import ldap
+        """(A thread of its own: a slow directory never holds a build back.)"""
+        from .directorypoll import poll
         snap = self.snapshot
-        try:
-            if full:
-                fresh = ldap.read_all(self.s)
-                updates, mark = fresh.entries, fresh.mark
-            else:
-                mark = snap.ldap.mark if snap is not None and snap.ldap is not None else ""
-                if not mark:                            # no stamp seen: a full read
-                    fresh = ldap.read_all(self.s)
-                    updates, mark, full = fresh.entries, fresh.mark, True
-                else:
-                    updates, mark, _ = ldap.poll(self.s, mark)
-        except UpdaterError as err:
-            self.events.put(DirectoryPolled(frozenset(), str(err), full))
-        except Exception as err:            # a bug: logged, the daemon goes on
-            self.events.put(DirectoryPolled(frozenset(), f"internal error: "
-                                            f"{type(err).__name__}: {err}", full))
-        else:
-            self.events.put(DirectoryPolled(frozenset(), None, full, updates, mark))
+        self.events.put(poll(self.s, snap.ldap if snap is not None else None, full))
 
     def applied(self, event: DirectoryPolled) -> DirectoryPolled:
-        """A poll's answer applied to the kept directory (the domains it changed)."""
-        from .sources.ldap import apply
+        from .directorypoll import applied
         snap = self.snapshot
-        if event.updates is None or snap is None or snap.ldap is None:
-            return event
-        changed = apply(snap.ldap, event.updates, event.mark, whole=event.full)
-        return dataclasses.replace(event, domains=frozenset(changed), updates=None)
+        return applied(snap.ldap if snap is not None else None, event)
 
     def note_rows(self, event: Targeted) -> None:
         """What the next build of these domains must read again from a database: the
@@ -333,6 +363,11 @@ class Daemon:
             had = self.rows.get(d, frozenset())
             both = None if not mine or had is None else had | mine
             self.rows[d] = both if both is not None and len(both) <= MAX_ROWS else None
+            if mine:                             # named for the gate, as many as bounded
+                was = self.named.get(d, frozenset())
+                named = None if was is None else was | mine
+                self.named[d] = named if named is not None and len(named) <= MAX_ROWS \
+                    else None
 
     def step(self) -> None:
         """Wait for the next event or deadline, and handle it."""

@@ -37,4 +37,10 @@ class InstallRefused(UpdaterError):
 
 
 class InstallError(UpdaterError):
-    """Writing or replacing the cdb failed; the live cdb was left alone."""
+    """Writing or replacing the cdb failed; the live cdb was left alone.  ``errno``: the
+    system's error, when there was one (ENOSPC: retried as soon as there is room)."""
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None,
+                 errno: int | None = None):
+        super().__init__(message, path, line)
+        self.errno = errno

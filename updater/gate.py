@@ -1,18 +1,24 @@
-"""The sanity gate: why a new list must not replace the live one (pure).
+"""The sanity gate: which domains of a new list must keep their last good entries (pure).
 
-The gate judges what the list **accepts**, not how many keys it has.  A list that is
-empty, that refuses more than ``--max-shrink`` percent of the addresses the live list
-accepted (not counting the keys local users make with their own ``.qmail`` files), that
-takes every key from a domain we still serve, or that lost what one source gave for a
-domain (a vpasswd emptied, a valias table or LDAP search that returned nothing, where
-the source was consulted both times) is refused; ``--force`` installs it anyway.
+The gate judges what the list **accepts**, per domain, not how many keys the whole list
+has.  A removal someone named is intended: an address an onchange line named, a domain
+the control files no longer serve (gone from rcpthosts / morercpthosts and from locals
+and virtualdomains).  A loss nobody named is judged, for that domain alone: a domain
+whose new keys refuse more than ``--max-shrink`` percent of the addresses it accepted
+(against the largest list it had within the last ``WINDOW`` seconds, so a stream of
+small cuts does not walk past it), that lost every key, or where one source gave nothing
+that gave entries before (a vpasswd emptied, a valias table or an LDAP search returning
+nothing; a source not consulted meanwhile, say behind a catch-all, is remembered) is
+*doubted*.  A doubted domain keeps its last good entries in the new list while every
+other domain's changes install (``install``); ``qmail-updater accept DOMAIN`` (or
+``--force``) takes its new list.  Only an empty list is refused whole.
 
 What a key accepted is asked of both lists with one *probe* address that the key
 decides (``probe``): ``joe@d`` for itself, ``joe-\x01@d`` for ``joe-default@d``,
 ``\x01@d`` for ``@d`` (no key holds a control character).  Only the keys that changed
 are asked (removed, value changed, or added with ``-``), so the cost follows the size
-of the change.  A domain switched to a catch-all loses keys and refuses nothing: never
-refused.
+of the change.  A catch-all narrowed to mailboxes loses keys and refuses nothing that a
+mailbox list names: not a loss while the domain still accepts some address.
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence, Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any
 
 from .checker import check
-from .qmail import ENCODING, ERRORS
 
 Getter = Callable[[bytes], "bytes | None"]
 TAIL = b"\x01"                # a local part no listed name contains
@@ -113,65 +119,93 @@ def accepting_under(keys: Iterable[bytes], rejects: AbstractSet[bytes]
     return under
 
 
-def gate(new_count: int, old_count: int | None, max_shrink: float, force: bool,
-         empty: bool | None = None, users: tuple[int, int] | None = None,
-         refused: int | None = None) -> str | None:
-    """Why a new list must not replace the live one, or None (pure).  The counts are of
-    the keys the admin controls; ``users``: (new, old) keys local users control, left
-    out of the counts; ``empty``: the whole new list is empty; ``refused``: how many of
-    the addresses the old list accepted the new one refuses (``lost``), which is what
-    the shrink limit measures (without it, the fall in the key count)."""
-    if force:
-        return None
-    if (new_count == 0) if empty is None else empty:
-        return "refusing to install an empty list (--force installs it anyway)"
-    if old_count and max_shrink > 0:
-        gone = old_count - new_count if refused is None else refused
-        shrink = gone * 100.0 / old_count
-        if shrink > max_shrink:
-            mine = f", not counting {users[1]} -> {users[0]} keys of local users' own " \
-                ".qmail files" if users and (users[0] or users[1]) else ""
-            return (f"refusing to install: the list shrinks by {shrink:.1f}% (it refuses "
-                    f"{gone} of the {old_count} entries it accepted{mine}), more than the "
-                    f"{max_shrink:g}% allowed (--max-shrink; --force installs it anyway)")
-    return None
-
-
-def emptied(removed: list[bytes], new: Iterable[bytes], domains: frozenset[bytes]) -> str | None:
-    """Why a list must not be installed because a domain we still receive mail for lost
-    all of its keys (a source returned nothing for it), or None (pure).  ``removed``:
-    the live keys not in the new list; ``new``: any container of the new keys."""
-    lost = {k.rpartition(b"@")[2] for k in removed if b"@" in k} & domains
-    if not lost:
-        return None
-    gone = sorted(lost - {k.rpartition(b"@")[2] for k in new if b"@" in k})
-    if not gone:
-        return None
-    had = sum(1 for k in removed if k.rpartition(b"@")[2] == gone[0])   # all of them went
-    more = f" (and {len(gone) - 1} more domains)" if len(gone) > 1 else ""
-    name = gone[0].decode(ENCODING, ERRORS)
-    return (f"refusing to install: {name} had {had} entries and now has none{more}; "
-            "did a source return nothing? (--force installs it anyway)")
-
-
 KIND_WORDS = {"users": "vpopmail users", "valias": "valias entries", "ldap": "LDAP addresses",
               "fastforward": "fastforward entries"}
 
 
-def vanished(old: dict[str, Any], new: dict[str, Any], domains: frozenset[bytes]) -> str | None:
-    """Why a list must not be installed because a source gave nothing for a domain we
-    still serve where it gave entries last time (a vpasswd emptied, a valias table or an
-    LDAP search returning nothing), although the domain keeps other keys; or None
-    (pure).  ``old``/``new``: domain -> kind of source -> names it gave; a source only
-    counts when it was consulted both times (a domain switched to a catch-all no longer
-    reads its vpasswd: that is not a loss)."""
-    for domain in sorted(old):
-        if domain.encode(ENCODING, ERRORS) not in domains or not isinstance(old[domain], dict):
-            continue
-        now = new.get(domain, {})
-        for kind, had in sorted(old[domain].items()):
-            if isinstance(had, int) and had > 0 and kind in now and now[kind] == 0:
-                return (f"refusing to install: the {KIND_WORDS.get(kind, kind)} of {domain} "
-                        f"are gone ({had} last time, none now); did a source return nothing? "
-                        "(--force installs it anyway)")
+def vanished(old: dict[str, int], new: dict[str, int]) -> str | None:
+    """Which source of one domain gave nothing where it gave entries last time (a
+    vpasswd emptied, a valias table or an LDAP search returning nothing), or None
+    (pure).  ``old``: kind -> names it gave (remembered while the source was not
+    consulted); ``new``: the kinds consulted now.  A kind only counts when consulted now."""
+    for kind, had in sorted(old.items()):
+        if isinstance(had, int) and had > 0 and new.get(kind) == 0:
+            return f"its {KIND_WORDS.get(kind, kind)} are gone ({had} last time, none now)"
     return None
+
+
+def carried(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
+    """A domain's source counts to remember: those consulted now, and the last known
+    count of each source not consulted this time (a vpasswd behind a catch-all), so a
+    catch-all switched off over a vpasswd that lost its users is still judged."""
+    out = {k: v for k, v in (old or {}).items() if isinstance(v, int) and k not in new}
+    out.update(new)
+    return out
+
+
+WINDOW = 3600.0     # a domain is judged against its largest list of the last hour
+MIN_LOSS = 2        # fewer addresses lost than this never count as a shrink
+
+
+@dataclass(frozen=True)
+class Peak:
+    """What a domain's losses are measured against within ``WINDOW`` of ``since``: the
+    most addresses it accepted (``count``) and the addresses nobody named that it has
+    lost since (``lost``), so a stream of small cuts adds up."""
+    count: int
+    lost: int
+    since: float
+
+
+@dataclass
+class DomainChange:
+    """One domain's side of a new list against the live one: the addresses it accepted
+    (``old``) and accepts (``new``), keys local users control left out; the changed keys
+    whose addresses it no longer accepts (``lost``); whether it is still served and, if
+    not, still configured (in locals or virtualdomains); what each source gave."""
+    old: int
+    new: int
+    lost: list[bytes]
+    served: bool = True
+    configured: bool = False
+    sources_old: dict[str, int] | None = None
+    sources_new: dict[str, int] | None = None
+
+
+def excused(key: bytes, names: AbstractSet[bytes]) -> bool:
+    """Whether an onchange line named ``key``'s address: its local part is a named one,
+    or an extension of it (``joe-default`` for ``joe``)."""
+    local = key[:key.rfind(b"@")] if b"@" in key else key
+    return local in names or any(local.startswith(n + b"-") for n in names)
+
+
+def judge_domain(domain: str, c: DomainChange, named: AbstractSet[bytes], peak: Peak | None,
+                 now: float, max_shrink: float) -> tuple[str | None, Peak | None]:
+    """Why ``domain``'s new keys must not replace its live ones (None: they may), and
+    the peak to remember for it (pure).  ``named``: the local parts onchange lines named
+    since the last build (their losses are intended)."""
+    if not c.served:
+        if c.configured and c.old:
+            return (f"{domain} is no longer in rcpthosts but still in locals or "
+                    "virtualdomains: finish removing it, or list it again"), peak
+        return None, None                       # the control files removed it: intended
+    base = peak if peak is not None and now - peak.since < WINDOW else None
+    named_lost = [k for k in c.lost if excused(k, named)] if named else []
+    unnamed = len(c.lost) - len(named_lost)
+    reference = max(max(c.old, base.count if base else 0) - len(named_lost), 0)
+    loss = (base.lost if base else 0) + unnamed
+    since = base.since if base else now
+    why = None
+    if unnamed and c.new == 0 and c.old:
+        why = f"{domain} had {c.old} entries and now has none; did a source return nothing?"
+    elif unnamed and c.sources_old and c.sources_new is not None and \
+            (gone := vanished(c.sources_old, c.sources_new)) is not None:
+        why = f"{domain}: {gone}; did a source return nothing?"
+    elif max_shrink > 0 and reference and loss >= MIN_LOSS and \
+            loss * 100.0 > max_shrink * reference:
+        within = f" within {WINDOW / 3600:g} h" if base else ""
+        why = (f"{domain} would refuse {loss} of the {reference} addresses it accepted"
+               f"{within}, more than the {max_shrink:g}% allowed (--max-shrink)")
+    if why is not None:                   # held: what it lost so far stays counted
+        return why, Peak(reference, base.lost if base else 0, since)
+    return None, (Peak(reference, loss, since) if loss else None)

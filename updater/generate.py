@@ -45,6 +45,9 @@ class Plan:
     routed: list[tuple[str, MapEntry]] = field(default_factory=list)
     singles: list[MapEntry] = field(default_factory=list)        # user@domain:prepend
     ldap: list[str] = field(default_factory=list)                 # listed from LDAP
+    # every domain locals or virtualdomains name, served or not: a domain gone from
+    # rcpthosts but still here is not a removal anyone finished
+    configured: frozenset[str] = frozenset()
 
 
 def universe(rcpthosts: list[tuple[int, str]], rcpthosts_path: str,
@@ -139,7 +142,10 @@ def plan_for(settings: Settings) -> tuple[Plan, dict[str, tuple[str, int | None]
         if not ldap_domains:
             raise SourceError("LDAP is configured (UPDATER_LDAP_URI) but this file names "
                               "no domain to list from it", path)
-    return classify(domains, locals_, vd, sr, ldap_domains), domains
+    plan = classify(domains, locals_, vd, sr, ldap_domains)
+    plan.configured = frozenset(locals_) | {lower_ascii(e.left) for e in vd
+                                            if "@" not in e.left and e.right}
+    return plan, domains
 
 
 def users_database(settings: Settings, notes: Notes) -> UsersDb:
@@ -239,17 +245,24 @@ def tracing(router: Router, domain: str) -> Iterator[None]:
 
 
 def chain_keys(plan: Plan, notes: Notes, router: Router, singles: dict[str, dict[str, str]],
-               want: Callable[[str], bool], counts: dict[str, dict[str, int]] | None
-               ) -> Iterator[Found]:
+               want: Callable[[str], bool], counts: dict[str, dict[str, int]] | None,
+               failed: dict[str, str]) -> Iterator[Found]:
     """The local and virtual domains through qmail's delivery chain, then the single
-    ``user@domain:prepend`` addresses of the other domains."""
+    ``user@domain:prepend`` addresses of the other domains.  A source error in one
+    domain (a bad vpasswd line, an unreadable home, the database failing) goes into
+    ``failed`` for that domain, whose keys are then left out whole; the others go on."""
     def domain_keys(domain: str, prepend: str, only: dict[str, str] | None = None
-                    ) -> Iterator[Found]:
-        with tracing(router, domain):
-            keys = router.domain(domain, prepend, only)
+                    ) -> list[Found]:
+        try:
+            with tracing(router, domain):
+                keys = router.domain(domain, prepend, only)
+            found = list(routed_keys(domain, keys, notes))
+        except SourceError as err:
+            failed[domain] = str(err)
+            return []
         if counts is not None and keys.sources:
             counts[domain] = keys.sources
-        yield from routed_keys(domain, keys, notes)
+        return found
 
     for domain in plan.local:
         if want(domain):
@@ -260,42 +273,35 @@ def chain_keys(plan: Plan, notes: Notes, router: Router, singles: dict[str, dict
                                    singles.pop(domain, None))
     routed = {d for d, _ in plan.routed}
     for domain, by_user in singles.items():      # routed or LDAP domains
-        for user, local_part in by_user.items():
-            with tracing(router, domain):
-                ans = router.resolve(local_part, domain)
-            if not ans.ok or domain not in routed:     # routed: @domain says yes
-                yield Found(ans.origin, [f"{user}@{domain}"], deny=not ans.ok)
-
-
-def ldap_keys(settings: Settings, domains: list[str],
-              counts: dict[str, dict[str, int]] | None,
-              cache: LdapCache | None = None) -> Iterator[Found]:
-    from .sources.ldap import ldap_entries
-    for found in ldap_entries(settings, domains, cache):
-        if counts is not None:
-            for domain in domains:
-                counts.setdefault(domain, {})["ldap"] = 0
-            for key in found.keys:
-                domain = key.rpartition("@")[2]
-                if domain in counts:
-                    counts[domain]["ldap"] = counts[domain].get("ldap", 0) + 1
-        yield found
+        found: list[Found] = []
+        try:
+            for user, local_part in by_user.items():
+                with tracing(router, domain):
+                    ans = router.resolve(local_part, domain)
+                if not ans.ok or domain not in routed:     # routed: @domain says yes
+                    found.append(Found(ans.origin, [f"{user}@{domain}"], deny=not ans.ok))
+        except SourceError as err:
+            failed[domain] = str(err)
+            continue
+        yield from found
 
 
 def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None = None,
             counts: dict[str, dict[str, int]] | None = None,
             only: frozenset[str] | None = None, bare: str | None = None,
-            ldap_cache: LdapCache | None = None) -> Iterator[Found]:
+            ldap_cache: LdapCache | None = None,
+            failed: dict[str, str] | None = None) -> Iterator[Found]:
     """Every source, in a fixed order (the output does not depend on it: it is sorted).
     ``only``: just the keys of these domains (an incremental build); the keys of one
     domain never depend on another domain's sources."""
     def want(domain: str) -> bool:
         return only is None or domain in only
 
+    failed = {} if failed is None else failed
     singles, remote = split_singles(plan, notes, want)
     if router is not None:
         try:
-            yield from chain_keys(plan, notes, router, singles, want, counts)
+            yield from chain_keys(plan, notes, router, singles, want, counts, failed)
         finally:
             router.close()
     for domain, by_user in remote.items():           # the far side decides: accept
@@ -303,7 +309,8 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
             yield Found(f"{e.path}:{e.line} (delivered remotely)", [f"{user}@{domain}"])
     ldap = [d for d in plan.ldap if want(d)]
     if ldap:
-        yield from ldap_keys(settings, ldap, counts, ldap_cache)
+        from .sources.ldap import ldap_keys
+        yield from ldap_keys(settings, ldap, counts, failed, ldap_cache)
     for domain, entry in plan.routed:
         if want(domain):
             yield Found(f"smtproutes {entry.path}:{entry.line}", ["@" + domain])
@@ -318,8 +325,12 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
 
 def generate(settings: Settings, only: frozenset[str] | None = None,
              tracer: Inputs | None = None, mysql: MysqlCache | None = None,
-             ldap: LdapCache | None = None) -> Result:
-    """The whole list, or a SourceError: never a partial list.  ``only``: just the keys
+             ldap: LdapCache | None = None, partial: bool = False) -> Result:
+    """The whole list but the domains whose source failed (``Result.failed``, each with
+    its error; the install keeps their last good entries), or a SourceError for what
+    every domain depends on (the control files, users/cdb, passwd, the site files).
+    Without ``partial`` (the list printed, with no live list to hold from) a failed
+    domain fails it all.  ``only``: just the keys
     of these domains (``part_of``), for an incremental build; ``tracer``: the record of
     what was read for each domain (none kept when not given); ``mysql`` / ``ldap``: the
     database's and the directory's answers kept between the daemon's builds."""
@@ -335,8 +346,15 @@ def generate(settings: Settings, only: frozenset[str] | None = None,
         router, _ = router_for(settings, notes,
                                tracer if tracer is not None else Inputs(recording=False), mysql)
     counts: dict[str, dict[str, int]] = {}
-    result = merge(sources(settings, plan, notes, router, counts, only, bare, ldap), notes,
-                   bare)
+    failed: dict[str, str] = {}
+    result = merge(sources(settings, plan, notes, router, counts, only, bare, ldap, failed),
+                   notes, bare)
+    if failed and not partial:
+        first = sorted(failed)[0]
+        more = f" (and {len(failed) - 1} more domains)" if len(failed) > 1 else ""
+        raise SourceError(failed[first] + more)
+    result.failed = failed
+    result.configured = frozenset(d.encode(ENCODING, ERRORS) for d in plan.configured)
     result.domains = frozenset(d.encode(ENCODING, ERRORS) for d in universe_)
     result.sources = counts
     result.bare = bare.encode(ENCODING, ERRORS) if bare else None

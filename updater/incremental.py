@@ -24,10 +24,12 @@ to it over generated sequences of changes).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +40,9 @@ from .ident import Ident, identities
 from .inputs import Inputs
 from .cdbdiff import Changes
 from .gate import accepting_under, sorted_getter
-from .install import Candidate, Report, install_delta
+from .install import Report, install_delta
+from .liverecord import Held
+from .verdict import Candidate, Intent
 from .qmail import ENCODING, ERRORS, part_of
 from .sources.ldap import LdapCache
 from .sources.mysql import MysqlCache, Rows
@@ -81,6 +85,7 @@ class Snapshot:
     builds: int = 0                         # incremental builds since the full one
     mysql: MysqlCache | None = None         # the database's answers (vpopmail on MySQL)
     ldap: LdapCache | None = None           # the directory's (kept current by polls)
+    held: dict[str, Held] = field(default_factory=dict)   # domains kept as they were
 
     @classmethod
     def of(cls, result: Result, keys: list[bytes], inputs: Inputs,
@@ -108,12 +113,17 @@ class Delta:
         return not (c.added or c.removed or c.changed)
 
 
-def diff(snap: Snapshot, redone: set[bytes], result: Result) -> Delta:
+def diff(snap: Snapshot, redone: AbstractSet[bytes], result: Result,
+         held: AbstractSet[bytes] = frozenset()) -> Delta:
     """The new list: the snapshot with the ``redone`` domains' keys replaced by those
-    of ``result`` (a build of just those domains).  Pure."""
-    fresh: dict[bytes, list[bytes]] = {d: [] for d in redone}
+    of ``result`` (a build of just those domains); the ``held`` ones keep the
+    snapshot's, or ``@domain`` where it has none (as ``install.live_entries``).  Pure."""
+    fresh: dict[bytes, list[bytes]] = {d: [] for d in redone if d not in held}
+    fresh.update((d, [b"@" + d]) for d in held if d not in snap.parts and d)
     for k in result.keys:
         d = part_of(k, snap.bare)
+        if d in held:
+            continue
         if d not in fresh:
             raise NeedFull(f"the build of {len(redone)} domain(s) gave a key of another: "
                            f"{k.decode(ENCODING, ERRORS)!r}")
@@ -180,13 +190,69 @@ def splice(keys: list[bytes], added: list[bytes], removed: list[bytes]) -> list[
 
 def build(settings: Settings, snap: Snapshot, named: set[str],
           stop: threading.Event | None = None, force: bool = False,
-          rows: Rows | None = None) -> tuple[Report, Snapshot, list[str], set[str]]:
+          rows: Rows | None = None, intent: Intent | None = None
+          ) -> tuple[Report, Snapshot, list[str], set[str]]:
     """Redo the ``named`` domains and whatever else changed; install.  Returns (report,
     the new snapshot, warnings, the domains redone); NeedFull when only a full build
     can tell.  ``rows``: for a database source, the addresses the requests named per
     domain (a named domain not there is read again whole)."""
     started = time.monotonic()
     path = live_path(settings)
+    todo = to_redo(settings, snap, named)
+    if not todo:
+        report = Report(path, "unchanged", len(snap.keys),
+                        seconds=time.monotonic() - started, identity=snap.live,
+                        phases={"check": time.monotonic() - started}, held=dict(snap.held))
+        return report, snap, [], set()
+    checked = time.monotonic()
+    if snap.mysql is not None:
+        snap.mysql.ask({d: (rows or {}).get(d) for d in todo & named})
+    tracer = Inputs()
+    result = generate(settings, only=frozenset(todo), tracer=tracer, mysql=snap.mysql,
+                      ldap=snap.ldap, partial=True)
+    read = time.monotonic()
+    if result.bare != snap.bare or result.domains != snap.domains:
+        raise NeedFull("the domains we serve changed")
+    redone = {d.encode(ENCODING, ERRORS) for d in todo}
+    failed = {d.encode(ENCODING, ERRORS): why for d, why in result.failed.items()}
+    sources = {**{d: c for d, c in snap.sources.items() if d not in todo}, **result.sources}
+    inputs = snap.inputs.replace(tracer, todo)
+    phases = {"check": checked - started, "read": read - checked}
+    made: dict[frozenset[bytes], Delta] = {}
+    last: list[Delta] = []                  # the one ``settle`` ended with
+
+    def make(held: frozenset[bytes]) -> Candidate:
+        if held not in made:
+            made[held] = diff(snap, redone, result, held)
+        last.append(made[held])
+        return candidate(snap, made[held], sources)
+
+    first = made[frozenset(failed)] = diff(snap, redone, result, frozenset(failed))
+    phases["merge"] = time.monotonic() - read
+    if first.empty and not failed and not snap.held.keys() & todo:
+        report = Report(path, "unchanged", len(snap.keys), seconds=time.monotonic() - started,
+                        identity=snap.live, phases=phases, held=dict(snap.held))
+        new = dataclasses.replace(snap, sources=sources, inputs=inputs, builds=snap.builds + 1)
+        return report, new, result.warnings, todo
+    intent = dataclasses.replace(intent or Intent(), failed=failed, now=time.time(),
+                                 kept=frozenset(snap.held.keys() - todo))
+    report, _ = install_delta(
+        make, path, expect=snap.live, max_shrink=settings.max_shrink,
+        force=force or settings.force, lock_timeout=settings.lock_timeout, stop=stop,
+        started=started, intent=intent)
+    delta = last[-1]
+    report.phases = {**phases, **report.phases}
+    sources.update((d, snap.sources[d]) for d in report.held if d in snap.sources)
+    new = Snapshot(delta.keys, delta.rejects, delta.parts, delta.user, sources, snap.domains,
+                   snap.bare, snap.globals, inputs, report.identity, snap.builds + 1,
+                   snap.mysql, snap.ldap, dict(report.held))
+    return report, new, result.warnings, todo
+
+
+def to_redo(settings: Settings, snap: Snapshot, named: set[str]) -> set[str]:
+    """The domains an incremental build redoes: those named that we serve, those whose
+    recorded inputs changed, and those sharing a user list with them; NeedFull when a
+    global input changed or too many are left."""
     now = identities(global_inputs(settings))
     if now != snap.globals:
         moved = sorted(p for p in now.keys() | snap.globals.keys()
@@ -196,71 +262,50 @@ def build(settings: Settings, snap: Snapshot, named: set[str],
     todo = {d for d in named if d.encode(ENCODING, ERRORS) in snap.domains}
     todo |= snap.inputs.changed()
     todo |= snap.inputs.sharing(todo)
-    if not todo:
-        report = Report(path, "unchanged", len(snap.keys),
-                        seconds=time.monotonic() - started, identity=snap.live,
-                        phases={"check": time.monotonic() - started})
-        return report, snap, [], set()
     if len(todo) > max(MAX_DOMAINS, len(snap.domains) // 2):
         raise NeedFull(f"{len(todo)} of {len(snap.domains)} domains to redo")
-    checked = time.monotonic()
-    if snap.mysql is not None:
-        snap.mysql.ask({d: (rows or {}).get(d) for d in todo & named})
-    tracer = Inputs()
-    result = generate(settings, only=frozenset(todo), tracer=tracer, mysql=snap.mysql,
-                      ldap=snap.ldap)
-    read = time.monotonic()
-    if result.bare != snap.bare or result.domains != snap.domains:
-        raise NeedFull("the domains we serve changed")
-    redone = {d.encode(ENCODING, ERRORS) for d in todo}
-    delta = diff(snap, redone, result)
-    sources = {d: c for d, c in snap.sources.items() if d not in todo}
-    sources.update(result.sources)
-    inputs = snap.inputs.replace(tracer, todo)
-    phases = {"check": checked - started, "read": read - checked,
-              "merge": time.monotonic() - read}
-    if delta.empty:
-        report = Report(path, "unchanged", len(snap.keys),
-                        seconds=time.monotonic() - started, identity=snap.live, phases=phases)
-        new = Snapshot(snap.keys, snap.rejects, snap.parts, snap.user, sources, snap.domains,
-                       snap.bare, snap.globals, inputs, snap.live, snap.builds + 1, snap.mysql,
-                       snap.ldap)
-        return report, new, result.warnings, todo
-    report = install(settings, snap, delta, sources, stop, force, started)
-    report.phases = {**phases, **report.phases}
-    new = Snapshot(delta.keys, delta.rejects, delta.parts, delta.user, sources, snap.domains,
-                   snap.bare, snap.globals, inputs, report.identity, snap.builds + 1,
-                   snap.mysql, snap.ldap)
-    return report, new, result.warnings, todo
+    return todo
 
 
-def install(settings: Settings, snap: Snapshot, delta: Delta, sources: dict[str, Any],
-            stop: threading.Event | None, force: bool, started: float) -> Report:
-    """The new list of an incremental build through the same gate as a full build."""
+def candidate(snap: Snapshot, delta: Delta, sources: dict[str, Any]) -> Candidate:
+    """The new list of an incremental build, for the same gate as a full build."""
     removed_admin = [k for k in delta.changes.removed if k not in snap.user]
     added_admin = [k for k in delta.changes.added if k not in delta.user]
-    candidate = Candidate(
+
+    def count(domains: AbstractSet[bytes]) -> dict[bytes, int]:
+        return {d: sum(1 for k in delta.parts.get(d, ())
+                       if k not in delta.rejects and k not in delta.user) for d in domains}
+    return Candidate(
         delta.keys, delta.rejects, snap.domains, sources, delta.changes, len(snap.keys),
         removed_admin, added_admin, (len(delta.user), len(snap.user)), delta.new_keys,
         sorted_getter(snap.keys, snap.rejects), sorted_getter(delta.keys, delta.rejects),
-        accepting_under(delta.new_keys, delta.rejects))
-    return install_delta(candidate, live_path(settings), expect=snap.live,
-                         max_shrink=settings.max_shrink, force=force or settings.force,
-                         lock_timeout=settings.lock_timeout, stop=stop, started=started)
+        accepting_under(delta.new_keys, delta.rejects), count, snap.bare)
 
 
-def full(settings: Settings, stop: threading.Event | None = None, force: bool = False
-         ) -> tuple[Report, Snapshot, list[str]]:
+def full(settings: Settings, stop: threading.Event | None = None, force: bool = False,
+         intent: Intent | None = None) -> tuple[Report, Snapshot, list[str]]:
     """A full build that also records what an incremental build starts from: (report,
     snapshot, warnings).  A refused list raises (the caller keeps no snapshot)."""
-    from .install import install_result
+    from .install import install_result, live_entries
+    from .liverecord import read_record
     globals_ = identities(global_inputs(settings))     # taken before anything is read
     tracer = Inputs()
     mysql = MysqlCache() if settings.mysql else None
     ldap = LdapCache() if settings.ldap_uri else None
-    result = generate(settings, tracer=tracer, mysql=mysql, ldap=ldap)
+    result = generate(settings, tracer=tracer, mysql=mysql, ldap=ldap, partial=True)
     keys = result.sorted_keys()
-    report = install_result(result, live_path(settings), settings, force, stop=stop,
-                            keys=keys)
+    path = live_path(settings)
+    report = install_result(result, path, settings, force, stop=stop, keys=keys,
+                            intent=intent)
     snap = Snapshot.of(result, keys, tracer, globals_, report.identity, mysql, ldap)
+    if report.held:                  # the held domains' entries, as the install kept them
+        held = {d.encode(ENCODING, ERRORS) for d in report.held}
+        kept, kept_rejects = live_entries(path, held, result.bare)
+        keys = sorted([k for k in keys if part_of(k, result.bare) not in held] + kept)
+        rejects = {k for k in snap.rejects if part_of(k, result.bare) not in held}
+        snap = dataclasses.replace(
+            snap, keys=keys, rejects=rejects | kept_rejects, parts=split(keys, result.bare),
+            user={k for k in snap.user if part_of(k, result.bare) not in held},
+            held=dict(report.held))
+    snap.sources = read_record(path).sources
     return report, snap, result.warnings

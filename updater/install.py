@@ -6,8 +6,8 @@ file; a refused or failed build leaves it untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
-import json
 import mmap
 import os
 import stat
@@ -21,18 +21,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from . import atomicfile
 from .checker import CdbGetter, open_cdb
 from .cdbdiff import CHUNK, REJECT, Changes, compare_live, record_count
-from .errors import InstallError, InstallRefused
-from .gate import Getter, accepting_under, emptied, gate, lost, set_getter, vanished
+from .errors import InstallError
+from .gate import accepting_under, set_getter
+from .liverecord import Held, read_record, save_record, write_atomically
+from .verdict import NO_INTENT, Candidate, Intent, counts_of, settle
 from .ident import Ident, identity
 from .lock import locked
-from .qmail import ENCODING, ERRORS
+from .qmail import ENCODING, ERRORS, part_of
 
 if TYPE_CHECKING:
     from .config import Settings
     from .merge import Result
-
-MODE = 0o644
-
 
 @dataclass
 class Report:
@@ -46,13 +45,15 @@ class Report:
     bytes_written: int = 0
     identity: Ident | None = None    # of the live file after this build (ident.identity)
     phases: dict[str, float] = field(default_factory=dict)   # seconds per step (incremental)
+    held: dict[str, Held] = field(default_factory=dict)      # domains kept as they were
 
     def line(self) -> str:
+        held = f", {len(self.held)} domain(s) held" if self.held else ""
         if self.status == "unchanged":
-            return f"unchanged {self.path}: {self.entries} entries, {self.seconds:.2f}s"
+            return f"unchanged {self.path}: {self.entries} entries, {self.seconds:.2f}s{held}"
         changed = f" ~{len(self.changed)}" if self.changed else ""
         return (f"installed {self.path}: {self.entries} entries, +{len(self.added)} "
-                f"-{len(self.removed)}{changed}, {self.seconds:.2f}s")
+                f"-{len(self.removed)}{changed}, {self.seconds:.2f}s{held}")
 
     def diff_lines(self, limit: int | None = None) -> list[str]:
         """``+key`` / ``-key`` / ``~key``; at most ``limit`` of each kind."""
@@ -67,35 +68,6 @@ class Report:
             return None
         more = len(self.added) + len(self.removed) + len(self.changed) - len(shown)
         return "changes: " + " ".join(shown) + (f" (+{more} more)" if more > 0 else "")
-
-
-def sources_path(path: str) -> str:
-    """What the last installed list's sources gave, per domain (JSON), beside the cdb."""
-    return path + ".sources"
-
-
-def read_sources(path: str) -> dict[str, Any] | None:
-    """Our own file: a regular file, not followed through a symlink, size-capped."""
-    try:
-        fd = os.open(sources_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = json.loads(os.read(fd, 16 << 20))
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
-    return data if isinstance(data, dict) else None
-
-
-def save_sources(path: str, counts: dict[str, Any]) -> None:
-    if read_sources(path) == counts:
-        return
-    write_atomically(sources_path(path),
-                     json.dumps(counts, sort_keys=True, separators=(",", ":")).encode())
 
 
 def check_target(path: str) -> None:
@@ -183,66 +155,23 @@ def live_header(path: str) -> bytes:
         raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
 
 
-def write_atomically(path: str, data: bytes | str | mmap.mmap | None = None,
-                     fill: Callable[[BinaryIO], None] | None = None) -> None:
-    """``atomicfile.replace`` (mode 0644), failures as InstallError naming the file."""
-    try:
-        atomicfile.replace(path, data, fill, MODE)
-    except OSError as err:
-        raise InstallError(f"cannot write: {err.strerror or err}", path) from None
-
-
-@dataclass
-class Candidate:
-    """A list about to be installed and what it changes against the live one: what the
-    one ``judge`` needs, made by either install path (``against_live`` reads the live
-    file; an incremental build knows its changes)."""
-    keys: list[bytes]                     # sorted
-    rejects: AbstractSet[bytes]           # keys with the value ``-``
-    domains: frozenset[bytes]             # the domains still served
-    sources: dict[str, Any] | None        # what each source gave per domain (``vanished``)
-    changes: Changes                      # against the live list
-    old_count: int | None                 # the live list's keys (None: there is none)
-    removed: list[bytes]                  # removed / added keys local users do not control
-    added: list[bytes]
-    users: tuple[int, int] | None         # (new, old) keys local users control
-    present: Collection[bytes]            # new keys: a domain none of them names lost all
-    old: Getter | None                    # lookups in the live list and in the new one
-    new: Getter
-    under: Callable[[bytes, bytes], bool]  # ``gate.accepting_under`` of the new list
-
-
-def judge(c: Candidate, live_sources: dict[str, Any] | None, max_shrink: float,
-          force: bool) -> str | None:
-    """Why ``c`` must not replace the live list, or None: the gate's questions in one
-    order for both install paths (what the list accepts, then a domain emptied, then a
-    source that returned nothing)."""
-    if force:
-        return None
-    asked = c.removed + c.changes.changed + [k for k in c.added if k in c.rejects]
-    refused = len(lost(asked, c.old, c.new, c.under)) if asked and c.old is not None else 0
-    users = c.users or (0, 0)
-    old_count = None if c.old_count is None else c.old_count - users[1]
-    why = gate(len(c.keys) - users[0], old_count, max_shrink, force,
-               empty=len(c.keys) == 0, users=c.users, refused=refused)
-    if not why:
-        why = emptied(c.removed, c.present, c.domains)
-    if not why and c.sources is not None and c.removed:
-        why = vanished(live_sources or {}, c.sources, c.domains)
-    return why
-
-
 def install_result(result: Result, path: str, settings: Settings, force: bool = False,
-                   stop: threading.Event | None = None,
-                   keys: list[bytes] | None = None) -> Report:
+                   stop: threading.Event | None = None, keys: list[bytes] | None = None,
+                   intent: Intent | None = None) -> Report:
     """Install a ``generate.Result`` with the gate settings of ``settings`` (``keys``:
     its sorted keys, when the caller has them)."""
     user_key = getattr(result, "user_key", None)
     offer = Offer(result.sorted_keys() if keys is None else keys, result.rejects,
                   result.keys, result.domains, getattr(result, "sources", None),
-                  (result.user_count, result.is_user_key, user_key) if user_key else None)
+                  (result.user_count, result.is_user_key, user_key) if user_key else None,
+                  result.bare)
+    base = intent or Intent()
+    intent = dataclasses.replace(
+        base, now=base.now or time.time(), configured=result.configured,
+        failed={**{d.encode(ENCODING, ERRORS): why for d, why in result.failed.items()},
+                **base.failed})
     return install(offer, path, max_shrink=settings.max_shrink, force=force,
-                   lock_timeout=settings.lock_timeout, stop=stop)
+                   lock_timeout=settings.lock_timeout, stop=stop, intent=intent)
 
 
 @dataclass
@@ -250,7 +179,8 @@ class Offer:
     """A whole list to install: its sorted ``keys`` (``rejects`` get the value ``-``),
     a fast container of them (``present``), the ``domains`` still served, what each
     source gave (``sources``) and, when local users control some keys, (count of the
-    new ones, test for a new key, test for a live key)."""
+    new ones, test for a new key, test for a live key); ``bare``: the envnoathost
+    domain (its keys come bare too)."""
     keys: list[bytes]
     rejects: AbstractSet[bytes] = frozenset()
     present: Collection[bytes] | None = None
@@ -258,6 +188,56 @@ class Offer:
     sources: dict[str, Any] | None = None
     user_keys: tuple[Callable[[], int], Callable[[bytes], bool],
                      Callable[[bytes], bool]] | None = None
+    bare: bytes | None = None
+
+
+def live_entries(path: str, domains: AbstractSet[bytes], bare: bytes | None
+                 ) -> tuple[list[bytes], set[bytes]]:
+    """The keys of ``domains`` in the live cdb and which of them reject (one pass over
+    it, only when a domain is held).  A domain the live list has nothing of (a first
+    build whose source failed) gets ``@domain``: accepting it all for now, never a
+    permanent refusal of an address that may be listed."""
+    import cdbx
+    keys: list[bytes] = []
+    rejects: set[bytes] = set()
+    seen: set[bytes] = set()
+    try:
+        db = cdbx.CDB(path)
+    except Exception:
+        db = None
+    if db is not None:
+        try:
+            for k, v in db.items(all=True):
+                d = part_of(k, bare)
+                if d in domains:
+                    keys.append(k)
+                    seen.add(d)
+                    if v[:1] == REJECT:
+                        rejects.add(k)
+        finally:
+            db.close()
+    keys += [b"@" + d for d in domains - seen if d]
+    return keys, rejects
+
+
+def holding(offer: Offer, held: AbstractSet[bytes], path: str) -> Offer:
+    """``offer`` with the ``held`` domains' keys replaced by their live ones."""
+    if not held:
+        return offer
+    live, live_rejects = live_entries(path, held, offer.bare)
+    keys = [k for k in offer.keys if part_of(k, offer.bare) not in held]
+    keys = sorted(set(keys).union(live))
+    rejects = {k for k in offer.rejects if part_of(k, offer.bare) not in held} | live_rejects
+    user_keys = None
+    if offer.user_keys is not None:
+        _, is_new_user, is_user = offer.user_keys
+        kept = set(keys)
+
+        def mine(k: bytes) -> bool:
+            return k in kept and is_new_user(k) and part_of(k, offer.bare) not in held
+        user_keys = (lambda: sum(1 for k in keys if mine(k)), mine, is_user)
+    return dataclasses.replace(offer, keys=keys, rejects=rejects, present=set(keys),
+                               user_keys=user_keys)
 
 
 def against_live(offer: Offer, path: str, image: mmap.mmap, exists: bool,
@@ -270,6 +250,7 @@ def against_live(offer: Offer, path: str, image: mmap.mmap, exists: bool,
     diff = compare_live(path, keys, new, rejects, image) if old_count is not None \
         else Changes(list(keys), [], [])
     removed, added, users = diff.removed, diff.added, None
+    is_new_user: Callable[[bytes], bool] | None = None
     if offer.user_keys is not None:
         # keys local users make in their own homes never move the gate
         count, is_new_user, is_user = offer.user_keys
@@ -280,42 +261,61 @@ def against_live(offer: Offer, path: str, image: mmap.mmap, exists: bool,
             - len(removed)
         users = (new_user, old_user)
     return Candidate(keys, rejects, offer.domains, offer.sources, diff, old_count, removed,
-                     added, users, new, live,
-                     set_getter(new, rejects), accepting_under(keys, rejects))
+                     added, users, new, live, set_getter(new, rejects),
+                     accepting_under(keys, rejects),
+                     counts_of(keys, rejects, offer.bare, is_new_user), offer.bare)
 
 
 def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = False,
-            lock_timeout: float = 60.0, stop: threading.Event | None = None) -> Report:
-    """Install ``offer`` at ``path`` if the file would change and the list passes the
-    sanity gate (``judge``).  Raises InstallRefused / InstallError, leaving ``path``
-    alone."""
+            lock_timeout: float = 60.0, stop: threading.Event | None = None,
+            intent: Intent = NO_INTENT) -> Report:
+    """Install ``offer`` at ``path`` if the file would change, each domain the gate
+    doubts (or whose source failed, ``intent.failed``) keeping its live entries
+    (``settle``).  Raises InstallRefused / InstallError, leaving ``path`` alone."""
     started = time.monotonic()
     check_target(path)
-    try:
-        image = make_cdb(offer.keys, offer.rejects)
-    except OSError as err:
-        raise InstallError(f"cannot build the cdb in memory: {err.strerror or err}", path) from None
-    with image, locked(path, lock_timeout, stop):
-        check_target(path)
-        remove_stale_temps(path)
+    images: list[mmap.mmap] = []
+
+    def make(held: frozenset[bytes], live: CdbGetter | None, exists: bool) -> Candidate:
+        o = holding(offer, held, path)
+        try:
+            image = make_cdb(o.keys, o.rejects)
+        except OSError as err:
+            raise InstallError(f"cannot build the cdb in memory: {err.strerror or err}",
+                               path) from None
+        images.append(image)
         same = same_content(path, image)
-        if same:
-            if offer.sources is not None:
-                save_sources(path, offer.sources)
-            return Report(path, "unchanged", len(offer.keys),
-                          seconds=time.monotonic() - started, identity=identity(path))
-        with open_live(path, same is not None) as live:
-            c = against_live(offer, path, image, same is not None, live)
-            why = judge(c, read_sources(path), max_shrink, force)
-        if why:
-            raise InstallRefused(why, path)
-        write_atomically(path, image)
-        if offer.sources is not None:
-            save_sources(path, offer.sources)
-        size = len(image)
-        now = identity(path)
-    return Report(path, "installed", len(offer.keys), c.changes.added, c.changes.removed,
-                  c.changes.changed, time.monotonic() - started, size, now)
+        if same:                      # nothing changes: nothing to judge
+            return Candidate(o.keys, o.rejects, o.domains, o.sources, Changes([], [], []),
+                             len(o.keys), [], [], None, o.keys, None, set_getter((), frozenset()),
+                             lambda p, d: False, bare=o.bare, image=image, same=True)
+        c = against_live(o, path, image, exists, live)
+        c.image, c.same = image, same
+        return c
+
+    try:
+        with locked(path, lock_timeout, stop):
+            check_target(path)
+            remove_stale_temps(path)
+            exists = os.path.lexists(path)
+            with open_live(path, exists) as live:
+                c, record = settle(lambda held: make(held, live, exists), read_record(path),
+                                   max_shrink, force, intent, path)
+            assert c.image is not None
+            if c.same:
+                save_record(path, record)
+                return Report(path, "unchanged", len(c.keys),
+                              seconds=time.monotonic() - started, identity=identity(path),
+                              held=record.held)
+            write_atomically(path, c.image)
+            save_record(path, record)
+            size = len(c.image)
+            now = identity(path)
+    finally:
+        for image in images:
+            image.close()
+    return Report(path, "installed", len(c.keys), c.changes.added, c.changes.removed,
+                  c.changes.changed, time.monotonic() - started, size, now, held=record.held)
 
 
 @contextlib.contextmanager
@@ -339,33 +339,35 @@ class LiveChanged(InstallError):
     """The live cdb is not the file an incremental build's delta applies to."""
 
 
-def install_delta(c: Candidate, path: str, *, expect: Ident | None, max_shrink: float,
-                  force: bool, lock_timeout: float, stop: threading.Event | None = None,
-                  started: float | None = None) -> Report:
-    """Install the Candidate of an incremental build: the previous list (whose file had
-    the identity ``expect``) with its changes applied.  The live file is neither read
-    nor compared: the changes are known.  The same ``judge`` as ``install``.  Raises
-    LiveChanged when someone else replaced the live file since."""
+def install_delta(make: Callable[[frozenset[bytes]], Candidate], path: str, *,
+                  expect: Ident | None, max_shrink: float, force: bool, lock_timeout: float,
+                  stop: threading.Event | None = None, started: float | None = None,
+                  intent: Intent = NO_INTENT) -> tuple[Report, Candidate]:
+    """Install the Candidate of an incremental build (``make(held)``: the previous list,
+    whose file had the identity ``expect``, with its changes applied, the ``held``
+    domains left as they were).  The live file is neither read nor compared: the
+    changes are known.  The same ``settle`` as ``install``.  Raises LiveChanged when
+    someone else replaced the live file since.  Returns the report and the candidate
+    installed."""
     started = time.monotonic() if started is None else started
     check_target(path)
     with locked(path, lock_timeout, stop):
         check_target(path)
         if expect is None or identity(path) != expect:
             raise LiveChanged("the live cdb is not the one the last build installed", path)
-        why = judge(c, read_sources(path), max_shrink, force)
-        if why:
-            raise InstallRefused(why, path)
+        c, record = settle(make, read_record(path), max_shrink, force, intent, path)
         remove_stale_temps(path)
         t0 = time.monotonic()
-        # straight into the temp file beside the live one (no image in memory: nothing
-        # to compare, the changes are known), fsynced and renamed as always
-        write_atomically(path, fill=lambda f: write_cdb(f, c.keys, c.rejects))
+        empty = not (c.changes.added or c.changes.removed or c.changes.changed)
+        if not empty:
+            # straight into the temp file beside the live one (no image in memory:
+            # nothing to compare, the changes are known), fsynced and renamed as always
+            write_atomically(path, fill=lambda f: write_cdb(f, c.keys, c.rejects))
         t1 = time.monotonic()
-        if c.sources is not None:
-            save_sources(path, c.sources)
+        save_record(path, record)
         now = identity(path)
     done = time.monotonic()
     size = now[2] if now is not None else 0
-    return Report(path, "installed", len(c.keys), c.changes.added, c.changes.removed,
-                  c.changes.changed, done - started, size, now,
-                  {"cdb": t1 - t0, "install": done - t1})
+    return Report(path, "unchanged" if empty else "installed", len(c.keys), c.changes.added,
+                  c.changes.removed, c.changes.changed, done - started, size, now,
+                  {"cdb": t1 - t0, "install": done - t1}, held=record.held), c

@@ -51,6 +51,8 @@ class Result:
     # install gate refuses a list in which one of them gave nothing where it gave some
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
     bare: bytes | None = None       # the envnoathost domain (its keys also come bare)
+    failed: dict[str, str] = field(default_factory=dict)   # domain -> its source's error
+    configured: frozenset[bytes] = frozenset()   # in locals or virtualdomains (the gate)
 
     def is_user_key(self, key: bytes) -> bool:
         """A key of this list that a local user's own files decide (by its origin)."""

@@ -27,7 +27,12 @@ The rules:
   its domain; when only such requests are due, the driver is asked whether the files
   still are what the list was built from (``CheckFiles``) and a build is skipped if so.
 * A failed build is retried after ``backoff`` (doubling from ``retry_min`` to
-  ``retry_max``); a safety-net full build runs ``interval`` after the last full one.
+  ``retry_max``), one that failed for want of disk space every ``SPACE_RETRY`` seconds
+  (the driver fails it at once while the disk is still full); a safety-net full build
+  runs ``interval`` after the last full one.
+* A domain held because its source failed (``Report.held``) is built again on its own
+  after the same backoff, until its source reads whole; a domain's hold is logged once
+  when it starts and once when it ends, and the status record lists every held domain.
 * The status file is rewritten after every build and when the pending count changes
   (at most once a second, at once when a build becomes held by the floor or stops
   being held); the live cdb is looked at every ``LIVE_CHECK`` seconds.
@@ -46,38 +51,14 @@ from .buildevents import (Action, Build, BuildDone, BuildOutcome, CheckFiles, Ch
 from .install import Report
 from .pollclock import PollClock
 from .retry import backoff
+from .window import Window, why as _why
+from .status import HEARTBEAT
 
 LIVE_CHECK = 0.25            # seconds between looks at the live cdb and its .sources file
 STATUS_EVERY = 1.0           # the pending count is written at most this often
 MAX_REASONS = 20             # reasons kept per kind of request (the log names 3 and a count)
 IDLE = 60.0                  # the longest wait for an event when nothing is due
-
-
-@dataclass
-class Window:
-    """Requests gathered until none came for ``quiet`` seconds, or ``max_delay`` after
-    the first: the one debounce rule, used for each kind of request."""
-    quiet: float
-    max_delay: float
-    first: float | None = None
-    last: float | None = None
-
-    def note(self, now: float) -> None:
-        self.first = now if self.first is None else self.first
-        self.last = now if self.last is None else max(self.last, now)
-
-    def due(self) -> float | None:
-        if self.first is None or self.last is None:
-            return None
-        return min(self.last + self.quiet, self.first + self.max_delay)
-
-    def clear(self) -> None:
-        self.first = self.last = None
-
-
-def _why(reasons: list[str]) -> str:
-    more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
-    return "; ".join(reasons[:3]) + more
+SPACE_RETRY = 1.0            # seconds between tries while the disk is full
 
 
 @dataclass
@@ -100,6 +81,9 @@ class Scheduler:
     last_seconds: float = 0.0            # and its duration
     failures: int = 0
     retry_at: float | None = None
+    held_domains: dict[str, Any] = field(default_factory=dict)   # domain -> Held, as last built
+    held_failures: int = 0
+    held_retry_at: float | None = None   # when to build the failed-source domains again
     builds: int = 0
     incremental_builds: int = 0
     status: dict[str, Any] = field(default_factory=dict)
@@ -220,15 +204,18 @@ class Scheduler:
 
     def next_deadline(self) -> float | None:
         """When to tick if no event comes first (None: nothing is due; wait for one)."""
+        beat = self.status_written + HEARTBEAT if self.status else None
         dues = [d for d in (self.full_due(), self.targeted_due(), self.retry_at,
-                            self.status_due, self.live_due, self.safety_due(), self.poll.due)
+                            self.held_retry_at, self.status_due, self.live_due,
+                            self.safety_due(), self.poll.due, beat)
                 if d is not None]
         return min(dues) if dues else None
 
     # ---- what is due
     def _tick(self, now: float, wall: float) -> list[Action]:
         actions: list[Action] = []
-        if self.status_due is not None and self.status_due <= now:
+        if self.status_due is not None and self.status_due <= now or \
+                self.status and self.status_written + HEARTBEAT <= now:
             actions.append(self._write_status(now))
         if self.live_due <= now:
             self.live_due = now + LIVE_CHECK
@@ -245,6 +232,11 @@ class Scheduler:
                            else self._build_targeted(now))
         elif self.retry_at is not None and self.retry_at <= now:
             actions.append(self._build_full([f"retry {self.failures}"]))
+        elif self.held_retry_at is not None and self.held_retry_at <= now:
+            self.held_retry_at = None
+            failed = sorted(d for d, h in self.held_domains.items() if h.failed)
+            self.why = _why([f"held domain retry {self.held_failures}: " + ", ".join(failed)])
+            actions.append(Build(self.why, frozenset(failed)))
         elif (safety := self.safety_due()) is not None and safety <= now:
             actions.append(self._build_full(["safety net"]))
         return actions
@@ -306,13 +298,14 @@ class Scheduler:
         record: dict[str, Any] = {"time": o.wall, "reason": self.why, "builds": self.builds}
         if o.report is None:
             self.failures += 1
-            delay = backoff(self.failures, self.timing.retry_min, self.timing.retry_max)
+            delay = SPACE_RETRY if o.space else \
+                backoff(self.failures, self.timing.retry_min, self.timing.retry_max)
             self.retry_at = o.ended + delay
             lines.append(f"build failed ({self.why}): {o.error}; live cdb kept; "
                          f"retry in {delay:g}s")
             record.update(result="failed", error=o.error, last_error=o.error, added=0,
                           removed=0, failures=self.failures,
-                          entries=self.status.get("entries"))
+                          entries=self.status.get("entries"), held=self.status.get("held"))
         else:
             actions += self._succeeded(o, o.report, record, lines)
         if "last_success" not in record and "last_success" in self.status:
@@ -346,6 +339,9 @@ class Scheduler:
                 f"{': ' + names if names else ''}]"
             record["phases"] = {k: round(v, 4) for k, v in report.phases.items()}
         lines.append(f"build ({self.why}): {report.line()}{scope}")
+        lines += self._holds(o, report)
+        record["held"] = {d: {"reason": h.reason, "since": h.since, "failed": h.failed}
+                          for d, h in sorted(self.held_domains.items())}
         changes = report.changes_line()
         if changes:
             lines.append(changes)
@@ -354,6 +350,23 @@ class Scheduler:
                       last_success=o.wall)
         # every install goes out; so does the first list (a receiver may be stale)
         return [Publish()] if report.status == "installed" or self.builds == 1 else []
+
+    def _holds(self, o: BuildOutcome, report: Report) -> list[str]:
+        """The held domains after this build: a line for each hold that starts or
+        ends; the failed-source ones are built again after the backoff."""
+        now = dict(report.held)
+        was = self.held_domains
+        lines = [h.line(d) for d, h in sorted(now.items())
+                 if d not in was or was[d].reason != h.reason]
+        lines += [f"{d}: no longer held" for d in sorted(was.keys() - now.keys())]
+        self.held_domains = now
+        if any(h.failed for h in now.values()):
+            self.held_failures += 1
+            self.held_retry_at = o.ended + backoff(self.held_failures, self.timing.retry_min,
+                                                   self.timing.retry_max)
+        else:
+            self.held_failures, self.held_retry_at = 0, None
+        return lines
 
     # ---- the status file
     def _count_pending(self, now: float, wall: float) -> None:

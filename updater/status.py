@@ -6,10 +6,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 from . import atomicfile
 from .errors import UpdaterError
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+
+HEARTBEAT = 30.0             # the daemon rewrites the status file at least this often
 
 
 def write(path: str, record: dict[str, Any], prom_file: str = "") -> None:
@@ -43,7 +50,9 @@ def prometheus_text(st: dict[str, Any]) -> str:
                     ("pending_requests", "build requests waiting now",
                      st.get("pending") or 0),
                     ("last_build_incremental", "1 if the last build redid only some domains",
-                     int(bool(st.get("incremental"))))):
+                     int(bool(st.get("incremental")))),
+                    ("held_domains", "domains keeping their last good entries (a source "
+                     "failed, or the gate doubts their new list)", len(st.get("held") or {}))):
                 yield GaugeMetricFamily(p + name, text, value=value)
             yield CounterMetricFamily(p + "builds", "builds since the daemon started",
                                       value=st.get("builds") or 0)
@@ -121,6 +130,9 @@ def describe(st: dict[str, Any]) -> list[str]:
             "%Y-%m-%d %H:%M:%S", time.localtime(st["last_success"])))
     if st.get("last_error"):
         lines.append(f"last error:   {shown(st['last_error'])}")
+    held: dict[str, Any] = st["held"] if isinstance(st.get("held"), dict) else {}
+    lines.append(f"held:         {len(held)} domain(s)" + (
+        ": " + ", ".join(shown(d) for d in sorted(held)[:10]) if held else ""))
     for spec, t in sorted((st.get("publish") or {}).items()):
         if not isinstance(t, dict):
             continue
@@ -133,3 +145,65 @@ def describe(st: dict[str, Any]) -> list[str]:
             state += f", last error: {shown(t['last_error'])}"
         lines.append(f"publish:      {shown(spec)}: {state}")
     return lines
+
+
+# --------------------------------------------------------------------------- qmail-updater status
+
+def status_settings(args: Any, settings: Settings) -> tuple[Settings, str]:
+    """The settings of the daemon ``status`` reports on, and where they came from:
+    flags or this environment when they name it; else ``--service``; else a running
+    daemon's own environment; else the usual service directories; else the defaults."""
+    from . import config, locate
+    from .errors import ConfigError
+    from .lock import daemon_holder
+    explicit = args.status or args.qmail_dir or any(
+        k in os.environ for k in ("UPDATER_STATUS", "QMAIL_DIR", "VALIDRCPTTO_CDB"))
+    if explicit and not args.service:
+        return settings, "this environment"
+    found = list(locate.service_envs(args.service)) if args.service else []
+    if not args.service:
+        if daemon_holder(settings.cdb + ".daemon"):
+            return settings, "the defaults"
+        found = [(f"pid {pid}", env) for pid, env in locate.running()]
+        found += list(locate.service_envs(None))
+    if not found:
+        if args.service:
+            raise ConfigError("no env directory with settings of ours here", args.service)
+        return settings, "the defaults"
+    where, env = found[0]
+    return config.load(args, {**locate.ours(os.environ), **env}), where
+
+
+def checks(settings: Settings, st: dict[str, Any] | None, where: str
+           ) -> tuple[str | None, list[str]]:
+    """(who runs the daemon, or None; every reason the status record is not the whole
+    truth): the daemon down, the live cdb missing, a domain held (from the live list's
+    own record, true even when the status file is stale), the status file not rewritten
+    while the daemon runs, a full disk."""
+    from .liverecord import read_record
+    from .lock import daemon_holder
+    running = daemon_holder((settings.cdb or "") + ".daemon")
+    problems = []
+    if not running:
+        problems.append(f"the daemon is not running (settings from {where})")
+    if not os.path.isfile(settings.cdb):
+        problems.append(f"{settings.cdb}: the live cdb is missing: every connection gets "
+                        "421 until a build writes it")
+    for domain, held in sorted(read_record(settings.cdb).held.items()):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.since))
+        problems.append(f"{held.line(domain)} (since {since})")
+    written = st.get("written") if st else None
+    if running and isinstance(written, (int, float)) and \
+            time.time() - written > 3 * HEARTBEAT:
+        problems.append(f"{settings.status}: not rewritten for {time.time() - written:.0f}s "
+                        "although the daemon runs: it cannot write there (disk full?)")
+    for path in sorted({os.path.dirname(os.path.abspath(p))
+                        for p in (settings.cdb, settings.status)}):
+        try:
+            fs = os.statvfs(path)
+        except OSError:
+            continue
+        if fs.f_bavail * fs.f_frsize < 1 << 20:
+            problems.append(f"{path}: the disk is full ({fs.f_bavail * fs.f_frsize} bytes "
+                            "free): builds fail until there is room")
+    return running, problems

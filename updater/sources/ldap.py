@@ -204,3 +204,23 @@ def search(conn: Any, settings: Settings, query: str, attrs: list[str],
         cookie = controls.get(PAGED, {}).get("value", {}).get("cookie")
         if not cookie:
             break
+
+
+def ldap_keys(settings: Settings, domains: list[str],
+              counts: dict[str, dict[str, int]] | None, failed: dict[str, str],
+              cache: LdapCache | None = None) -> Iterator[Found]:
+    """The LDAP domains' addresses; the directory failing fails each of them."""
+    try:
+        founds = ldap_entries(settings, domains, cache)
+    except SourceError as err:
+        failed.update(dict.fromkeys(domains, str(err)))
+        return
+    for found in founds:
+        if counts is not None:
+            for domain in domains:
+                counts.setdefault(domain, {})["ldap"] = 0
+            for key in found.keys:
+                domain = key.rpartition("@")[2]
+                if domain in counts:
+                    counts[domain]["ldap"] = counts[domain].get("ldap", 0) + 1
+        yield found

@@ -181,9 +181,21 @@ class MysqlUsers:
         self._single: dict[str, list[str]] | None = \
             self.cache.users if self.cache.complete else None
         self._db: Any = None
+        self._broken: SourceError | None = None   # the server failed: every domain at once
         self.aliases: dict[str, list[str]] | None = self.cache.aliases
 
     def _connect(self) -> Any:
+        """The connection; once it failed, the same error for every later domain of this
+        build (one connect timeout, not one per domain)."""
+        if self._broken is not None:
+            raise self._broken
+        try:
+            return self._open()
+        except SourceError as err:
+            self._broken = err
+            raise
+
+    def _open(self) -> Any:
         if self._db is None:
             import pymysql
             c = self.conn

@@ -1,0 +1,38 @@
+"""The daemon's directory polls (LDAP / Active Directory): ask what changed since the
+kept mark, in a thread of its own, and apply the answer to the kept entries in the main
+thread (``applied``: the domains it changed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .buildevents import DirectoryPolled
+from .config import Settings
+from .errors import UpdaterError
+from .sources.ldap import LdapCache
+
+
+def poll(settings: Settings, kept: LdapCache | None, full: bool) -> DirectoryPolled:
+    """The directory's answer as an event (a failure is one too: the list is kept)."""
+    from .sources import ldap
+    try:
+        mark = kept.mark if kept is not None else ""
+        if full or not mark:                    # no stamp seen: a full read
+            fresh = ldap.read_all(settings)
+            return DirectoryPolled(frozenset(), None, True, fresh.entries, fresh.mark)
+        updates, mark, _ = ldap.poll(settings, mark)
+        return DirectoryPolled(frozenset(), None, False, updates, mark)
+    except UpdaterError as err:
+        return DirectoryPolled(frozenset(), str(err), full)
+    except Exception as err:            # a bug: logged, the daemon goes on
+        return DirectoryPolled(frozenset(), f"internal error: {type(err).__name__}: {err}",
+                               full)
+
+
+def applied(kept: LdapCache | None, event: DirectoryPolled) -> DirectoryPolled:
+    """A poll's answer applied to the kept directory (the domains it changed)."""
+    from .sources.ldap import apply
+    if event.updates is None or kept is None:
+        return event
+    changed = apply(kept, event.updates, event.mark, whole=event.full)
+    return dataclasses.replace(event, domains=frozenset(changed), updates=None)
