@@ -436,6 +436,11 @@ class Slapd:
 
 @pytest.fixture(scope="module")
 def slapd(tmp_path_factory):
+    yield from running_slapd(tmp_path_factory)
+
+
+def running_slapd(tmp_path_factory):
+    """A slapd with the fixture's entries, for one test module."""
     server = Slapd(tmp_path_factory.mktemp("slapd"))
     server.start()
     subprocess.run([need("ldapadd"), "-x", "-H", server.uri, "-D", "cn=admin,dc=corp,dc=example",

@@ -165,10 +165,16 @@ def test_the_per_domain_rule():
     assert "no longer in rcpthosts but still in" in judge(5, 0, 5, served=False,
                                                           configured=True)[0]
     # a source that gave nothing where it gave some, remembered while not consulted
-    why, _ = judge(10, 9, 1, sources_old={"users": 303}, sources_new={"users": 0})
+    why, _ = judge(10, 9, 1, sources_old={"users": 303}, sources_new={"users": 0},
+                   removed=[b"x0@d"])
     assert why == "d: its vpopmail users are gone (303 last time, none now); did a source " \
         "return nothing?"
-    assert judge(10, 9, 1, sources_old={"users": 303}, sources_new={})[0] is None
+    assert judge(10, 9, 1, sources_old={"users": 303}, sources_new={}, removed=[b"x0@d"]
+                 )[0] is None
+    # narrowed, not lost (a catch-all back to mailboxes), but the vpasswd is empty now
+    assert judge(1, 1, 0, sources_old={"users": 30}, sources_new={"users": 0},
+                 removed=[b"@d"])[0] == "d: its vpopmail users are gone (30 last time, " \
+        "none now); did a source return nothing?"
 
 
 def test_carried_source_counts():

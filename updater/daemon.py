@@ -69,6 +69,7 @@ class Daemon:
         # ... and for the gate: whose removal is intended (None: too many to name)
         self.named: dict[str, frozenset[str] | None] = {}
         self.needs = 0                          # bytes a build needs after ENOSPC
+        self.status_failing = False
         self.stop_event = threading.Event()
         self.publisher: Publisher | None = None
         cdb = settings.cdb or ""
@@ -250,8 +251,14 @@ class Daemon:
             record["publish"] = self.publisher.report()
         try:
             status_file.write(self.s.status or "", record, self.s.prom_file)
-        except OSError as err:
-            self.log(f"cannot write the status file: {err}")
+        except OSError as err:             # one line until it works again
+            if not self.status_failing:
+                self.log(f"cannot write the status file: {err}")
+            self.status_failing = True
+        else:
+            if self.status_failing:
+                self.log("the status file is written again")
+            self.status_failing = False
 
     def feed(self, event: Event) -> None:
         """Hand one event to the scheduler and carry out what it says, answering the

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence, Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .checker import check
@@ -170,6 +170,7 @@ class DomainChange:
     configured: bool = False
     sources_old: dict[str, int] | None = None
     sources_new: dict[str, int] | None = None
+    removed: list[bytes] = field(default_factory=list)   # its keys gone from the list
 
 
 def excused(key: bytes, names: AbstractSet[bytes]) -> bool:
@@ -198,7 +199,8 @@ def judge_domain(domain: str, c: DomainChange, named: AbstractSet[bytes], peak: 
     why = None
     if unnamed and c.new == 0 and c.old:
         why = f"{domain} had {c.old} entries and now has none; did a source return nothing?"
-    elif unnamed and c.sources_old and c.sources_new is not None and \
+    elif any(not excused(k, named) for k in c.removed) and c.sources_old and \
+            c.sources_new is not None and \
             (gone := vanished(c.sources_old, c.sources_new)) is not None:
         why = f"{domain}: {gone}; did a source return nothing?"
     elif max_shrink > 0 and reference and loss >= MIN_LOSS and \

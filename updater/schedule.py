@@ -59,6 +59,7 @@ STATUS_EVERY = 1.0           # the pending count is written at most this often
 MAX_REASONS = 20             # reasons kept per kind of request (the log names 3 and a count)
 IDLE = 60.0                  # the longest wait for an event when nothing is due
 SPACE_RETRY = 1.0            # seconds between tries while the disk is full
+SPACE_LOG = 60               # ... of which every 60th is logged (and the first)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Scheduler:
     retry_at: float | None = None
     held_domains: dict[str, Any] = field(default_factory=dict)   # domain -> Held, as last built
     held_failures: int = 0
+    space_failures: int = 0              # builds failed in a row for want of space
     held_retry_at: float | None = None   # when to build the failed-source domains again
     builds: int = 0
     incremental_builds: int = 0
@@ -301,8 +303,11 @@ class Scheduler:
             delay = SPACE_RETRY if o.space else \
                 backoff(self.failures, self.timing.retry_min, self.timing.retry_max)
             self.retry_at = o.ended + delay
-            lines.append(f"build failed ({self.why}): {o.error}; live cdb kept; "
-                         f"retry in {delay:g}s")
+            self.space_failures = self.space_failures + 1 if o.space else 0
+            if self.space_failures <= 1 or self.space_failures % SPACE_LOG == 0:
+                again = f" ({self.space_failures} times)" if self.space_failures > 1 else ""
+                lines.append(f"build failed ({self.why}): {o.error}; live cdb kept; "
+                             f"retry in {delay:g}s{again}")
             record.update(result="failed", error=o.error, last_error=o.error, added=0,
                           removed=0, failures=self.failures,
                           entries=self.status.get("entries"), held=self.status.get("held"))
@@ -329,7 +334,9 @@ class Scheduler:
 
     def _succeeded(self, o: BuildOutcome, report: Report, record: dict[str, Any],
                    lines: list[str]) -> list[Action]:
-        self.failures, self.retry_at = 0, None
+        if self.space_failures:
+            lines.append(f"there is room again after {self.space_failures} failed build(s)")
+        self.failures, self.retry_at, self.space_failures = 0, None, 0
         scope = ""
         if o.redone is not None:
             self.incremental_builds += 1

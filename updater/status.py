@@ -197,13 +197,18 @@ def checks(settings: Settings, st: dict[str, Any] | None, where: str
             time.time() - written > 3 * HEARTBEAT:
         problems.append(f"{settings.status}: not rewritten for {time.time() - written:.0f}s "
                         "although the daemon runs: it cannot write there (disk full?)")
+    try:                                    # a build writes a new cdb beside the old one
+        need = os.stat(settings.cdb).st_size + (64 << 10)
+    except OSError:
+        need = 64 << 10
     for path in sorted({os.path.dirname(os.path.abspath(p))
                         for p in (settings.cdb, settings.status)}):
         try:
             fs = os.statvfs(path)
         except OSError:
             continue
-        if fs.f_bavail * fs.f_frsize < 1 << 20:
+        if fs.f_bavail * fs.f_frsize < need:
             problems.append(f"{path}: the disk is full ({fs.f_bavail * fs.f_frsize} bytes "
-                            "free): builds fail until there is room")
+                            f"free, a build needs about {need}): builds fail until there "
+                            "is room")
     return running, problems

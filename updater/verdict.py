@@ -103,6 +103,8 @@ def domain_changes(c: Candidate, lost_keys: list[bytes], live_sources: dict[str,
            for d in touched}
     for k in lost_keys:
         out[dom(k)].lost.append(k)
+    for k in c.removed:
+        out[dom(k)].removed.append(k)
     for d, change in out.items():
         name = d.decode(ENCODING, ERRORS)
         change.sources_old = live_sources.get(name)
@@ -171,6 +173,9 @@ def settle(make: Callable[[frozenset[bytes]], Candidate], record: LiveRecord,
     else:                           # a held domain keeps what its last good list had
         sources = {name: carried(record.sources.get(name), counts)
                    for name, counts in c.sources.items() if name not in held}
+        # a served domain no source was read for this time (a catch-all) keeps its counts
+        sources.update((name, counts) for name, counts in record.sources.items()
+                       if name not in sources and name.encode(ENCODING, ERRORS) in c.domains)
         sources.update((name, record.sources[name]) for name in held
                        if name in record.sources)
     return c, LiveRecord(sources, peaks, held)
