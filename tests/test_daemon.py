@@ -370,6 +370,25 @@ def test_fifo_flood_is_bounded_and_reasons_are_escaped(tree: Tree, running):
     assert not any("\x1b" in line for line in r.lines)
 
 
+def test_a_line_behind_a_burst_is_never_lost(tree: Tree, running):
+    """One write of a real onchange line followed by 128 others (more than one read
+    keeps): the change it stands for (here a local user's new .qmail file, which only
+    the FIFO tells about) is live, through the full build the lost bytes ask for."""
+    setup_tree(tree)
+    r = running()
+    (tree.root / "home/joe/.qmail-burst").write_text("./Maildir/\n")
+    burst = b"add_user joe@example.com - ''\n" + b"".join(
+        b"add_user other%03d@elsewhere.example - ''\n" % i for i in range(128))
+    assert len(burst) > 4096
+    fd = os.open(tree.qmail / "control/validrcptto.trigger", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        assert os.write(fd, burst) == len(burst)
+    finally:
+        os.close(fd)
+    wait_for(lambda: "joe-burst@example.com" in keys_of(tree.cdb), 5, "the change")
+    r.wait(r"build \(fifo: a burst of lines, some not read \(\d+ bytes\)")
+
+
 def test_status_reader_tolerates_a_partial_file(tree: Tree):
     status = tree.qmail / "control/validrcptto.status"
     for text in ('{"time": 17', "", "[]", '{"time": "x", "result": "ok", "seconds": 1}'):

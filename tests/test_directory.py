@@ -532,7 +532,8 @@ def test_ldap_poll_reads_only_what_changed(tree: Tree, slapd: Slapd):
                        "replace: proxyAddresses\nproxyAddresses: smtp:third@corp.example\n\n"
                        "dn: cn=User 4,ou=people,dc=corp,dc=example\nchangetype: modify\n"
                        "delete: mail\n-\ndelete: proxyAddresses\n\n")
-    updates, mark, searches = ldap.poll(s, cache.mark)
+    updates, mark, count = ldap.poll(s, cache.mark)
+    searches = count.searches
     assert {"cn=user 100,ou=people,dc=corp,dc=example", "cn=user 3,ou=people,dc=corp,dc=example",
             "cn=user 4,ou=people,dc=corp,dc=example"} <= set(updates)
     # (and the entries of the newest stamp's second: stamps are whole seconds, so a poll
@@ -592,6 +593,44 @@ def test_daemon_polls_ldap_and_keeps_the_list_when_it_is_down(tree: Tree, slapd:
         assert r.stop() == 0
         ldap_change(slapd, "dn: cn=User 200,ou=people,dc=corp,dc=example\n"
                            "changetype: delete\n\n")
+
+
+def test_an_entry_from_the_future_never_stops_the_polls(tree: Tree, slapd: Slapd):
+    """An entry stamped 2099 (set with the relax control, as a DC whose clock ran ahead
+    leaves it): logged once, the mark stays at the last true stamp, and an entry added
+    afterwards is live within a poll, not at the next full read."""
+    from helpers.daemon import Running
+    env = ldap_tree(tree, slapd)
+    future = ("dn: cn=User 5,ou=people,dc=corp,dc=example\nchangetype: modify\n"
+              "replace: modifyTimestamp\nmodifyTimestamp: 20991231000000Z\n\n")
+    subprocess.run([need("ldapmodify"), "-x", "-e", "relax", "-H", slapd.uri, "-D",
+                    "cn=admin,dc=corp,dc=example", "-w", PASSWORD], input=future, text=True,
+                   check=True, capture_output=True)
+    r = Running(tree, UPDATER_LDAP_POLL="0.5", UPDATER_LDAP_FULL="600", **env)
+    try:
+        r.wait(r"directory entry stamped in the future \(20991231000000Z\): "
+               r"cn=user 5,ou=people,dc=corp,dc=example", 5)
+        time.sleep(1.1)
+        ldap_change(slapd, user(300), "ldapadd")
+        wait_until(lambda: "u300@corp.example" in keys_of(tree.cdb), 5, "the new entry")
+        time.sleep(1)
+        assert r.count("stamped in the future") == 1
+    finally:
+        assert r.stop() == 0
+        ldap_change(slapd, "dn: cn=User 300,ou=people,dc=corp,dc=example\n"
+                           "changetype: delete\n\n")
+
+
+def test_ldap_later_rule():
+    from updater.sources.ldap import later, stamp_ceiling
+    ceiling = stamp_ceiling(0.0)
+    assert ceiling == "19700101000500Z"
+    future: dict[str, str] = {}
+    assert later("19700101000000Z", "19700101000400Z", "a", future, ceiling) == "19700101000400Z"
+    assert later("19700101000400Z", "20991231000000Z", "b", future, ceiling) == "19700101000400Z"
+    assert later("19700101000400Z", "20991231000000.5Z", "c", future, ceiling) == \
+        "19700101000400Z"
+    assert future == {"b": "20991231000000Z", "c": "20991231000000.5Z"}
 
 
 def test_ldap_change_stamps_never_become_filter_syntax():

@@ -286,13 +286,20 @@ def test_rcpthosts_changes_are_seen_without_a_signal(qdir):
                      5, "the new domain")
             assert policy(s, b"joe@new.example") == b"action=DUNNO\n\n"
             hosts = qdir / "control/rcpthosts"
-            hosts.write_text("exam")                # caught mid-write (its mtime kept young)
-            os.utime(hosts, (time.time() + 60, time.time() + 60))
-            wait_for(lambda: policy(s, b"nobody@new.example") and any(
-                "rcpthosts" in x and "being written" in x for x in pd.lines), 5,
-                "the torn file noticed")
-            assert policy(s, b"nobody@new.example").startswith(b"action=REJECT")
-            assert sum("being written" in x for x in pd.lines) == 1
+
+            def young(log: str) -> bool:            # the file kept being written
+                os.utime(hosts)
+                return policy(s, b"nobody@new.example").startswith(b"action=REJECT") and \
+                    any("rcpthosts" in x and log in x for x in pd.lines)
+            with open(hosts, "r+") as f:            # `cat new > rcpthosts`, step one: never
+                f.truncate(0)                       # DUNNO for an unknown mailbox of ours
+            wait_for(lambda: young("being written (emptied just now)"), 5, "the emptied file")
+            hosts.write_text("exam")                # caught mid-write
+            wait_for(lambda: young("being written (no final newline"), 5, "the torn file")
+            assert sum("being written" in x for x in pd.lines) == 2
+            os.utime(hosts, (time.time() + 60, time.time() + 60))   # from the future: taken
+            wait_for(lambda: policy(s, b"nobody@new.example") == b"action=DUNNO\n\n", 5,
+                     "a list whose mtime is in the future")
     finally:
         assert pd.stop() == 0
 

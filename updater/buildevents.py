@@ -4,7 +4,7 @@ connection."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .install import Report
@@ -78,6 +78,7 @@ class DirectoryPolled:
     full: bool = False
     updates: dict[str, list[str]] | None = None
     mark: str = ""
+    future: dict[str, str] = field(default_factory=dict)   # DN -> a stamp to come
 
 
 @dataclass(frozen=True)

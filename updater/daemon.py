@@ -87,11 +87,17 @@ class Daemon:
             FileChanged(f"{kind} {path}", path)), ignore)
 
     # ---- the FIFO
-    def fifo_events(self, data: bytes) -> None:
+    def fifo_events(self, data: bytes, dropped: int = 0) -> None:
         """One read of the FIFO: an onchange line naming its domain is a targeted
-        request; the other lines make one request for a full build."""
+        request; the other lines make one request for a full build.  A line never
+        goes silently: what a burst pushed out of the read (``dropped`` bytes, or the
+        lines past MAX_FIFO_LINES) becomes a full build request, which the FIFO floor
+        paces like any other."""
+        lines = data.split(b"\n")
+        if dropped:
+            lines = lines[1:]                   # the first one lost its beginning
         others = []
-        for raw in data.split(b"\n")[:MAX_FIFO_LINES]:
+        for raw in lines[:MAX_FIFO_LINES]:
             line = raw.strip()
             if not line:
                 continue
@@ -101,6 +107,9 @@ class Daemon:
                 self.events.put(Targeted("fifo: " + printable(line[:200]), *target))
             else:
                 others.append(line)
+        if dropped or len(lines) > MAX_FIFO_LINES:
+            others.insert(0, b"a burst of lines, some not read (%d bytes)" % (
+                dropped + sum(len(x) + 1 for x in lines[MAX_FIFO_LINES:])))
         if others or not data.strip():
             text = printable(b"; ".join(others)[:200])
             self.events.put(Requested("fifo: " + (text or "(empty)"), fifo=True))
@@ -115,9 +124,9 @@ class Daemon:
             try:
                 ready, _, _ = select.select([reader.fd], [], [], 1.0)
                 if ready:
-                    data = reader.read()
-                    if data:
-                        self.fifo_events(data)
+                    data, dropped = reader.read()
+                    if data or dropped:
+                        self.fifo_events(data, dropped)
                 reader.check()
             except (OSError, ValueError) as err:
                 self.log(f"trigger FIFO error: {err}; reopening")

@@ -19,9 +19,10 @@ def poll(settings: Settings, kept: LdapCache | None, full: bool) -> DirectoryPol
         mark = kept.mark if kept is not None else ""
         if full or not mark:                    # no stamp seen: a full read
             fresh = ldap.read_all(settings)
-            return DirectoryPolled(frozenset(), None, True, fresh.entries, fresh.mark)
-        updates, mark, _ = ldap.poll(settings, mark)
-        return DirectoryPolled(frozenset(), None, False, updates, mark)
+            return DirectoryPolled(frozenset(), None, True, fresh.entries, fresh.mark,
+                                   dict(fresh.future))
+        updates, mark, count = ldap.poll(settings, mark)
+        return DirectoryPolled(frozenset(), None, False, updates, mark, dict(count.future))
     except UpdaterError as err:
         return DirectoryPolled(frozenset(), str(err), full)
     except Exception as err:            # a bug: logged, the daemon goes on
@@ -35,4 +36,7 @@ def applied(kept: LdapCache | None, event: DirectoryPolled) -> DirectoryPolled:
     if event.updates is None or kept is None:
         return event
     changed = apply(kept, event.updates, event.mark, whole=event.full)
-    return dataclasses.replace(event, domains=frozenset(changed), updates=None)
+    fresh = {dn: s for dn, s in event.future.items() if kept.future.get(dn) != s}
+    kept.future.update(fresh)                     # each logged once
+    return dataclasses.replace(event, domains=frozenset(changed), updates=None,
+                               future=fresh)

@@ -163,13 +163,15 @@ class Reader:
             self.warn(f"{self.path} was removed or replaced: recreating the FIFO")
             self.open()
 
-    def read(self, keep: int = 4096, drain: int = 1 << 20) -> bytes:
+    def read(self, keep: int = 4096, drain: int = 1 << 20) -> tuple[bytes, int]:
         """What was written since the last call (many writes coalesce into one request):
         the last ``keep`` bytes of at most ``drain`` bytes read per call, so a writer
         that never stops (``cat /dev/zero > FIFO``) costs neither memory nor an endless
-        loop, and the newest trigger is the one kept; the rest is read at the next
-        wake-up.  NUL bytes carry nothing and are dropped."""
+        loop; the rest is read at the next wake-up.  NUL bytes carry nothing and are
+        dropped.  Returns (the bytes kept, how many others were dropped): a caller never
+        loses a trigger silently (the daemon turns a drop into a full build)."""
         kept = b""
+        dropped = 0
         total = 0
         while total < drain:
             try:
@@ -181,8 +183,10 @@ class Reader:
             total += len(chunk)
             chunk = chunk.replace(b"\0", b"")
             if chunk:
-                kept = (kept + chunk)[-keep:]
-        return kept
+                both = kept + chunk
+                dropped += max(0, len(both) - keep)
+                kept = both[-keep:]
+        return kept, dropped
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -116,6 +116,9 @@ class Scheduler:
         if isinstance(event, DirectoryPolled):
             line = self.poll.answered(event, now)
             out: list[Action] = [Log(line)] if line else []
+            out += [Log(f"directory entry stamped in the future ({stamp}): {dn}; polls "
+                        "keep asking from the last true stamp") for dn, stamp in
+                    sorted(event.future.items())[:10]]
             if not event.domains:
                 return out
             names = ", ".join(sorted(event.domains)[:3])

@@ -22,10 +22,6 @@ T = TypeVar("T")
 FileIdent = Ident | None
 
 
-def control_files(qmail_dir: str) -> list[str]:
-    return [os.path.join(qmail_dir, "control", name) for name in CONTROL_FILES]
-
-
 def file_ident(path: str) -> FileIdent:
     try:
         st = os.stat(path)
@@ -83,11 +79,17 @@ class Watched(Generic[T]):
         return fresh
 
     def _settled(self, idents: list[FileIdent]) -> None:
+        """A list caught mid-write keeps the last good copy: emptied in place (the first
+        step of ``cat new > rcpthosts``) or without its final newline, and changed less
+        than SETTLE seconds ago (an mtime in the future is not "being written": such a
+        file would never settle)."""
         for path, ident in zip(self.paths, idents):
-            if ident is None or ident[2] <= 0 or \
+            if ident is None or ident[2] < 0 or \
                     not path.endswith(("rcpthosts", "badmailfrom")):
                 continue
-            if time.time() - ident[3] / 1e9 < SETTLE:
+            if 0 <= time.time() - ident[3] / 1e9 < SETTLE:
+                if ident[2] == 0:
+                    raise ControlError(f"{path}: being written (emptied just now)")
                 try:                            # (never blocks: O_NONBLOCK)
                     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 except OSError:

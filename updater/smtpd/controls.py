@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..checker import CdbGetter, unusable
 from ..serving.controlfiles import ControlError, morercpthosts_path, readfile, readint, readline
@@ -14,26 +15,41 @@ from ..smtp.context import (DEFAULT_TIMEOUT, Controls, Lookup, peer_from_env, po
                             scan_ulong)
 from ..smtp.session import Session
 
-def read_controls(qmail_dir: str, env: Mapping[str, str]) -> Controls:
-    """qmail-smtpd's setup(); raises ControlError where it would die_control()."""
+READERS: dict[str, Callable[[str], Any]] = {
+    "me": readline, "smtpgreeting": readline, "localiphost": readline,
+    "timeoutsmtpd": lambda path: readint(path, DEFAULT_TIMEOUT), "rcpthosts": readfile,
+    "badmailfrom": readfile, "databytes": lambda path: readint(path, 0)}
+
+
+def read_file(qmail_dir: str, name: str) -> Any:
+    """One control file as qmail-smtpd reads it (``READERS``); ControlError if it cannot."""
+    return READERS[name](os.path.join(qmail_dir, "control", name))
+
+
+def read_controls(qmail_dir: str, env: Mapping[str, str],
+                  files: Callable[[str], Any] | None = None) -> Controls:
+    """qmail-smtpd's setup(); raises ControlError where it would die_control().
+    ``files(name)``: each file's value (``read_file``; a long-running server hands in
+    each file's own last good copy)."""
     control = os.path.join(qmail_dir, "control")
-    me = readline(os.path.join(control, "me"))
-    greeting = readline(os.path.join(control, "smtpgreeting"))
+    get = files or (lambda name: read_file(qmail_dir, name))
+    me = get("me")
+    greeting = get("smtpgreeting")
     if greeting is None:
         greeting = me
     if greeting is None:
         raise ControlError(f"{control}/me: missing (and no smtpgreeting)")
-    liphost = readline(os.path.join(control, "localiphost"))
+    liphost = get("localiphost")
     if liphost is None:
         liphost = me
-    timeout = readint(os.path.join(control, "timeoutsmtpd"), DEFAULT_TIMEOUT) & 0xFFFFFFFF
+    timeout = get("timeoutsmtpd") & 0xFFFFFFFF
     if timeout >= 1 << 31:
         timeout -= 1 << 32                      # C: int
     if timeout <= 0:
         timeout = 1
-    rcpthosts = readfile(os.path.join(control, "rcpthosts"))
-    bmf = readfile(os.path.join(control, "badmailfrom"))
-    databytes = with_databytes(readint(os.path.join(control, "databytes"), 0), env)
+    rcpthosts = get("rcpthosts")
+    bmf = get("badmailfrom")
+    databytes = with_databytes(get("databytes"), env)
     return Controls(
         greeting=greeting, liphost=liphost,
         rcpthosts=None if rcpthosts is None else frozenset(h.lower() for h in rcpthosts),

@@ -16,8 +16,8 @@ from ..serving.cdbfile import CdbCache
 from ..serving.child import LIVE
 from .connection import SmtpProtocol
 from ..serving.controlfiles import ControlError, morercpthosts_path
-from .controls import IpMe, read_controls
-from ..serving.watched import Watched, control_files
+from .controls import IpMe, read_controls, read_file
+from ..serving.watched import CONTROL_FILES, Watched
 from .logline import log
 from ..serving.metrics import Metrics
 from .options import Options
@@ -42,8 +42,10 @@ class Worker:
         # tcpserver's children get its environment, less what it sets per connection
         self.base_env = {k: v for k, v in os.environ.items()
                          if not k.startswith("TCP") and k not in ("RELAYCLIENT", "PROTO")}
-        self.controls = Watched(control_files(opts.qmail_dir),
-                                lambda: read_controls(opts.qmail_dir, {}), log, "controls")
+        # each control file its own last good copy: one that cannot be read (or is
+        # being written) keeps its own, and never holds back a change to another
+        self.files = {name: watched_file(opts.qmail_dir, name) for name in CONTROL_FILES}
+        self.composed: tuple[tuple[Any, ...], Controls] | None = None
         self.cdbs: dict[str, CdbCache] = {}
         self.rules = CdbCache(opts.rules, log, strict=True) if opts.rules else None
         from .secure import checkpassword_argv, timeout_of
@@ -58,9 +60,19 @@ class Worker:
         self.rules_dropped = 0                    # connections dropped for unreadable rules
         self.rules_logged = float("-inf")
 
+    def current_controls(self) -> Controls:
+        """The controls from each file's current copy, composed again only when one of
+        them was read again (ControlError where qmail-smtpd would die_control)."""
+        values = tuple(self.files[n].current() for n in CONTROL_FILES)
+        if self.composed is None or any(a is not b for a, b in zip(values, self.composed[0])):
+            got = dict(zip(CONTROL_FILES, values))
+            self.composed = (values, read_controls(self.o.qmail_dir, {}, got.__getitem__))
+        return self.composed[1]
+
     def reload(self) -> None:
         """SIGHUP: controls and rules are read again at the next connection."""
-        self.controls.forget()
+        for w in self.files.values():
+            w.forget()
         for c in self.cdbs.values():
             c.forget()
         if self.rules is not None:
@@ -119,7 +131,7 @@ class Worker:
               ) -> tuple[Controls, CdbGetter | None, CdbGetter | None]:
         """qmail-smtpd's setup(): (controls, validrcptto, morercpthosts); ControlError."""
         try:
-            controls = self.controls.current()  # (DATABYTES: open_session applies it)
+            controls = self.current_controls()  # (DATABYTES: open_session applies it)
             cdb = self.cdb(env["VALIDRCPTTO_CDB"], shown=True) \
                 if env.get("VALIDRCPTTO_CDB") else None
             more = None
@@ -184,3 +196,8 @@ def run_worker(opts: Options, sock: socket.socket, limits: Limits, metrics: Metr
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def watched_file(qmail_dir: str, name: str) -> Watched[Any]:
+    path = os.path.join(qmail_dir, "control", name)
+    return Watched([path], lambda: read_file(qmail_dir, name), log, name)

@@ -54,6 +54,7 @@ class LdapCache:
     outright is only noticed by the next full read (OpenLDAP keeps no tombstones)."""
     entries: dict[str, list[str]] = field(default_factory=dict)     # DN -> addresses
     mark: str = ""                                                  # generalized time
+    future: dict[str, str] = field(default_factory=dict)            # DN -> a stamp to come
     complete: bool = False                                          # a full read filled it
     searches: int = 0                                               # (tests, benchmarks)
 
@@ -82,21 +83,43 @@ def read_all(settings: Settings) -> LdapCache:
     """Every entry the filter selects, with its addresses (a paged search)."""
     out = LdapCache()
     key = settings.ldap_stamp
+    ceiling = stamp_ceiling()
     with session(settings) as (conn, attrs):
         for dn, values in search(conn, settings, settings.ldap_filter, attrs + [key], out):
             out.entries[dn] = addresses(values, attrs)
-            out.mark = max(out.mark, stamp(values, key))
+            out.mark = later(out.mark, stamp(values, key), dn, out.future, ceiling)
     out.complete = True
     return out
+
+
+FUTURE_MARGIN = 300.0   # seconds a directory's clock may run ahead of ours
+
+
+def stamp_ceiling(now: float | None = None) -> str:
+    """The latest change stamp a poll's mark may take: our clock plus FUTURE_MARGIN."""
+    import time
+    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime((time.time() if now is None else now) + FUTURE_MARGIN))
+
+
+def later(mark: str, seen: str, dn: str, future: dict[str, str], ceiling: str) -> str:
+    """The mark after an entry stamped ``seen`` (pure): the newer of the two, unless
+    ``seen`` lies past ``ceiling`` (an entry from the future, or a server whose clock
+    runs ahead): that one is noted in ``future`` and never moves the mark, so the polls
+    that follow still ask for everything changed since the last true stamp."""
+    if seen[:14] > ceiling[:14]:
+        future[dn] = seen
+        return mark
+    return max(mark, seen)
 
 
 Updates = dict[str, list[str]]          # DN -> its addresses now ([]: gone)
 
 
-def poll(settings: Settings, mark: str) -> tuple[Updates, str, int]:
+def poll(settings: Settings, mark: str) -> tuple[Updates, str, LdapCache]:
     """What changed in the directory since ``mark`` (a change stamp): the entries the
     filter selects that changed since (their addresses now), and those changed since
-    that it no longer selects (gone); the new mark; the searches made.  Pure of the
+    that it no longer selects (gone); the new mark; what it counted (``searches``, the
+    entries stamped in the ``future``, which ``later`` keeps out of the mark).  Pure of the
     cache, so it can run beside a build.  The cost follows the changes, not the
     directory's size, where ``modifyTimestamp`` is indexed (OpenLDAP: ``index
     modifyTimestamp eq``; Active Directory indexes its own change stamps)."""
@@ -104,16 +127,17 @@ def poll(settings: Settings, mark: str) -> tuple[Updates, str, int]:
     since = f"({key}>={mark or '19700101000000Z'})"
     updates: Updates = {}
     count = LdapCache()
+    ceiling = stamp_ceiling()
     with session(settings) as (conn, attrs):
         for dn, values in search(conn, settings, f"(&{settings.ldap_filter}{since})",
                                  attrs + [key], count):
             updates[dn] = addresses(values, attrs)
-            mark = max(mark, stamp(values, key))
+            mark = later(mark, stamp(values, key), dn, count.future, ceiling)
         for dn, values in search(conn, settings, f"(&(!{settings.ldap_filter}){since})",
                                  [key], count):
             updates.setdefault(dn, [])
-            mark = max(mark, stamp(values, key))
-    return updates, mark, count.searches
+            mark = later(mark, stamp(values, key), dn, count.future, ceiling)
+    return updates, mark, count
 
 
 def apply(cache: LdapCache, updates: Updates, mark: str, whole: bool = False) -> set[str]:
