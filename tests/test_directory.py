@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers.tools import need
+from helpers.tools import need, script
 
 from helpers.tree import Tree, keys_of
 from helpers.net import free_port
@@ -296,6 +296,32 @@ GRANT SELECT ON vpopsplit.one_example TO 'halfsplit'@'%';
                     UPDATER_MYSQL_VALIAS="no")
     assert done.returncode == 1
     assert "table two_b_example: access denied for user 'halfsplit'" in done.stderr
+
+
+def test_mysql_alias_domain_mailboxes_are_its_real_domains(mariadb: MariaDB):
+    """``vaddaliasdomain alias.example one.example`` (the real vpopmail 5.6 tool writes
+    ``+alias.example-:one.example:...`` to users/assign): on MySQL the alias domain's
+    mailboxes are one.example's rows, asked for by the real domain as vget_assign does,
+    in both layouts."""
+    from helpers.vpopmail import Vpopmail
+    vp = Vpopmail("5.6.13")
+    vp.tool("vadddomain", "one.example", "pw", daemon=False)
+    vp.domain_dir("one.example").joinpath(".qmail-default").write_text(
+        f"| {vp.vpop / 'bin'}/vdelivermail '' bounce-no-mailbox\n")
+    vp.tool("vaddaliasdomain", "alias.example", "one.example", daemon=False)
+    assert "+alias.example-:one.example:" in (vp.qmail / "users/assign").read_text()
+    (vp.vpop / "etc").mkdir(exist_ok=True)
+    (vp.vpop / "etc/vpopmail.mysql").write_text(
+        f"127.0.0.1|{mariadb.port}|vpop|{PASSWORD}|vpopmail\n")
+    for database, mailboxes in (("vpopmail", ("ann", "bob", "info")),
+                                ("vpopsplit", ("split1", "split2"))):
+        vp.reset_cdb()                          # (a list of its own for each database)
+        done = subprocess.run([script("qmail-updater"), "build", "--mysql"], env=vp.env(
+            UPDATER_MYSQL_DATABASE=database), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        for name in mailboxes:
+            assert vp.accepts(f"{name}@one.example", f"{name}@alias.example"), name
+        assert vp.refuses("nobody@alias.example", "locked@alias.example")
 
 
 def test_mysql_localhost_means_the_socket(tree: Tree, mariadb: MariaDB, tmp_path: Path):

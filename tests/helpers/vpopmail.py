@@ -66,6 +66,9 @@ class Vpopmail:
         hook = self.vpop / "etc/onchange"
         shutil.copy(ROOT / "service/onchange", hook)
         hook.chmod(0o755)
+        self.reset_cdb()
+
+    def reset_cdb(self) -> None:
         for stale in self.qmail.glob("control/validrcptto*"):
             stale.unlink()
 

@@ -10,15 +10,19 @@ fastforward file accepts at a domain.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import SourceError
 from ..inputs import Inputs, dotqmail_files
 from ..dotqmail import bounces, fastforward_cdb, runs
-from ..qmail import ENCODING, ERRORS, Account, UsersDb, cdb_keys, list_dir, read_bytes
+from ..qmail import (ENCODING, ERRORS, Account, UsersDb, cdb_keys, list_dir, lower_ascii,
+                     read_bytes)
 from ..routing import Accepts, Rule
 from .vpopmail import check_names
+
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 
 HEAD = 1 << 20          # bytes of a .qmail file read to see what it runs
 
@@ -133,13 +137,17 @@ class DiskView:
         for name in ("vpasswd", "vpasswd.cdb"):  # (named even for MySQL: alias domains
             self.tracer.touch(os.path.join(home, name))     # share it with their domain)
         assert self.users_of is not None
-        origin, names = self.users_of(home, domain)
+        # the domain vpopmail keeps the users under, as vget_assign finds it: the user
+        # field of users/assign (``+alias.example-:real.example:...``, as vaddaliasdomain
+        # writes it), so an alias domain's mailboxes are its real domain's
+        real = lower_ascii(entry.user) if _DOMAIN_NAME.fullmatch(entry.user or "") else domain
+        origin, names = self.users_of(home, real)
         if names and isinstance(names[0], bytes):
             names = check_names(names, origin, self.warn)
         groups = [(origin, names)]
         everyone = list(names)
         if self.aliases_of is not None:                 # counted even when empty
-            aliases = self.aliases_of(domain) or []
+            aliases = self.aliases_of(real) or []
             groups.append((origin.rsplit(" table ", 1)[0] + " table valias", aliases))
             everyone += aliases
         return Accepts(origin, groups, _lazy_set(everyone), self.qmail_ext)
