@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need, CI
+from helpers.tools import need, script, CI
 from helpers.net import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -161,3 +161,44 @@ def test_the_readme_deploy_block_as_written(tmp_path: Path):
         scan.wait(10)
         time.sleep(1)
         shutil.rmtree(tmp_path / "venv", ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not CI, reason="planting as another uid needs root")
+def test_the_hook_is_never_installed_through_a_planted_link(tmp_path: Path):
+    """Deploy's step 6 as root in ~vpopmail/etc, which the vpopmail user owns: a link
+    it planted as the hook (to a file of root's, or dangling) is replaced, never written
+    through; nothing appears where a dangling link points; a rerun changes nothing."""
+    setpriv = need("setpriv")
+    etc = tmp_path / "vpopmail/etc"
+    etc.mkdir(parents=True)
+    for p in [tmp_path, *tmp_path.parents]:
+        if p in (Path("/tmp"), Path("/")):
+            break
+        p.chmod(p.stat().st_mode | 0o711)
+    os.chown(etc, 65534, 65534)                     # the vpopmail user's own directory
+    precious = tmp_path / "precious"
+    precious.write_text("root's file\n")
+    precious.chmod(0o600)
+    nowhere = tmp_path / "created-through-a-link"
+    hook = etc / "onchange"
+
+    def plant(target: Path) -> None:
+        subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "ln", "-sfn", str(target), str(hook)], check=True)
+
+    def install() -> subprocess.CompletedProcess:
+        return subprocess.run([script("qmail-updater"), "install-hook", "--fifo",
+                               "/var/qmail/control/validrcptto.trigger",
+                               str(TOP / "service/onchange"), str(hook)],
+                              capture_output=True, text=True, timeout=60)
+    for target in (precious, nowhere):
+        plant(target)
+        done = install()
+        assert done.returncode == 0 and done.stdout == f"installed {hook}\n", done.stderr
+        assert precious.read_text() == "root's file\n" and precious.stat().st_mode & 0o777 == 0o600
+        assert not nowhere.exists()
+        st = hook.lstat()
+        assert not hook.is_symlink() and st.st_mode & 0o777 == 0o755 and st.st_uid == 0
+        assert 'FIFO="${UPDATER_FIFO:-/var/qmail/control/validrcptto.trigger}"' in hook.read_text()
+    assert install().stdout == f"unchanged {hook}\n"
+    assert [n for n in os.listdir(etc) if n != "onchange"] == []      # no temp file left

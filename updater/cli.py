@@ -222,6 +222,13 @@ def add_service_commands(sub: Any) -> None:
     rp.add_argument("logfile", nargs="+", help="multilog files (current, @*.s)")
     rp.set_defaults(func=cmd_report)
 
+    h = sub.add_parser("install-hook", help="install vpopmail's onchange hook (as root, "
+                       "never through a planted link)")
+    h.add_argument("--fifo", required=True, help="the daemon's trigger FIFO")
+    h.add_argument("template", help="the shipped hook (service/onchange)")
+    h.add_argument("path", help="where it goes (~vpopmail/etc/onchange)")
+    h.set_defaults(func=cmd_install_hook)
+
     st = sub.add_parser("status", help="what the daemon's last build did")
     st.add_argument("--status", help="the status file [$UPDATER_STATUS]")
     st.add_argument("--qmail-dir", dest="qmail_dir", help="qmail's home [$QMAIL_DIR]")
@@ -247,6 +254,13 @@ def cmd_report(args: argparse.Namespace, settings: config.Settings) -> int:
             log(f"{path}: cannot read: {err.strerror or err}")
             return EXIT_FAIL
     out(report.lines(args.top))
+    return EXIT_OK
+
+
+def cmd_install_hook(args: argparse.Namespace, settings: config.Settings) -> int:
+    from .hook import install_hook
+    out([("installed " if install_hook(args.template, args.fifo, args.path) else "unchanged ")
+         + args.path])
     return EXIT_OK
 
 

@@ -98,7 +98,8 @@ FUTURE_MARGIN = 300.0   # seconds a directory's clock may run ahead of ours
 def stamp_ceiling(now: float | None = None) -> str:
     """The latest change stamp a poll's mark may take: our clock plus FUTURE_MARGIN."""
     import time
-    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime((time.time() if now is None else now) + FUTURE_MARGIN))
+    when = (time.time() if now is None else now) + FUTURE_MARGIN
+    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(when))
 
 
 def later(mark: str, seen: str, dn: str, future: dict[str, str], ceiling: str) -> str:
