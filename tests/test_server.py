@@ -18,7 +18,7 @@ import pytest
 
 from helpers.tools import need, script, BIN, CI
 from helpers.net import free_port
-from helpers.smtp_client import make_cdb, smtp_tree, Client, Server, T1
+from helpers.smtp_client import make_cdb, smtp_tree, children, Client, Server, T1
 from helpers.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -290,6 +290,42 @@ def test_sigterm_drains_sessions_then_421(env):
     assert srv.proc.wait(10) == 0
     assert 1.5 <= time.monotonic() - started < 6
     assert "Traceback" not in srv.log()
+
+
+def test_workers_end_with_a_master_killed_by_sigkill(env):
+    """``kill -9`` of the master under load: its workers get SIGTERM from the kernel,
+    finish the sessions they hold within the grace period, and end; none is left
+    accepting beside the next master's."""
+    srv = Server(env, "--workers", "2", "--grace", "2")
+    try:
+        kids = wait_for(lambda: [int(p) for p, _ in children(srv.proc.pid)] if len(
+            children(srv.proc.pid)) == 2 else None, 10, "two workers")
+        busy = [srv.connect() for _ in range(6)]
+        for c in busy:
+            relayed(c)
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait(10)
+        killed = time.monotonic()
+        for c in busy:                          # a session in progress is finished
+            assert c.cmd("RCPT TO:<joe@example.com>") in (
+                b"250 ok\r\n", b"421 service shutting down, closing transmission channel\r\n",
+                b""), "a session dropped without a word"
+
+        def gone(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+            except OSError:
+                return True
+        wait_for(lambda: all(gone(p) for p in kids), 6, "the workers to end")
+        assert time.monotonic() - killed < 2 + 3
+        with pytest.raises(OSError):
+            srv.connect()                       # nobody is accepting on the port
+    finally:
+        for p in kids if "kids" in locals() else []:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_user_workers_and_ipv6(env, tmp_path):

@@ -143,3 +143,20 @@ def spawn(program: str, argv: list[str], env: dict[str, str],
           file_actions: list[tuple[int, ...]]) -> Child:
     """posix_spawn (no fork of the big worker, no helper thread); OSError as it raises."""
     return Child(os.posix_spawn(program, argv, env, file_actions=file_actions))
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """In a forked worker: have the kernel send ``sig`` when the process that forked it
+    ends, however it ends (``kill -9`` of the master included), so no worker outlives
+    its master and keeps serving beside the next one's; SIGTERM lets the worker finish
+    its sessions within the grace period.  If the master is already gone (it died
+    between the fork and this call), exit now."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:
+        os._exit(0)

@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any
 
+from ..serving.child import end_with_parent
 from ..serving.privileges import become
 from ..serving.anvil import Limits
 from .logline import PROG, log
@@ -56,11 +57,14 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
     children: dict[int, int] = {}                    # pid -> index of its socket (-1: metrics)
     stopping = [False]
 
+    master = os.getpid()
+
     def start(i: int) -> None:
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            end_with_parent(master)             # a master gone (kill -9): SIGTERM
             if i == -1:
                 for s in socks:
                     s.close()
