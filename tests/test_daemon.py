@@ -236,25 +236,30 @@ def test_onchange_ignores_the_before_stage(tree: Tree, running):
 
 def test_a_failing_source_holds_its_domain_and_the_others_go_on(tree: Tree):
     """One vpopmail domain's directory unreadable: that domain keeps its last good
-    entries, a local user's new address goes live beside it, status names the held
-    domain (exit 1), the domain is retried on its own with backoff and clears by itself
-    when it is readable again."""
+    entries (and so does the local domain, whose users/assign prefixes reach into it),
+    another vpopmail domain's new mailbox goes live beside it, status names the held
+    domains (exit 1), they are retried on their own with backoff and clear by
+    themselves when the directory is readable again."""
     d = setup_tree(tree)
+    tree.control("rcpthosts", "example.com\nvpop.example\nother.example\n")
+    tree.control("virtualdomains", "vpop.example:vpop.example\nother.example:other.example\n")
+    other = tree.vpop_domain("other.example", users=("ann",))
     r = Running(tree, prefix=without_dac_override())
     try:
         d.chmod(0)
-        (tree.root / "home/joe/.qmail-later").write_text("x\n")
         subprocess.run([script("qmail-updater"), "trigger", "breaks"], env=tree.env(), check=True)
         r.wait(r"held vpop.example \(its source fails, last good entries kept\): .*cannot "
                r"read directory: Permission denied", 10)
-        wait_for(lambda: "joe-later@example.com" in keys_of(tree.cdb), 5, "the new address")
-        assert {"u0@vpop.example", "u2@vpop.example"} <= keys_of(tree.cdb)
-        r.wait(r"build \(held domain retry 1: vpop.example\): unchanged .*1 domain\(s\) held", 10)
+        (other / "vpasswd").write_text("ann:x:1:0::/d/ann:NOQUOTA\nnew:x:1:0::/d/new:NOQUOTA\n")
+        wait_for(lambda: "new@other.example" in keys_of(tree.cdb), 5, "the new mailbox")
+        assert {"u0@vpop.example", "u2@vpop.example", "joe@example.com"} <= keys_of(tree.cdb)
+        r.wait(r"build \(held domain retry \d+: example.com, vpop.example\): unchanged .*2 "
+               r"domain\(s\) held", 10)
         assert r.proc.poll() is None and r.count("build failed") == 0
         done = subprocess.run([script("qmail-updater"), "status"], env=tree.env(),
                               capture_output=True, text=True)
         assert done.returncode == 1
-        assert "held:         1 domain(s): vpop.example" in done.stdout
+        assert "held:         2 domain(s): example.com, vpop.example" in done.stdout
         assert "qmail-updater: held vpop.example (its source fails" in done.stderr
         d.chmod(0o755)
         r.wait(r"^qmail-updater: vpop.example: no longer held", 10)

@@ -37,7 +37,7 @@ from .incremental import Snapshot
 from .sources.mysql import Rows
 from .inputs import Inputs
 from .ident import Ident, identity
-from .install import LiveChanged, Report, install_result
+from .install import LiveChanged, Report, install_result, no_room
 from .liverecord import sources_path
 from .verdict import Intent
 from .onchange import onchange_target
@@ -196,7 +196,7 @@ class Daemon:
         wall, started = time.time(), time.monotonic()
         lines: list[str] = []
         try:
-            full_disk = self.still_full()
+            full_disk = no_room(self.s.cdb, self.needs) if self.needs else None
             if full_disk:
                 raise InstallError(full_disk, self.s.cdb, errno=ENOSPC)
             report, redone = self.run_build(domains, lines)
@@ -204,7 +204,8 @@ class Daemon:
             text = str(err) if isinstance(err, UpdaterError) else \
                 f"internal error: {type(err).__name__}: {err}"
             space = getattr(err, "errno", None) == ENOSPC
-            self.needs = (self.needs or self.cdb_size() * 2 or 1) if space else 0
+            size = identity(self.s.cdb)
+            self.needs = (self.needs or (size[2] if size else 0) * 2 or 1) if space else 0
             outcome = BuildOutcome(started, time.monotonic(), wall,
                                    error=text.strip() or type(err).__name__,
                                    lines=tuple(lines), space=space)
@@ -214,26 +215,6 @@ class Daemon:
                                    tuple(lines))
         self.live = self.live_files()
         return outcome
-
-    def cdb_size(self) -> int:
-        st = identity(self.s.cdb or "")
-        return st[2] if st is not None else 0
-
-    def still_full(self) -> str | None:
-        """After a build failed for want of space: the reason to fail again at once, as
-        long as the cdb's file system still has less room than it needs (the retries
-        come every second, so a freed disk is used within a second, and a full one
-        costs a statvfs, not a build)."""
-        if not self.needs:
-            return None
-        try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(self.s.cdb or ".")))
-        except OSError:
-            return None
-        free = st.f_bavail * st.f_frsize
-        if free >= self.needs:
-            return None
-        return f"no space left on the device ({free} bytes free, about {self.needs} needed)"
 
     # ---- the live files
     def live_files(self) -> tuple[Ident | None, Ident | None]:

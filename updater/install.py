@@ -371,3 +371,17 @@ def install_delta(make: Callable[[frozenset[bytes]], Candidate], path: str, *,
     return Report(path, "unchanged" if empty else "installed", len(c.keys), c.changes.added,
                   c.changes.removed, c.changes.changed, done - started, size, now,
                   {"cdb": t1 - t0, "install": done - t1}, held=record.held), c
+
+
+def no_room(path: str, needs: int) -> str | None:
+    """Why an install at ``path`` cannot be tried yet: its file system has fewer than
+    ``needs`` bytes free (after ENOSPC the daemon asks this every second, so a freed
+    disk is used within a second and a full one costs a statvfs, not a build)."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path or ".")))
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free >= needs:
+        return None
+    return f"no space left on the device ({free} bytes free, about {needs} needed)"

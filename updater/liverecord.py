@@ -41,6 +41,13 @@ class Held:
         return f"held {domain} ({what}, last good entries kept): {self.reason}"
 
 
+def hold_changes(was: dict[str, Held], now: dict[str, Held]) -> list[str]:
+    """A line for each hold that starts (or whose reason changed) and each that ends."""
+    lines = [h.line(d) for d, h in sorted(now.items())
+             if d not in was or was[d].reason != h.reason]
+    return lines + [f"{d}: no longer held" for d in sorted(was.keys() - now.keys())]
+
+
 @dataclass
 class LiveRecord:
     """What the live list was made from, per domain (``sources_path``)."""

@@ -31,19 +31,22 @@ class PollClock:
         self.due = None
         return PollDirectory(self.full_due is not None and self.full_due <= now)
 
-    def answered(self, ev: DirectoryPolled, now: float) -> str | None:
-        """Schedules the next poll; a line to log, if any."""
+    def answered(self, ev: DirectoryPolled, now: float) -> list[str]:
+        """Schedules the next poll; the lines to log (a failure once, the recovery, each
+        entry stamped in the future the first time it is seen: at most 10)."""
         poll = self.timing.directory_poll
         if ev.error is not None:
             self.failures += 1
             delay = backoff(self.failures, poll, max(poll, 300.0))
             self.due = now + delay
             if self.failures == 1:
-                return f"directory poll failed: {ev.error}; list kept; retry in {delay:g}s"
-            return None
-        line = f"directory poll works again after {self.failures} failure(s)" \
-            if self.failures else None
+                return [f"directory poll failed: {ev.error}; list kept; retry in {delay:g}s"]
+            return []
+        lines = [f"directory poll works again after {self.failures} failure(s)"] \
+            if self.failures else []
+        lines += [f"directory entry stamped in the future ({stamp}): {dn}; polls keep "
+                  "asking from the last true stamp" for dn, stamp in sorted(ev.future.items())[:10]]
         self.failures, self.due = 0, now + poll
         if ev.full:
             self.full_due = now + self.timing.directory_full
-        return line
+        return lines

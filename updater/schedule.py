@@ -26,16 +26,14 @@ The rules:
 * A watched file's request is settled by any build that starts after it and redoes
   its domain; when only such requests are due, the driver is asked whether the files
   still are what the list was built from (``CheckFiles``) and a build is skipped if so.
-* A failed build is retried after ``backoff`` (doubling from ``retry_min`` to
-  ``retry_max``), one that failed for want of disk space every ``SPACE_RETRY`` seconds
-  (the driver fails it at once while the disk is still full); a safety-net full build
-  runs ``interval`` after the last full one.
-* A domain held because its source failed (``Report.held``) is built again on its own
-  after the same backoff, until its source reads whole; a domain's hold is logged once
-  when it starts and once when it ends, and the status record lists every held domain.
-* The status file is rewritten after every build and when the pending count changes
-  (at most once a second, at once when a build becomes held by the floor or stops
-  being held); the live cdb is looked at every ``LIVE_CHECK`` seconds.
+* A failed build is retried after ``backoff`` (``retry_min`` doubling to ``retry_max``),
+  after ``SPACE_RETRY`` seconds when it lacked disk space; so is a domain held because
+  its source failed (``Report.held``: built alone, until it reads whole; each hold is
+  logged when it starts and ends).  A safety-net full build runs ``interval`` after
+  the last full one.
+* The status file is rewritten after every build, every ``HEARTBEAT`` seconds, and
+  when the pending count changes (at most once a second; at once when the floor starts
+  or stops holding a build); the live cdb is looked at every ``LIVE_CHECK`` seconds.
 """
 
 from __future__ import annotations
@@ -50,6 +48,7 @@ from .buildevents import (Action, Build, BuildDone, BuildOutcome, CheckFiles, Ch
                           WriteStatus)
 from .install import Report
 from .pollclock import PollClock
+from .liverecord import hold_changes
 from .retry import backoff
 from .window import Window, why as _why
 from .status import HEARTBEAT
@@ -114,11 +113,7 @@ class Scheduler:
             self.settle(now, set(event.domains))
             return self._pending(now, wall, "")
         if isinstance(event, DirectoryPolled):
-            line = self.poll.answered(event, now)
-            out: list[Action] = [Log(line)] if line else []
-            out += [Log(f"directory entry stamped in the future ({stamp}): {dn}; polls "
-                        "keep asking from the last true stamp") for dn, stamp in
-                    sorted(event.future.items())[:10]]
+            out: list[Action] = [Log(line) for line in self.poll.answered(event, now)]
             if not event.domains:
                 return out
             names = ", ".join(sorted(event.domains)[:3])
@@ -365,11 +360,7 @@ class Scheduler:
         """The held domains after this build: a line for each hold that starts or
         ends; the failed-source ones are built again after the backoff."""
         now = dict(report.held)
-        was = self.held_domains
-        lines = [h.line(d) for d, h in sorted(now.items())
-                 if d not in was or was[d].reason != h.reason]
-        lines += [f"{d}: no longer held" for d in sorted(was.keys() - now.keys())]
-        self.held_domains = now
+        lines, self.held_domains = hold_changes(self.held_domains, now), now
         if any(h.failed for h in now.values()):
             self.held_failures += 1
             self.held_retry_at = o.ended + backoff(self.held_failures, self.timing.retry_min,

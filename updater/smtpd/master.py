@@ -55,16 +55,14 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
     serves /metrics: this one forks, so it runs no threads), restarts one that dies,
     passes SIGTERM and SIGHUP on, and exits 0 once all have stopped after SIGTERM."""
     children: dict[int, int] = {}                    # pid -> index of its socket (-1: metrics)
-    stopping = [False]
-
-    master = os.getpid()
+    stopping, master = [False], os.getpid()
 
     def start(i: int) -> None:
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            end_with_parent(master)             # a master gone (kill -9): SIGTERM
+            end_with_parent(master)             # SIGTERM when the master is gone
             if i == -1:
                 for s in socks:
                     s.close()
