@@ -213,6 +213,32 @@ def test_a_stream_of_small_cuts_is_held_and_accept_takes_it(tree: Tree):
         r.stop()
 
 
+def test_removals_an_onchange_line_names_pass_and_unnamed_ones_are_held(tree: Tree):
+    """Half of a domain's mailboxes deleted with vpopmail's del_user line for each: all
+    intended, installed; the same cut in another domain with no line: held."""
+    dirs = hosting(tree, {"named.example": 10, "silent.example": 10})
+    r = Running(tree)
+    try:
+        fifo = tree.qmail / "control/validrcptto.trigger"
+        lines = b"".join(b"del_user u%d@named.example - ''\n" % i for i in range(5, 10))
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, lines)                     # reported before the deletion, as
+        finally:                                    # vpopmail does
+            os.close(fd)
+        replace(dirs["named.example"] / "vpasswd",
+                users_line(dirs["named.example"], [f"u{i}" for i in range(5)]))
+        replace(dirs["silent.example"] / "vpasswd",
+                users_line(dirs["silent.example"], [f"u{i}" for i in range(5)]))
+        r.wait(r"held silent.example \(the gate doubts its new list.*would refuse 5 of the "
+               r"10 addresses", 10)
+        wait_for(lambda: "u7@named.example" not in keys_of(tree.cdb), LIVE, "the removals")
+        assert "u7@silent.example" in keys_of(tree.cdb)
+        assert r.count("held named.example") == 0
+    finally:
+        r.stop()
+
+
 def test_a_catch_all_switched_off_over_an_emptied_vpasswd_is_held(tree: Tree):
     dirs = hosting(tree, {"shop.example": 30, "other.example": 2})
     shop = dirs["shop.example"]
