@@ -103,6 +103,26 @@ def test_a_broken_vpasswd_holds_its_domain_and_the_others_go_live(tree: Tree):
         r.stop()
 
 
+def test_a_vpasswd_given_to_another_user_is_seen_at_once(tree: Tree):
+    """chown / chmod of a file the list depends on (inotify IN_ATTRIB) is a change: the
+    domain is held at once, and clears when the owner is put back."""
+    if os.geteuid() != 0:
+        if CI:
+            pytest.fail("chown to another uid needs root (required under CI=true)")
+        pytest.skip("chown to another uid needs root: run the tests as root")
+    dirs = hosting(tree, {"one.example": 2})
+    vpasswd = dirs["one.example"] / "vpasswd"
+    owner = vpasswd.stat()
+    r = Running(tree)
+    try:
+        os.chown(vpasswd, 4321, 4321)
+        r.wait(r"held one.example \(its source fails.*: is owned by uid 4321", LIVE)
+        os.chown(vpasswd, owner.st_uid, owner.st_gid)
+        r.wait(r"^qmail-updater: one.example: no longer held", LIVE)
+    finally:
+        r.stop()
+
+
 def test_a_full_disk_is_retried_as_soon_as_there_is_room(tree: Tree, tmp_path: Path):
     """ENOSPC: the live list and the other files stay; status says the disk is full
     (and the status file, on that disk, cannot say it); the change is live within

@@ -126,12 +126,16 @@ class Watcher:
             return
 
     def _observer(self, targets: Targets) -> BaseObserver:
+        from watchdog import events
         from watchdog.events import (FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
                                      FileModifiedEvent, FileMovedEvent, FileSystemEventHandler)
         watcher = self
         # Only changes: no inotify events for the thousands of files a build merely reads.
+        # A mode or owner changed (chmod, chown: IN_ATTRIB) is one too: a vpasswd made
+        # unreadable, or given to another user, must show at once, not at the next build.
         changes = [FileCreatedEvent, FileModifiedEvent, FileDeletedEvent, FileMovedEvent,
-                   FileClosedEvent]
+                   FileClosedEvent, *([events.FileAttribEvent]
+                                      if hasattr(events, "FileAttribEvent") else [])]
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
