@@ -391,3 +391,19 @@ def test_compare_live_with_a_foreign_record_order(tmp_path: Path):
     with make_cdb(keys, set()) as image:
         got = compare_live(str(live), keys, dict.fromkeys(keys), set(), image)
     assert got.added == keys and got.removed == []
+
+
+def test_status_says_which_domains_are_catch_alls(tree: Tree):
+    """vpopmail 5.6's vadddomain leaves a domain a catch-all (vdelivermail '' delete):
+    every address of it is accepted; status says so (not a fault)."""
+    tree.control("rcpthosts", "big.example\nshop.example\n")
+    tree.control("virtualdomains", "big.example:big.example\nshop.example:shop.example\n")
+    set_users(tree.vpop_domain("big.example"), 3)
+    tree.vpop_domain("shop.example", users=("ann",),
+                     default="| /home/vpopmail/bin/vdelivermail '' delete")
+    assert tree.run("build").returncode == 0
+    for _ in range(2):                                   # a build that changes nothing too
+        done = tree.run("status")
+        assert "catch-all: every address is accepted at 1 domain(s): shop.example" \
+            in done.stderr, done.stderr
+        assert tree.run("build").returncode == 0

@@ -276,7 +276,7 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
     from .status import checks, describe, read_status, status_settings
     settings, where = status_settings(args, settings)
     st = read_status(settings.status)
-    running, problems = checks(settings, st, where)
+    running, problems, notes = checks(settings, st, where)
     if st is None:
         log(f"{settings.status}: no status yet (" + (
             f"qmail-updater run is running: {running})" if running else
@@ -284,7 +284,7 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
     else:
         st["running"] = running
         out([json.dumps(st, indent=1, sort_keys=True)] if args.json else describe(st))
-    for line in problems:
+    for line in problems + notes:
         log(line)
     return EXIT_FAIL if st is None or st.get("result") == "failed" or problems else EXIT_OK
 

@@ -287,7 +287,9 @@ def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = 
         same = same_content(path, image)
         if same:                      # nothing changes: nothing to judge
             return Candidate(o.keys, o.rejects, o.domains, o.sources, Changes([], [], []),
-                             len(o.keys), [], [], None, o.keys, None, set_getter((), frozenset()),
+                             len(o.keys), [], [], None, o.keys, None,
+                             set_getter(o.present if o.present is not None else set(o.keys),
+                                        o.rejects),
                              lambda p, d: False, bare=o.bare, image=image, same=True)
         c = against_live(o, path, image, exists, live)
         c.image, c.same = image, same

@@ -54,9 +54,10 @@ class LiveRecord:
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
     peaks: dict[str, Peak] = field(default_factory=dict)
     held: dict[str, Held] = field(default_factory=dict)
+    catchall: list[str] = field(default_factory=list)     # domains whose @domain accepts
 
     def data(self) -> dict[str, Any]:
-        return {"version": 2, "sources": self.sources,
+        return {"version": 2, "sources": self.sources, "catchall": self.catchall,
                 "peaks": {d: [p.count, p.lost, p.since] for d, p in sorted(self.peaks.items())},
                 "held": {d: {"reason": h.reason, "since": h.since, "failed": h.failed}
                          for d, h in sorted(self.held.items())}}
@@ -79,6 +80,7 @@ class LiveRecord:
             if isinstance(h, dict) and isinstance(h.get("reason"), str) and \
                     isinstance(h.get("since"), (int, float)):
                 out.held[d] = Held(h["reason"], float(h["since"]), bool(h.get("failed")))
+        out.catchall = [d for d in data.get("catchall") or [] if isinstance(d, str)]
         return out
 
 

@@ -175,21 +175,29 @@ def status_settings(args: Any, settings: Settings) -> tuple[Settings, str]:
 
 
 def checks(settings: Settings, st: dict[str, Any] | None, where: str
-           ) -> tuple[str | None, list[str]]:
+           ) -> tuple[str | None, list[str], list[str]]:
     """(who runs the daemon, or None; every reason the status record is not the whole
-    truth): the daemon down, the live cdb missing, a domain held (from the live list's
+    truth: the daemon down, the live cdb missing, a domain held (from the live list's
     own record, true even when the status file is stale), the status file not rewritten
-    while the daemon runs, a full disk."""
+    while the daemon runs, a full disk; what an admin should know that is no fault:
+    catch-all domains)."""
     from .liverecord import read_record
     from .lock import daemon_holder
     running = daemon_holder((settings.cdb or "") + ".daemon")
-    problems = []
+    problems: list[str] = []
+    problems_info: list[str] = []
     if not running:
         problems.append(f"the daemon is not running (settings from {where})")
     if not os.path.isfile(settings.cdb):
         problems.append(f"{settings.cdb}: the live cdb is missing: every connection gets "
                         "421 until a build writes it")
-    for domain, held in sorted(read_record(settings.cdb).held.items()):
+    record = read_record(settings.cdb)
+    if record.catchall:                     # not a fault: said where an admin looks
+        more = f" (+{len(record.catchall) - 10} more)" if len(record.catchall) > 10 else ""
+        problems_info.append(f"catch-all: every address is accepted at {len(record.catchall)} "
+                             f"domain(s): {', '.join(record.catchall[:10])}{more} (vpopmail "
+                             "5.6's vadddomain makes one: vdelivermail '' delete)")
+    for domain, held in sorted(record.held.items()):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.since))
         problems.append(f"{held.line(domain)} (since {since})")
     written = st.get("written") if st else None
@@ -211,4 +219,4 @@ def checks(settings: Settings, st: dict[str, Any] | None, where: str
             problems.append(f"{path}: the disk is full ({fs.f_bavail * fs.f_frsize} bytes "
                             f"free, a build needs about {need}): builds fail until there "
                             "is room")
-    return running, problems
+    return running, problems, problems_info

@@ -178,4 +178,7 @@ def settle(make: Callable[[frozenset[bytes]], Candidate], record: LiveRecord,
                        if name not in sources and name.encode(ENCODING, ERRORS) in c.domains)
         sources.update((name, record.sources[name]) for name in held
                        if name in record.sources)
-    return c, LiveRecord(sources, peaks, held)
+    # (one lookup a domain: vpopmail 5.6's vadddomain makes a catch-all, which status shows)
+    catchall = sorted(d.decode(ENCODING, ERRORS) for d in c.domains
+                      if (v := c.new(b"@" + d)) is not None and v[:1] != REJECT)
+    return c, LiveRecord(sources, peaks, held, catchall)
