@@ -422,11 +422,13 @@ LDIF = ("dn: dc=corp,dc=example\nobjectClass: dcObject\nobjectClass: organizatio
 
 
 class Slapd:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tls: str = ""):
         self.root = root
         self.port = free_port()
         self.uri = f"ldap://127.0.0.1:{self.port}/"
         self.proc = None
+        self.tls = tls                        # slapd.conf TLS lines (and an ldaps:// port)
+        self.tls_port = free_port() if tls else 0
 
     def start(self) -> None:
         slapd = need("slapd")
@@ -446,7 +448,10 @@ class Slapd:
             f"rootpw {PASSWORD}\ndirectory {self.root}/db\n"
             # like AD: plain searches stop at 10 entries, paged ones get everything
             "limits * size.soft=10 size.hard=10 size.pr=10 size.prtotal=unlimited\n")
-        self.proc = subprocess.Popen([slapd, "-d", "0", "-f", str(conf), "-h", self.uri],
+        if self.tls:
+            conf.write_text(self.tls + conf.read_text())
+        urls = self.uri + (f" ldaps://127.0.0.1:{self.tls_port}/" if self.tls else "")
+        self.proc = subprocess.Popen([slapd, "-d", "0", "-f", str(conf), "-h", urls],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         search = need("ldapsearch")
         wait_until(lambda: subprocess.run([search, "-x", "-H", self.uri, "-s", "base", "-b", "",
@@ -657,6 +662,68 @@ def test_ldap_later_rule():
     assert later("19700101000400Z", "20991231000000.5Z", "c", future, ceiling) == \
         "19700101000400Z"
     assert future == {"b": "20991231000000Z", "c": "20991231000000.5Z"}
+
+
+@pytest.fixture(scope="module")
+def tls_slapd(tmp_path_factory):
+    """A slapd with a certificate for ``localhost`` from a CA of the test's own, on
+    ldaps:// and (StartTLS) ldap://."""
+    openssl = need("openssl")
+    root = tmp_path_factory.mktemp("tls-slapd")
+    ca, key = root / "ca.pem", root / "ca.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=Test CA", "-keyout", str(key), "-out", str(ca)],
+                   check=True, capture_output=True)
+    (root / "ext").write_text("subjectAltName=DNS:localhost\n")
+    subprocess.run([openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-keyout", str(root / "server.key"), "-out", str(root / "server.csr")],
+                   check=True, capture_output=True)
+    subprocess.run([openssl, "x509", "-req", "-in", str(root / "server.csr"), "-CA", str(ca),
+                    "-CAkey", str(key), "-CAcreateserial", "-days", "2", "-extfile",
+                    str(root / "ext"), "-out", str(root / "server.pem")],
+                   check=True, capture_output=True)
+    server = Slapd(root, tls=f"TLSCACertificateFile {ca}\nTLSCertificateFile {root}/server.pem\n"
+                   f"TLSCertificateKeyFile {root}/server.key\n")
+    server.start()
+    subprocess.run([need("ldapadd"), "-x", "-H", server.uri, "-D", "cn=admin,dc=corp,dc=example",
+                    "-w", PASSWORD], input=LDIF, text=True, check=True, capture_output=True)
+    server.ca = ca
+    yield server
+    server.stop()
+
+
+def test_ldap_tls_verifies_the_certificate_by_default(tree: Tree, tls_slapd: Slapd):
+    """ldaps:// and StartTLS: a certificate from a CA the host does not trust, or for
+    another name than the URI's, is refused before the password is sent (the domain
+    keeps its list); UPDATER_LDAP_CA_FILE makes it trusted; UPDATER_LDAP_INSECURE skips
+    the check, with a warning."""
+    env = ldap_tree(tree, tls_slapd)
+    port, tls_port = tls_slapd.port, tls_slapd.tls_port
+    ldaps = {**env, "UPDATER_LDAP_URI": f"ldaps://localhost:{tls_port}"}
+    ca = {"UPDATER_LDAP_CA_FILE": str(tls_slapd.ca)}
+    done = tree.run("build", **ldaps, **ca)
+    assert done.returncode == 0, done.stderr
+    assert "u1@corp.example" in keys_of(tree.cdb)
+    for why, extra in (("an untrusted CA", {}),
+                       ("another name", {"UPDATER_LDAP_URI": f"ldaps://127.0.0.1:{tls_port}",
+                                         **ca}),
+                       ("StartTLS, an untrusted CA",
+                        {"UPDATER_LDAP_URI": f"ldap://localhost:{port}",
+                         "UPDATER_LDAP_STARTTLS": "1"})):
+        done = tree.run("build", **{**ldaps, **extra})
+        assert done.returncode == 1, why
+        held = held_lines(done.stderr)["corp.example"]
+        assert held.startswith(("ldap ldaps://", "ldap ldap://")) and (
+            "certificate" in held.lower() or "CERTIFICATE_VERIFY_FAILED" in held), (why, held)
+        assert PASSWORD not in done.stderr
+        assert "u1@corp.example" in keys_of(tree.cdb), why          # the list is kept
+    done = tree.run("build", **{**ldaps, "UPDATER_LDAP_URI": f"ldap://localhost:{port}",
+                                "UPDATER_LDAP_STARTTLS": "1", **ca})
+    assert done.returncode == 0, done.stderr
+    done = tree.run("build", **ldaps, UPDATER_LDAP_INSECURE="1")
+    assert done.returncode == 0, done.stderr
+    assert f"UPDATER_LDAP_INSECURE: ldaps://localhost:{tls_port}'s certificate is not " \
+        "verified" in done.stderr
 
 
 def test_ldap_change_stamps_never_become_filter_syntax():

@@ -101,6 +101,14 @@ class Settings:
     ldap_starttls: bool = setting(
         False, env="UPDATER_LDAP_STARTTLS", group="directory",
         help="use StartTLS on ldap://")
+    ldap_ca_file: str = setting(
+        "", env="UPDATER_LDAP_CA_FILE", group="directory",
+        help="CA certificates (PEM) the directory's TLS certificate must chain to "
+        "(empty: the system's store); the host name is checked too")
+    ldap_insecure: bool = setting(
+        False, env="UPDATER_LDAP_INSECURE", group="directory",
+        help="do not verify the directory's TLS certificate (a warning at every full "
+        "build: a man in the middle gets the bind password)")
     ldap_bind_dn: str = setting(
         "", env="UPDATER_LDAP_BIND_DN", group="directory",
         help="bind DN (empty: anonymous)")

@@ -326,17 +326,17 @@ def sources(settings: Settings, plan: Plan, notes: Notes, router: Router | None 
 def generate(settings: Settings, only: frozenset[str] | None = None,
              tracer: Inputs | None = None, mysql: MysqlCache | None = None,
              ldap: LdapCache | None = None, partial: bool = False) -> Result:
-    """The whole list but the domains whose source failed (``Result.failed``, each with
-    its error; the install keeps their last good entries), or a SourceError for what
-    every domain depends on (the control files, users/cdb, passwd, the site files).
-    Without ``partial`` (the list printed, with no live list to hold from) a failed
-    domain fails it all.  ``only``: just the keys
-    of these domains (``part_of``), for an incremental build; ``tracer``: the record of
-    what was read for each domain (none kept when not given); ``mysql`` / ``ldap``: the
-    database's and the directory's answers kept between the daemon's builds."""
+    """The whole list but the domains whose source failed (``Result.failed``: the install
+    keeps their last good entries), or a SourceError for what every domain depends on
+    (control files, users/cdb, passwd, site files); without ``partial`` (a printed list:
+    nothing to hold from) a failed domain fails it all.  ``only``: just these domains'
+    keys (``part_of``); ``tracer``: the record of what each domain read; ``mysql`` /
+    ``ldap``: the database's and the directory's answers kept between builds."""
     started = time.monotonic()
     LIMITS["max_file_size"] = settings.max_file_size
     notes = Notes()
+    if settings.ldap_uri and settings.ldap_insecure and only is None:
+        notes.warn(f"UPDATER_LDAP_INSECURE: {settings.ldap_uri}'s certificate is not verified")
     plan, universe_ = plan_for(settings)
     handled = set(plan.local) | {d for d, _ in plan.virtual}
     bare = first_line(settings.control("envnoathost")) or first_line(settings.control("me"))

@@ -180,5 +180,5 @@ def settle(make: Callable[[frozenset[bytes]], Candidate], record: LiveRecord,
                        if name in record.sources)
     # (one lookup a domain: vpopmail 5.6's vadddomain makes a catch-all, which status shows)
     catchall = sorted(d.decode(ENCODING, ERRORS) for d in c.domains
-                      if (v := c.new(b"@" + d)) is not None and v[:1] != REJECT)
+                      if (value := c.new(b"@" + d)) is not None and value[:1] != REJECT)
     return c, LiveRecord(sources, peaks, held, catchall)

@@ -190,7 +190,8 @@ def session(settings: Settings) -> Iterator[tuple[Any, list[str]]]:
     try:
         timeout = max(1, int(settings.ldap_timeout + 0.999))   # ldap3 packs whole seconds
         uri = settings.ldap_uri.rstrip("/")           # ldap3 wants no path: ldap://host:port
-        server = ldap3.Server(uri, connect_timeout=timeout, get_info=ldap3.NONE)
+        server = ldap3.Server(uri, connect_timeout=timeout, get_info=ldap3.NONE,
+                              tls=tls_for(settings))
         conn = ldap3.Connection(server, user=settings.ldap_bind_dn or None,
                                 password=password or None, receive_timeout=timeout,
                                 raise_exceptions=True, auto_bind=ldap3.AUTO_BIND_NONE)
@@ -211,6 +212,20 @@ def session(settings: Settings) -> Iterator[tuple[Any, list[str]]]:
         raise SourceError(f"{step[0]} failed: {type(err).__name__}: {err}", where) from None
     except OSError as err:
         raise SourceError(f"{step[0]} failed: {err.strerror or err}", where) from None
+
+
+def tls_for(settings: Settings) -> Any:
+    """ldaps:// and StartTLS verify the server's certificate by default (ldap3's own
+    default verifies nothing): against ``UPDATER_LDAP_CA_FILE`` or the system's CA
+    store, and the host name of the URI against the certificate's names; a failure is a
+    connect (or starttls) error naming the server, and the domains keep their lists.
+    ``UPDATER_LDAP_INSECURE`` turns it off, with a warning."""
+    import ssl
+
+    import ldap3
+    if settings.ldap_insecure:
+        return ldap3.Tls(validate=ssl.CERT_NONE)
+    return ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ldap_ca_file or None)
 
 
 def search(conn: Any, settings: Settings, query: str, attrs: list[str],
