@@ -317,3 +317,30 @@ def test_directory_polls_start_after_a_full_build_and_back_off_on_failure():
     s.poll.due = 601.5
     assert PollDirectory(True) in at(s, 601.5, Tick())
     assert make().poll.due is None and timing_with().directory_poll == 0  # no LDAP: off
+
+
+def test_a_domain_whose_source_fails_is_retried_alone_and_never_pushed_back():
+    """A build that holds a domain because its source failed: that domain is built
+    again on its own after the backoff; other builds meanwhile never move the retry;
+    one line when the hold starts, one when it ends; the status lists it."""
+    from updater.liverecord import Held
+    s = make(retry_min=10, retry_max=300)
+    first_build(s)
+    held = {"broken.example": Held("vpasswd:3: bad line", WALL, True)}
+
+    def build_done(t: float, build: Build, holds: dict) -> list:
+        report = Report("/x/validrcptto.cdb", "installed", 10, held=holds)
+        outcome = BuildOutcome(t, t + 1, WALL + t, report, None, build.domains)
+        return at(s, t + 1, BuildDone(outcome))
+    out = build_done(100, Build("x", frozenset({"broken.example"})), held)
+    assert [a.line for a in out if isinstance(a, Log)][1].startswith(
+        "held broken.example (its source fails")
+    assert s.status["held"]["broken.example"]["failed"] is True
+    assert s.held_retry_at == 101 + backoff(1, 10, 300)
+    build_done(105, Build("y", frozenset({"other.example"})), held)   # another domain's
+    assert s.held_retry_at == 101 + backoff(1, 10, 300)                # not pushed back
+    (retry,) = builds(at(s, s.held_retry_at, Tick()))
+    assert retry.domains == frozenset({"broken.example"}) and "held domain retry 1" in retry.why
+    out = build_done(120, retry, {})
+    assert "broken.example: no longer held" in [a.line for a in out if isinstance(a, Log)]
+    assert s.held_retry_at is None and s.status["held"] == {}

@@ -361,12 +361,12 @@ class Scheduler:
         ends; the failed-source ones are built again after the backoff."""
         now = dict(report.held)
         lines, self.held_domains = hold_changes(self.held_domains, now), now
-        if any(h.failed for h in now.values()):
+        if not any(h.failed for h in now.values()):
+            self.held_failures, self.held_retry_at = 0, None
+        elif self.held_retry_at is None:     # (other builds meanwhile never push it back)
             self.held_failures += 1
             self.held_retry_at = o.ended + backoff(self.held_failures, self.timing.retry_min,
                                                    self.timing.retry_max)
-        else:
-            self.held_failures, self.held_retry_at = 0, None
         return lines
 
     # ---- the status file
