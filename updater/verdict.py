@@ -86,14 +86,17 @@ def domain_changes(c: Candidate, lost_keys: list[bytes], live_sources: dict[str,
     """Each changed domain's side of ``c``: what it accepted, accepts, and lost."""
     def dom(k: bytes) -> bytes:
         return part_of(k, c.bare)
-    touched = {dom(k) for k in (*c.removed, *c.added, *c.changes.changed)}
+    # only a domain that lost keys (or whose keys now refuse) can have lost an address:
+    # one that only gained costs nothing here (a whole list's counts are one pass)
+    touched = {dom(k) for k in (*c.removed, *c.changes.changed)}
+    touched |= {dom(k) for k in c.added if k in c.rejects}
     if not touched:
         return {}
     new = c.count(touched)
     old = dict(new)
     for k in c.added:
-        if k not in c.rejects:
-            old[dom(k)] -= 1
+        if k not in c.rejects and (d := dom(k)) in old:
+            old[d] -= 1
     for k in c.removed:
         if c.old is None or (c.old(k) or b"")[:1] != REJECT:
             old[dom(k)] += 1
