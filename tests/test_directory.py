@@ -565,8 +565,12 @@ def test_ldap_poll_reads_only_what_changed(tree: Tree, slapd: Slapd):
                        "delete: mail\n-\ndelete: proxyAddresses\n\n")
     updates, mark, count = ldap.poll(s, cache.mark)
     searches = count.searches
-    assert {"cn=user 100,ou=people,dc=corp,dc=example", "cn=user 3,ou=people,dc=corp,dc=example",
-            "cn=user 4,ou=people,dc=corp,dc=example"} <= set(updates)
+    # entries are keyed by their entryUUID (asked for: it is operational), not their DN
+    assert all(k.startswith("entryUUID:") for k in [*cache.entries, *updates])
+    new = [k for k in updates if k not in cache.entries and updates[k]]
+    assert len(new) == 1 and "u100@corp.example" in updates[new[0]]
+    assert ["user3@corp.example", "third@corp.example"] in updates.values()
+    assert [] in updates.values()                  # user 4, no address now
     # (and the entries of the newest stamp's second: stamps are whole seconds, so a poll
     # asks from that second on)
     assert searches >= 2 and mark > cache.mark       # (pages of 7 here)
@@ -575,10 +579,9 @@ def test_ldap_poll_reads_only_what_changed(tree: Tree, slapd: Slapd):
     assert {"user100@corp.example", "u100@corp.example", "third@corp.example"} <= wanted
     assert not {"u3@corp.example", "user4@corp.example", "u4@corp.example"} & wanted
     # nothing changed since: the poll returns the last second's entries, which change nothing
+    first = set(updates)
     updates, mark2, _ = ldap.poll(s, mark)
-    assert set(updates) <= {"cn=user 100,ou=people,dc=corp,dc=example",
-                            "cn=user 3,ou=people,dc=corp,dc=example",
-                            "cn=user 4,ou=people,dc=corp,dc=example"}
+    assert set(updates) <= first
     assert ldap.apply(cache, updates, mark2) == set()
     # a deletion: invisible to a poll, found by a full read
     ldap_change(slapd, "dn: cn=User 100,ou=people,dc=corp,dc=example\nchangetype: delete\n\n")
@@ -724,6 +727,40 @@ def test_ldap_tls_verifies_the_certificate_by_default(tree: Tree, tls_slapd: Sla
     assert done.returncode == 0, done.stderr
     assert f"UPDATER_LDAP_INSECURE: ldaps://localhost:{tls_port}'s certificate is not " \
         "verified" in done.stderr
+
+
+def test_a_moved_entry_is_followed_by_its_uuid(tree: Tree, slapd: Slapd):
+    """A user moved to another OU, then an alias of it removed: the moved entry replaces
+    its old self (keyed by entryUUID, not DN), so the alias is refused within a poll,
+    not at the next full read."""
+    from helpers.daemon import Running
+    env = ldap_tree(tree, slapd)
+    ldap_change(slapd, "dn: ou=moved,dc=corp,dc=example\nobjectClass: organizationalUnit\n"
+                       "ou: moved\n\n", "ldapadd")
+    r = Running(tree, UPDATER_LDAP_POLL="0.5", UPDATER_LDAP_FULL="600", **env)
+    try:
+        assert "u7@corp.example" in keys_of(tree.cdb)
+        subprocess.run([need("ldapmodrdn"), "-x", "-H", slapd.uri, "-D",
+                        "cn=admin,dc=corp,dc=example", "-w", PASSWORD, "-s",
+                        "ou=moved,dc=corp,dc=example", "cn=User 7,ou=people,dc=corp,dc=example",
+                        "cn=User 7"], check=True, capture_output=True)
+        time.sleep(1.5)                            # a poll sees the move (a new second)
+        ldap_change(slapd, "dn: cn=User 7,ou=moved,dc=corp,dc=example\nchangetype: modify\n"
+                           "replace: proxyAddresses\nproxyAddresses: SMTP:User7@Corp.Example\n\n")
+        wait_until(lambda: "u7@corp.example" not in keys_of(tree.cdb), 5, "the alias gone")
+        assert "user7@corp.example" in keys_of(tree.cdb)
+    finally:
+        assert r.stop() == 0
+        ldap_change(slapd, "dn: cn=User 7,ou=moved,dc=corp,dc=example\nchangetype: delete\n\n"
+                           "dn: ou=moved,dc=corp,dc=example\nchangetype: delete\n\n")
+        ldap_change(slapd, user(7), "ldapadd")
+
+
+def test_entry_key_rule():
+    from updater.sources.ldap import entry_key
+    assert entry_key("cn=a", {"entryUUID": ["0E2F-AB"]}) == "entryUUID:0e2f-ab"
+    assert entry_key("cn=a", {"objectGUID": [b"\x01\xff"]}) == "objectGUID:01ff"
+    assert entry_key("cn=a", {"entryUUID": []}) == "cn=a"
 
 
 def test_ldap_change_stamps_never_become_filter_syntax():

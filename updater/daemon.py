@@ -186,7 +186,9 @@ class Daemon:
         lines[:0] = [f"warning: {w}" for w in warnings]
         if full_snap.ldap is not None and not full_snap.ldap.complete and \
                 self.snapshot is not None and self.snapshot.ldap is not None:
-            full_snap.ldap = self.snapshot.ldap   # the directory failed: keep what it gave
+            full_snap.ldap = self.snapshot.ldap   # the directory failed: keep what it gave,
+            full_snap.ldap.failing = next(        # but serve nothing from it until a poll
+                (h.reason for h in report.held.values() if h.failed), "the directory failed")
         self.snapshot, self.record, self.fresh = full_snap, full_snap.inputs, True
         self.rows.clear()                       # a full build read everything again
         self.named.clear()

@@ -33,6 +33,8 @@ def poll(settings: Settings, kept: LdapCache | None, full: bool) -> DirectoryPol
 def applied(kept: LdapCache | None, event: DirectoryPolled) -> DirectoryPolled:
     """A poll's answer applied to the kept directory (the domains it changed)."""
     from .sources.ldap import apply
+    if kept is not None:            # while the polls fail, a build may not serve from it
+        kept.failing = event.error
     if event.updates is None or kept is None:
         return event
     changed = apply(kept, event.updates, event.mark, whole=event.full)

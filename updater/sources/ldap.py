@@ -43,6 +43,23 @@ def addresses(values: dict[str, list[Any]], attrs: list[str]) -> list[str]:
 
 
 PAGED = "1.2.840.113556.1.4.319"
+# an entry's stable identity, asked for explicitly (operational): OpenLDAP's entryUUID,
+# Active Directory's objectGUID; an entry keeps it when it is moved or renamed
+IDENTITY = ("entryUUID", "objectGUID")
+
+
+def entry_key(dn: str, values: dict[str, Any]) -> str:
+    """What the kept entries are keyed by (pure): the entry's UUID or GUID, so a moved
+    or renamed entry replaces its old self; the DN only where the directory has neither."""
+    for attr in IDENTITY:
+        v = values.get(attr)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if isinstance(v, bytes) and v:
+            return f"{attr}:{v.hex()}"
+        if isinstance(v, str) and v:
+            return f"{attr}:{v.lower()}"
+    return dn
 _GENERALIZED = re.compile(r"[0-9]{10,14}([.,][0-9]{1,6})?(Z|[+-][0-9]{4})?")
 
 
@@ -52,9 +69,10 @@ class LdapCache:
     and the newest change stamp seen (``UPDATER_LDAP_STAMP``), where the next poll
     starts.  A poll asks only for the entries changed since (``poll``); an entry deleted
     outright is only noticed by the next full read (OpenLDAP keeps no tombstones)."""
-    entries: dict[str, list[str]] = field(default_factory=dict)     # DN -> addresses
+    entries: dict[str, list[str]] = field(default_factory=dict)     # entry_key -> addresses
     mark: str = ""                                                  # generalized time
     future: dict[str, str] = field(default_factory=dict)            # DN -> a stamp to come
+    failing: str | None = None      # the last poll's error: builds hold, not serve from it
     complete: bool = False                                          # a full read filled it
     searches: int = 0                                               # (tests, benchmarks)
 
@@ -71,6 +89,8 @@ def ldap_entries(settings: Settings, domains: list[str],
     where = f"ldap {settings.ldap_uri}"
     origin = f"{where} base {settings.ldap_base}"
     if cache is not None and cache.complete:
+        if cache.failing:           # the directory is down: its domains stay held
+            raise SourceError(cache.failing)
         return [Found(origin, cache.addresses(set(domains)))]
     fresh = read_all(settings)
     if cache is not None:
@@ -85,8 +105,9 @@ def read_all(settings: Settings) -> LdapCache:
     key = settings.ldap_stamp
     ceiling = stamp_ceiling()
     with session(settings) as (conn, attrs):
-        for dn, values in search(conn, settings, settings.ldap_filter, attrs + [key], out):
-            out.entries[dn] = addresses(values, attrs)
+        for ident, dn, values in search(conn, settings, settings.ldap_filter, attrs + [key],
+                                        out):
+            out.entries[ident] = addresses(values, attrs)
             out.mark = later(out.mark, stamp(values, key), dn, out.future, ceiling)
     out.complete = True
     return out
@@ -113,7 +134,7 @@ def later(mark: str, seen: str, dn: str, future: dict[str, str], ceiling: str) -
     return max(mark, seen)
 
 
-Updates = dict[str, list[str]]          # DN -> its addresses now ([]: gone)
+Updates = dict[str, list[str]]          # entry_key -> its addresses now ([]: gone)
 
 
 def poll(settings: Settings, mark: str) -> tuple[Updates, str, LdapCache]:
@@ -130,13 +151,13 @@ def poll(settings: Settings, mark: str) -> tuple[Updates, str, LdapCache]:
     count = LdapCache()
     ceiling = stamp_ceiling()
     with session(settings) as (conn, attrs):
-        for dn, values in search(conn, settings, f"(&{settings.ldap_filter}{since})",
-                                 attrs + [key], count):
-            updates[dn] = addresses(values, attrs)
+        for ident, dn, values in search(conn, settings, f"(&{settings.ldap_filter}{since})",
+                                        attrs + [key], count):
+            updates[ident] = addresses(values, attrs)
             mark = later(mark, stamp(values, key), dn, count.future, ceiling)
-        for dn, values in search(conn, settings, f"(&(!{settings.ldap_filter}){since})",
-                                 [key], count):
-            updates.setdefault(dn, [])
+        for ident, dn, values in search(conn, settings,
+                                        f"(&(!{settings.ldap_filter}){since})", [key], count):
+            updates.setdefault(ident, [])
             mark = later(mark, stamp(values, key), dn, count.future, ceiling)
     return updates, mark, count
 
@@ -229,17 +250,20 @@ def tls_for(settings: Settings) -> Any:
 
 
 def search(conn: Any, settings: Settings, query: str, attrs: list[str],
-           cache: LdapCache) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(DN, attributes) of every entry ``query`` selects, page by page."""
+           cache: LdapCache) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(key, DN, attributes) of every entry ``query`` selects, page by page
+    (``entry_key``: the entry's UUID or GUID where it has one)."""
     import ldap3
     cookie = None
     while True:
         cache.searches += 1
         conn.search(settings.ldap_base, query, search_scope=ldap3.SUBTREE,
-                    attributes=attrs, paged_size=settings.ldap_page_size, paged_cookie=cookie)
+                    attributes=[*attrs, *IDENTITY], paged_size=settings.ldap_page_size,
+                    paged_cookie=cookie)
         for entry in conn.response:
             if entry.get("type") == "searchResEntry":
-                yield str(entry.get("dn", "")).lower(), entry.get("attributes", {})
+                dn, values = str(entry.get("dn", "")).lower(), entry.get("attributes", {})
+                yield entry_key(dn, values), dn, values
         controls = conn.result.get("controls", {})
         cookie = controls.get(PAGED, {}).get("value", {}).get("cookie")
         if not cookie:
