@@ -267,6 +267,8 @@ def test_a_catch_all_switched_off_over_an_emptied_vpasswd_is_held(tree: Tree):
     try:
         (shop / ".qmail-default").write_text("| /home/vpopmail/bin/vdelivermail '' delete\n")
         wait_for(lambda: "@shop.example" in keys_of(tree.cdb), LIVE, "the catch-all")
+        assert "catch-all: every address is accepted at 1 domain(s): shop.example" in \
+            status(tree).stderr                       # (an incremental build's record)
         replace(shop / "vpasswd", "")                          # lost while nobody looked
         time.sleep(1)
         (shop / ".qmail-default").write_text(

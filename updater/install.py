@@ -263,7 +263,8 @@ def against_live(offer: Offer, path: str, image: mmap.mmap, exists: bool,
     return Candidate(keys, rejects, offer.domains, offer.sources, diff, old_count, removed,
                      added, users, new, live, set_getter(new, rejects),
                      accepting_under(keys, rejects),
-                     counts_of(keys, rejects, offer.bare, is_new_user), offer.bare)
+                     counts_of(keys, rejects, offer.bare, is_new_user), offer.bare,
+                     whole=True)
 
 
 def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = False,
@@ -290,7 +291,8 @@ def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = 
                              len(o.keys), [], [], None, o.keys, None,
                              set_getter(o.present if o.present is not None else set(o.keys),
                                         o.rejects),
-                             lambda p, d: False, bare=o.bare, image=image, same=True)
+                             lambda p, d: False, bare=o.bare, image=image, same=True,
+                             whole=True)
         c = against_live(o, path, image, exists, live)
         c.image, c.same = image, same
         return c

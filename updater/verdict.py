@@ -41,6 +41,7 @@ class Candidate:
     bare: bytes | None = None
     image: mmap.mmap | None = None        # the full path's cdb, made from ``keys``
     same: bool | None = None              # ... and whether the live file holds it already
+    whole: bool = False                   # a whole list (the full path), not a delta
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,23 @@ def settle(make: Callable[[frozenset[bytes]], Candidate], record: LiveRecord,
                        if name not in sources and name.encode(ENCODING, ERRORS) in c.domains)
         sources.update((name, record.sources[name]) for name in held
                        if name in record.sources)
-    # (one lookup a domain: vpopmail 5.6's vadddomain makes a catch-all, which status shows)
-    catchall = sorted(d.decode(ENCODING, ERRORS) for d in c.domains
-                      if (value := c.new(b"@" + d)) is not None and value[:1] != REJECT)
-    return c, LiveRecord(sources, peaks, held, catchall)
+    return c, LiveRecord(sources, peaks, held, catch_alls(c, record.catchall))
+
+
+def catch_alls(c: Candidate, before: list[str]) -> list[str]:
+    """The domains whose ``@domain`` accepts (vpopmail 5.6's vadddomain makes each new
+    domain one; status shows them): one lookup a domain for a whole list, and for a
+    delta only the ``@domain`` keys it changed."""
+    def accepts(d: bytes) -> bool:
+        value = c.new(b"@" + d)
+        return value is not None and value[:1] != REJECT
+    if c.whole:
+        return sorted(d.decode(ENCODING, ERRORS) for d in c.domains if accepts(d))
+    out = set(before)
+    for k in (*c.changes.added, *c.changes.removed, *c.changes.changed):
+        if k[:1] == b"@":
+            name = k[1:].decode(ENCODING, ERRORS)
+            out.discard(name)
+            if accepts(k[1:]):
+                out.add(name)
+    return sorted(out)
