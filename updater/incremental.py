@@ -276,9 +276,9 @@ def candidate(snap: Snapshot, delta: Delta, sources: dict[str, Any]) -> Candidat
         return {d: sum(1 for k in delta.parts.get(d, ())
                        if k not in delta.rejects and k not in delta.user) for d in domains}
     return Candidate(
-        delta.keys, delta.rejects, snap.domains, sources, delta.changes, len(snap.keys),
-        removed_admin, added_admin, (len(delta.user), len(snap.user)), delta.new_keys,
-        sorted_getter(snap.keys, snap.rejects), sorted_getter(delta.keys, delta.rejects),
+        delta.keys, delta.rejects, snap.domains, sources, delta.changes, removed_admin,
+        added_admin, sorted_getter(snap.keys, snap.rejects),
+        sorted_getter(delta.keys, delta.rejects),
         accepting_under(delta.new_keys, delta.rejects), count, snap.bare)
 
 

@@ -163,7 +163,7 @@ def install_result(result: Result, path: str, settings: Settings, force: bool = 
     user_key = getattr(result, "user_key", None)
     offer = Offer(result.sorted_keys() if keys is None else keys, result.rejects,
                   result.keys, result.domains, getattr(result, "sources", None),
-                  (result.user_count, result.is_user_key, user_key) if user_key else None,
+                  (result.is_user_key, user_key) if user_key else None,
                   result.bare)
     base = intent or Intent()
     intent = dataclasses.replace(
@@ -178,16 +178,15 @@ def install_result(result: Result, path: str, settings: Settings, force: bool = 
 class Offer:
     """A whole list to install: its sorted ``keys`` (``rejects`` get the value ``-``),
     a fast container of them (``present``), the ``domains`` still served, what each
-    source gave (``sources``) and, when local users control some keys, (count of the
-    new ones, test for a new key, test for a live key); ``bare``: the envnoathost
+    source gave (``sources``) and, when local users control some keys, (test for a
+    new key, test for a live key: theirs never move the gate); ``bare``: the envnoathost
     domain (its keys come bare too)."""
     keys: list[bytes]
     rejects: AbstractSet[bytes] = frozenset()
     present: Collection[bytes] | None = None
     domains: frozenset[bytes] = frozenset()
     sources: dict[str, Any] | None = None
-    user_keys: tuple[Callable[[], int], Callable[[bytes], bool],
-                     Callable[[bytes], bool]] | None = None
+    user_keys: tuple[Callable[[bytes], bool], Callable[[bytes], bool]] | None = None
     bare: bytes | None = None
 
 
@@ -230,12 +229,11 @@ def holding(offer: Offer, held: AbstractSet[bytes], path: str) -> Offer:
     rejects = {k for k in offer.rejects if part_of(k, offer.bare) not in held} | live_rejects
     user_keys = None
     if offer.user_keys is not None:
-        _, is_new_user, is_user = offer.user_keys
-        kept = set(keys)
+        is_new_user, is_user = offer.user_keys
 
-        def mine(k: bytes) -> bool:
-            return k in kept and is_new_user(k) and part_of(k, offer.bare) not in held
-        user_keys = (lambda: sum(1 for k in keys if mine(k)), mine, is_user)
+        def mine(k: bytes) -> bool:             # (a held domain's keys are its live ones)
+            return is_new_user(k) and part_of(k, offer.bare) not in held
+        user_keys = (mine, is_user)
     return dataclasses.replace(offer, keys=keys, rejects=rejects, present=set(keys),
                                user_keys=user_keys)
 
@@ -249,19 +247,15 @@ def against_live(offer: Offer, path: str, image: mmap.mmap, exists: bool,
     old_count = record_count(live_header(path)) if exists else None
     diff = compare_live(path, keys, new, rejects, image) if old_count is not None \
         else Changes(list(keys), [], [])
-    removed, added, users = diff.removed, diff.added, None
+    removed, added = diff.removed, diff.added
     is_new_user: Callable[[bytes], bool] | None = None
     if offer.user_keys is not None:
         # keys local users make in their own homes never move the gate
-        count, is_new_user, is_user = offer.user_keys
-        new_user = count()
+        is_new_user, is_user = offer.user_keys
         removed = [k for k in diff.removed if not is_user(k)]
-        added = [k for k in diff.added if not is_new_user(k)] if new_user else added
-        old_user = new_user - (len(diff.added) - len(added)) + len(diff.removed) \
-            - len(removed)
-        users = (new_user, old_user)
-    return Candidate(keys, rejects, offer.domains, offer.sources, diff, old_count, removed,
-                     added, users, new, live, set_getter(new, rejects),
+        added = [k for k in diff.added if not is_new_user(k)]
+    return Candidate(keys, rejects, offer.domains, offer.sources, diff, removed, added,
+                     live, set_getter(new, rejects),
                      accepting_under(keys, rejects),
                      counts_of(keys, rejects, offer.bare, is_new_user), offer.bare,
                      whole=True)
@@ -287,10 +281,9 @@ def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = 
         images.append(image)
         same = same_content(path, image)
         if same:                      # nothing changes: nothing to judge
+            present = o.present if o.present is not None else set(o.keys)
             return Candidate(o.keys, o.rejects, o.domains, o.sources, Changes([], [], []),
-                             len(o.keys), [], [], None, o.keys, None,
-                             set_getter(o.present if o.present is not None else set(o.keys),
-                                        o.rejects),
+                             [], [], None, set_getter(present, o.rejects),
                              lambda p, d: False, bare=o.bare, image=image, same=True,
                              whole=True)
         c = against_live(o, path, image, exists, live)

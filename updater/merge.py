@@ -58,13 +58,6 @@ class Result:
         """A key of this list that a local user's own files decide (by its origin)."""
         return self.keys.get(key) in self.user_origins
 
-    def user_count(self) -> int:
-        """Keys a local user's own files decide (the install gate leaves them out)."""
-        if not self.user_origins:
-            return 0
-        own = self.user_origins
-        return sum(1 for i in self.keys.values() if i in own)
-
     def sorted_keys(self) -> list[bytes]:
         return sorted(self.keys)
 

@@ -4,7 +4,7 @@ for ``make``, which the install path hands in to build a candidate."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Set as AbstractSet
+from collections.abc import Callable, Iterable, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,8 @@ class Candidate:
     domains: frozenset[bytes]             # the domains still served
     sources: dict[str, Any] | None        # what each source gave per domain (``vanished``)
     changes: Changes                      # against the live list
-    old_count: int | None                 # the live list's keys (None: there is none)
     removed: list[bytes]                  # removed / added keys local users do not control
     added: list[bytes]
-    users: tuple[int, int] | None         # (new, old) keys local users control
-    present: Collection[bytes]            # the new keys
     old: Getter | None                    # lookups in the live list and in the new one
     new: Getter
     under: Callable[[bytes, bytes], bool]  # ``gate.accepting_under`` of the new list
