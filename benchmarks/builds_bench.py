@@ -7,9 +7,8 @@ import os
 import statistics
 import time
 
-from run import Bench, MB, QU, Run, child, clean_env, disk_bytes_written, fmt_n, fmt_s, median
-
 import trees
+from run import MB, QU, Bench, Run, child, clean_env, disk_bytes_written, fmt_n, fmt_s, median
 
 
 def run(bench: Bench) -> None:

@@ -7,9 +7,8 @@ import os
 import sys
 import time
 
-from run import Bench, QU, SMTPD, child, clean_env, fmt_n, fmt_s, median
-
 import trees
+from run import QU, SMTPD, Bench, child, clean_env, fmt_n, fmt_s, median
 
 
 def run(bench: Bench) -> None:
@@ -55,7 +54,8 @@ def checks(bench: Bench) -> None:
         )
 
     # the work after start-up: open the cdb + look up, vs read + hash a text list
-    from updater.checker import check as verdict, open_cdb
+    from updater.checker import check as verdict
+    from updater.checker import open_cdb
 
     lines = 100000
     text = os.path.join(bench.root, "validrcptto.txt")

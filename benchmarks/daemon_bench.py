@@ -8,9 +8,8 @@ import statistics
 import subprocess
 import time
 
-from run import Bench, QU, child, fmt_n, fmt_s, has_key, median, read_json, wait
-
 import trees
+from run import QU, Bench, child, fmt_n, fmt_s, has_key, median, read_json, wait
 
 
 def run(bench: Bench) -> None:

@@ -7,12 +7,10 @@ import shutil
 import socket
 import statistics
 import subprocess
-
 import time
 
-from run import Bench, QU, _listening, child, fmt_n, fmt_s, has_key, median, wait
-
 import trees
+from run import QU, Bench, _listening, child, fmt_n, fmt_s, has_key, median, wait
 
 
 def run(bench: Bench) -> None:
@@ -133,6 +131,7 @@ def _bytes_sent(env: dict[str, str], cdb: str) -> tuple[int, int]:
     """(bytes rsync sent, literal data among them) pushing ``cdb`` the daemon's way, from
     rsync's own --stats."""
     import re
+
     from updater.config import load
     from updater.publish import rsync_argv
     from updater.targets import parse_targets

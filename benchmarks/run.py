@@ -12,8 +12,8 @@ file with the machine and the date.  Needs Debian's cdbmake (freecdb) for the re
 from __future__ import annotations
 
 import argparse
-import importlib
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -24,8 +24,8 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -323,7 +323,7 @@ def markdown(bench: Bench, sizes: list[int], runs: int, seconds: float) -> str:
         "validrcptto patch, so it does less per RCPT) under `tcpserver -R -H -l`; ours "
         "runs as `--listen --workers 0` (one per CPU) and under the same tcpserver. "
         "Server CPU is read from /proc (server, reaped children, live descendants). "
-        "Where a speed target is missed, README.md (Benchmarks) has the profile.",
+        "Where a speed target is missed, docs/benchmarks.md has the profile.",
         "",
     ]
     return "\n".join(out)

@@ -38,7 +38,7 @@ def make_tree(root: str, domains: int, addresses: int) -> dict[str, str]:
         f.write("")
     with open(os.path.join(qmail, "users/assign"), "w") as f:
         f.write("\n".join(assign) + "\n.\n")
-    import cdbx                                   # users/cdb, as qmail-newu compiles it
+    import cdbx  # users/cdb, as qmail-newu compiles it
     maker = cdbx.CDB.make(os.path.join(qmail, "users/cdb"))
     for line in assign:
         prefix, _, data = line[1:].partition(":")

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
+from helpers.smtp_client import T1, make_cdb
 from helpers.tools import script
-from helpers.smtp_client import make_cdb, T1
 from updater.checker import candidates, check
 
 # address -> (keys tried, accepted)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 
 from helpers.tools import need, script
-
 from helpers.tree import Tree
 
 

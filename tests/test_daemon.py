@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need, script, BIN
-
-from helpers.tree import Tree
-from helpers.daemon import without_dac_override, Running
-from helpers.tools import ROOT
-from helpers.tree import keys_of, setup_tree
+from helpers.daemon import Running, without_dac_override
+from helpers.tools import BIN, ROOT, need, script
+from helpers.tree import Tree, keys_of, setup_tree
 from helpers.wait import wait_for
+
 
 @pytest.fixture
 def running(tree: Tree):

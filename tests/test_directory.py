@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from helpers.tools import need, script
-
-from helpers.tree import Tree, keys_of
 from helpers.net import free_port
+from helpers.tools import need, script
+from helpers.tree import Tree, keys_of
 
 PASSWORD = "Sekrit-Pw-42"
 
@@ -172,6 +172,7 @@ def test_mysql_incremental_equals_full_byte_for_byte(mariadb: MariaDB, ops, layo
     build of the same database installs, and asks the server a few rows, not the
     tables."""
     import tempfile
+
     from updater import incremental
     from updater.config import load
     mariadb.sql(SEED)
@@ -602,6 +603,7 @@ def test_daemon_polls_ldap_and_keeps_the_list_when_it_is_down(tree: Tree, slapd:
     """A mailbox created in the directory is live within the poll interval plus a second,
     with no trigger; a directory that goes away costs one line and keeps the list."""
     import json
+
     from helpers.daemon import Running
     env = ldap_tree(tree, slapd)
     r = Running(tree, UPDATER_LDAP_POLL="0.5", UPDATER_LDAP_FULL="600", **env)

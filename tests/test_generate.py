@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-
 from helpers.daemon import without_dac_override
 from helpers.tools import need
 from helpers.tree import Tree

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need, script, BIN, CI
-
-from helpers.tree import Tree
-from helpers.tools import ROOT
-from helpers.tree import keys_of, setup_tree
+from helpers.tools import BIN, CI, ROOT, need, script
+from helpers.tree import Tree, keys_of, setup_tree
 from helpers.wait import wait_for
 
 MALLORY = 4321                   # an unprivileged local user with no group in common
@@ -210,31 +207,6 @@ def test_fifo_owner_mode_and_floor(tree: Tree):
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(20)
-
-
-@pytest.fixture
-def vpopmail_account():
-    """vpopmail as its installs make it (groupadd vchkpw; useradd -g vchkpw vpopmail),
-    created for the test when the system has none, and removed after."""
-    import grp
-    import pwd
-    made = []
-    try:
-        grp.getgrnam("vchkpw")
-    except KeyError:
-        subprocess.run([need("groupadd"), "vchkpw"], check=True)
-        made.append(("groupdel", "vchkpw"))
-    try:
-        pwd.getpwnam("vpopmail")
-    except KeyError:
-        subprocess.run([need("useradd"), "-g", "vchkpw", "-M", "-d", "/nonexistent",
-                        "vpopmail"], check=True)
-        made.insert(0, ("userdel", "vpopmail"))
-    try:
-        yield pwd.getpwnam("vpopmail")
-    finally:
-        for cmd, name in made:
-            subprocess.run([need(cmd), name], capture_output=True)
 
 
 class Running:
@@ -428,7 +400,7 @@ def test_symlinked_live_cdb_is_refused(tree: Tree):
 
 
 def test_the_daemon_runs_as_vpopmail_with_a_directory_of_its_own(tree: Tree, vpopmail_account):
-    """UPDATER_USER=vpopmail as README "Running the daemon as vpopmail" sets it up: the
+    """UPDATER_USER=vpopmail as docs/deploy.md "Running the daemon as vpopmail" sets it up: the
     cdb, locks, status and FIFO in a directory of vpopmail's, with the owners and modes
     it states; the hook (as vpopmail) reaches the daemon.  In root's control/ the daemon
     exits with one line saying what it needs."""

@@ -1,6 +1,6 @@
-"""What an admin reads: every option in the README's tables is in the matching --help
-(with its default), every option a --help lists is in the README, and all three
-programs answer --version."""
+"""What an admin reads: every option in the settings tables (docs/settings.md,
+docs/smtpd.md, docs/postfix.md) is in the matching --help (with its default), every
+option a --help lists is in a table, and all three programs answer --version."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from pathlib import Path
 
 from helpers.tools import script
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+TOP = Path(__file__).resolve().parent.parent
+# what an admin reads: the README and the topic pages it points to, in its order
+PAGES = ["README.md", "docs/settings.md", "docs/smtpd.md", "docs/postfix.md", "docs/deploy.md"]
+README = "\n".join((TOP / p).read_text() for p in PAGES)
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-z])\b")
 
 
@@ -160,8 +163,8 @@ def test_options_come_from_the_environment(tmp_path: Path):
     done = subprocess.run([script("validrcptto-policyd")], capture_output=True, text=True,
                           env={**os.environ, "LISTEN": "", "VERBOSE": "x"}, timeout=60)
     assert done.returncode == 2 and "$VERBOSE" in done.stderr
-    from updater.smtpd.options import parse_args
     import updater.smtpd.options as o
+    from updater.smtpd.options import parse_args
     saved = dict(os.environ)
     try:
         os.environ.update(CONCURRENCY="7", WORKERS="3", SMTPD_QUIET="1", GRACE="2.5")

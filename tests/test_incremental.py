@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from helpers.tree import newu, Tree
 from helpers.daemon import Running
 from helpers.tools import ROOT
-from helpers.tree import keys_of
+from helpers.tree import Tree, keys_of, newu
 from helpers.wait import wait_for
 
 VPOP = ["v0.example", "v1.example", "v2.example"]

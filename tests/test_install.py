@@ -9,10 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers.tools import need, script
-
 from helpers.tree import Tree
 from updater.gate import DomainChange, Peak, judge_domain
 
@@ -376,6 +376,7 @@ def test_changed_stretch_agrees_with_sets(old, added, gone, rejects, seed, tmp_p
 def test_compare_live_with_a_foreign_record_order(tmp_path: Path):
     """A live cdb written by another tool in another order still diffs right."""
     import cdbx
+
     from updater.cdbdiff import Changes, compare_live
     from updater.install import make_cdb
     keys = sorted(b"u%03d@d.example" % i for i in range(300))

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need
 from helpers.net import free_port
-from helpers.smtp_client import children, greeted, smtp_tree, Server
+from helpers.smtp_client import Server, children, greeted, smtp_tree
+from helpers.tools import need
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need, script, CI
 from helpers.net import free_port
+from helpers.smtp_client import T1, make_cdb
+from helpers.tools import CI, need, script
 from helpers.wait import wait_for
-from helpers.smtp_client import make_cdb, T1
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 and not CI, reason="Postfix starts as root")
 

@@ -16,11 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need, script, BIN
-
-from helpers.tree import Tree
-from helpers.tools import ROOT
-from helpers.tree import keys_of, setup_tree
+from helpers.tools import BIN, ROOT, need, script
+from helpers.tree import Tree, keys_of, setup_tree
 from helpers.wait import wait_for
 
 

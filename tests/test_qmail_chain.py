@@ -37,11 +37,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from helpers.tools import need, CI
-
-from helpers.tree import low, newu, Tree
+from helpers.tools import CI, need
+from helpers.tree import Tree, low, newu
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = int(os.environ.get("QMAIL_CHAIN_EXAMPLES", "200"))

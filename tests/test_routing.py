@@ -17,11 +17,11 @@ from pathlib import Path
 
 import cdbx
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers.tools import CI
-
-from helpers.tree import low, newu, Tree
+from helpers.tree import Tree, low, newu
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT and not CI, reason="chown needs root")

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+from updater.dotqmail import fastforward_cdb, runs
 from updater.errors import SourceError
 from updater.generate import classify, universe
-from updater.merge import merge, normalise
-from updater.dotqmail import fastforward_cdb, runs
-from updater.qmail import (lower_ascii, lspawn_lookup, map_index, map_lookup, parse_assign,
-                           parse_domain_map, users_db)
 from updater.localdelivery import getpw, qmail_search
+from updater.merge import merge, normalise
+from updater.qmail import (
+    lower_ascii,
+    lspawn_lookup,
+    map_index,
+    map_lookup,
+    parse_assign,
+    parse_domain_map,
+    users_db,
+)
 from updater.routing import Accepts, Answer, DomainKeys, _prune, accepted
 from updater.sources import Found, Notes
 

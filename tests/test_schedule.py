@@ -4,12 +4,29 @@ events in, actions out, no sleeping, no threads."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from updater.buildevents import (Build, BuildDone, BuildOutcome, CheckFiles, CheckLive,
-                                 Exit, FileChanged, FilesChecked, Log, Publish, Requested,
-                                 Rewatch, StatusNews, Stop, Targeted, Tick, Timing,
-                                 WriteStatus)
+from updater.buildevents import (
+    Build,
+    BuildDone,
+    BuildOutcome,
+    CheckFiles,
+    CheckLive,
+    Exit,
+    FileChanged,
+    FilesChecked,
+    Log,
+    Publish,
+    Requested,
+    Rewatch,
+    StatusNews,
+    Stop,
+    Targeted,
+    Tick,
+    Timing,
+    WriteStatus,
+)
 from updater.install import Report
 from updater.retry import backoff
 from updater.schedule import LIVE_CHECK, Scheduler
@@ -24,6 +41,7 @@ def make(**timing: float) -> Scheduler:
 def timing_with(**changes: float) -> Timing:
     """The shipped defaults (config.Settings) with some rules changed."""
     import dataclasses
+
     from updater.config import Settings
     return dataclasses.replace(Timing.of(Settings()), **changes)
 

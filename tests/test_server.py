@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need, script, BIN, CI
 from helpers.net import free_port
-from helpers.smtp_client import make_cdb, smtp_tree, children, Client, Server, T1
+from helpers.smtp_client import T1, Client, Server, children, make_cdb, smtp_tree
+from helpers.tools import BIN, CI, need, script
 from helpers.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need, script
 from helpers.net import free_port
-from helpers.smtp_client import children, smtp_tree, Server
+from helpers.smtp_client import Server, children, smtp_tree
+from helpers.tools import need, script
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from helpers.tools import script, CI
-from helpers.smtp_client import make_cdb, QUEUE
+from helpers.smtp_client import QUEUE, make_cdb
+from helpers.tools import CI, script
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 

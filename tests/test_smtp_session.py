@@ -3,9 +3,14 @@ is compared with a byte-at-a-time model of qmail-smtpd's blast() written here.""
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from updater.smtp import blast, events as E, context as P, replies as R, session as S
+from updater.smtp import blast
+from updater.smtp import context as P
+from updater.smtp import events as E
+from updater.smtp import replies as R
+from updater.smtp import session as S
 
 CONTROLS = P.Controls(greeting=b"mx.example.com", liphost=b"mx.example.com",
                       rcpthosts=frozenset({b"example.com"}), badmailfrom=None, databytes=0,
@@ -34,7 +39,7 @@ def replies(events) -> bytes:
 
 # --------------------------------------------------------------------------- a model of blast()
 
-def blast_model(stream: bytes):
+def blast_model(stream: bytes):  # noqa: C901 (the C code's shape, on purpose)
     """qmail-smtpd.c blast(), one byte at a time: (message, hops, 'end'|'stray'|'more')."""
     out = bytearray()
     state, hops, inheader, pos = 1, 0, True, 0

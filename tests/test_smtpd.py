@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from helpers.tools import need, script
 from helpers.net import free_port, wait_port
-from helpers.smtp_client import make_cdb, smtp_tree, T1
+from helpers.smtp_client import T1, make_cdb, smtp_tree
+from helpers.tools import need, script
 
 HEAD = b"EHLO client.example\r\nMAIL FROM:<sender@example.org>\r\n"
 EHLO = (b"220 mx.example.com ESMTP\r\n250-mx.example.com\r\n250-PIPELINING\r\n"

@@ -117,7 +117,7 @@ def test_the_daemon_units_execstart_builds(tree):
 
 
 def test_the_smtpd_units_execstart_serves(tmp_path: Path):
-    from helpers.smtp_client import smtp_tree, greeted
+    from helpers.smtp_client import greeted, smtp_tree
     base = smtp_tree(tmp_path)
     port = free_port()
     argv, env = service_command("validrcptto-smtpd", {

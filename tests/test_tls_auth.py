@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tools import need, script, CI
 from helpers.net import free_port
 from helpers.smtp_client import smtp_tree
+from helpers.tools import CI, need, script
 
 USER, PASSWORD = "vrtauth", "s3cret-Pa55"
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Container, Set as AbstractSet
+from collections.abc import Container
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 

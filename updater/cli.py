@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .textsafe import escape
@@ -79,8 +79,10 @@ def cmd_build(args: argparse.Namespace, settings: config.Settings) -> int:
     takes those domains' lists as they are now).  A domain held (its source failed, or
     the gate doubts it) keeps its last good entries: one line each, exit 1."""
     from .install import install_result
+    from .qmail import ENCODING as ENC
+    from .qmail import ERRORS as ERR
+    from .qmail import lower_ascii
     from .verdict import Intent
-    from .qmail import ENCODING as ENC, ERRORS as ERR, lower_ascii
     accept = [lower_ascii(d.strip()) for d in getattr(args, "domain", None) or []]
     result = _build_result(settings, partial=True)
     intent = Intent(accepted=frozenset(d.encode(ENC, ERR) for d in accept))
@@ -193,7 +195,29 @@ def parser() -> argparse.ArgumentParser:
                    help="keep the temporary directory and print where it is")
     d.set_defaults(func=cmd_demo)
     add_service_commands(sub)
+    for name, command in sub.choices.items():      # --help and the man page end with it
+        command.epilog = "exit status: " + EXITS[name]
     return p
+
+
+# each command's exit statuses (its --help, qmail-updater(8), docs/settings.md)
+EXITS = {
+    "generate": "0 ok, 1 source error (nothing printed on stdout), 2 usage",
+    "build": "0 installed or unchanged (and published), 1 a domain held, refused or failed "
+             "(live cdb untouched) or a push failed, 2 usage",
+    "accept": "as build: 0 installed or unchanged, 1 a domain still held, refused or failed "
+              "or a push failed, 2 usage",
+    "check": "0 all accepted, 1 any rejected, 2 usage or unopenable cdb",
+    "demo": "0",
+    "run": "0 after SIGTERM/SIGINT",
+    "publish": "0 all pushed, 1 any failed, 2 usage",
+    "trigger": "0 written, 3 no daemon reading, 4 no FIFO, 5 permission denied, 6 not a FIFO "
+               "or another error",
+    "report": "0, 1 unreadable file, 2 usage",
+    "install-hook": "0, 1 it could not (one line), 2 usage",
+    "status": "0, or 1 if the last build failed or anything makes it untrue (a line on "
+              "stderr each)",
+}
 
 
 def add_service_commands(sub: Any) -> None:
@@ -316,60 +340,3 @@ def run(argv: Sequence[str] | None, prog: str = PROG) -> int:
 
 def main() -> None:
     sys.exit(run(sys.argv[1:]))
-
-
-# --------------------------------------------------------------------------- mkvalidrcptto
-
-def mkvalidrcptto_main() -> None:
-    sys.exit(mkvalidrcptto(sys.argv[1:]))
-
-
-MKVALIDRCPTTO_HELP = (
-    "Drop-in for jms1's mkvalidrcptto: print every valid address of this qmail server, "
-    "one per line (-m: as cdbmake input), or write them as a cdb (-c FILE, atomically, "
-    "with the sanity gate).  -d shows where each key comes from on stderr; -n is "
-    "accepted and means no per-user -default keys, which is already the default "
-    "(UPDATER_QMAIL_EXT=1 adds them).")
-
-
-def mkvalidrcptto(argv: Sequence[str]) -> int:
-    """Drop-in for jms1's mkvalidrcptto (MKVALIDRCPTTO_HELP)."""
-    import argparse
-
-    from . import config
-    from .errors import ConfigError, UpdaterError
-    p = argparse.ArgumentParser(prog="mkvalidrcptto", description=MKVALIDRCPTTO_HELP)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("-n", action="store_true", help="no per-user -default keys (the default)")
-    p.add_argument("-m", action="store_true", help="print cdbmake input instead of keys")
-    p.add_argument("-c", metavar="FILE", help="write the list to this cdb (atomically)")
-    p.add_argument("-d", action="store_true", help="debug: the origin of every key on stderr")
-    config.add_arguments(p, ("generate", "directory"))
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as exit_:
-        return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
-    prog = "mkvalidrcptto"
-    try:
-        settings = config.load(args)
-        if args.n:
-            settings = settings.__class__(**{**settings.__dict__, "qmail_ext": False})
-        from .generate import generate
-        result = generate(settings)
-        for w in result.warnings:
-            log(f"warning: {w}", prog)
-        if args.d:
-            for k in result.sorted_keys():
-                log(f"{k.decode(ENCODING, ERRORS)}: {result.origin(k)}", prog)
-        if args.c:
-            from .install import install_result
-            log(install_result(result, args.c, settings).line(), prog)
-        else:
-            write_list(result, "cdbmake" if args.m else "plain")
-        return EXIT_OK
-    except ConfigError as err:
-        log(str(err), prog)
-        return EXIT_USAGE
-    except UpdaterError as err:
-        log(str(err), prog)
-        return EXIT_FAIL

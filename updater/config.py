@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Mapping
 
 from .declare import Opt, _bool, _mode, _str, declared, setting, shown_default
 from .errors import ConfigError

@@ -13,38 +13,57 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from errno import ENOSPC
 import queue
 import signal
 import threading
 import time
-from types import FrameType
 from collections.abc import Callable
+from errno import ENOSPC
+from types import FrameType
 from typing import Any
 
 from . import incremental
 from . import status as status_file
-from .buildevents import (Action, Build, BuildDone, BuildOutcome, CheckFiles, CheckLive,
-                          DirectoryPolled, Event, FileChanged, FilesChecked, Log,
-                          PollDirectory, Publish, Requested, Rewatch, StatusNews, Stop,
-                          Targeted, Tick, Timing, WriteStatus)
+from .buildevents import (
+    Action,
+    Build,
+    BuildDone,
+    BuildOutcome,
+    CheckFiles,
+    CheckLive,
+    DirectoryPolled,
+    Event,
+    FileChanged,
+    FilesChecked,
+    Log,
+    PollDirectory,
+    Publish,
+    Requested,
+    Rewatch,
+    StatusNews,
+    Stop,
+    Targeted,
+    Tick,
+    Timing,
+    WriteStatus,
+)
 from .config import Settings
 from .errors import InstallError, UpdaterError
-from .qmail import ENCODING, ERRORS
 from .fifo import Reader
 from .generate import generate
-from .incremental import Snapshot
-from .sources.mysql import Rows
-from .inputs import Inputs
 from .ident import Ident, identity
+from .incremental import Snapshot
+from .inputs import Inputs
 from .install import LiveChanged, Report, install_result, no_room
 from .liverecord import sources_path
-from .verdict import Intent
 from .onchange import onchange_target
 from .publish import Publisher
-from .targets import parse_targets
+from .qmail import ENCODING, ERRORS
 from .schedule import IDLE, Scheduler
+from .sources.mysql import Rows
+from .targets import parse_targets
 from .textsafe import printable
+from .verdict import Intent
 from .watch import Watcher
 
 MAX_FIFO_LINES = 1000         # lines of one FIFO read looked at (the rest: dropped)

@@ -14,7 +14,6 @@ import os
 import stat
 from collections.abc import Callable
 
-
 # ``qmail-updater trigger`` exit statuses (the onchange hook says the same and exits 0)
 SENT, NO_READER, MISSING, DENIED, BROKEN = 0, 3, 4, 5, 6
 

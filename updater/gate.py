@@ -23,9 +23,9 @@ mailbox list names: not a loss while the domain still accepts some address.
 
 from __future__ import annotations
 
-
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence, Set as AbstractSet
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 

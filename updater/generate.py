@@ -14,26 +14,43 @@ import contextlib
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
 from .errors import SourceError
 from .inputs import Inputs
-from .qmail import (ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, accounts as load_accounts,
-                    cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup,
-                    parse_assign, parse_domain_map, part_of, read_text, read_users_cdb, users_db)
-from .merge import Result, merge
-from .sources.ldap import LdapCache
-from .sources.mysql import MysqlCache
 from .localdelivery import TAIL
+from .merge import Result, merge
+from .qmail import (
+    ENCODING,
+    ERRORS,
+    LIMITS,
+    Account,
+    MapEntry,
+    UsersDb,
+    cdb_keys,
+    control_lines,
+    first_line,
+    lower_ascii,
+    map_index,
+    map_lookup,
+    parse_assign,
+    parse_domain_map,
+    part_of,
+    read_text,
+    read_users_cdb,
+    users_db,
+)
+from .qmail import accounts as load_accounts
 from .routing import DomainKeys, Router
 from .sources import Found, Notes, at
+from .sources.ldap import LdapCache
+from .sources.mysql import MysqlCache
 from .sources.qmailtree import DiskView
 from .sources.site import site_entries
 from .sources.vpopmail import read_users
-
 
 # --------------------------------------------------------------------------- rules (pure)
 

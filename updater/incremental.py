@@ -33,19 +33,19 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cdbdiff import Changes
 from .config import Settings
+from .gate import accepting_under, sorted_getter
 from .generate import generate, global_inputs
-from .merge import Result
 from .ident import Ident, identities
 from .inputs import Inputs
-from .cdbdiff import Changes
-from .gate import accepting_under, sorted_getter
 from .install import Report, install_delta
 from .liverecord import Held
-from .verdict import Candidate, Intent
+from .merge import Result
 from .qmail import ENCODING, ERRORS, part_of
 from .sources.ldap import LdapCache
 from .sources.mysql import MysqlCache, Rows
+from .verdict import Candidate, Intent
 
 MAX_DOMAINS = 200       # more changed domains than this and than half of all: a full build
 SPLICE_LIMIT = 64       # up to this many added + removed keys: insert/delete in place

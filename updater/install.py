@@ -14,20 +14,21 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Set as AbstractSet
+from collections.abc import Callable, Collection, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import atomicfile
-from .checker import CdbGetter, open_cdb
 from .cdbdiff import CHUNK, REJECT, Changes, compare_live, record_count
+from .checker import CdbGetter, open_cdb
 from .errors import InstallError
 from .gate import accepting_under, set_getter
-from .liverecord import Held, read_record, save_record, write_atomically
-from .verdict import NO_INTENT, Candidate, Intent, counts_of, settle
 from .ident import Ident, identity
+from .liverecord import Held, read_record, save_record, write_atomically
 from .lock import locked
 from .qmail import ENCODING, ERRORS, part_of
+from .verdict import NO_INTENT, Candidate, Intent, counts_of, settle
 
 if TYPE_CHECKING:
     from .config import Settings

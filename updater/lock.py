@@ -31,8 +31,8 @@ def open_lock(lock_path: str) -> int:
             why = "is a symbolic link" if err.errno == errno.ELOOP else (err.strerror or str(err))
             if err.errno == errno.EACCES:        # the daemon as UPDATER_USER, say
                 why += (" (this user may not write the cdb's directory: give it one of "
-                        "its own for the cdb, status and FIFO; README \"Running the "
-                        "daemon as vpopmail\")")
+                        "its own for the cdb, status and FIFO: DAEMON_USER=USER sh service/deploy "
+                        "does it, docs/deploy.md)")
             raise InstallError(f"cannot open lock file: {why}", lock_path) from None
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and \

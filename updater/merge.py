@@ -12,7 +12,6 @@ from typing import Any
 from .qmail import ENCODING, ERRORS
 from .sources import Found, Notes
 
-
 _BAD = re.compile(rb"[\x00-\x09\x0b-\x20\x7f]")          # \n separates the keys
 REJECT_VALUE = b"-"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-
 # What vpopmail's onchange lines name.  The hook writes its arguments joined by spaces, so
 # one line reads the same from both versions: 5.4 passes the command and one string
 # (``valias_insert`` ``sales@d - alice@d``), 5.6 the command and three fields, the last

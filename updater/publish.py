@@ -23,13 +23,14 @@ import os
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
 from .errors import ConfigError
 from .targets import Target, parse_targets
+
 
 def rsync_argv(target: Target, source: str, settings: Settings) -> list[str]:
     """The rsync command that pushes ``source`` to ``target`` (pure)."""

@@ -11,8 +11,8 @@ import errno
 import os
 import stat
 from collections import namedtuple
-from typing import Any, AnyStr, NamedTuple
 from collections.abc import Iterable
+from typing import Any, AnyStr, NamedTuple
 
 from .errors import SourceError
 

@@ -28,14 +28,14 @@ Everything here is pure: the file system comes in through a ``View``.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
-from collections.abc import Callable
 
 from .inputs import Inputs
-from .qmail import Account, ENCODING, ERRORS, UsersDb, lower_ascii, lspawn_lookup
-
 from .localdelivery import GETPW_USERLEN, TAIL, getpw, qmail_search, safe_ext, spellings
+from .qmail import ENCODING, ERRORS, Account, UsersDb, lower_ascii, lspawn_lookup
+
 
 class Target(NamedTuple):
     """Where qmail-lspawn sends a local part: a home, the dash and the extension."""

@@ -42,16 +42,35 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .buildevents import (Action, Build, BuildDone, BuildOutcome, CheckFiles, CheckLive,
-                          DirectoryPolled, Event, Exit, FileChanged, FilesChecked, Log,
-                          Publish, Rewatch, StatusNews, Stop, Targeted, Tick, Timing,
-                          WriteStatus)
+from .buildevents import (
+    Action,
+    Build,
+    BuildDone,
+    BuildOutcome,
+    CheckFiles,
+    CheckLive,
+    DirectoryPolled,
+    Event,
+    Exit,
+    FileChanged,
+    FilesChecked,
+    Log,
+    Publish,
+    Rewatch,
+    StatusNews,
+    Stop,
+    Targeted,
+    Tick,
+    Timing,
+    WriteStatus,
+)
 from .install import Report
-from .pollclock import PollClock
 from .liverecord import hold_changes
+from .pollclock import PollClock
 from .retry import backoff
-from .window import Window, why as _why
 from .status import HEARTBEAT
+from .window import Window
+from .window import why as _why
 
 LIVE_CHECK = 0.25            # seconds between looks at the live cdb and its .sources file
 STATUS_EVERY = 1.0           # the pending count is written at most this often

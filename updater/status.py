@@ -4,9 +4,9 @@ node-exporter textfile, both written atomically (``atomicfile``)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
-import os
 from typing import TYPE_CHECKING, Any
 
 from . import atomicfile

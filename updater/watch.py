@@ -127,8 +127,14 @@ class Watcher:
 
     def _observer(self, targets: Targets) -> BaseObserver:
         from watchdog import events
-        from watchdog.events import (FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
-                                     FileModifiedEvent, FileMovedEvent, FileSystemEventHandler)
+        from watchdog.events import (
+            FileClosedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+            FileSystemEventHandler,
+        )
         watcher = self
         # Only changes: no inotify events for the thousands of files a build merely reads.
         # A mode or owner changed (chmod, chown: IN_ATTRIB) is one too: a vpasswd made

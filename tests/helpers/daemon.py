@@ -13,13 +13,6 @@ from .tree import Tree
 from .wait import wait_for
 
 
-
-
-
-
-
-
-
 def without_dac_override() -> list[str]:
     """root reads every file whatever its mode; drop that power (util-linux setpriv) so a
     mode-000 directory is unreadable, as it is to a non-root builder."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .tools import script
 
+
 def low(text: str) -> str:
     """qmail's case_lowers: A-Z only."""
     return text.translate({c: c + 32 for c in range(65, 91)})

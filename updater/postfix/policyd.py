@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..checker import check
-from ..serving.loop import every, one_line_errors, stop_on_signals
-from .protocol import Answer, Conversation, Reply, Settings
-from ..serving.cdbfile import CdbCache
 from ..declare import setting
-from ..serving.options import add_params, build
-from ..serving.watched import Watched
+from ..serving.cdbfile import CdbCache
+from ..serving.controlfiles import ControlError, morercpthosts_path, readfile
 from ..serving.listeners import RateLog, bind
 from ..serving.logline import logger
-from ..serving.controlfiles import ControlError, morercpthosts_path, readfile
+from ..serving.loop import every, one_line_errors, stop_on_signals
+from ..serving.options import add_params, build
+from ..serving.watched import Watched
 from ..smtp.addresses import rcpthosts_allows
 from ..textsafe import escape
+from .protocol import Answer, Conversation, Reply, Settings
 
 if TYPE_CHECKING:
     import http.server
@@ -355,7 +355,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="validrcptto.cdb for Postfix: a policy service "
         "(check_policy_service) and a socketmap (relay_recipient_maps), told apart by the "
-        "first byte of each connection.")
+        "first byte of each connection.",
+        epilog="exit status: 0 after SIGTERM, 111 if it cannot listen or become --user, "
+        "2 usage")
     add_params(p, Options)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -378,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     httpd = None
     if opts.metrics:
         try:
-            from ..serving.metrics import bind as bind_metrics, http_server
+            from ..serving.metrics import bind as bind_metrics
+            from ..serving.metrics import http_server
             httpd = http_server(bind_metrics(opts.metrics))
         except (OSError, ValueError) as err:
             sys.stderr.write(f"{PROG}: cannot serve metrics on {opts.metrics}: {err}\n")

@@ -16,10 +16,9 @@ import os
 import stat
 from collections.abc import Callable
 
-from ..checker import CdbGetter, records, whole as is_whole
+from ..checker import CdbGetter, records
+from ..checker import whole as is_whole
 from ..ident import Ident, of_stat
-
-
 
 
 def snapshot(path: str, strict: bool = False) -> tuple[CdbGetter, Ident, bool]:

@@ -124,8 +124,11 @@ class Metrics:
 
     def collect(self) -> Iterator[Any]:
         """prometheus-client's collector interface."""
-        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily)
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
         for name, kind, text, labels, samples in families(self.totals(), self.gauges()):
             if kind == "histogram":
                 buckets = [(le, v) for (le,), v in samples[:-1]]

@@ -11,7 +11,6 @@ from ..checker import check, lower
 from ..textsafe import escape
 from .context import TRY_LOG_MAX
 
-
 _IPLIT = re.compile(rb"\[([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)\]\Z")
 
 

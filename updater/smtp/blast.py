@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .events import QueueAbort, QueueClose, QueueData, Reply
 from .context import MAXHOPS
+from .events import QueueAbort, QueueClose, QueueData, Reply
 from .replies import R_HOPS, R_SIZE, R_STRAYLF, qq_reply
 
 # blast()'s states

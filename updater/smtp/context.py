@@ -71,6 +71,38 @@ class Policy(_Record):
                  "auth": False, "auth_plaintext": False, "auth_failures": 3}
 
 
+# The per-connection environment, as qmail-smtpd and the combined TLS/AUTH patches read
+# it (tcpserver and its rules set these; docs/smtpd.md and qmail-updater-environ(5)
+# follow this table, and a test holds them to it).
+CONNECTION_ENV: tuple[tuple[str, str], ...] = (
+    ("VALIDRCPTTO_CDB", "the list; unset or empty turns the check off; set but unopenable: "
+     "421 at the greeting"),
+    ("VALIDRCPTTO_LIMIT", f"invalid recipients per connection before 421 and hang-up "
+     f"(default {DEFAULT_LIMIT}; 0: none)"),
+    ("VALIDRCPTTO_LOG", "0 (default): refusals and hang-ups; 1: also each RCPT and its "
+     "verdict; 2: also the keys tried"),
+    ("RELAYCLIENT", "set (even empty): no rcpthosts or validrcptto check; appended to each "
+     "recipient"),
+    ("TCPREMOTEIP", "the client's address (log, Received)"),
+    ("TCPREMOTEHOST", "the client's name (Received)"),
+    ("TCPREMOTEINFO", "the client's ident answer (Received)"),
+    ("TCPLOCALHOST", "this host's name (the by of Received)"),
+    ("TCPLOCALIP", "this host's address, when TCPLOCALHOST is unset"),
+    ("DATABYTES", "overrides control/databytes (0: no limit)"),
+    ("MAXRCPT", "accepted recipients per message, past it 452 (0: no limit)"),
+    ("QMAILQUEUE", "the queue program (default QMAIL_DIR/bin/qmail-queue)"),
+    ("METRICS_TEXTFILE", "tcpserver front end: add each session to this Prometheus textfile"),
+    ("TLS_CERT", "the certificate (and chain); default control/servercert.pem"),
+    ("TLS_KEY", "its key; default the certificate's file"),
+    ("DISABLETLS", "set: no STARTTLS"),
+    ("CHECKPASSWORD", "the checkpassword program and its arguments, for AUTH"),
+    ("AUTH_PLAINTEXT", "non-empty and not 0: AUTH before STARTTLS too"),
+    ("AUTH_MAX_FAILURES", "failed AUTH attempts per connection before 421 (default 3)"),
+    ("CHECKPASSWORD_TIMEOUT", "seconds before a silent checkpassword is killed: 454 "
+     "(default 10)"),
+)
+
+
 def peer_from_env(env: Mapping[str, str]) -> Peer:
     def b(name: str) -> bytes | None:
         v = env.get(name)

@@ -11,9 +11,19 @@ from typing import Any
 
 from ..textsafe import escape
 from .events import CheckPassword, Log, Reply
-from .replies import (R_AUTH_AGAIN, R_AUTH_BAD, R_AUTH_CANCELLED, R_AUTH_INMAIL,
-                      R_AUTH_MALFORMED, R_AUTH_NEEDTLS, R_AUTH_OK, R_AUTH_TEMP, R_AUTH_TOOMANY,
-                      R_AUTH_TYPE, R_UNIMPL)
+from .replies import (
+    R_AUTH_AGAIN,
+    R_AUTH_BAD,
+    R_AUTH_CANCELLED,
+    R_AUTH_INMAIL,
+    R_AUTH_MALFORMED,
+    R_AUTH_NEEDTLS,
+    R_AUTH_OK,
+    R_AUTH_TEMP,
+    R_AUTH_TOOMANY,
+    R_AUTH_TYPE,
+    R_UNIMPL,
+)
 
 PROMPT_PLAIN = b"334 \r\n"
 PROMPT_USER = b"334 VXNlcm5hbWU6\r\n"          # "Username:"

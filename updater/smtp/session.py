@@ -6,18 +6,52 @@ their events and where they ended, imported when first needed, as is ``received`
 
 from __future__ import annotations
 
-from collections.abc import Callable       # (not typing: start-up counts here)
+from collections.abc import Callable  # (not typing: start-up counts here)
 
 from .addresses import addrparse, badmailfrom, recipient
-from .events import (AUTH, CALLBACKS, CHECKING_PASSWORD, Event, COMMAND, DATA, DONE,
-                     QUEUE_CLOSING, QUEUE_OPENING, TLS_STARTING, Close, Log, ProtocolError,
-                     QueueAbort, QueueOpen, Reply, StartTls, _READING, _READING_LINES)
-from .envelope import Envelope
-from .framing import TOO_LONG, next_line
 from .context import BATCH, Controls, Lookup, Peer, Policy
-from .replies import (R_BMF, R_HELP, R_MAILFIRST, R_MAXRCPT, R_NOGATEWAY, R_NOTVALID, R_QQT,
-                      R_RCPTFIRST, R_SYNTAX, R_TIMEOUT, R_TLS_AGAIN, R_TLS_PIPELINED,
-                      R_TLS_READY, R_TOOLONG, R_TOOMANY, R_UNIMPL, ehlo)
+from .envelope import Envelope
+from .events import (
+    _READING,
+    _READING_LINES,
+    AUTH,
+    CALLBACKS,
+    CHECKING_PASSWORD,
+    COMMAND,
+    DATA,
+    DONE,
+    QUEUE_CLOSING,
+    QUEUE_OPENING,
+    TLS_STARTING,
+    Close,
+    Event,
+    Log,
+    ProtocolError,
+    QueueAbort,
+    QueueOpen,
+    Reply,
+    StartTls,
+)
+from .framing import TOO_LONG, next_line
+from .replies import (
+    R_BMF,
+    R_HELP,
+    R_MAILFIRST,
+    R_MAXRCPT,
+    R_NOGATEWAY,
+    R_NOTVALID,
+    R_QQT,
+    R_RCPTFIRST,
+    R_SYNTAX,
+    R_TIMEOUT,
+    R_TLS_AGAIN,
+    R_TLS_PIPELINED,
+    R_TLS_READY,
+    R_TOOLONG,
+    R_TOOMANY,
+    R_UNIMPL,
+    ehlo,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:                  # (no cycle: blast and sasl know nothing of the session)
@@ -163,7 +197,7 @@ class Session:
             self.count("message.tempfail")
             ev: list[Event] = [Reply(R_QQT)]
         else:
-            from .blast import Message            # (imported when a message starts)
+            from .blast import Message  # (imported when a message starts)
             assert self.message_env is not None
             self.message = Message(qp, self.message_env.queue_envelope(), self.c.databytes)
             self.mode = DATA
@@ -284,7 +318,7 @@ class Session:
             self.mode = TLS_STARTING
 
     def smtp_auth(self, arg: bytes, ev: list[Event]) -> None:
-        from .sasl import command                 # (imported when AUTH starts)
+        from .sasl import command  # (imported when AUTH starts)
         self._auth(ev, *command(arg, enabled=self.policy.auth, offered=self.auth_offered(),
                                 authed=self.user is not None, in_mail=self.env is not None))
 

@@ -8,15 +8,14 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..smtp import events as E
 from ..serving.anvil import R_BUSY
 from ..serving.controlfiles import ControlError
+from ..smtp import events as E
+from ..smtp.events import Event
 from .controls import open_session, queue_program
+from .host import Host
 from .logline import log
 from .queue import AsyncQueue
-from ..smtp.events import Event
-
-from .host import Host
 
 if TYPE_CHECKING:
     from ..smtp.session import Session

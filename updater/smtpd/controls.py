@@ -11,8 +11,14 @@ from typing import Any
 
 from ..checker import CdbGetter, unusable
 from ..serving.controlfiles import ControlError, morercpthosts_path, readfile, readint, readline
-from ..smtp.context import (DEFAULT_TIMEOUT, Controls, Lookup, peer_from_env, policy_from_env,
-                            scan_ulong)
+from ..smtp.context import (
+    DEFAULT_TIMEOUT,
+    Controls,
+    Lookup,
+    peer_from_env,
+    policy_from_env,
+    scan_ulong,
+)
 from ..smtp.session import Session
 
 READERS: dict[str, Callable[[str], Any]] = {

@@ -11,10 +11,10 @@ from typing import Any, Protocol
 from ..checker import CdbGetter
 from ..serving.anvil import Limits
 from ..serving.cdbfile import CdbCache
-from .controls import IpMe
 from ..serving.metrics import Metrics
-from .options import Options
 from ..smtp.context import Controls
+from .controls import IpMe
+from .options import Options
 
 
 class Host(Protocol):

@@ -28,12 +28,12 @@ import sys
 import time
 from typing import Any
 
-from ..serving.child import end_with_parent
-from ..serving.privileges import become
 from ..serving.anvil import Limits
-from .logline import PROG, log
-from ..serving.metrics import Metrics
+from ..serving.child import end_with_parent
 from ..serving.listeners import parse_listen
+from ..serving.metrics import Metrics
+from ..serving.privileges import become
+from .logline import PROG, log
 from .options import Options, parse_args
 from .worker import run_worker
 
@@ -49,6 +49,30 @@ def bind(opts: Options, reuse_port: bool) -> socket.socket:
     return listen_tcp(host, port, LISTEN_BACKLOG, reuse_port=reuse_port)
 
 
+def fork_child(i: int, master: int, opts: Options, socks: list[socket.socket],
+               limits: Limits, metrics: Metrics, httpd: Any) -> int:
+    """Fork worker ``i`` (its socket only; -1: the /metrics server); the child never
+    returns, and ends with the master."""
+    pid = os.fork()
+    if pid:
+        return pid
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    end_with_parent(master)                     # SIGTERM when the master is gone
+    if i == -1:
+        for s in socks:
+            s.close()
+        httpd.serve_forever()
+        os._exit(0)
+    for j, s in enumerate(socks):
+        if j != i:
+            s.close()
+    if httpd is not None:
+        httpd.socket.close()
+    limits.row = metrics.row = i
+    os._exit(run_worker(opts, socks[i], limits, metrics))
+
+
 def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
                       metrics: Metrics, httpd: Any = None) -> int:
     """The parent of ``--workers N``: starts them (and, with --metrics, a process that
@@ -58,24 +82,7 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
     stopping, master = [False], os.getpid()
 
     def start(i: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            end_with_parent(master)             # SIGTERM when the master is gone
-            if i == -1:
-                for s in socks:
-                    s.close()
-                httpd.serve_forever()
-                os._exit(0)
-            for j, s in enumerate(socks):
-                if j != i:
-                    s.close()
-            if httpd is not None:
-                httpd.socket.close()
-            limits.row = metrics.row = i
-            os._exit(run_worker(opts, socks[i], limits, metrics))
-        children[pid] = i
+        children[fork_child(i, master, opts, socks, limits, metrics, httpd)] = i
 
     def forward(sig: int, frame: Any) -> None:
         if sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,16 +132,19 @@ def main(opts: Options) -> None:
     httpd = None
     if opts.metrics:
         try:
-            from ..serving.metrics import bind as bind_metrics, server as metrics_server
+            from ..serving.metrics import bind as bind_metrics
+            from ..serving.metrics import server as metrics_server
             httpd = metrics_server(metrics, bind_metrics(opts.metrics))
         except (OSError, ValueError) as err:
             sys.stderr.write(f"{PROG}: cannot serve metrics on {opts.metrics}: {err}\n")
             sys.exit(111)
     # everything a session needs is loaded while we may still read it: after --user,
     # the Python installation (root's, often) may be out of reach
-    import cdbx  # noqa: F401
     import concurrent.futures.thread  # noqa: F401
     import ssl  # noqa: F401
+
+    import cdbx  # noqa: F401
+
     from . import secure
     opts.tls = secure.tls_context(opts.qmail_dir, os.environ, log)
     if opts.user:

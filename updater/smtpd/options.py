@@ -10,11 +10,10 @@ import ssl
 from dataclasses import dataclass
 
 from ..declare import setting
+from ..serving.controlfiles import ControlError
 from ..serving.listeners import parse_listen
 from ..serving.options import add_params, build
-from ..serving.controlfiles import ControlError
 from .logline import PROG
-
 
 QUIET_ENV = "SMTPD_QUIET"
 
@@ -75,7 +74,9 @@ def parser() -> argparse.ArgumentParser:
         "tcpserver (no options needed), or as a long-running server with --listen.  "
         "Per-connection settings come from the environment as in qmail-smtpd "
         "(VALIDRCPTTO_CDB, VALIDRCPTTO_LIMIT, VALIDRCPTTO_LOG, RELAYCLIENT, DATABYTES, "
-        "QMAILQUEUE, CHECKPASSWORD, TLS_CERT, ...: see the README).")
+        "QMAILQUEUE, CHECKPASSWORD, TLS_CERT, ...: see qmail-updater-environ(5)).",
+        epilog="exit status: as qmail-smtpd: 0 after QUIT, 1 otherwise; --listen: 0 after "
+        "SIGTERM, 111 if it cannot listen or become --user, 2 usage")
     add_params(p, Options)
     p.add_argument("--quiet", dest="verbose", action="store_false", default=None,
                    help=f"no ok/end/deny/busy line per connection (default: one each) "

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from ..serving.child import Child, spawn
 
 
-
 def launch(program: str, qmail_dir: str, env: Mapping[str, str]
            ) -> tuple[Child | None, int, int, int | None]:
     """qmail-queue started the one way both front ends start it: posix_spawn (no fork of

@@ -14,8 +14,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from ..smtp import events as E
 from ..serving.controlfiles import ControlError
+from ..smtp import events as E
 from .controls import IpMe, SessionSetup
 
 TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import ssl
     from collections.abc import Mapping
     from typing import Any
+
     from .queue import QueueProcess
 
 PROG = "validrcptto-smtpd"
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:                     # under tcpserver: no option parsing at all
         sys.exit(run(os.environ.get("QMAIL_DIR") or "/var/qmail", os.environ))
-    from .master import main as server_main, parse_args
+    from .master import main as server_main
+    from .master import parse_args
     opts = parse_args(argv)
     if opts.listen is not None:
         server_main(opts)

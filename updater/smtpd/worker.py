@@ -10,21 +10,20 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from ..serving.anvil import Limits
 from ..checker import CdbGetter
+from ..serving.anvil import Limits
 from ..serving.cdbfile import CdbCache
 from ..serving.child import LIVE
-from .connection import SmtpProtocol
 from ..serving.controlfiles import ControlError, morercpthosts_path
-from .controls import IpMe, read_controls, read_file
-from ..serving.watched import CONTROL_FILES, Watched
-from .logline import log
-from ..serving.metrics import Metrics
-from .options import Options
-from ..smtp.context import Controls
-from .queue import AsyncQueue
 from ..serving.loop import every, one_line_errors, stop_on_signals
-
+from ..serving.metrics import Metrics
+from ..serving.watched import CONTROL_FILES, Watched
+from ..smtp.context import Controls
+from .connection import SmtpProtocol
+from .controls import IpMe, read_controls, read_file
+from .logline import log
+from .options import Options
+from .queue import AsyncQueue
 
 SWEEP = 0.5                 # seconds between checks of the sessions' read deadlines
 OWED_WAIT = 30.0            # after the grace period: seconds for replies owed after a message

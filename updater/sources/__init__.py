@@ -11,7 +11,6 @@ needs raises ``SourceError`` and the whole build fails.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from ..qmail import ENCODING, ERRORS
