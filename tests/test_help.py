@@ -118,7 +118,8 @@ def help_vars(text: str) -> dict[str, str]:
 SERVICE = Path(__file__).resolve().parent.parent / "service"
 # in the smtpd env/ but no option's: the run scripts' own, and the per-connection ones
 SMTPD_OTHER = {"PATH", "IP", "PORT", "SMTPD_UID", "SMTPD_GID", "VALIDRCPTTO_CDB",
-               "VALIDRCPTTO_LIMIT", "VALIDRCPTTO_LOG", "AUTH_MAX_FAILURES", "AUTH_PLAINTEXT",
+               "VALIDRCPTTO_LIMIT", "VALIDRCPTTO_LOG", "VALIDRCPTTO_REPLY", "VALIDRCPTTO_TARPIT",
+               "AUTH_MAX_FAILURES", "AUTH_PLAINTEXT",
                "CHECKPASSWORD_TIMEOUT", "TLS_CERT", "TLS_KEY"}
 
 

@@ -38,7 +38,7 @@ from ..serving.options import add_params, build
 from ..serving.watched import Watched
 from ..smtp.addresses import rcpthosts_allows
 from ..textsafe import escape
-from .protocol import Answer, Conversation, Reply, Settings
+from .protocol import NOMAILBOX_ACTION, Answer, Conversation, Reply, Settings
 
 if TYPE_CHECKING:
     import http.server
@@ -109,7 +109,10 @@ class Server:
     def __init__(self, opts: Options, lookup: Lookup):
         self.o, self.lookup = opts, lookup
         self.counts = Counts()
-        self.settings = Settings(reject=opts.reject_action, unavailable=opts.unavailable_action,
+        reject = opts.reject_action
+        if opts.reply == "550" and reject == Settings.reject:
+            reject = NOMAILBOX_ACTION
+        self.settings = Settings(reject=reject, unavailable=opts.unavailable_action,
                                  map_name=opts.map_name.encode())
         self.conns: set[PolicyProtocol] = set()
         self.serial = 0
@@ -318,6 +321,11 @@ class Options:
         Settings.reject, flag="--reject-action", metavar="TEXT", env="REJECT_ACTION",
         help="policy answer for a refused recipient ({address} is replaced by the recipient; "
         "Postfix itself puts \"<ADDRESS>: Recipient address rejected:\" before the text)")
+    reply: str = setting(
+        "553", flag="--reply", metavar="CODE", env="VALIDRCPTTO_REPLY",
+        help="550: refuse with qmail's words (550 5.1.1 sorry, no mailbox here by that "
+        "name) where no --reject-action is given, as validrcptto-smtpd does; 553: the "
+        "reject action as it is")
     unavailable_action: str = setting(
         Settings.unavailable, flag="--unavailable-action", metavar="TEXT", env="UNAVAILABLE_ACTION",
         help="policy answer when the cdb cannot be read")
@@ -369,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     opts = build(Options, ns, os.environ, p.error)
     if not opts.listen:
         p.error("--listen (or $LISTEN) is required")
+    if opts.reply not in ("550", "553"):
+        p.error(f"--reply (or $VALIDRCPTTO_REPLY): expected 550 or 553, got {opts.reply!r}")
     opts.qmail_dir = os.path.abspath(opts.qmail_dir)
     opts.cdb = opts.cdb or os.path.join(opts.qmail_dir, "control", "validrcptto.cdb")
     try:

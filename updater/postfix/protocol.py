@@ -47,6 +47,11 @@ class Settings:
     map_name: bytes = b"validrcptto"
 
 
+# VALIDRCPTTO_REPLY=550 (when no --reject-action is given): qmail's own words, as
+# validrcptto-smtpd then answers
+NOMAILBOX_ACTION = "550 5.1.1 sorry, no mailbox here by that name"
+
+
 Decide = Callable[[bytes], Answer]     # address -> Answer (the checker over the cdb)
 
 

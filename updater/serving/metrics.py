@@ -33,7 +33,7 @@ COUNTERS: list[tuple[str, str, str, tuple[str, ...]]] = [
 ]
 RCPT_REASONS = {"accepted": ("validrcptto", "rcpthosts", "relayclient", "auth"),
                 "rejected": ("validrcptto", "rcpthosts", "badmailfrom", "syntax", "maxrcpt")}
-SINGLE = ("bytes_received", "tls_sessions", "textfile_drops")
+SINGLE = ("bytes_received", "tls_sessions", "textfile_drops", "rcpt_tarpitted")
 GAUGES = ("sessions_open", "cdb_entries", "cdb_mtime")
 
 
@@ -60,6 +60,7 @@ WIDTH = len(SLOTS)
 FIRST_GAUGE = SLOTS[GAUGES[0]]
 # the session core's count names -> slots
 FROM_SESSION = {"tls": "tls_sessions", "bytes": "bytes_received",
+                "rcpt.tarpitted": "rcpt_tarpitted",
                 "auth.ok": "auth.ok", "auth.failed": "auth.failed",
                 "auth.tempfail": "auth.tempfail",
                 "hangup.invalid_limit": "hangups.invalid_limit",
@@ -162,6 +163,9 @@ def families(t: list[float], gauges: tuple[float, float, float]) -> list[Family]
                 [((), t[SLOTS["bytes_received"]])]))
     out.append((p + "tls_sessions", "counter", "STARTTLS handshakes completed", [],
                 [((), t[SLOTS["tls_sessions"]])]))
+    out.append((p + "rcpt_tarpitted", "counter",
+                "refused RCPT commands answered late (VALIDRCPTTO_TARPIT)", [],
+                [((), t[SLOTS["rcpt_tarpitted"]])]))
     out.append((p + "textfile_drops", "counter",
                 "sessions METRICS_TEXTFILE could not add (its lock was held too long)", [],
                 [((), t[SLOTS["textfile_drops"]])]))

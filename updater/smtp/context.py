@@ -13,6 +13,7 @@ MAXHOPS = 100
 COMMAND_LINE_MAX = 4096          # qmail-smtpd has no cap; longer lines get R_TOOLONG
 DEFAULT_TIMEOUT = 1200
 DEFAULT_LIMIT = 10
+TARPIT_MAX = 30.0               # seconds: the longest a tarpitted reply waits
 TRY_LOG_MAX = 10                 # "trying:" lines per RCPT at VALIDRCPTTO_LOG=2
 Lookup = Callable[[bytes], "bytes | None"]   # a cdb's get(key)
 BATCH = 256                      # command lines per call (each reply is < 1 KiB)
@@ -57,9 +58,11 @@ class Policy(_Record):
     """VALIDRCPTTO_LIMIT (0: none), VALIDRCPTTO_LOG, MAXRCPT (0: none); tls: STARTTLS may
     be offered (a certificate is loaded); auth: AUTH may be offered (a checkpassword
     program is set); auth_plaintext: also before STARTTLS (AUTH_PLAINTEXT);
-    auth_failures: failed AUTH attempts before 421 (AUTH_MAX_FAILURES, default 3)."""
+    auth_failures: failed AUTH attempts before 421 (AUTH_MAX_FAILURES, default 3);
+    reply550: VALIDRCPTTO_REPLY=550 (qmail's words for an unknown mailbox); tarpit:
+    VALIDRCPTTO_TARPIT, milliseconds per refused RCPT (0: none)."""
     __slots__ = ("limit", "loglevel", "maxrcpt", "tls", "auth", "auth_plaintext",
-                 "auth_failures")
+                 "auth_failures", "reply550", "tarpit")
     limit: int
     loglevel: int
     maxrcpt: int
@@ -67,8 +70,11 @@ class Policy(_Record):
     auth: bool
     auth_plaintext: bool
     auth_failures: int
+    reply550: bool
+    tarpit: int
     _defaults = {"limit": DEFAULT_LIMIT, "loglevel": 0, "maxrcpt": 0, "tls": False,
-                 "auth": False, "auth_plaintext": False, "auth_failures": 3}
+                 "auth": False, "auth_plaintext": False, "auth_failures": 3,
+                 "reply550": False, "tarpit": 0}
 
 
 # The per-connection environment, as qmail-smtpd and the combined TLS/AUTH patches read
@@ -81,6 +87,10 @@ CONNECTION_ENV: tuple[tuple[str, str], ...] = (
      f"(default {DEFAULT_LIMIT}; 0: none)"),
     ("VALIDRCPTTO_LOG", "0 (default): refusals and hang-ups; 1: also each RCPT and its "
      "verdict; 2: also the keys tried"),
+    ("VALIDRCPTTO_REPLY", "550: refuse an unlisted recipient with qmail's own 550 sorry, no "
+     "mailbox here by that name (#5.1.1); anything else: the patch's 553 (the default)"),
+    ("VALIDRCPTTO_TARPIT", f"milliseconds: the n-th refused RCPT of a session is answered "
+     f"after n times this (each wait at most {TARPIT_MAX:g} s); 0 or unset: no wait"),
     ("RELAYCLIENT", "set (even empty): no rcpthosts or validrcptto check; appended to each "
      "recipient"),
     ("TCPREMOTEIP", "the client's address (log, Received)"),
@@ -122,4 +132,6 @@ def policy_from_env(env: Mapping[str, str], tls: bool = False, auth: bool = Fals
                   maxrcpt=scan_ulong(env.get("MAXRCPT")),
                   tls=tls and env.get("DISABLETLS") is None, auth=auth,
                   auth_plaintext=env.get("AUTH_PLAINTEXT", "") not in ("", "0"),
-                  auth_failures=scan_ulong(env.get("AUTH_MAX_FAILURES", "3")) or 3)
+                  auth_failures=scan_ulong(env.get("AUTH_MAX_FAILURES", "3")) or 3,
+                  reply550=env.get("VALIDRCPTTO_REPLY", "").strip() == "550",
+                  tarpit=scan_ulong(env.get("VALIDRCPTTO_TARPIT")))

@@ -79,6 +79,13 @@ class Reply(_Record):
     data: bytes
 
 
+class Pause(_Record):
+    """Wait this long before carrying out the events after it (the tarpit: the reply
+    to a refused RCPT); the session takes no input meanwhile."""
+    __slots__ = ("seconds",)
+    seconds: float
+
+
 class Log(_Record):
     __slots__ = ("text",)
     text: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable  # (not typing: start-up counts here)
 
 from .addresses import addrparse, badmailfrom, recipient
-from .context import BATCH, Controls, Lookup, Peer, Policy
+from .context import BATCH, TARPIT_MAX, Controls, Lookup, Peer, Policy
 from .envelope import Envelope
 from .events import (
     _READING,
@@ -26,6 +26,7 @@ from .events import (
     Close,
     Event,
     Log,
+    Pause,
     ProtocolError,
     QueueAbort,
     QueueOpen,
@@ -39,6 +40,7 @@ from .replies import (
     R_MAILFIRST,
     R_MAXRCPT,
     R_NOGATEWAY,
+    R_NOMAILBOX,
     R_NOTVALID,
     R_QQT,
     R_RCPTFIRST,
@@ -71,6 +73,7 @@ class Session:
         self.helo: bytes | None = None            # fakehelo: only when it differs
         self.env: Envelope | None = None          # after MAIL (qmail's seenmail)
         self.invalid = 0
+        self.refused = 0                            # RCPTs refused (the tarpit's n)
         self.buf = b""
         self.discarding = False                   # inside an over-long command line
         self.mode = COMMAND
@@ -383,18 +386,20 @@ class Session:
             ev += [Log(f"validrcptto [{self.remote}] {text}") for text in logs]
             if why == "outside":
                 self.count("rcpt.rejected.rcpthosts")
+                self._tarpit(ev)
                 ev.append(Reply(R_NOGATEWAY))
                 return
             if why == "invalid":
                 self.invalid += 1
                 self.count("rcpt.rejected.validrcptto")
+                self._tarpit(ev)
                 if self.policy.limit and self.invalid >= self.policy.limit:
                     self.count("hangup.invalid_limit")
                     ev += [Log(f"validrcptto [{self.remote}] excessive violations, "
                                "hanging up"), Reply(R_TOOMANY)]
                     self._hang_up(ev, "limit")
                 else:
-                    ev.append(Reply(R_NOTVALID))
+                    ev.append(Reply(R_NOMAILBOX if self.policy.reply550 else R_NOTVALID))
                 return
         if self.policy.maxrcpt and env.nrcpt >= self.policy.maxrcpt:
             self.count("rcpt.rejected.maxrcpt")
@@ -404,6 +409,13 @@ class Session:
         env.rcptto += b"T" + addr + b"\0"
         env.nrcpt += 1
         ev.append(Reply(b"250 ok\r\n"))
+
+    def _tarpit(self, ev: list[Event]) -> None:
+        """VALIDRCPTTO_TARPIT: the n-th refused RCPT waits n times the tarpit (capped)."""
+        self.refused += 1
+        if self.policy.tarpit:
+            self.count("rcpt.tarpitted")
+            ev.append(Pause(min(self.refused * self.policy.tarpit / 1000, TARPIT_MAX)))
 
     def smtp_data(self, arg: bytes, ev: list[Event]) -> None:
         if self.env is None:

@@ -47,6 +47,7 @@ class SmtpProtocol(asyncio.Protocol):
         self.backlog: list[bytes] = []        # input the session has not taken yet
         self.held = 0                         # bytes in backlog
         self.task: asyncio.Task[None] | None = None
+        self.paused: asyncio.TimerHandle | None = None     # the tarpit's wait
         self.out_paused = False
         self.ip = "?"
         self.env: dict[str, str] = {}
@@ -150,6 +151,9 @@ class SmtpProtocol(asyncio.Protocol):
         self.backlog.clear()
         self.held = 0
         self._cancel_timers()
+        if self.paused is not None:
+            self.paused.cancel()
+            self.paused = None
         if self.task is not None and not self.task.done():
             self.task.cancel()                   # its handlers kill what it started
         elif self.queue is not None:             # between two reads of a message
@@ -202,8 +206,12 @@ class SmtpProtocol(asyncio.Protocol):
         return False
 
     def on_timeout(self) -> None:
-        if self.session is not None and self.task is None and not self.done:
+        if self.session is not None and not self.busy() and not self.done:
             self.run(self.session.check_timeout())
+
+    def busy(self) -> bool:
+        """Carrying something out (a queue, TLS, AUTH task, or the tarpit's wait)."""
+        return self.task is not None or self.paused is not None
 
     def next_events(self) -> list[Event] | None:
         """The session's next events from input already here, or None when there is
@@ -221,14 +229,14 @@ class SmtpProtocol(asyncio.Protocol):
 
     def pump(self) -> None:
         """Feed the session what it may take now; read more only when it took all."""
-        while self.task is None:
+        while not self.busy():
             events = self.next_events()
             if events is None:
                 break
             self.run(events)
         if self.done or self.transport.is_closing():
             return
-        if self.out_paused or self.held > HOLD_MAX:
+        if self.out_paused or self.held > HOLD_MAX or self.paused is not None:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -275,6 +283,12 @@ class SmtpProtocol(asyncio.Protocol):
     def run(self, events: list[Event]) -> None:
         """Carry out the events; the queue's are awaited in a task, input held meanwhile."""
         while events:
+            pause = events[0]
+            if isinstance(pause, E.Pause):          # a timer, no task: as cheap as idle
+                events.pop(0)
+                self.transport.pause_reading()
+                self.paused = self.loop.call_later(pause.seconds, self._unpause, events)
+                return
             done = self._plain(events[0])
             if done is None:
                 return
@@ -289,6 +303,13 @@ class SmtpProtocol(asyncio.Protocol):
             self.finish()
         # the read deadline (session.deadline) is watched by the worker's sweeper: one
         # timer for all sessions rather than one per command
+
+    def _unpause(self, events: list[Event]) -> None:
+        self.paused = None
+        if not self.done:
+            self.run(events)
+            if not self.done and not self.busy():
+                self.pump()
 
     async def run_queue(self, events: list[Event]) -> None:
         try:
@@ -360,6 +381,8 @@ class SmtpProtocol(asyncio.Protocol):
             finally:
                 self.switching = False
             return session.tls_started()
+        elif isinstance(ev, E.Pause):              # a refusal after a message, say
+            await asyncio.sleep(ev.seconds)
         elif isinstance(ev, E.CheckPassword):
             from .secure import check_async
             assert self.w.checkpw is not None
@@ -372,7 +395,7 @@ class SmtpProtocol(asyncio.Protocol):
         """The grace period is over: 421 between commands, or after the reply owed."""
         if self.done or self.session is None:
             return
-        if self.task is None and self.session.idle():
+        if not self.busy() and self.session.idle():
             self.shutdown = True
             self.transport.write(R_SHUTDOWN)
             self.finish()

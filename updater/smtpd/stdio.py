@@ -170,6 +170,9 @@ class Driver:
                 pending[:0] = session.queue_closed(status, failed)
             elif kind is E.QueueAbort:
                 self.abort()
+            elif kind is E.Pause:                  # the tarpit: what is owed goes first
+                io.flush()
+                time.sleep(ev.seconds)
             elif kind is E.Close:
                 io.flush()
                 return 0 if session.quit else 1    # qmail: only QUIT exits 0
