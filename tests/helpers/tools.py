@@ -21,7 +21,7 @@ def need(tool: str) -> str:
     if path is None:
         if CI:
             pytest.fail(f"{tool} is required under CI=true (apt-get install it in .ci/run)")
-        pytest.skip(f"{tool} not installed")
+        pytest.skip(f"{tool} not installed: apt-get install its package (.ci/run lists them)")
     return path
 
 

@@ -322,7 +322,7 @@ class Options:
         help="policy answer for a refused recipient ({address} is replaced by the recipient; "
         "Postfix itself puts \"<ADDRESS>: Recipient address rejected:\" before the text)")
     reply: str = setting(
-        "553", flag="--reply", metavar="CODE", env="VALIDRCPTTO_REPLY",
+        "553", flag="--reply", metavar="CODE", env="VALIDRCPTTO_REPLY", choices=("550", "553"),
         help="550: refuse with qmail's words (550 5.1.1 sorry, no mailbox here by that "
         "name) where no --reject-action is given, as validrcptto-smtpd does; 553: the "
         "reject action as it is")
@@ -377,8 +377,6 @@ def main(argv: list[str] | None = None) -> None:
     opts = build(Options, ns, os.environ, p.error)
     if not opts.listen:
         p.error("--listen (or $LISTEN) is required")
-    if opts.reply not in ("550", "553"):
-        p.error(f"--reply (or $VALIDRCPTTO_REPLY): expected 550 or 553, got {opts.reply!r}")
     opts.qmail_dir = os.path.abspath(opts.qmail_dir)
     opts.cdb = opts.cdb or os.path.join(opts.qmail_dir, "control", "validrcptto.cdb")
     try:

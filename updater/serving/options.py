@@ -38,8 +38,8 @@ def add_params(p: argparse.ArgumentParser, cls: type) -> None:
 def build(cls: type[T], ns: argparse.Namespace, environ: Mapping[str, str],
           error: Callable[[str], object]) -> T:
     """The options: flags, else the environment, else the defaults; a variable that does
-    not parse, or a negative number, is a usage error naming it (``error``; when it
-    returns, the default is kept)."""
+    not parse, a negative number or a value outside its choices is a usage error naming
+    it (``error``; when it returns, the default is kept)."""
     values: dict[str, Any] = {}
     for opt in declared(cls):
         value = getattr(ns, opt.name, None)
@@ -52,6 +52,10 @@ def build(cls: type[T], ns: argparse.Namespace, environ: Mapping[str, str],
                 value = None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             error(f"{opt.flag} must not be negative")
+            value = None
+        if value is not None and opt.choices and value not in opt.choices:
+            error(f"{opt.flag} (or ${opt.env}): expected {' or '.join(opt.choices)}, "
+                  f"got {value!r}")
             value = None
         if value is not None:
             values[opt.name] = value
