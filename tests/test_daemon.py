@@ -294,6 +294,7 @@ def test_status_file_and_prometheus_textfile(tree: Tree, running):
 def test_polling_mode_sees_changes(tree: Tree, running):
     d = setup_tree(tree)
     r = running(UPDATER_POLL="0.2")
+    r.wait(r"watching 5 directories by polling")       # (the line may come after start)
     assert r.count("watching 5 directories by polling") == 1
     with open(d / "vpasswd", "a") as f:
         f.write("polled:x:1:0:p:/d/polled:NOQUOTA\n")
