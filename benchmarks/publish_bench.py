@@ -178,6 +178,14 @@ def publish_ssh(bench: Bench) -> None:
             wait(lambda: has_key(received, f"{name}@{domain}".encode()), 60, "the second MX")
             times.append(time.perf_counter() - started)
             time.sleep(2.5)
+        # one more address through the daemon (an incremental install), then that file
+        # pushed with rsync's statistics to a copy of what the second MX held before
+        before = received + ".before"
+        shutil.copyfile(received, before)
+        domain, ddir = doms[1 % len(doms)]
+        _append(os.path.join(ddir, "vpasswd"), "sshstats")
+        _request(env["UPDATER_FIFO"], f"add_user sshstats@{domain}")
+        wait(lambda: has_key(received, f"sshstats@{domain}".encode()), 60, "the second MX")
     finally:
         daemon.terminate()
         daemon.wait(60)
@@ -185,16 +193,14 @@ def publish_ssh(bench: Bench) -> None:
     try:
         lat = statistics.median(times)
         bench.row(what=f"new mailbox -> live on a second MX over ssh, {fmt_n(n)}",
-                  ours=fmt_s(lat), target="<= 1.5 s", met=lat <= 1.5)
-        # one more address, built, then pushed with rsync's statistics
-        domain, ddir = doms[1 % len(doms)]
-        _append(os.path.join(ddir, "vpasswd"), "sshstats")
-        child(QU + ["build"], {**env, "UPDATER_PUBLISH": ""})
-        sent, literal = _bytes_sent(env, cdb)
+                  ours=fmt_s(lat), target="<= 1.5 s; <= 300 ms", met=lat <= 1.5)
+        sent, literal = _bytes_sent({**env, "UPDATER_PUBLISH": f"root@127.0.0.1:{before}"},
+                                    cdb)
         size = os.path.getsize(cdb)
+        goal = 0.01 * size
         bench.row(what=f"  bytes sent for a one-address change (rsync --stats), {fmt_n(n)}",
                   ours=f"{sent:,}", reference=f"{size:,}", ratio=sent / size,
-                  target="(of the file's size)", met=None)
+                  target="<= 1 % of the file", met=sent <= goal)
         bench.row(what="    of which literal data (not matched by rsync's blocks)",
                   ours=f"{literal:,}", reference=f"{size:,}", ratio=literal / size,
                   target="", met=None)

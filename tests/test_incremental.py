@@ -1,10 +1,12 @@
-"""Incremental builds: the list an incremental build installs is the one a full build of
-the same tree installs, byte for byte, over generated sequences of changes; and the
+"""Incremental builds: the list an incremental build installs answers every key as the
+one a full build of the same tree installs, and compacts to it byte for byte, over
+generated sequences of changes; and the
 daemon applies a new mailbox at once, coalesces bursts, and falls back to a full build
 whenever a global input changed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,13 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import cdbx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.daemon import Running
-from helpers.tools import ROOT
-from helpers.tree import Tree, keys_of, newu
+from helpers.tools import ROOT, need
+from helpers.tree import Tree, found, keys_of, newu
 from helpers.wait import wait_for
 
 VPOP = ["v0.example", "v1.example", "v2.example"]
@@ -143,7 +146,7 @@ def step(s, snap, named: set[str]):
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(ops=st.lists(st.tuples(OPS, st.booleans()), min_size=1, max_size=10))
-def test_incremental_equals_full_byte_for_byte(ops):
+def test_incremental_answers_as_full_and_compacts_to_it(ops):
     from updater import incremental
     root = Path(tempfile.mkdtemp(prefix="inc-"))
     try:
@@ -153,16 +156,146 @@ def test_incremental_equals_full_byte_for_byte(ops):
         _, snap, _ = incremental.full(s, force=True)
         clock = Clock()
         kinds = []
+        seen: set[bytes] = set()
         for op, named in ops:
             names = apply(t, op, clock, named)
             report, snap, kind = step(s, snap, names)
             kinds.append(kind)
             incremental.full(s_full, force=True)
-            assert live.read_bytes() == reference.read_bytes(), (op, named, kind, report.line())
+            want = found(reference)
+            assert found(live) == want, (op, named, kind, report.line())
+            seen.update(want)
             if op[0] not in ("include", "exclude"):
                 assert kind == "incremental", op       # a domain's own change: no full build
+        db = cdbx.CDB(str(live))                       # every key ever listed, looked up
+        assert {k: db.get(k) for k in seen} == {k: want.get(k) for k in seen}
+        db.close()
+        report, _, _ = incremental.full(s, force=True)     # the safety net compacts
+        assert live.read_bytes() == reference.read_bytes(), report.line()
     finally:
         shutil.rmtree(root)
+
+
+def test_an_incremental_install_keeps_the_records_in_place_until_a_compaction(
+        tmp_path: Path, monkeypatch):
+    """A new mailbox is appended after the live file's records (which stay byte for
+    byte where they were), a removed one stays behind as a record no lookup finds
+    (cdbdump still walks it; `qmail-updater dump` and every reader do not), the live
+    list's record counts it, and the next full build compacts: `compacted` in its line,
+    the canonical file again.  Past MAX_GARBAGE an incremental build compacts too."""
+    from updater import incremental, stablecdb
+    from updater.liverecord import read_record
+    t = make_tree(tmp_path / "t")
+    live = tmp_path / "live.cdb"
+    s = settings_for(t, live)
+    _, snap, _ = incremental.full(s)
+    old = live.read_bytes()
+    end = stablecdb.layout(old).data_end
+    vp = t.vpop / "domains" / VPOP[2] / "vpasswd"
+    replace(vp, vp.read_text() + f"zed:x:1:0::{vp.parent}/zed:NOQUOTA\n")
+    report, snap, _, _ = incremental.build(s, snap, {VPOP[2]})
+    assert report.added == [b"zed@v2.example"] and not report.compacted
+    now = live.read_bytes()
+    assert now[2048:end] == old[2048:end]
+    assert now[end + 8:end + 8 + 14] == b"zed@v2.example"
+    replace(vp, "".join(line + "\n" for line in vp.read_text().splitlines()
+                        if not line.startswith("ann:")))
+    report, snap, _, _ = incremental.build(s, snap, {VPOP[2]})
+    assert report.removed == [b"ann@v2.example"]
+    assert read_record(str(live)).garbage_of(snap.live) == 8 + len(b"ann@v2.example")
+    walked = subprocess.run([need("cdbdump")], stdin=open(live, "rb"), capture_output=True,
+                            check=True).stdout
+    assert b":ann@v2.example->" in walked and "ann@v2.example" not in keys_of(live)
+    assert t.run("check", "--cdb", str(live), "ann@v2.example").returncode == 1
+    report, snap, _ = incremental.full(s)
+    assert report.status == "installed" and report.compacted, report.line()
+    assert report.line().endswith(", compacted")
+    assert not (report.added or report.removed or report.changed)
+    assert b":ann@v2.example->" not in live.read_bytes()
+    assert read_record(str(live)).garbage_of(snap.live) == 0
+    assert incremental.full(s)[0].status == "unchanged"
+    monkeypatch.setattr(stablecdb, "MAX_GARBAGE", 0.0)
+    replace(vp, vp.read_text() + f"amy:x:1:0::{vp.parent}/amy:NOQUOTA\n")
+    report, snap, _, _ = incremental.build(s, snap, {VPOP[2]})
+    assert not report.compacted           # (no garbage yet)
+    replace(vp, "".join(line + "\n" for line in vp.read_text().splitlines()
+                        if not line.startswith("amy:")))
+    report, snap, _, _ = incremental.build(s, snap, {VPOP[2]}, force=True)
+    assert not report.compacted and read_record(str(live)).garbage_of(snap.live)
+    replace(vp, vp.read_text() + f"bea:x:1:0::{vp.parent}/bea:NOQUOTA\n")
+    report, snap, _, _ = incremental.build(s, snap, {VPOP[2]})
+    assert report.compacted and read_record(str(live)).garbage_of(snap.live) == 0
+    assert b":amy@v2.example->" not in live.read_bytes()
+
+
+CHILD = """
+import json, sys
+from updater import incremental
+from updater.config import load
+s = load(environ=json.loads(sys.argv[1]))
+vp = sys.argv[2]
+good = open(vp).read()
+_, snap, _ = incremental.full(s, force=True)
+print("looping", flush=True)
+while True:
+    for text in (good + sys.argv[4], good):
+        with open(vp + ".new", "w") as f:
+            f.write(text)
+        import os
+        os.replace(vp + ".new", vp)
+        snap = incremental.build(s, snap, {sys.argv[3]}, force=True)[1]
+"""
+
+
+def test_sigkill_during_incremental_installs_leaves_a_whole_list(tmp_path: Path):
+    """Incremental installs (records kept in place, a removed one left behind) killed
+    with SIGKILL at 30 points: the live file is always a whole cdb holding exactly one
+    of the two lists, and the killed builds' temp files go with the next build."""
+    import random
+    import signal
+    import sys
+
+    from updater import stablecdb
+    t = make_tree(tmp_path / "t")
+    big = t.vpop_domain("big.example")
+    (big / "vpasswd").write_text("".join(f"u{i:06d}:x:1:0::{big}/u{i:06d}:NOQUOTA\n"
+                                         for i in range(50000)))
+    t.control("rcpthosts", (t.qmail / "control/rcpthosts").read_text() + "big.example\n")
+    t.control("virtualdomains", (t.qmail / "control/virtualdomains").read_text()
+              + "big.example:big.example\n")
+    live = tmp_path / "live.cdb"
+    env = t.env(VALIDRCPTTO_CDB=str(live))
+    vp = t.vpop / "domains" / VPOP[1] / "vpasswd"
+    good, zed = vp.read_text(), f"zed:x:1:0::{vp.parent}/zed:NOQUOTA\n"
+    base = found_after_full(t, live)
+    lists = [base, {**base, b"zed@v1.example": b""}]
+    rng = random.Random(7)
+    inside = 0
+    for _ in range(30):
+        vp.write_text(good)
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(env), str(vp),
+                                 VPOP[1], zed], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline() == "looping\n"
+        time.sleep(rng.uniform(0.0, 0.25))
+        proc.send_signal(signal.SIGKILL)
+        inside += any(n.startswith(".live.cdb.tmp.") for n in os.listdir(tmp_path))
+        proc.wait()
+        data = live.read_bytes()
+        assert dict(stablecdb.reachable(data)) in lists
+        db = cdbx.CDB(str(live))
+        assert db.get(b"u049999@big.example") == b"" and db.get(b"ann@v1.example") == b""
+        db.close()
+    assert inside >= 4, f"only {inside} kills landed inside a write"
+    print(f"{inside} of 30 kills inside a write")
+    vp.write_text(good)
+    assert t.run("build", "--force", env=env).returncode == 0
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".live.cdb.tmp.")] == []
+
+
+def found_after_full(t: Tree, live: Path) -> dict[bytes, bytes]:
+    done = t.run("build", "--force", env=t.env(VALIDRCPTTO_CDB=str(live)))
+    assert done.returncode == 0, done.stderr
+    return found(live)
 
 
 def test_a_named_change_in_a_shared_directory_redoes_the_alias_domain(tmp_path: Path):
@@ -181,7 +314,7 @@ def test_incremental_builds_hold_what_a_full_build_holds(tmp_path: Path):
     """A domain whose vpasswd is emptied, one whose vpasswd is broken, and a new mailbox
     in a third: the incremental build holds the first two (their live entries kept; the
     alias domain of the broken one with it) and
-    installs the third, byte for byte as a full build of the same tree over the same
+    installs the third, answering every key as a full build of the same tree over the same
     live list; the holds clear by themselves once the files are whole again."""
     from updater import incremental
     t = make_tree(tmp_path / "t")
@@ -203,7 +336,7 @@ def test_incremental_builds_hold_what_a_full_build_holds(tmp_path: Path):
     assert keys_of(live) == before | {f"zed@{VPOP[2]}"}
     full_report, _, _ = incremental.full(settings_for(t, copy))
     assert sorted(full_report.held) == [ALIAS, VPOP[0], VPOP[1]]
-    assert live.read_bytes() == copy.read_bytes()
+    assert found(live) == found(copy)
     replace(domains / VPOP[0] / "vpasswd", good)
     replace(domains / VPOP[1] / "vpasswd", f"ann:x:1:0::{domains / VPOP[1]}/ann:NOQUOTA\n"
             f"bob:x:1:0::{domains / VPOP[1]}/bob:NOQUOTA\n")

@@ -13,8 +13,9 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
+from .stablecdb import REJECT, read_items
+
 CHUNK = 1 << 20        # compare files a MiB at a time
-REJECT = b"-"          # the value of a key that rejects (REFERENCE §1)
 
 
 @dataclass
@@ -25,13 +26,14 @@ class Changes:
 
 
 def compare_live(path: str, keys: list[bytes], new: Container[bytes], rejects: AbstractSet[bytes],
-                 image: Any = None) -> Changes:
-    """The changes from the live cdb to the sorted ``keys``.  When the live file and the
-    new ``image`` differ only in a small stretch (the everyday case: a user added or
-    removed), only that stretch is parsed; otherwise one streaming pass over the live
-    file (a million-key list is never held twice).  A live file that cannot be parsed
-    counts as empty."""
-    if image is not None:
+                 image: Any = None, canonical: bool = True) -> Changes:
+    """The changes from the live cdb to the sorted ``keys``.  When the live file is
+    ``canonical`` (sorted records, none unreachable: a full build's) and differs from
+    the new ``image`` only in a small stretch (the everyday case: a user added or
+    removed), only that stretch is parsed; otherwise one streaming pass over what the
+    live file's lookups find (a million-key list is never held twice).  A live file
+    that cannot be parsed counts as empty."""
+    if image is not None and canonical:
         try:
             with open(path, "rb") as f:
                 quick = changed_stretch(FileBytes(f.fileno()), image, keys, rejects, new)
@@ -47,7 +49,8 @@ def compare_live(path: str, keys: list[bytes], new: Container[bytes], rejects: A
     except Exception:
         return Changes(list(keys), [], [])
     try:
-        for k, v in db.items(all=True):
+        # cdbx walks the data section, which is exact only for a canonical file
+        for k, v in (db.items(all=True) if canonical else read_items(path)):
             if k not in new:
                 removed.append(k)
             elif v and k not in rejects:

@@ -112,9 +112,15 @@ def cmd_publish(args: argparse.Namespace, settings: config.Settings) -> int:
     return publish_once(settings, settings.cdb, log)
 
 
+def cdb_named(args: argparse.Namespace, settings: config.Settings) -> str:
+    """``--cdb``, else $VALIDRCPTTO_CDB, else QMAIL_DIR/control/validrcptto.cdb."""
+    path: str = args.cdb or os.environ.get("VALIDRCPTTO_CDB") or settings.cdb
+    return path
+
+
 def cmd_check(args: argparse.Namespace, settings: config.Settings) -> int:
     from .checker import check, open_cdb
-    path = args.cdb or os.environ.get("VALIDRCPTTO_CDB") or settings.cdb
+    path = cdb_named(args, settings)
     try:
         getter = open_cdb(path)
     except OSError as err:
@@ -138,6 +144,30 @@ def cmd_check(args: argparse.Namespace, settings: config.Settings) -> int:
     getter.close()
     out(lines)
     return status
+
+
+def cmd_dump(args: argparse.Namespace, settings: config.Settings) -> int:
+    """What lookups in the cdb find, in cdbdump's format (or, ``--keys``, as generate
+    prints them): records an incremental install left behind are not shown."""
+    from .stablecdb import NotCdb, read_items
+    path = cdb_named(args, settings)
+    write = sys.stdout.buffer.write
+    try:
+        if args.keys:
+            for k, v in read_items(path):
+                write(k + (b" -\n" if v[:1] == b"-" else b"\n"))
+        else:
+            for k, v in read_items(path):
+                write(b"+%d,%d:%s->%s\n" % (len(k), len(v), k, v))
+            write(b"\n")
+    except OSError as err:
+        log(f"{path}: cannot read: {err.strerror or err}")
+        return EXIT_USAGE
+    except NotCdb as err:
+        log(f"{path}: not a cdb: {err}")
+        return EXIT_USAGE
+    sys.stdout.buffer.flush()
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -180,20 +210,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("domain", nargs="+", help="a domain the gate holds (see status)")
     a.set_defaults(func=cmd_build)
 
-    c = sub.add_parser("check", help="look addresses up as qmail-smtpd would")
-    c.add_argument("--cdb", help="the cdb (default $VALIDRCPTTO_CDB, else "
-                   "QMAIL_DIR/control/validrcptto.cdb)")
-    c.add_argument("--qmail-dir", dest="qmail_dir", default=None, help="qmail's home [$QMAIL_DIR]")
-    c.add_argument("-v", "--verbose", action="store_true", help="also print every key tried")
-    c.add_argument("address", nargs="+", help="recipient addresses (use '' for <>)")
-    c.set_defaults(func=cmd_check)
-
-    d = sub.add_parser("demo", help="build the bundled sample tree and show the result")
-    d.add_argument("--dir", help="build the sample here (kept) instead of in a temporary "
-                   "directory that is removed at the end")
-    d.add_argument("--keep", action="store_true",
-                   help="keep the temporary directory and print where it is")
-    d.set_defaults(func=cmd_demo)
+    add_lookup_commands(sub)
     add_service_commands(sub)
     for name, command in sub.choices.items():      # --help and the man page end with it
         command.epilog = "exit status: " + EXITS[name]
@@ -208,6 +225,7 @@ EXITS = {
     "accept": "as build: 0 installed or unchanged, 1 a domain still held, refused or failed "
               "or a push failed, 2 usage",
     "check": "0 all accepted, 1 any rejected, 2 usage or unopenable cdb",
+    "dump": "0, 2 usage or a file that cannot be read as a cdb",
     "demo": "0",
     "run": "0 after SIGTERM/SIGINT",
     "publish": "0 all pushed, 1 any failed, 2 usage",
@@ -218,6 +236,34 @@ EXITS = {
     "status": "0, or 1 if the last build failed or anything makes it untrue (a line on "
               "stderr each)",
 }
+
+
+def add_lookup_commands(sub: Any) -> None:
+    """The commands that read a cdb or show the sample: check, dump, demo."""
+    c = sub.add_parser("check", help="look addresses up as qmail-smtpd would")
+    c.add_argument("--cdb", help="the cdb (default $VALIDRCPTTO_CDB, else "
+                   "QMAIL_DIR/control/validrcptto.cdb)")
+    c.add_argument("--qmail-dir", dest="qmail_dir", default=None, help="qmail's home [$QMAIL_DIR]")
+    c.add_argument("-v", "--verbose", action="store_true", help="also print every key tried")
+    c.add_argument("address", nargs="+", help="recipient addresses (use '' for <>)")
+    c.set_defaults(func=cmd_check)
+
+    du = sub.add_parser("dump", help="print what lookups in the cdb find, as cdbmake input")
+    du.add_argument("--cdb", help="the cdb (default $VALIDRCPTTO_CDB, else "
+                    "QMAIL_DIR/control/validrcptto.cdb)")
+    du.add_argument("--qmail-dir", dest="qmail_dir", default=None,
+                    help="qmail's home [$QMAIL_DIR]")
+    du.add_argument("--keys", action="store_true",
+                    help="one key a line, as generate prints them (a rejecting key "
+                    "followed by ' -')")
+    du.set_defaults(func=cmd_dump)
+
+    d = sub.add_parser("demo", help="build the bundled sample tree and show the result")
+    d.add_argument("--dir", help="build the sample here (kept) instead of in a temporary "
+                   "directory that is removed at the end")
+    d.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory and print where it is")
+    d.set_defaults(func=cmd_demo)
 
 
 def add_service_commands(sub: Any) -> None:

@@ -11,23 +11,23 @@ import glob
 import mmap
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-from . import atomicfile
-from .cdbdiff import CHUNK, REJECT, Changes, compare_live, record_count
+from . import atomicfile, stablecdb
+from .cdbdiff import CHUNK, Changes, compare_live, record_count
 from .checker import CdbGetter, open_cdb
 from .errors import InstallError
 from .gate import accepting_under, set_getter
-from .ident import Ident, identity
+from .ident import Ident, identity, of_stat
 from .liverecord import Held, read_record, save_record, write_atomically
 from .lock import locked
 from .qmail import ENCODING, ERRORS, part_of
+from .stablecdb import REJECT, NotCdb, make_cdb, read_items, write_cdb
 from .verdict import NO_INTENT, Candidate, Intent, counts_of, settle
 
 if TYPE_CHECKING:
@@ -47,9 +47,11 @@ class Report:
     identity: Ident | None = None    # of the live file after this build (ident.identity)
     phases: dict[str, float] = field(default_factory=dict)   # seconds per step (incremental)
     held: dict[str, Held] = field(default_factory=dict)      # domains kept as they were
+    compacted: bool = False          # the records an incremental install left are gone
 
     def line(self) -> str:
         held = f", {len(self.held)} domain(s) held" if self.held else ""
+        held += ", compacted" if self.compacted else ""
         if self.status == "unchanged":
             return f"unchanged {self.path}: {self.entries} entries, {self.seconds:.2f}s{held}"
         changed = f" ~{len(self.changed)}" if self.changed else ""
@@ -103,32 +105,6 @@ def remove_stale_temps(path: str) -> int:
             os.unlink(stale)
             n += 1
     return n
-
-
-def write_cdb(f: BinaryIO, keys: list[bytes], rejects: AbstractSet[bytes]) -> None:
-    """The cdb of the sorted ``keys`` (``rejects`` with the value ``-``) into the open
-    file ``f``, records in key order: the same keys give the same bytes."""
-    import cdbx
-    maker = cdbx.CDB.make(f)
-    add = maker.add
-    if rejects:
-        for key in keys:
-            add(key, REJECT if key in rejects else b"")
-    else:
-        for key in keys:
-            add(key, b"")
-    maker.commit().close()
-    f.flush()
-
-
-def make_cdb(keys: list[bytes], rejects: AbstractSet[bytes]) -> mmap.mmap:
-    """The complete cdb image, built in memory (a memfd: nothing touches the disk) and
-    returned as a read-only map of it, so it is never copied."""
-    fd = os.memfd_create("validrcptto.cdb") if hasattr(os, "memfd_create") else None
-    f = os.fdopen(fd, "w+b") if fd is not None else tempfile.TemporaryFile()
-    with f:
-        write_cdb(f, keys, rejects)
-        return mmap.mmap(f.fileno(), os.fstat(f.fileno()).st_size, prot=mmap.PROT_READ)
 
 
 def same_content(path: str, image: mmap.mmap) -> bool | None:
@@ -197,25 +173,19 @@ def live_entries(path: str, domains: AbstractSet[bytes], bare: bytes | None
     it, only when a domain is held).  A domain the live list has nothing of (a first
     build whose source failed) gets ``@domain``: accepting it all for now, never a
     permanent refusal of an address that may be listed."""
-    import cdbx
     keys: list[bytes] = []
     rejects: set[bytes] = set()
     seen: set[bytes] = set()
     try:
-        db = cdbx.CDB(path)
-    except Exception:
-        db = None
-    if db is not None:
-        try:
-            for k, v in db.items(all=True):
-                d = part_of(k, bare)
-                if d in domains:
-                    keys.append(k)
-                    seen.add(d)
-                    if v[:1] == REJECT:
-                        rejects.add(k)
-        finally:
-            db.close()
+        for k, v in read_items(path):
+            d = part_of(k, bare)
+            if d in domains:
+                keys.append(k)
+                seen.add(d)
+                if v[:1] == REJECT:
+                    rejects.add(k)
+    except (OSError, NotCdb):
+        pass
     keys += [b"@" + d for d in domains - seen if d]
     return keys, rejects
 
@@ -240,13 +210,14 @@ def holding(offer: Offer, held: AbstractSet[bytes], path: str) -> Offer:
 
 
 def against_live(offer: Offer, path: str, image: mmap.mmap, exists: bool,
-                 live: CdbGetter | None) -> Candidate:
+                 live: CdbGetter | None, canonical: bool) -> Candidate:
     """The Candidate of a whole list against the live file (``exists``: there is one;
-    ``live``: it opened for lookups, else None and the shrink check asks nothing)."""
+    ``live``: it opened for lookups, else None and the shrink check asks nothing;
+    ``canonical``: its record says a full build wrote it and nothing since)."""
     keys, rejects = offer.keys, offer.rejects
     new = offer.present if offer.present is not None else set(keys)
     old_count = record_count(live_header(path)) if exists else None
-    diff = compare_live(path, keys, new, rejects, image) if old_count is not None \
+    diff = compare_live(path, keys, new, rejects, image, canonical) if old_count is not None \
         else Changes(list(keys), [], [])
     removed, added = diff.removed, diff.added
     is_new_user: Callable[[bytes], bool] | None = None
@@ -272,7 +243,8 @@ def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = 
     check_target(path)
     images: list[mmap.mmap] = []
 
-    def make(held: frozenset[bytes], live: CdbGetter | None, exists: bool) -> Candidate:
+    def make(held: frozenset[bytes], live: CdbGetter | None, exists: bool,
+             canonical: bool) -> Candidate:
         o = holding(offer, held, path)
         try:
             image = make_cdb(o.keys, o.rejects)
@@ -287,7 +259,7 @@ def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = 
                              [], [], None, set_getter(present, o.rejects),
                              lambda p, d: False, bare=o.bare, image=image, same=True,
                              whole=True)
-        c = against_live(o, path, image, exists, live)
+        c = against_live(o, path, image, exists, live, canonical)
         c.image, c.same = image, same
         return c
 
@@ -296,24 +268,28 @@ def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = 
             check_target(path)
             remove_stale_temps(path)
             exists = os.path.lexists(path)
+            was = read_record(path)
+            garbage = was.garbage_of(identity(path))
+            canonical = was.canonical_for(identity(path))
             with open_live(path, exists) as live:
-                c, record = settle(lambda held: make(held, live, exists), read_record(path),
+                c, record = settle(lambda held: make(held, live, exists, canonical), was,
                                    max_shrink, force, intent, path)
             assert c.image is not None
-            if c.same:
-                save_record(path, record)
+            if c.same:                    # (the image is canonical: so is the live file)
+                save_record(path, record.describing(identity(path), 0, True))
                 return Report(path, "unchanged", len(c.keys),
                               seconds=time.monotonic() - started, identity=identity(path),
                               held=record.held)
             write_atomically(path, c.image)
-            save_record(path, record)
+            save_record(path, record.describing(identity(path), 0, True))
             size = len(c.image)
             now = identity(path)
     finally:
         for image in images:
             image.close()
     return Report(path, "installed", len(c.keys), c.changes.added, c.changes.removed,
-                  c.changes.changed, time.monotonic() - started, size, now, held=record.held)
+                  c.changes.changed, time.monotonic() - started, size, now, held=record.held,
+                  compacted=exists and garbage is not None and not canonical)
 
 
 @contextlib.contextmanager
@@ -353,22 +329,60 @@ def install_delta(make: Callable[[frozenset[bytes]], Candidate], path: str, *,
         check_target(path)
         if expect is None or identity(path) != expect:
             raise LiveChanged("the live cdb is not the one the last build installed", path)
-        c, record = settle(make, read_record(path), max_shrink, force, intent, path)
+        was = read_record(path)
+        c, record = settle(make, was, max_shrink, force, intent, path)
         remove_stale_temps(path)
         t0 = time.monotonic()
         empty = not (c.changes.added or c.changes.removed or c.changes.changed)
+        garbage = before = was.garbage_of(expect)
+        canonical = was_canonical = was.canonical_for(expect)
         if not empty:
-            # straight into the temp file beside the live one (no image in memory:
-            # nothing to compare, the changes are known), fsynced and renamed as always
-            write_atomically(path, fill=lambda f: write_cdb(f, c.keys, c.rejects))
+            garbage, canonical = write_delta(path, c, expect, before)
         t1 = time.monotonic()
-        save_record(path, record)
         now = identity(path)
+        save_record(path, record if garbage is None else
+                    record.describing(now, garbage, canonical))
     done = time.monotonic()
     size = now[2] if now is not None else 0
     return Report(path, "unchanged" if empty else "installed", len(c.keys), c.changes.added,
                   c.changes.removed, c.changes.changed, done - started, size, now,
-                  {"cdb": t1 - t0, "install": done - t1}, held=record.held), c
+                  {"cdb": t1 - t0, "install": done - t1}, held=record.held,
+                  compacted=before is not None and canonical and not was_canonical), c
+
+
+def write_delta(path: str, c: Candidate, expect: Ident, garbage: int | None
+                ) -> tuple[int, bool]:
+    """Install an incremental build's candidate ``c`` over the live file (identity
+    ``expect``, ``garbage`` unreachable bytes, None when unknown): its records kept
+    where they are and only the changes written (``stablecdb.rewrite``), or, once the
+    garbage passes ``MAX_GARBAGE`` of the file (or is unknown), the canonical file of
+    a full build: a compaction.  Returns the garbage of the file installed and whether
+    it is that canonical file."""
+    if garbage is not None:
+        try:
+            fd, buf = stablecdb.open_map(path)
+        except (OSError, NotCdb):
+            fd, buf = -1, b""
+        try:
+            if fd >= 0 and of_stat(os.fstat(fd)) != expect:
+                raise LiveChanged("the live cdb is not the one the last build installed",
+                                  path)
+            if fd >= 0 and garbage <= stablecdb.MAX_GARBAGE * len(buf):
+                put = [(k, REJECT if k in c.rejects else b"")
+                       for k in (*c.changes.added, *c.changes.changed)]
+                left: list[int] = []
+                write_atomically(path, fill=lambda f: left.append(
+                    stablecdb.rewrite(fd, buf, f, c.changes.removed, put)))
+                return garbage + left[0], False
+        except (NotCdb, OverflowError, stablecdb.Cheaper):
+            pass                                  # (a compaction writes it)
+        finally:
+            if isinstance(buf, mmap.mmap):
+                buf.close()
+            if fd >= 0:
+                os.close(fd)
+    write_atomically(path, fill=lambda f: write_cdb(f, c.keys, c.rejects))
+    return 0, True
 
 
 def no_room(path: str, needs: int) -> str | None:

@@ -9,11 +9,12 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cdbdiff import REJECT, Changes
+from .cdbdiff import Changes
 from .errors import InstallRefused
 from .gate import DomainChange, Getter, Peak, carried, judge_domain, lost
 from .liverecord import Held, LiveRecord
 from .qmail import ENCODING, ERRORS, part_of
+from .stablecdb import REJECT
 
 if TYPE_CHECKING:
     import mmap
