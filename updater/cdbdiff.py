@@ -6,6 +6,7 @@ file is streamed once.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Container
@@ -13,6 +14,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InstallError
 from .stablecdb import REJECT, read_items
 
 CHUNK = 1 << 20        # compare files a MiB at a time
@@ -62,6 +64,31 @@ def compare_live(path: str, keys: list[bytes], new: Container[bytes], rejects: A
     finally:
         db.close()
     return Changes(added, sorted(removed), sorted(changed))
+
+
+def same_content(path: str, image: mmap.mmap) -> bool | None:
+    """Whether the live file holds exactly ``image`` (compared a chunk at a time);
+    None when there is no live file."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size != len(image):
+                return False
+            for offset in range(0, len(image), CHUNK):
+                if f.read(CHUNK) != image[offset:offset + CHUNK]:
+                    return False
+            return True
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
+
+
+def live_header(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2048)
+    except OSError as err:
+        raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
 
 
 STRETCH_LIMIT = 1 << 22      # parse at most this many bytes of changed records in Python

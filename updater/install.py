@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import atomicfile, stablecdb
-from .cdbdiff import CHUNK, Changes, compare_live, record_count
+from .cdbdiff import Changes, compare_live, live_header, record_count, same_content
 from .checker import CdbGetter, open_cdb
 from .errors import InstallError
 from .gate import accepting_under, set_getter
@@ -107,40 +107,17 @@ def remove_stale_temps(path: str) -> int:
     return n
 
 
-def same_content(path: str, image: mmap.mmap) -> bool | None:
-    """Whether the live file holds exactly ``image`` (compared a chunk at a time);
-    None when there is no live file."""
-    try:
-        with open(path, "rb", buffering=0) as f:
-            if os.fstat(f.fileno()).st_size != len(image):
-                return False
-            for offset in range(0, len(image), CHUNK):
-                if f.read(CHUNK) != image[offset:offset + CHUNK]:
-                    return False
-            return True
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
-
-
-def live_header(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(2048)
-    except OSError as err:
-        raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
-
-
 def install_result(result: Result, path: str, settings: Settings, force: bool = False,
                    stop: threading.Event | None = None, keys: list[bytes] | None = None,
                    intent: Intent | None = None) -> Report:
     """Install a ``generate.Result`` with the gate settings of ``settings`` (``keys``:
     its sorted keys, when the caller has them)."""
     user_key = getattr(result, "user_key", None)
+    # (no key of the new list comes from a user's own files: none to test one by one)
+    is_new = result.is_user_key if getattr(result, "user_origins", None) else never
     offer = Offer(result.sorted_keys() if keys is None else keys, result.rejects,
                   result.keys, result.domains, getattr(result, "sources", None),
-                  (result.is_user_key, user_key) if user_key else None,
+                  (is_new, user_key) if user_key else None,
                   result.bare)
     base = intent or Intent()
     intent = dataclasses.replace(
@@ -149,6 +126,11 @@ def install_result(result: Result, path: str, settings: Settings, force: bool = 
                 **base.failed})
     return install(offer, path, max_shrink=settings.max_shrink, force=force,
                    lock_timeout=settings.lock_timeout, stop=stop, intent=intent)
+
+
+def never(key: bytes) -> bool:
+    """The user-key test of a list no local user's files add to."""
+    return False
 
 
 @dataclass
@@ -204,7 +186,7 @@ def holding(offer: Offer, held: AbstractSet[bytes], path: str) -> Offer:
 
         def mine(k: bytes) -> bool:             # (a held domain's keys are its live ones)
             return is_new_user(k) and part_of(k, offer.bare) not in held
-        user_keys = (mine, is_user)
+        user_keys = (never if is_new_user is never else mine, is_user)
     return dataclasses.replace(offer, keys=keys, rejects=rejects, present=set(keys),
                                user_keys=user_keys)
 
@@ -225,7 +207,10 @@ def against_live(offer: Offer, path: str, image: mmap.mmap, exists: bool,
         # keys local users make in their own homes never move the gate
         is_new_user, is_user = offer.user_keys
         removed = [k for k in diff.removed if not is_user(k)]
-        added = [k for k in diff.added if not is_new_user(k)]
+        if is_new_user is never:
+            is_new_user = None
+        else:
+            added = [k for k in diff.added if not is_new_user(k)]
     return Candidate(keys, rejects, offer.domains, offer.sources, diff, removed, added,
                      live, set_getter(new, rejects),
                      accepting_under(keys, rejects),
