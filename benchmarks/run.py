@@ -334,7 +334,8 @@ def markdown(bench: Bench, sizes: list[int], runs: int, seconds: float) -> str:
 MODULES = {"builds": "builds_bench", "checks": "checks_bench", "publish": "publish_bench",
            "daemon": "daemon_bench", "incremental": "incremental_bench",
            "directory": "directory_bench", "smtpd": "server_bench",
-           "policyd": "policyd_bench"}
+           "policyd": "policyd_bench", "big": "big_bench"}
+OPT_IN = ("big",)       # only with --big (or --only big)
 
 
 def main() -> None:
@@ -371,8 +372,10 @@ def main() -> None:
     ap.add_argument(
         "--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown results file ('-': none)"
     )
+    ap.add_argument("--big", action="store_true",
+                    help="also the 10M-address rows (about ten minutes, 2 GB of memory)")
     ap.add_argument("--only", help="comma-separated modules to run, in that order (default: "
-                    f"all: {','.join(MODULES)}); each stands alone")
+                    f"all but {','.join(OPT_IN)}: {','.join(MODULES)}); each stands alone")
     args = ap.parse_args()
     sizes = [1000, 10000] if args.quick else [10000, 100000, 1000000]
     if args.sizes:
@@ -387,7 +390,8 @@ def main() -> None:
         )
         smtpd = args.smtpd if args.smtpd is not None else not args.quick
         chosen = args.only.split(",") if args.only else \
-            [m for m in MODULES if smtpd or m not in ("smtpd", "policyd")]
+            [m for m in MODULES if (smtpd or m not in ("smtpd", "policyd"))
+             and (m not in OPT_IN or args.big)]
         for name in chosen:
             if name not in MODULES:
                 raise SystemExit(f"benchmark: no module {name!r} (one of {', '.join(MODULES)})")

@@ -498,11 +498,15 @@ def test_ldap_addresses_paged_search_and_domain_filter(tree: Tree, slapd: Slapd)
     keys = tree.keys(**env)
     expected = sorted({f"user{i}@corp.example" for i in range(25)} |
                       {f"u{i}@corp.example" for i in range(25)} |
-                      {"sales@corp.example", "vertrieb@corp.example", "partner@corp.example",
+                      {"vertrieb@corp.example", "partner@corp.example",
                        "joe@local.example", "alias@local.example"})
-    assert keys == expected                       # 54 keys: more than one 7-entry page
+    assert keys == expected                       # 53 keys: more than one 7-entry page
     done = tree.run("generate", "--origins", **env)
-    assert f"sales@corp.example\tldap {slapd.uri} base dc=corp,dc=example" in done.stdout
+    assert f"vertrieb@corp.example\tldap {slapd.uri} base dc=corp,dc=example" in done.stdout
+    # the group's mail value is none of its proxy addresses: Exchange does not route it
+    # (UPDATER_LDAP_ADDRESSES=proxy-first); "all" lists it too
+    assert tree.keys(**env, UPDATER_LDAP_ADDRESSES="all") == sorted(
+        [*expected, "sales@corp.example"])
 
 
 def test_ldap_failures_keep_the_cdb(tree: Tree, slapd: Slapd):
@@ -570,7 +574,7 @@ def test_ldap_poll_reads_only_what_changed(tree: Tree, slapd: Slapd):
     assert all(k.startswith("entryUUID:") for k in [*cache.entries, *updates])
     new = [k for k in updates if k not in cache.entries and updates[k]]
     assert len(new) == 1 and "u100@corp.example" in updates[new[0]]
-    assert ["user3@corp.example", "third@corp.example"] in updates.values()
+    assert ["third@corp.example"] in updates.values()    # (its mail is no proxy address)
     assert [] in updates.values()                  # user 4, no address now
     # (and the entries of the newest stamp's second: stamps are whole seconds, so a poll
     # asks from that second on)
@@ -780,3 +784,55 @@ def test_ldap_addresses_rule():
                                  "sip:x@b.example", b"smtp:d@e"]}
     assert addresses(values, ["mail", "proxyAddresses"]) == [
         "a@b.example", "a@b.example", "c@b.example", "d@e"]
+
+
+def test_each_address_rule_on_an_entry():
+    """UPDATER_LDAP_ADDRESSES: proxy-first (the default) takes the smtp: proxy addresses
+    of an entry that has any and the mail of one that has none; proxy only the former;
+    all every attribute's."""
+    from updater.sources.ldap import addresses
+    attrs = ["mail", "proxyAddresses"]
+    renamed = {"mail": ["old@b.example"], "proxyAddresses": ["SMTP:new@b.example",
+                                                             "X500:/o=Corp/cn=new"]}
+    plain = {"mail": ["m@b.example"]}                     # OpenLDAP, or no Exchange
+    x400_only = {"mail": ["x@b.example"], "proxyAddresses": ["X400:c=US;"]}
+    assert addresses(renamed, attrs, "proxy-first") == ["new@b.example"]
+    assert addresses(plain, attrs, "proxy-first") == ["m@b.example"]
+    assert addresses(x400_only, attrs, "proxy-first") == []   # has proxies: none smtp:
+    assert addresses(renamed, attrs, "proxy") == ["new@b.example"]
+    assert addresses(plain, attrs, "proxy") == []
+    assert addresses(renamed, attrs, "all") == ["old@b.example", "new@b.example"]
+    assert addresses(plain, ["mail"], "proxy-first") == ["m@b.example"]
+
+
+def test_ldap_servers_in_order_and_another_dc_means_a_full_read(tree: Tree, slapd: Slapd):
+    """UPDATER_LDAP_URI may name several servers: the first that answers is used, the one
+    the last read used is asked first, and when a poll is answered by another server than
+    the one its mark came from (each AD DC stamps its own changes), it reads everything
+    instead and the daemon logs why.  Every server down: one error naming each."""
+    from updater.config import load
+    from updater.directorypoll import applied, poll
+    from updater.errors import SourceError
+    from updater.sources import ldap
+    from updater.sources.ldapconn import Server
+    env = ldap_tree(tree, slapd)
+    dead = f"ldap://127.0.0.1:{free_port()}"
+    s = load(environ=tree.env(**{**env, "UPDATER_LDAP_URI": f"{dead}, {slapd.uri}"}))
+    cache = ldap.read_all(s)
+    assert cache.server == Server(slapd.uri, slapd.uri)      # (OpenLDAP: no dsServiceName)
+    assert len(cache.entries) == 27
+    updates, mark, count = ldap.poll(s, cache.mark, cache.server)
+    assert not count.complete and len(updates) < len(cache.entries)
+    other = Server("ldap://dc2.corp.example", "cn=ntds settings,cn=dc2,cn=servers")
+    cache.server = other
+    event = poll(s, cache, full=False)
+    assert event.full and len(event.updates or {}) == 27 and event.server.uri == slapd.uri
+    assert event.note == (f"directory polls answered by {slapd.uri} ({slapd.uri}), not "
+                          f"{other.dc}: its change stamps are its own, so a full read")
+    applied(cache, event)
+    assert cache.server.uri == slapd.uri and cache.mark == event.mark
+    down = load(environ=tree.env(**{**env, "UPDATER_LDAP_URI":
+                                    f"{dead} ldap://127.0.0.1:{free_port()}"}))
+    with pytest.raises(SourceError) as err:
+        ldap.read_all(down)
+    assert str(err.value).count(": connect failed: ") == 2 and dead in str(err.value)

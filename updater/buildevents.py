@@ -79,6 +79,8 @@ class DirectoryPolled:
     updates: dict[str, list[str]] | None = None
     mark: str = ""
     future: dict[str, str] = field(default_factory=dict)   # DN -> a stamp to come
+    server: Any = None              # (sources.ldapconn.Server) the one that answered
+    note: str = ""                  # a line to log (another DC answered: a full read)
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,9 @@ class Settings:
         help="seconds for connecting and for each MySQL read or write")
     ldap_uri: str = setting(
         "", env="UPDATER_LDAP_URI", group="directory",
-        help="LDAP / Active Directory server, ldap://host or ldaps://host (empty: off)")
+        help="LDAP / Active Directory server, ldap://host or ldaps://host; several, blanks "
+        "or commas between them: the first that answers, the last one used first (empty: "
+        "off)")
     ldap_starttls: bool = setting(
         False, env="UPDATER_LDAP_STARTTLS", group="directory",
         help="use StartTLS on ldap://")
@@ -126,6 +128,13 @@ class Settings:
     ldap_attrs: str = setting(
         "mail,proxyAddresses", env="UPDATER_LDAP_ATTRS", group="directory",
         help="attributes holding addresses (proxyAddresses: only smtp: values)")
+    ldap_addresses: str = setting(
+        "proxy-first", env="UPDATER_LDAP_ADDRESSES", group="directory",
+        choices=("proxy-first", "proxy", "all"),
+        help="which addresses an entry gives: proxy-first (Exchange's rule: an entry with "
+        "proxyAddresses is reached by their smtp: values alone, one without by its other "
+        "attributes), proxy (smtp: proxyAddresses only: Exchange recipients only), all "
+        "(every attribute's addresses)")
     ldap_page_size: int = setting(
         500, env="UPDATER_LDAP_PAGE_SIZE", group="directory",
         help="paged search page size (AD returns at most 1000 per page)")

@@ -17,12 +17,18 @@ def poll(settings: Settings, kept: LdapCache | None, full: bool) -> DirectoryPol
     from .sources import ldap
     try:
         mark = kept.mark if kept is not None else ""
+        was = kept.server if kept is not None else None
         if full or not mark:                    # no stamp seen: a full read
-            fresh = ldap.read_all(settings)
+            fresh = ldap.read_all(settings, was.uri if was else "")
             return DirectoryPolled(frozenset(), None, True, fresh.entries, fresh.mark,
-                                   dict(fresh.future))
-        updates, mark, count = ldap.poll(settings, mark)
-        return DirectoryPolled(frozenset(), None, False, updates, mark, dict(count.future))
+                                   dict(fresh.future), fresh.server)
+        updates, mark, count = ldap.poll(settings, mark, was)
+        note = ""
+        if count.complete and was is not None and count.server is not None:
+            note = (f"directory polls answered by {count.server.dc} ({count.server.uri}), "
+                    f"not {was.dc}: its change stamps are its own, so a full read")
+        return DirectoryPolled(frozenset(), None, count.complete, updates, mark,
+                               dict(count.future), count.server, note)
     except UpdaterError as err:
         return DirectoryPolled(frozenset(), str(err), full)
     except Exception as err:            # a bug: logged, the daemon goes on
@@ -38,6 +44,8 @@ def applied(kept: LdapCache | None, event: DirectoryPolled) -> DirectoryPolled:
     if event.updates is None or kept is None:
         return event
     changed = apply(kept, event.updates, event.mark, whole=event.full)
+    if event.server is not None:
+        kept.server = event.server
     fresh = {dn: s for dn, s in event.future.items() if kept.future.get(dn) != s}
     kept.future.update(fresh)                     # each logged once
     return dataclasses.replace(event, domains=frozenset(changed), updates=None,

@@ -154,7 +154,8 @@ def live_entries(path: str, domains: AbstractSet[bytes], bare: bytes | None
     """The keys of ``domains`` in the live cdb and which of them reject (one pass over
     it, only when a domain is held).  A domain the live list has nothing of (a first
     build whose source failed) gets ``@domain``: accepting it all for now, never a
-    permanent refusal of an address that may be listed."""
+    permanent refusal of an address that may be listed.  A live file that cannot be
+    read raises InstallError (it is left as it is)."""
     keys: list[bytes] = []
     rejects: set[bytes] = set()
     seen: set[bytes] = set()
@@ -166,8 +167,13 @@ def live_entries(path: str, domains: AbstractSet[bytes], bare: bytes | None
                 seen.add(d)
                 if v[:1] == REJECT:
                     rejects.add(k)
-    except (OSError, NotCdb):
-        pass
+    except FileNotFoundError:
+        pass                              # a first build: nothing to keep
+    except (OSError, NotCdb) as err:
+        # (what the held domains had is unknown: replacing the file could lose it)
+        why = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise InstallError(f"cannot read the held domains' live entries: {why}",
+                           path) from None
     keys += [b"@" + d for d in domains - seen if d]
     return keys, rejects
 

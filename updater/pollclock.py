@@ -44,6 +44,7 @@ class PollClock:
             return []
         lines = [f"directory poll works again after {self.failures} failure(s)"] \
             if self.failures else []
+        lines += [ev.note] if ev.note else []
         lines += [f"directory entry stamped in the future ({stamp}): {dn}; polls keep "
                   "asking from the last true stamp" for dn, stamp in sorted(ev.future.items())[:10]]
         self.failures, self.due = 0, now + poll

@@ -11,29 +11,41 @@ file and is never logged.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
-from ..qmail import lower_ascii, read_text
+from ..qmail import lower_ascii
 from . import Found
+from .ldapconn import Server, session
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 
-def addresses(values: dict[str, list[Any]], attrs: list[str]) -> list[str]:
-    """The mail addresses in one entry's attributes (pure)."""
+PROXY = "proxyaddresses"
+
+
+def addresses(values: dict[str, list[Any]], attrs: list[str], rule: str = "all"
+              ) -> list[str]:
+    """The mail addresses in one entry's attributes (pure).  ``rule`` (the setting
+    UPDATER_LDAP_ADDRESSES): "all" lists every attribute's; "proxy" only the smtp:
+    proxyAddresses (Exchange routes by them: an entry without is no recipient of its,
+    MS-ADA3 2.169); "proxy-first" those where the entry has any proxyAddresses, else
+    its other attributes (a directory without Exchange's, such as OpenLDAP's mail)."""
+    proxies = [a for a in attrs if a.lower() == PROXY]
+    if rule == "proxy" or (rule == "proxy-first" and proxies
+                           and any(values.get(a) for a in proxies)):
+        attrs = proxies
     out = []
     for attr in attrs:
         for value in values.get(attr, []) or []:
             if isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
             value = str(value).strip()
-            if attr.lower() == "proxyaddresses":
+            if attr.lower() == PROXY:
                 if value[:5].lower() != "smtp:":
                     continue
                 value = value[5:]
@@ -43,6 +55,11 @@ def addresses(values: dict[str, list[Any]], attrs: list[str]) -> list[str]:
 
 
 PAGED = "1.2.840.113556.1.4.319"
+# Active Directory keeps a deleted object as a tombstone (isDeleted, whenChanged,
+# objectGUID kept; mail and proxyAddresses stripped) in the naming context's Deleted
+# Objects container, readable with this control; sent non-critical, so a directory
+# without it (OpenLDAP) ignores it and finds no entry with isDeleted
+SHOW_DELETED = "1.2.840.113556.1.4.417"
 # an entry's stable identity, asked for explicitly (operational): OpenLDAP's entryUUID,
 # Active Directory's objectGUID; an entry keeps it when it is moved or renamed
 IDENTITY = ("entryUUID", "objectGUID")
@@ -67,14 +84,16 @@ _GENERALIZED = re.compile(r"[0-9]{10,14}([.,][0-9]{1,6})?(Z|[+-][0-9]{4})?")
 class LdapCache:
     """The directory as the daemon last read it: each entry's addresses (every domain),
     and the newest change stamp seen (``UPDATER_LDAP_STAMP``), where the next poll
-    starts.  A poll asks only for the entries changed since (``poll``); an entry deleted
-    outright is only noticed by the next full read (OpenLDAP keeps no tombstones)."""
+    starts.  A poll asks only for the entries changed since (``poll``), Active
+    Directory's tombstones included; an entry deleted from OpenLDAP (which keeps no
+    tombstones) is noticed by the next full read."""
     entries: dict[str, list[str]] = field(default_factory=dict)     # entry_key -> addresses
     mark: str = ""                                                  # generalized time
     future: dict[str, str] = field(default_factory=dict)            # DN -> a stamp to come
     failing: str | None = None      # the last poll's error: builds hold, not serve from it
     complete: bool = False                                          # a full read filled it
     searches: int = 0                                               # (tests, benchmarks)
+    server: Server | None = None    # the one that answered the read the mark is from
 
     def addresses(self, wanted: set[str]) -> list[str]:
         return [a for addrs in self.entries.values() for a in addrs
@@ -92,23 +111,29 @@ def ldap_entries(settings: Settings, domains: list[str],
         if cache.failing:           # the directory is down: its domains stay held
             raise SourceError(cache.failing)
         return [Found(origin, cache.addresses(set(domains)))]
-    fresh = read_all(settings)
+    fresh = read_all(settings, cache.server.uri if cache and cache.server else "")
     if cache is not None:
         cache.entries, cache.mark, cache.complete = fresh.entries, fresh.mark, True
         cache.searches += fresh.searches
+        cache.server = fresh.server
     return [Found(origin, fresh.addresses(set(domains)))]
 
 
-def read_all(settings: Settings) -> LdapCache:
+def read_all(settings: Settings, prefer: str = "") -> LdapCache:
     """Every entry the filter selects, with its addresses (a paged search)."""
-    out = LdapCache()
+    with session(settings, prefer) as (conn, attrs, server):
+        return everything(conn, settings, attrs, server)
+
+
+def everything(conn: Any, settings: Settings, attrs: list[str], server: Server
+               ) -> LdapCache:
+    out = LdapCache(server=server)
     key = settings.ldap_stamp
     ceiling = stamp_ceiling()
-    with session(settings) as (conn, attrs):
-        for ident, dn, values in search(conn, settings, settings.ldap_filter, attrs + [key],
-                                        out):
-            out.entries[ident] = addresses(values, attrs)
-            out.mark = later(out.mark, stamp(values, key), dn, out.future, ceiling)
+    for ident, dn, values in search(conn, settings, settings.ldap_filter, attrs + [key],
+                                    out):
+        out.entries[ident] = addresses(values, attrs, settings.ldap_addresses)
+        out.mark = later(out.mark, stamp(values, key), dn, out.future, ceiling)
     out.complete = True
     return out
 
@@ -137,29 +162,53 @@ def later(mark: str, seen: str, dn: str, future: dict[str, str], ceiling: str) -
 Updates = dict[str, list[str]]          # entry_key -> its addresses now ([]: gone)
 
 
-def poll(settings: Settings, mark: str) -> tuple[Updates, str, LdapCache]:
+def poll(settings: Settings, mark: str, server: Server | None = None
+         ) -> tuple[Updates, str, LdapCache]:
     """What changed in the directory since ``mark`` (a change stamp): the entries the
     filter selects that changed since (their addresses now), and those changed since
     that it no longer selects (gone); the new mark; what it counted (``searches``, the
     entries stamped in the ``future``, which ``later`` keeps out of the mark).  Pure of the
     cache, so it can run beside a build.  The cost follows the changes, not the
     directory's size, where ``modifyTimestamp`` is indexed (OpenLDAP: ``index
-    modifyTimestamp eq``; Active Directory indexes its own change stamps)."""
+    modifyTimestamp eq``; Active Directory indexes its own change stamps).  The poll
+    goes to ``server`` (the one the mark is from) first; when another one answers, the
+    mark means nothing there (each DC stamps its own changes): it reads everything
+    instead, and says so (the count is ``complete``, its ``server`` the new one)."""
     key = settings.ldap_stamp
     since = f"({key}>={mark or '19700101000000Z'})"
     updates: Updates = {}
-    count = LdapCache()
     ceiling = stamp_ceiling()
-    with session(settings) as (conn, attrs):
+    with session(settings, server.uri if server else "") as (conn, attrs, now):
+        count = LdapCache(server=now)
+        if server is not None and now.dc != server.dc:
+            whole = everything(conn, settings, attrs, now)
+            return whole.entries, whole.mark, whole
         for ident, dn, values in search(conn, settings, f"(&{settings.ldap_filter}{since})",
                                         attrs + [key], count):
-            updates[ident] = addresses(values, attrs)
+            updates[ident] = addresses(values, attrs, settings.ldap_addresses)
             mark = later(mark, stamp(values, key), dn, count.future, ceiling)
         for ident, dn, values in search(conn, settings,
                                         f"(&(!{settings.ldap_filter}){since})", [key], count):
             updates.setdefault(ident, [])
             mark = later(mark, stamp(values, key), dn, count.future, ceiling)
+        # entries deleted since (AD's tombstones, keyed by the GUID the entry had)
+        for ident, dn, values in search(conn, settings, f"(&(isDeleted=TRUE){since})", [key],
+                                        count, naming_context(settings.ldap_base),
+                                        [(SHOW_DELETED, False, None)]):
+            updates.setdefault(ident, [])
+            mark = later(mark, stamp(values, key), dn, count.future, ceiling)
     return updates, mark, count
+
+
+def naming_context(base: str) -> str:
+    """The domain a base DN lies in (its DC= components: where AD keeps the tombstones
+    of everything under it), or the base itself when it has none."""
+    from ldap3.utils.dn import to_dn
+    try:
+        parts = [p for p in to_dn(base) if p[:3].lower() == "dc="]
+    except Exception:
+        return base
+    return ",".join(parts) or base
 
 
 def apply(cache: LdapCache, updates: Updates, mark: str, whole: bool = False) -> set[str]:
@@ -177,7 +226,8 @@ def apply(cache: LdapCache, updates: Updates, mark: str, whole: bool = False) ->
         else:
             cache.entries.pop(dn, None)
         changed |= {a.rpartition("@")[2] for a in old + new}
-    cache.mark = max(cache.mark, mark)
+    # (a whole read's mark replaces the kept one: it may come from another DC)
+    cache.mark = mark if whole else max(cache.mark, mark)
     return changed
 
 
@@ -196,76 +246,26 @@ def stamp(values: dict[str, Any], key: str = "modifyTimestamp") -> str:
     return text if _GENERALIZED.fullmatch(text) else ""
 
 
-@contextlib.contextmanager
-def session(settings: Settings) -> Iterator[tuple[Any, list[str]]]:
-    """A bound connection and the address attributes; every failure a SourceError naming
-    the server and the step (the password is never in it)."""
-    import ldap3
-    from ldap3.core.exceptions import LDAPException, LDAPOperationResult
-    where = f"ldap {settings.ldap_uri}"
-    password = ""
-    if settings.ldap_password_file:
-        password = (read_text(settings.ldap_password_file, required=True) or "").strip("\r\n")
-    attrs = [a.strip() for a in settings.ldap_attrs.split(",") if a.strip()]
-    step = ["connect"]
-    try:
-        timeout = max(1, int(settings.ldap_timeout + 0.999))   # ldap3 packs whole seconds
-        uri = settings.ldap_uri.rstrip("/")           # ldap3 wants no path: ldap://host:port
-        server = ldap3.Server(uri, connect_timeout=timeout, get_info=ldap3.NONE,
-                              tls=tls_for(settings))
-        conn = ldap3.Connection(server, user=settings.ldap_bind_dn or None,
-                                password=password or None, receive_timeout=timeout,
-                                raise_exceptions=True, auto_bind=ldap3.AUTO_BIND_NONE)
-        conn.open()
-        if settings.ldap_starttls:
-            step[0] = "starttls"
-            conn.start_tls()
-        step[0] = "bind"
-        conn.bind()
-        step[0] = "search"
-        yield conn, attrs
-        conn.unbind()
-    except LDAPOperationResult as err:
-        detail = f": {err.message}" if err.message else ""
-        raise SourceError(f"{step[0]} failed: {err.description} ({err.result}){detail}",
-                          where) from None
-    except LDAPException as err:
-        raise SourceError(f"{step[0]} failed: {type(err).__name__}: {err}", where) from None
-    except OSError as err:
-        raise SourceError(f"{step[0]} failed: {err.strerror or err}", where) from None
-
-
-def tls_for(settings: Settings) -> Any:
-    """ldaps:// and StartTLS verify the server's certificate by default (ldap3's own
-    default verifies nothing): against ``UPDATER_LDAP_CA_FILE`` or the system's CA
-    store, and the host name of the URI against the certificate's names; a failure is a
-    connect (or starttls) error naming the server, and the domains keep their lists.
-    ``UPDATER_LDAP_INSECURE`` turns it off, with a warning."""
-    import ssl
-
-    import ldap3
-    if settings.ldap_insecure:
-        return ldap3.Tls(validate=ssl.CERT_NONE)
-    return ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ldap_ca_file or None)
-
-
 def search(conn: Any, settings: Settings, query: str, attrs: list[str],
-           cache: LdapCache) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(key, DN, attributes) of every entry ``query`` selects, page by page
-    (``entry_key``: the entry's UUID or GUID where it has one)."""
+           cache: LdapCache, base: str | None = None, controls: list[Any] | None = None
+           ) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(key, DN, attributes) of every entry ``query`` selects under ``base`` (default
+    the search base), page by page (``entry_key``: the entry's UUID or GUID where it has
+    one)."""
     import ldap3
     cookie = None
     while True:
         cache.searches += 1
-        conn.search(settings.ldap_base, query, search_scope=ldap3.SUBTREE,
-                    attributes=[*attrs, *IDENTITY], paged_size=settings.ldap_page_size,
-                    paged_cookie=cookie)
+        conn.search(settings.ldap_base if base is None else base, query,
+                    search_scope=ldap3.SUBTREE, attributes=[*attrs, *IDENTITY],
+                    paged_size=settings.ldap_page_size, paged_cookie=cookie,
+                    controls=controls)
         for entry in conn.response:
             if entry.get("type") == "searchResEntry":
                 dn, values = str(entry.get("dn", "")).lower(), entry.get("attributes", {})
                 yield entry_key(dn, values), dn, values
-        controls = conn.result.get("controls", {})
-        cookie = controls.get(PAGED, {}).get("value", {}).get("cookie")
+        answered = conn.result.get("controls", {})
+        cookie = answered.get(PAGED, {}).get("value", {}).get("cookie")
         if not cookie:
             break
 
