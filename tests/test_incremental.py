@@ -183,7 +183,7 @@ def test_an_incremental_install_keeps_the_records_in_place_until_a_compaction(
     (cdbdump still walks it; `qmail-updater dump` and every reader do not), the live
     list's record counts it, and the next full build compacts: `compacted` in its line,
     the canonical file again.  Past MAX_GARBAGE an incremental build compacts too."""
-    from updater import incremental, stablecdb
+    from updater import incremental, install, stablecdb
     from updater.liverecord import read_record
     t = make_tree(tmp_path / "t")
     live = tmp_path / "live.cdb"
@@ -214,7 +214,7 @@ def test_an_incremental_install_keeps_the_records_in_place_until_a_compaction(
     assert b":ann@v2.example->" not in live.read_bytes()
     assert read_record(str(live)).garbage_of(snap.live) == 0
     assert incremental.full(s)[0].status == "unchanged"
-    monkeypatch.setattr(stablecdb, "MAX_GARBAGE", 0.0)
+    monkeypatch.setattr(install, "MAX_GARBAGE", 0.0)
     replace(vp, vp.read_text() + f"amy:x:1:0::{vp.parent}/amy:NOQUOTA\n")
     report, snap, _, _ = incremental.build(s, snap, {VPOP[2]})
     assert not report.compacted           # (no garbage yet)
@@ -378,7 +378,8 @@ def test_named_rows_are_bounded_per_domain(tmp_path: Path):
     """What a database build asks again: the named addresses, or past MAX_ROWS waiting
     (a FIFO flood) the whole domain, once."""
     from updater.buildevents import Targeted
-    from updater.daemon import MAX_ROWS, Daemon
+    from updater.daemon import Daemon
+    from updater.limits import MAX_ROWS
     t = make_tree(tmp_path)
     d = Daemon(settings_for(t, tmp_path / "live.cdb"), lambda line: None)
     d.note_rows(Targeted("add_user", frozenset({"x.example"}), True,

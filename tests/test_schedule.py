@@ -28,8 +28,9 @@ from updater.buildevents import (
     WriteStatus,
 )
 from updater.install import Report
+from updater.limits import LIVE_CHECK
 from updater.retry import backoff
-from updater.schedule import LIVE_CHECK, Scheduler
+from updater.schedule import Scheduler
 
 WALL = 1_700_000_000.0            # the epoch time at monotonic 0 of these tests
 

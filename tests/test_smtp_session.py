@@ -6,6 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from updater import limits
 from updater.smtp import blast
 from updater.smtp import context as P
 from updater.smtp import events as E
@@ -271,7 +272,7 @@ def test_log_lines_per_rcpt_are_capped():
     s, _ = make(P.Policy(loglevel=2))
     ev = s.receive_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<" + b"-" * 880 + b"@example.com>\r\n")
     logs = [e.text for e in ev if isinstance(e, E.Log)]
-    assert len(logs) == 1 + P.TRY_LOG_MAX + 1 + 1   # RCPT TO, tries, "more", not found
+    assert len(logs) == 1 + limits.TRY_LOG_MAX + 1 + 1   # RCPT TO, tries, "more", not found
     assert logs[-2].endswith("more keys not logged)")
     assert replies(ev).endswith(R.R_NOTVALID)
 
@@ -292,7 +293,7 @@ def test_replies_come_in_batches_a_driver_can_pace():
     flood = b"HELP\r\n" * 1000 + b"\n" * 1000 + b"NOOP\r\n"
     got = [s.receive_data(flood)]
     while s.pending:
-        assert len(got[-1]) == P.BATCH
+        assert len(got[-1]) == limits.SMTP_BATCH
         got.append(s.proceed())
     out = b"".join(replies(ev) for ev in got)
     assert out == R.R_HELP * 1000 + R.R_UNIMPL * 1000 + b"250 ok\r\n"

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
-CHUNK = 1 << 20
+from .limits import FILE_CHUNK
 
 
 def temp_prefix(path: str) -> str:
@@ -45,8 +45,8 @@ def replace(path: str, data: bytes | str | memoryview | mmap.mmap | None = None,
                 fill(f)
             elif data is not None:
                 raw = data.encode() if isinstance(data, str) else data
-                for offset in range(0, len(raw), CHUNK):
-                    f.write(raw[offset:offset + CHUNK])
+                for offset in range(0, len(raw), FILE_CHUNK):
+                    f.write(raw[offset:offset + FILE_CHUNK])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

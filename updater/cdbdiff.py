@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InstallError
+from .limits import FILE_CHUNK, STRETCH_LIMIT
 from .stablecdb import REJECT, read_items
-
-CHUNK = 1 << 20        # compare files a MiB at a time
 
 
 @dataclass
@@ -73,8 +72,8 @@ def same_content(path: str, image: mmap.mmap) -> bool | None:
         with open(path, "rb", buffering=0) as f:
             if os.fstat(f.fileno()).st_size != len(image):
                 return False
-            for offset in range(0, len(image), CHUNK):
-                if f.read(CHUNK) != image[offset:offset + CHUNK]:
+            for offset in range(0, len(image), FILE_CHUNK):
+                if f.read(FILE_CHUNK) != image[offset:offset + FILE_CHUNK]:
                     return False
             return True
     except FileNotFoundError:
@@ -91,7 +90,6 @@ def live_header(path: str) -> bytes:
         raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
 
 
-STRETCH_LIMIT = 1 << 22      # parse at most this many bytes of changed records in Python
 
 
 class FileBytes:
@@ -181,7 +179,7 @@ def _common(a: Any, b: Any, start: int, end_a: int, end_b: int, from_end: bool =
         return got
     done = 0
     while done < n:
-        size = min(CHUNK, n - done)
+        size = min(FILE_CHUNK, n - done)
         x, y = piece(a, end_a, done, done + size), piece(b, end_b, done, done + size)
         if x != y:
             lo, hi = 0, size                 # the first lo bytes agree, the first hi do not

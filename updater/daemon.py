@@ -55,19 +55,17 @@ from .ident import Ident, identity
 from .incremental import Snapshot
 from .inputs import Inputs
 from .install import LiveChanged, Report, install_result, no_room
+from .limits import DAEMON_IDLE, MAX_FIFO_LINES, MAX_ROWS
 from .liverecord import sources_path
 from .onchange import onchange_target
 from .publish import Publisher
 from .qmail import ENCODING, ERRORS
-from .schedule import IDLE, Scheduler
+from .schedule import Scheduler
 from .sources.mysql import Rows
 from .targets import parse_targets
 from .textsafe import printable
 from .verdict import Intent
 from .watch import Watcher
-
-MAX_FIFO_LINES = 1000         # lines of one FIFO read looked at (the rest: dropped)
-MAX_ROWS = 64                 # addresses asked again per domain; more: the whole domain
 
 
 class Daemon:
@@ -390,9 +388,9 @@ class Daemon:
     def step(self) -> None:
         """Wait for the next event or deadline, and handle it."""
         deadline = self.scheduler.next_deadline()
-        timeout = IDLE if deadline is None else max(0.0, deadline - time.monotonic())
+        timeout = DAEMON_IDLE if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            event = self.events.get(timeout=min(timeout, IDLE))
+            event = self.events.get(timeout=min(timeout, DAEMON_IDLE))
         except queue.Empty:
             event = Tick()
         if isinstance(event, FileChanged):

@@ -5,7 +5,7 @@ has.  A removal someone named is intended: an address an onchange line named, a 
 the control files no longer serve (gone from rcpthosts / morercpthosts and from locals
 and virtualdomains).  A loss nobody named is judged, for that domain alone: a domain
 whose new keys refuse more than ``--max-shrink`` percent of the addresses it accepted
-(against the largest list it had within the last ``WINDOW`` seconds, so a stream of
+(against the largest list it had within the last ``GATE_WINDOW`` seconds, so a stream of
 small cuts does not walk past it), that lost every key, or where one source gave nothing
 that gave entries before (a vpasswd emptied, a valias table or an LDAP search returning
 nothing; a source not consulted meanwhile, say behind a catch-all, is remembered) is
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checker import check
+from .limits import GATE_WINDOW, MIN_LOSS
 
 Getter = Callable[[bytes], "bytes | None"]
 TAIL = b"\x01"                # a local part no listed name contains
@@ -143,13 +144,11 @@ def carried(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
     return out
 
 
-WINDOW = 3600.0     # a domain is judged against its largest list of the last hour
-MIN_LOSS = 2        # fewer addresses lost than this never count as a shrink
 
 
 @dataclass(frozen=True)
 class Peak:
-    """What a domain's losses are measured against within ``WINDOW`` of ``since``: the
+    """What a domain's losses are measured against within ``GATE_WINDOW`` of ``since``: the
     most addresses it accepted (``count``) and the addresses nobody named that it has
     lost since (``lost``), so a stream of small cuts adds up."""
     count: int
@@ -190,7 +189,7 @@ def judge_domain(domain: str, c: DomainChange, named: AbstractSet[bytes], peak: 
             return (f"{domain} is no longer in rcpthosts but still in locals or "
                     "virtualdomains: finish removing it, or list it again"), peak
         return None, None                       # the control files removed it: intended
-    base = peak if peak is not None and now - peak.since < WINDOW else None
+    base = peak if peak is not None and now - peak.since < GATE_WINDOW else None
     named_lost = [k for k in c.lost if excused(k, named)] if named else []
     unnamed = len(c.lost) - len(named_lost)
     reference = max(max(c.old, base.count if base else 0) - len(named_lost), 0)
@@ -205,7 +204,7 @@ def judge_domain(domain: str, c: DomainChange, named: AbstractSet[bytes], peak: 
         why = f"{domain}: {gone}; did a source return nothing?"
     elif max_shrink > 0 and reference and loss >= MIN_LOSS and \
             loss * 100.0 > max_shrink * reference:
-        within = f" within {WINDOW / 3600:g} h" if base else ""
+        within = f" within {GATE_WINDOW / 3600:g} h" if base else ""
         why = (f"{domain} would refuse {loss} of the {reference} addresses it accepted"
                f"{within}, more than the {max_shrink:g}% allowed (--max-shrink)")
     if why is not None:                   # held: what it lost so far stays counted

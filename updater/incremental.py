@@ -40,15 +40,13 @@ from .generate import generate, global_inputs
 from .ident import Ident, identities
 from .inputs import Inputs
 from .install import Report, install_delta
+from .limits import INCREMENTAL_MAX_DOMAINS, SPLICE_LIMIT
 from .liverecord import Held
 from .merge import Result
 from .qmail import ENCODING, ERRORS, part_of
 from .sources.ldap import LdapCache
 from .sources.mysql import MysqlCache, Rows
 from .verdict import Candidate, Intent
-
-MAX_DOMAINS = 200       # more changed domains than this and than half of all: a full build
-SPLICE_LIMIT = 64       # up to this many added + removed keys: insert/delete in place
 
 
 def live_path(settings: Settings) -> str:
@@ -262,7 +260,7 @@ def to_redo(settings: Settings, snap: Snapshot, named: set[str]) -> set[str]:
     todo = {d for d in named if d.encode(ENCODING, ERRORS) in snap.domains}
     todo |= snap.inputs.changed()
     todo |= snap.inputs.sharing(todo)
-    if len(todo) > max(MAX_DOMAINS, len(snap.domains) // 2):
+    if len(todo) > max(INCREMENTAL_MAX_DOMAINS, len(snap.domains) // 2):
         raise NeedFull(f"{len(todo)} of {len(snap.domains)} domains to redo")
     return todo
 

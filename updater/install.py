@@ -24,6 +24,7 @@ from .checker import CdbGetter, open_cdb
 from .errors import InstallError
 from .gate import accepting_under, set_getter
 from .ident import Ident, identity, of_stat
+from .limits import MAX_GARBAGE
 from .liverecord import Held, read_record, save_record, write_atomically
 from .lock import locked
 from .qmail import ENCODING, ERRORS, part_of
@@ -358,7 +359,7 @@ def write_delta(path: str, c: Candidate, expect: Ident, garbage: int | None
             if fd >= 0 and of_stat(os.fstat(fd)) != expect:
                 raise LiveChanged("the live cdb is not the one the last build installed",
                                   path)
-            if fd >= 0 and garbage <= stablecdb.MAX_GARBAGE * len(buf):
+            if fd >= 0 and garbage <= MAX_GARBAGE * len(buf):
                 put = [(k, REJECT if k in c.rejects else b"")
                        for k in (*c.changes.added, *c.changes.changed)]
                 left: list[int] = []

@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 
+from .limits import MAX_ENV
+
 PREFIXES = ("UPDATER_", "VALIDRCPTTO_", "QMAIL_", "VPOPMAIL_")
 SERVICE_DIRS = ("/etc/service", "/service", "/var/service")
-MAX_ENV = 1 << 20              # bytes read of one environ or one envdir file
 
 
 def ours(environ: Mapping[str, str]) -> dict[str, str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from .limits import MAX_DOMAIN, MAX_LOCAL, MAX_WORDS
+
 # What vpopmail's onchange lines name.  The hook writes its arguments joined by spaces, so
 # one line reads the same from both versions: 5.4 passes the command and one string
 # (``valias_insert`` ``sales@d - alice@d``), 5.6 the command and three fields, the last
@@ -15,9 +17,6 @@ import re
 # reported before the change is made) after the quiet period.
 ADDITIONS = re.compile(r"(add|mod)(_.*)?|.*_(insert|add)|add.*")
 DOMAIN_COMMANDS = {"valias_delete_domain", "add_domain", "del_domain", "add_alias_domain"}
-MAX_DOMAIN = 253
-MAX_WORDS = 64
-MAX_LOCAL = 64
 _DOMAIN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _LOCAL = re.compile(r"[^\s@/\x00-\x1f\x7f]+")
 

@@ -19,7 +19,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-LINE_MAX = 8192
+from .limits import REPORT_CHUNK, REPORT_LINE_MAX, REPORT_MAX_DOMAINS
+
 _TAI = re.compile(r"@([0-9a-f]{16})[0-9a-f]{8} ")
 _NOT_FOUND = re.compile(r"validrcptto \[[^\]]*\] not found: (.*)$")
 _NOT_OURS = re.compile(r"validrcptto \[[^\]]*\] not in rcpthosts: ")
@@ -59,7 +60,7 @@ class Report:
     busy: int = 0
     first: float | None = None
     last: float | None = None
-    skipped: int = 0                # lines over LINE_MAX bytes, not looked at
+    skipped: int = 0                # lines over REPORT_LINE_MAX bytes, not looked at
 
     def add(self, line: str, when: float | None) -> None:
         if when is not None:
@@ -71,7 +72,7 @@ class Report:
             address = m.group(1)
             at = address.rfind("@")
             domain = address[at + 1:].lower() if at != -1 else "(no domain)"
-            if domain not in self.domains and len(self.domains) >= MAX_DOMAINS:
+            if domain not in self.domains and len(self.domains) >= REPORT_MAX_DOMAINS:
                 domain = "(other domains)"
             self.domains[domain] += 1
         elif _NOT_OURS.search(line):
@@ -102,7 +103,8 @@ class Report:
                f"AUTH failures:        {self.auth_failed}",
                f"connections refused:  {self.denied} (rules), {self.busy} (limits)"]
         if self.skipped:
-            out.append(f"lines skipped:        {self.skipped} (longer than {LINE_MAX} bytes)")
+            out.append(f"lines skipped:        {self.skipped} "
+                       f"(longer than {REPORT_LINE_MAX} bytes)")
         if self.domains:
             out.append(f"refused recipients by domain (top {top}):")
             for domain, n in self.domains.most_common(top):
@@ -110,14 +112,12 @@ class Report:
         return out
 
 
-CHUNK = 1 << 16
-MAX_DOMAINS = 100_000       # distinct refused domains kept; the rest counted as one
 
 
 def log_lines(path: str, report: Report) -> Iterator[str]:
     """The lines of one log file, read a chunk at a time: a regular file only (opened
     without blocking: a FIFO or a device is refused, never waited on or read for
-    ever), lines longer than LINE_MAX skipped and counted (``report.skipped``), so
+    ever), lines longer than REPORT_LINE_MAX skipped and counted (``report.skipped``), so
     memory stays bounded whatever the file holds.  OSError names what is wrong."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -125,7 +125,7 @@ def log_lines(path: str, report: Report) -> Iterator[str]:
             raise OSError(22, "not a regular file", path)
         buf, skipping = b"", False
         while True:
-            chunk = os.read(fd, CHUNK)
+            chunk = os.read(fd, REPORT_CHUNK)
             if not chunk:
                 break
             buf += chunk
@@ -134,11 +134,11 @@ def log_lines(path: str, report: Report) -> Iterator[str]:
                 if skipping:                        # the rest of an overlong line
                     skipping = False
                     continue
-                if len(line) > LINE_MAX:
+                if len(line) > REPORT_LINE_MAX:
                     report.skipped += 1
                     continue
                 yield line.decode("utf-8", "replace")
-            if len(buf) > LINE_MAX:
+            if len(buf) > REPORT_LINE_MAX:
                 if not skipping:
                     report.skipped += 1
                 buf, skipping = b"", True
@@ -151,7 +151,7 @@ def log_lines(path: str, report: Report) -> Iterator[str]:
 def read(lines: Iterable[str], start: float | None, report: Report | None = None) -> Report:
     report = report or Report()
     for line in lines:
-        line = line[:LINE_MAX].rstrip("\n")
+        line = line[:REPORT_LINE_MAX].rstrip("\n")
         when = None
         m = _TAI.match(line)
         if m:

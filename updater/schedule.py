@@ -65,19 +65,13 @@ from .buildevents import (
     WriteStatus,
 )
 from .install import Report
+from .limits import LIVE_CHECK, MAX_REASONS, SPACE_LOG, SPACE_RETRY, STATUS_EVERY
 from .liverecord import hold_changes
 from .pollclock import PollClock
 from .retry import backoff
 from .status import HEARTBEAT
 from .window import Window
 from .window import why as _why
-
-LIVE_CHECK = 0.25            # seconds between looks at the live cdb and its .sources file
-STATUS_EVERY = 1.0           # the pending count is written at most this often
-MAX_REASONS = 20             # reasons kept per kind of request (the log names 3 and a count)
-IDLE = 60.0                  # the longest wait for an event when nothing is due
-SPACE_RETRY = 1.0            # seconds between tries while the disk is full
-SPACE_LOG = 60               # ... of which every 60th is logged (and the first)
 
 
 @dataclass

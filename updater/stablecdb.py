@@ -33,14 +33,11 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .limits import COPY_CHUNK, MAX_REBUILT
+
 REJECT = b"-"             # the value of a key that rejects (REFERENCE §1)
 HEADER = 2048             # 256 x (table position, slot count), 32-bit little-endian
 LIMIT = 0xFFFFFFFF        # every position in a cdb is 32 bits
-MAX_GARBAGE = 0.10        # past this share of the file in unreachable records: compact
-COPY = 1 << 30            # bytes per copy_file_range call
-MAX_REBUILT = (0.25, 100_000)   # tables to build again holding more than this share of
-                                # the slots and this many: the canonical writer (C) is
-                                # faster than placing them in Python
 
 
 def write_cdb(f: BinaryIO, keys: list[bytes], rejects: AbstractSet[bytes]) -> None:
@@ -206,11 +203,12 @@ def copy_range(src: int, dst: int, start: int, length: int, to: int) -> None:
     done = 0
     while done < length:
         try:
-            n = os.copy_file_range(src, dst, min(COPY, length - done), start + done, to + done)
+            n = os.copy_file_range(src, dst, min(COPY_CHUNK, length - done), start + done,
+                                   to + done)
         except OSError:                       # EXDEV, ENOSYS, EINVAL: copy by hand
             n = 0
         if n <= 0:
-            data = os.pread(src, min(COPY, length - done), start + done)
+            data = os.pread(src, min(COPY_CHUNK, length - done), start + done)
             if not data:
                 raise OSError(f"the live cdb ended at {start + done}")
             n = os.pwrite(dst, data, to + done)

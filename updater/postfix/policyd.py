@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..checker import check
 from ..declare import setting
+from ..limits import POLICYD_LOG_RATE, POLICYD_SWEEP, WRITE_HIGH
 from ..serving.cdbfile import CdbCache
 from ..serving.controlfiles import ControlError, morercpthosts_path, readfile
 from ..serving.listeners import RateLog, bind
@@ -44,9 +45,6 @@ if TYPE_CHECKING:
     import http.server
 
 PROG = "validrcptto-policyd"
-SWEEP = 1.0
-WRITE_HIGH = 64 * 1024          # answers unsent past this: stop reading from the client
-LOG_RATE = 100                  # decision lines a second; past that, one summary line
 
 
 log = logger(PROG)
@@ -116,7 +114,7 @@ class Server:
                                  map_name=opts.map_name.encode())
         self.conns: set[PolicyProtocol] = set()
         self.serial = 0
-        self.logs = RateLog(LOG_RATE, log)
+        self.logs = RateLog(POLICYD_LOG_RATE, log)
 
     def note(self, conn: PolicyProtocol, reply: Reply) -> None:
         a = reply.answer
@@ -286,7 +284,7 @@ async def serve(opts: Options, socks: list[socket.socket],
                                  f"{opts.request_timeout:g}s of its first byte; closing")
                 c.transport.abort()
         server.logs.flush()
-    every(loop, SWEEP, sweep)
+    every(loop, POLICYD_SWEEP, sweep)
 
     def hup() -> None:
         lookup.reload()

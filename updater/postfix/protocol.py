@@ -15,7 +15,7 @@ digit, a policy request (``name=value`` lines) with a letter.
   ``@domain`` always answers NOTFOUND: the answer for the whole address already took
   the domain's catch-all into account.
 
-Bounded: a request over MAX_REQUEST bytes, a netstring with a bad length, a line with
+Bounded: a request over POLICY_MAX_REQUEST bytes, a netstring with a bad length, a line with
 no ``=``, a NUL or anything that is not text closes the connection (one error logged by
 the driver).
 """
@@ -25,9 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-MAX_REQUEST = 65536              # Postfix's policy requests are a few hundred bytes
-MAX_ATTRIBUTES = 100
-MAX_BATCH = 64                   # requests answered per call; the rest wait for proceed()
+from ..limits import POLICY_BATCH, POLICY_MAX_ATTRIBUTES, POLICY_MAX_REQUEST
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ class Conversation:
         self.more = False                       # whole requests wait for proceed()
 
     def receive_data(self, data: bytes) -> list[Reply]:
-        """The answers to at most MAX_BATCH requests of what came so far; when more
+        """The answers to at most POLICY_BATCH requests of what came so far; when more
         whole requests wait (``more``), the driver calls ``proceed()`` for the next
         batch once the client reads its answers (a pipelining client cannot make one
         call do unbounded work, nor the output grow without bound)."""
@@ -86,7 +84,7 @@ class Conversation:
         out: list[Reply] = []
         self.more = False
         while not self.closed:
-            if len(out) >= MAX_BATCH:
+            if len(out) >= POLICY_BATCH:
                 self.more = True
                 return out
             reply = self._policy() if self.kind == "policy" else self._socketmap()
@@ -96,8 +94,8 @@ class Conversation:
             if reply.close:
                 self.closed = True
                 self.buf = b""
-        if not self.closed and len(self.buf) > MAX_REQUEST:
-            out.append(self._fail(f"request larger than {MAX_REQUEST} bytes"))
+        if not self.closed and len(self.buf) > POLICY_MAX_REQUEST:
+            out.append(self._fail(f"request larger than {POLICY_MAX_REQUEST} bytes"))
         return out
 
     def proceed(self) -> list[Reply]:
@@ -122,12 +120,12 @@ class Conversation:
                 return self._fail("empty policy request")
             return None
         block, self.buf = self.buf[:end + 1], self.buf[end + 2:]
-        if len(block) > MAX_REQUEST:
-            return self._fail(f"request larger than {MAX_REQUEST} bytes")
+        if len(block) > POLICY_MAX_REQUEST:
+            return self._fail(f"request larger than {POLICY_MAX_REQUEST} bytes")
         attrs: dict[bytes, bytes] = {}
         lines = block.split(b"\n")[:-1]
-        if len(lines) > MAX_ATTRIBUTES:
-            return self._fail(f"more than {MAX_ATTRIBUTES} attributes")
+        if len(lines) > POLICY_MAX_ATTRIBUTES:
+            return self._fail(f"more than {POLICY_MAX_ATTRIBUTES} attributes")
         for line in lines:
             name, eq, value = line.partition(b"=")
             if not eq or not name or b"\0" in line or not _text(name):
@@ -158,8 +156,8 @@ class Conversation:
         if not digits.isdigit() or (len(digits) > 1 and digits[:1] == b"0"):
             return self._fail("malformed netstring length")
         size = int(digits)
-        if size > MAX_REQUEST:
-            return self._fail(f"netstring longer than {MAX_REQUEST} bytes")
+        if size > POLICY_MAX_REQUEST:
+            return self._fail(f"netstring longer than {POLICY_MAX_REQUEST} bytes")
         start = colon + 1
         if len(self.buf) < start + size + 1:
             return None

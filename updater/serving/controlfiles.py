@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 import stat
 
+from ..limits import CONTROL_READ_MAX
 from ..smtp.context import scan_ulong
-
-READ_MAX = 4 * 1024 * 1024        # no control file qmail-smtpd reads is anywhere near this
 
 
 class ControlError(Exception):
@@ -39,8 +38,8 @@ def _read(path: str) -> bytes | None:
             if not chunk:
                 break
             total += len(chunk)
-            if total > READ_MAX:
-                raise ControlError(f"{path}: larger than {READ_MAX} bytes")
+            if total > CONTROL_READ_MAX:
+                raise ControlError(f"{path}: larger than {CONTROL_READ_MAX} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError as err:

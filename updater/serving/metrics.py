@@ -14,6 +14,9 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..limits import MAX_SCRAPES, SCRAPE_TIMEOUT, TEXTFILE_LOCK_WAIT
+from ..smtp.replies import COUNTED, Acceptance, Refusal
+
 if TYPE_CHECKING:                 # the tcpserver front end imports this per connection
     import http.server
     import socket
@@ -31,8 +34,9 @@ COUNTERS: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("connections_refused", "connections refused before the greeting", "reason",
      ("rules", "busy", "per_ip")),
 ]
-RCPT_REASONS = {"accepted": ("validrcptto", "rcpthosts", "relayclient", "auth"),
-                "rejected": ("validrcptto", "rcpthosts", "badmailfrom", "syntax", "maxrcpt")}
+# the RCPT counters come from the session's one funnel: every acceptance and refusal
+RCPT_REASONS = {"accepted": tuple(a.value for a in Acceptance),
+                "rejected": tuple(dict.fromkeys(r.reason for r in Refusal))}
 SINGLE = ("bytes_received", "tls_sessions", "textfile_drops", "rcpt_tarpitted")
 GAUGES = ("sessions_open", "cdb_entries", "cdb_mtime")
 
@@ -69,6 +73,13 @@ FROM_SESSION = {"tls": "tls_sessions", "bytes": "bytes_received",
                 "message.tempfail": "messages.tempfail"}
 
 
+# every name a session may count has its slot (checked when this module loads: a name
+# added to the session without one is an import error in every test, never a lost count)
+_UNSLOTTED = sorted(n for n in COUNTED if FROM_SESSION.get(n, n) not in SLOTS)
+if _UNSLOTTED:
+    raise ImportError(f"metrics: no slot for the session's counts {_UNSLOTTED}")
+
+
 class Metrics:
     def __init__(self, workers: int):
         self.workers = workers
@@ -92,9 +103,7 @@ class Metrics:
         base = self.row * WIDTH
         rows = self.rows
         for what, n in counts.items():
-            slot = SLOTS.get(FROM_SESSION.get(what, what))
-            if slot is not None:
-                rows[base + slot] += n
+            rows[base + SLOTS[FROM_SESSION.get(what, what)]] += n
         rows[base + SLOTS["sessions." + end]] += 1
         i = next((i for i, b in enumerate(BUCKETS) if seconds <= b), len(BUCKETS))
         rows[base + SLOTS[f"duration.{i}"]] += 1
@@ -227,7 +236,6 @@ def cdb_header(path: str) -> tuple[int, float]:
     return sum(slots for _, slots in struct.iter_unpack("<LL", head)) // 2, mtime
 
 
-LOCK_WAIT = 0.5            # seconds a session waits for the textfile's lock, at most
 
 
 def _own_file(path: str, flags: int) -> int:
@@ -249,12 +257,12 @@ def _own_file(path: str, flags: int) -> int:
 
 
 def _lock_or_drop(fd: int, path: str) -> None:
-    """The data file's lock within LOCK_WAIT seconds; else the session is counted in
+    """The data file's lock within TEXTFILE_LOCK_WAIT seconds; else the session is counted in
     ``path``.drops and OSError says it was not added."""
     import fcntl
     import os
     import time
-    deadline = time.monotonic() + LOCK_WAIT
+    deadline = time.monotonic() + TEXTFILE_LOCK_WAIT
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -266,7 +274,7 @@ def _lock_or_drop(fd: int, path: str) -> None:
                     os.write(drop, b"x")
                 finally:
                     os.close(drop)
-                raise OSError(11, f"lock held for more than {LOCK_WAIT:g}s: this "
+                raise OSError(11, f"lock held for more than {TEXTFILE_LOCK_WAIT:g}s: this "
                                   "session was not counted (textfile_drops)") from None
             time.sleep(0.01)
 
@@ -275,7 +283,7 @@ def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
                cdb: tuple[int, float]) -> str | None:
     """tcpserver mode: add one session to the totals kept in ``path``.data (ours only:
     ``_own_file``) and rewrite the textfile ``path`` (a temporary file and a rename)
-    for node-exporter's textfile collector.  The lock is waited for LOCK_WAIT seconds
+    for node-exporter's textfile collector.  The lock is waited for TEXTFILE_LOCK_WAIT seconds
     at most: past that the session is not added, only counted in ``path``.drops (added
     to ``textfile_drops`` by the next session that gets the lock), and OSError says so.
     Returns a line for the log when the totals were corrupt and started over."""
@@ -327,8 +335,6 @@ def accumulate(path: str, counts: dict[str, int], end: str, seconds: float,
     return note
 
 
-MAX_SCRAPES = 4            # /metrics connections served at once
-SCRAPE_TIMEOUT = 5.0       # seconds for each read and write of one
 
 
 def bind(listen: str) -> socket.socket:

@@ -1,6 +1,6 @@
 """What a long-running server (--listen, validrcptto-policyd) reads from control files,
 kept current without a signal: ``Watched`` looks at the files' identities at most every
-RECHECK seconds and reads them again when one changed, keeping the last good copy when
+CONTROL_RECHECK seconds and reads them again when one changed, keeping the last good copy when
 the new one cannot be trusted."""
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from ..ident import Ident, of_stat
+from ..limits import CONTROL_RECHECK, CONTROL_SETTLE
 from .controlfiles import ControlError
 
 # the control files qmail-smtpd reads (morercpthosts.cdb is a cdb snapshot of its own)
 CONTROL_FILES = ("me", "smtpgreeting", "localiphost", "timeoutsmtpd", "rcpthosts",
                  "badmailfrom", "databytes")
-RECHECK = 0.5           # seconds between looks at a long-running server's control files
-SETTLE = 1.0            # a list without its last newline, younger than this: being written
 T = TypeVar("T")
 FileIdent = Ident | None
 
@@ -34,10 +33,10 @@ def file_ident(path: str) -> FileIdent:
 
 class Watched(Generic[T]):
     """What a long-running server reads from some files, read again when one of them
-    changes: looked at (a stat each) at most every RECHECK seconds, so a new session
+    changes: looked at (a stat each) at most every CONTROL_RECHECK seconds, so a new session
     sees a changed file within a second, with no signal.  A file that cannot be read,
     that changed while it was read, or a list (rcpthosts, badmailfrom) still being
-    written (no final newline, younger than SETTLE seconds) keeps the last good copy
+    written (no final newline, younger than CONTROL_SETTLE seconds) keeps the last good copy
     and logs one line; with no good copy yet, the error is raised (421)."""
 
     def __init__(self, paths: list[str], read: Callable[[], T], log: Callable[[str], None],
@@ -56,7 +55,7 @@ class Watched(Generic[T]):
 
     def current(self) -> T:
         now = self.clock()
-        if self.have and now < self.checked + RECHECK:
+        if self.have and now < self.checked + CONTROL_RECHECK:
             return self.value                   # type: ignore[return-value]
         self.checked = now
         before = [file_ident(p) for p in self.paths]
@@ -81,13 +80,13 @@ class Watched(Generic[T]):
     def _settled(self, idents: list[FileIdent]) -> None:
         """A list caught mid-write keeps the last good copy: emptied in place (the first
         step of ``cat new > rcpthosts``) or without its final newline, and changed less
-        than SETTLE seconds ago (an mtime in the future is not "being written": such a
+        than CONTROL_SETTLE seconds ago (an mtime in the future is not "being written": such a
         file would never settle)."""
         for path, ident in zip(self.paths, idents):
             if ident is None or ident[2] < 0 or \
                     not path.endswith(("rcpthosts", "badmailfrom")):
                 continue
-            if 0 <= time.time() - ident[3] / 1e9 < SETTLE:
+            if 0 <= time.time() - ident[3] / 1e9 < CONTROL_SETTLE:
                 if ident[2] == 0:
                     raise ControlError(f"{path}: being written (emptied just now)")
                 try:                            # (never blocks: O_NONBLOCK)

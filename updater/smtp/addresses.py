@@ -8,8 +8,9 @@ import re
 from collections.abc import Callable
 
 from ..checker import check, lower
+from ..limits import TRY_LOG_MAX
 from ..textsafe import escape
-from .context import TRY_LOG_MAX
+from .replies import Acceptance, Refusal
 
 _IPLIT = re.compile(rb"\[([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)\]\Z")
 
@@ -120,14 +121,15 @@ def validrcptto(get: Callable[[bytes], bytes | None], addr: bytes,
 def recipient(addr: bytes, rcpthosts: frozenset[bytes] | None,
               more: Callable[[bytes], bytes | None] | None,
               lookup: Callable[[bytes], bytes | None] | None,
-              loglevel: int) -> tuple[str, list[str]]:
+              loglevel: int) -> tuple[Refusal | Acceptance, list[str]]:
     """A recipient no RELAYCLIENT or AUTH lets through, judged as qmail-smtpd with the
-    validrcptto patch judges it: (verdict, log texts).  ``outside``: not in rcpthosts
-    (553; the log names the domain only), ``invalid``: not in validrcptto.cdb,
-    ``rcpthosts`` / ``validrcptto``: accepted by that."""
+    validrcptto patch judges it: (verdict, log texts).  Refused: not in rcpthosts (the
+    log names the domain only) or not in validrcptto.cdb; accepted by rcpthosts alone
+    (no cdb) or by validrcptto.cdb."""
     if not rcpthosts_allows(addr, rcpthosts, more):
-        return "outside", ["not in rcpthosts: " + escape(addr[addr.rfind(b"@") + 1:])]
+        return Refusal.RCPTHOSTS, [
+            "not in rcpthosts: " + escape(addr[addr.rfind(b"@") + 1:])]
     if lookup is None:
-        return "rcpthosts", []
+        return Acceptance.RCPTHOSTS, []
     ok, logs = validrcptto(lookup, addr, loglevel)
-    return ("validrcptto" if ok else "invalid"), logs
+    return (Acceptance.VALIDRCPTTO if ok else Refusal.VALIDRCPTTO), logs

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .context import MAXHOPS
+from ..limits import MAXHOPS
 from .events import QueueAbort, QueueClose, QueueData, Reply
-from .replies import R_HOPS, R_SIZE, R_STRAYLF, qq_reply
+from .replies import R_GO_AHEAD, R_HOPS, R_SIZE, R_STRAYLF, qq_reply, queued
 
 # blast()'s states
 IN_LINE = 0           # inside a line
@@ -164,7 +164,7 @@ class Message:
     @staticmethod
     def begin(received: bytes) -> list[Any]:
         """qmail-queue is running: 354, and the Received line goes first."""
-        return [Reply(b"354 go ahead\r\n"), QueueData(received)]
+        return [Reply(R_GO_AHEAD), QueueData(received)]
 
     def absorb(self, buf: bytes) -> tuple[list[Any], int, bool | None]:
         """Feed the client's bytes to the decoder; the message goes on to qmail-queue
@@ -199,7 +199,7 @@ class Message:
         """qmail-queue's exit status: (the reply to the message, what it counts as)."""
         reply = qq_reply(status, write_failed or self.failed)
         if reply is None:
-            reply = b"250 ok %d qp %d\r\n" % (int(now), self.qp)
+            reply = queued(now, self.qp)
         elif self.decoder.hops >= MAXHOPS:
             reply = R_HOPS
         elif self.failed:

@@ -7,16 +7,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
+from ..limits import TARPIT_MAX
 from .events import _Record
 
-MAXHOPS = 100
-COMMAND_LINE_MAX = 4096          # qmail-smtpd has no cap; longer lines get R_TOOLONG
 DEFAULT_TIMEOUT = 1200
 DEFAULT_LIMIT = 10
-TARPIT_MAX = 30.0               # seconds: the longest a tarpitted reply waits
-TRY_LOG_MAX = 10                 # "trying:" lines per RCPT at VALIDRCPTTO_LOG=2
 Lookup = Callable[[bytes], "bytes | None"]   # a cdb's get(key)
-BATCH = 256                      # command lines per call (each reply is < 1 KiB)
 
 
 def scan_ulong(text: str | bytes | None) -> int:

@@ -23,9 +23,9 @@ CheckPassword with their callback, before it feeds the session more input; a cal
 in any other state raises ``ProtocolError`` (as h11's ``LocalProtocolError`` does).
 
 A driver feeds one read at a time and carries out every event before it reads again, so
-the session holds at most one read plus one partial command line (4 KiB).  After BATCH
+the session holds at most one read plus one partial command line (4 KiB).  After SMTP_BATCH
 command lines a call stops with ``pending`` true until the driver calls ``proceed()``,
-so a client that pipelines without reading gets at most about BATCH replies ahead.  The
+so a client that pipelines without reading gets at most about SMTP_BATCH replies ahead.  The
 controls, the lookups, the clocks and the queue come from outside; ``check_timeout()``
 turns a passed ``deadline`` into qmail's ``451 timeout``.
 

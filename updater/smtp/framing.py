@@ -3,7 +3,7 @@ one longer than COMMAND_LINE_MAX is answered ``500`` and skipped, however it arr
 
 from __future__ import annotations
 
-from .context import COMMAND_LINE_MAX
+from ..limits import COMMAND_LINE_MAX
 
 TOO_LONG = b"\0too long"       # a marker (no command line holds a NUL: it ends at one)
 

@@ -1,8 +1,18 @@
 """Every reply qmail-smtpd (netqmail 1.06, the validrcptto patch, the STARTTLS and AUTH
 patches' texts) gives, byte for byte, and qmail_close()'s verdict on qmail-queue's exit
-code."""
+code, and the one funnel every RCPT goes through (``Refusal`` / ``Acceptance``: the
+reply and the counter it moves, so the metric table is built from them)."""
 
 from __future__ import annotations
+
+from enum import Enum
+
+R_OK = b"250 ok\r\n"
+R_FLUSHED = b"250 flushed\r\n"
+R_VRFY = b"252 send some mail, i'll try my best\r\n"
+R_GO_AHEAD = b"354 go ahead\r\n"
+R_CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
+R_SHUTDOWN = b"421 service shutting down, closing connection (#4.3.2)\r\n"
 
 R_TIMEOUT = b"451 timeout (#4.4.2)\r\n"
 R_STRAYLF = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
@@ -35,6 +45,65 @@ R_AUTH_AGAIN = b"503 you're already authenticated (#5.5.0)\r\n"
 R_AUTH_INMAIL = b"503 no auth during mail transaction (#5.5.0)\r\n"
 R_AUTH_NEEDTLS = b"538 encryption required for requested authentication mechanism (#5.7.11)\r\n"
 R_AUTH_TOOMANY = b"421 too many authentication failures, closing connection (#4.7.0)\r\n"
+
+
+def greeting(name: bytes) -> bytes:
+    return b"220 " + name + b" ESMTP\r\n"
+
+
+def helo(name: bytes) -> bytes:
+    return b"250 " + name + b"\r\n"
+
+
+def goodbye(name: bytes) -> bytes:
+    return b"221 " + name + b"\r\n"
+
+
+def queued(now: float, qp: int) -> bytes:
+    return b"250 ok %d qp %d\r\n" % (int(now), qp)
+
+
+class Refusal(Enum):
+    """Every way a RCPT is refused: the reason its counter is named by
+    (``rcpt.rejected.REASON``) and its reply."""
+    VALIDRCPTTO = ("validrcptto", R_NOTVALID)
+    NOMAILBOX = ("validrcptto", R_NOMAILBOX)         # (VALIDRCPTTO_REPLY=550)
+    RCPTHOSTS = ("rcpthosts", R_NOGATEWAY)
+    BADMAILFROM = ("badmailfrom", R_BMF)
+    SYNTAX = ("syntax", R_SYNTAX)
+    MAILFIRST = ("syntax", R_MAILFIRST)
+    MAXRCPT = ("maxrcpt", R_MAXRCPT)
+
+    @property
+    def reason(self) -> str:
+        return str(self.value[0])
+
+    @property
+    def reply(self) -> bytes:
+        return bytes(self.value[1])
+
+    @property
+    def counter(self) -> str:
+        return "rcpt.rejected." + self.reason
+
+
+class Acceptance(Enum):
+    """Every way a RCPT is accepted (``rcpt.accepted.REASON``; the reply is R_OK)."""
+    VALIDRCPTTO = "validrcptto"
+    RCPTHOSTS = "rcpthosts"          # (no validrcptto.cdb configured: rcpthosts decides)
+    RELAYCLIENT = "relayclient"
+    AUTH = "auth"
+
+    @property
+    def counter(self) -> str:
+        return "rcpt.accepted." + str(self.value)
+
+
+# every name a session counts (``Session.counts``): the funnel's, and these
+EVENTS = ("tls", "bytes", "rcpt.tarpitted", "auth.ok", "auth.failed", "auth.tempfail",
+          "hangup.invalid_limit", "hangup.auth_failures",
+          "message.queued", "message.rejected", "message.tempfail")
+COUNTED = frozenset(EVENTS) | {r.counter for r in Refusal} | {a.counter for a in Acceptance}
 
 
 def qq_reply(status: int | None, flagerr: bool = False) -> bytes | None:

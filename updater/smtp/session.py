@@ -1,6 +1,6 @@
 """The qmail-smtpd conversation (netqmail 1.06 plus the validrcptto.cdb check) as an I/O-free
 state machine, in the style of h11: bytes in, events out (``events``: the events, the states
-and the contract a driver keeps, BATCH and ``proceed()`` included).  Only this module assigns
+and the contract a driver keeps, SMTP_BATCH and ``proceed()`` included).  Only this module assigns
 the session's state; DATA (``blast.Message``) and AUTH (``sasl``) are sub-machines that return
 their events and where they ended, imported when first needed, as is ``received``."""
 
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable  # (not typing: start-up counts here)
 
+from ..limits import SMTP_BATCH, TARPIT_MAX
 from .addresses import addrparse, badmailfrom, recipient
-from .context import BATCH, TARPIT_MAX, Controls, Lookup, Peer, Policy
+from .context import Controls, Lookup, Peer, Policy
 from .envelope import Envelope
 from .events import (
     _READING,
@@ -35,13 +36,11 @@ from .events import (
 )
 from .framing import TOO_LONG, next_line
 from .replies import (
-    R_BMF,
+    COUNTED,
+    R_FLUSHED,
     R_HELP,
     R_MAILFIRST,
-    R_MAXRCPT,
-    R_NOGATEWAY,
-    R_NOMAILBOX,
-    R_NOTVALID,
+    R_OK,
     R_QQT,
     R_RCPTFIRST,
     R_SYNTAX,
@@ -52,7 +51,13 @@ from .replies import (
     R_TOOLONG,
     R_TOOMANY,
     R_UNIMPL,
+    R_VRFY,
+    Acceptance,
+    Refusal,
     ehlo,
+    goodbye,
+    greeting,
+    helo,
 )
 
 TYPE_CHECKING = False
@@ -94,6 +99,7 @@ class Session:
         self.end = ""                               # why it ended: quit, timeout, limit, error
 
     def count(self, what: str, n: int = 1) -> None:
+        assert what in COUNTED, what          # (the metric table is built from COUNTED)
         self.counts[what] = self.counts.get(what, 0) + n
 
     @property
@@ -141,7 +147,7 @@ class Session:
     @property
     def pending(self) -> bool:
         """Whole command lines are waiting for ``proceed()`` (the last call stopped
-        after BATCH of them)."""
+        after SMTP_BATCH of them)."""
         return self.held and self.mode in _READING_LINES
 
     def proceed(self) -> list[Event]:
@@ -157,7 +163,7 @@ class Session:
         return self.mode is COMMAND and not self.buf and not self.discarding
 
     def start(self) -> list[Event]:
-        return [Reply(b"220 " + self.c.greeting + b" ESMTP\r\n")]
+        return [Reply(greeting(self.c.greeting))]
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed client bytes; ``b""`` means the client closed its side."""
@@ -234,7 +240,7 @@ class Session:
             lines = 0
             self.held = False
             while pos < n and self.mode in _READING_LINES:
-                if lines == BATCH:
+                if lines == SMTP_BATCH:
                     self.held = True
                     break
                 lines += 1
@@ -297,7 +303,7 @@ class Session:
             handler(self, arg, ev)
 
     def smtp_helo(self, arg: bytes, ev: list[Event]) -> None:
-        ev.append(Reply(b"250 " + self.c.greeting + b"\r\n"))
+        ev.append(Reply(helo(self.c.greeting)))
         self._dohelo(arg)
 
     def smtp_ehlo(self, arg: bytes, ev: list[Event]) -> None:
@@ -342,13 +348,13 @@ class Session:
         self.helo = arg if arg.lower() != self.peer.remotehost.lower() else None
 
     def smtp_quit(self, arg: bytes, ev: list[Event]) -> None:
-        ev.append(Reply(b"221 " + self.c.greeting + b"\r\n"))
+        ev.append(Reply(goodbye(self.c.greeting)))
         self.quit = True
         self._hang_up(ev)
 
     def smtp_rset(self, arg: bytes, ev: list[Event]) -> None:
         self.env = None
-        ev.append(Reply(b"250 flushed\r\n"))
+        ev.append(Reply(R_FLUSHED))
 
     def _addr(self, arg: bytes) -> bytes | None:
         return addrparse(arg, self.c.liphost, self.ipme)
@@ -359,56 +365,51 @@ class Session:
             ev.append(Reply(R_SYNTAX))
             return
         self.env = Envelope(addr, badmailfrom(addr, self.c.badmailfrom))
-        ev.append(Reply(b"250 ok\r\n"))
+        ev.append(Reply(R_OK))
 
     def smtp_rcpt(self, arg: bytes, ev: list[Event]) -> None:
         env = self.env
         if env is None:
-            self.count("rcpt.rejected.syntax")
-            ev.append(Reply(R_MAILFIRST))
-            return
+            return self._refuse(Refusal.MAILFIRST, ev)
         addr = self._addr(arg)
         if addr is None:
-            self.count("rcpt.rejected.syntax")
-            ev.append(Reply(R_SYNTAX))
-            return
+            return self._refuse(Refusal.SYNTAX, ev)
         if env.flagbarf:
-            self.count("rcpt.rejected.badmailfrom")
-            ev.append(Reply(R_BMF))
-            return
+            return self._refuse(Refusal.BADMAILFROM, ev)
         relay = self.relay
         if relay is not None:
             addr += relay
-            why = "auth" if self.user is not None else "relayclient"
+            why: Refusal | Acceptance = Acceptance.AUTH if self.user is not None \
+                else Acceptance.RELAYCLIENT
         else:
             why, logs = recipient(addr, self.c.rcpthosts, self.more, self.validrcptto,
                                   self.policy.loglevel)
             ev += [Log(f"validrcptto [{self.remote}] {text}") for text in logs]
-            if why == "outside":
-                self.count("rcpt.rejected.rcpthosts")
+            if why is Refusal.RCPTHOSTS:
                 self._tarpit(ev)
-                ev.append(Reply(R_NOGATEWAY))
-                return
-            if why == "invalid":
+                return self._refuse(why, ev)
+            if why is Refusal.VALIDRCPTTO:
                 self.invalid += 1
-                self.count("rcpt.rejected.validrcptto")
                 self._tarpit(ev)
                 if self.policy.limit and self.invalid >= self.policy.limit:
+                    self.count(why.counter)
                     self.count("hangup.invalid_limit")
                     ev += [Log(f"validrcptto [{self.remote}] excessive violations, "
                                "hanging up"), Reply(R_TOOMANY)]
-                    self._hang_up(ev, "limit")
-                else:
-                    ev.append(Reply(R_NOMAILBOX if self.policy.reply550 else R_NOTVALID))
-                return
+                    return self._hang_up(ev, "limit")
+                return self._refuse(Refusal.NOMAILBOX if self.policy.reply550 else why, ev)
         if self.policy.maxrcpt and env.nrcpt >= self.policy.maxrcpt:
-            self.count("rcpt.rejected.maxrcpt")
-            ev.append(Reply(R_MAXRCPT))
-            return
-        self.count("rcpt.accepted." + why)
+            return self._refuse(Refusal.MAXRCPT, ev)
+        assert isinstance(why, Acceptance)
+        self.count(why.counter)
         env.rcptto += b"T" + addr + b"\0"
         env.nrcpt += 1
-        ev.append(Reply(b"250 ok\r\n"))
+        ev.append(Reply(R_OK))
+
+    def _refuse(self, why: Refusal, ev: list[Event]) -> None:
+        """The one way a RCPT is refused: its counter moved, its reply given."""
+        self.count(why.counter)
+        ev.append(Reply(why.reply))
 
     def _tarpit(self, ev: list[Event]) -> None:
         """VALIDRCPTTO_TARPIT: the n-th refused RCPT waits n times the tarpit (capped)."""
@@ -437,8 +438,8 @@ def _fixed(reply: bytes) -> Callable[[Session, bytes, list[Event]], None]:
 _COMMANDS = {
     b"rcpt": Session.smtp_rcpt, b"mail": Session.smtp_mail, b"data": Session.smtp_data,
     b"quit": Session.smtp_quit, b"helo": Session.smtp_helo, b"ehlo": Session.smtp_ehlo,
-    b"rset": Session.smtp_rset, b"help": _fixed(R_HELP), b"noop": _fixed(b"250 ok\r\n"),
-    b"vrfy": _fixed(b"252 send some mail, i'll try my best\r\n"),
+    b"rset": Session.smtp_rset, b"help": _fixed(R_HELP), b"noop": _fixed(R_OK),
+    b"vrfy": _fixed(R_VRFY),
     b"starttls": Session.smtp_starttls, b"auth": Session.smtp_auth,
 }
 

@@ -8,10 +8,12 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..limits import HOLD_MAX
 from ..serving.anvil import R_BUSY
 from ..serving.controlfiles import ControlError
 from ..smtp import events as E
 from ..smtp.events import Event
+from ..smtp.replies import R_CONTROLS, R_SHUTDOWN
 from .controls import open_session, queue_program
 from .host import Host
 from .logline import log
@@ -20,9 +22,6 @@ from .queue import AsyncQueue
 if TYPE_CHECKING:
     from ..smtp.session import Session
 
-HOLD_MAX = 65536            # client input held while the session cannot take it
-R_CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
-R_SHUTDOWN = b"421 service shutting down, closing connection (#4.3.2)\r\n"
 
 
 class SmtpProtocol(asyncio.Protocol):
@@ -34,7 +33,7 @@ class SmtpProtocol(asyncio.Protocol):
     write high-water mark) and while more than HOLD_MAX bytes wait; it goes on
     otherwise, so a client hanging up is noticed at once, even during AUTH or while
     qmail-queue works.  So one session holds at most: HOLD_MAX plus one read of
-    input, the transport's write buffer, and one batch of replies (session.BATCH
+    input, the transport's write buffer, and one batch of replies (limits.SMTP_BATCH
     lines)."""
 
     def __init__(self, worker: Host):

@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any
 
+from ..limits import LISTEN_BACKLOG, RESTART_PAUSE
 from ..serving.anvil import Limits
 from ..serving.child import end_with_parent
 from ..serving.listeners import parse_listen
@@ -36,9 +37,6 @@ from ..serving.privileges import become
 from .logline import PROG, log
 from .options import Options, parse_args
 from .worker import run_worker
-
-LISTEN_BACKLOG = 1024       # the kernel's queue of connections not accepted yet
-RESTART_PAUSE = 0.5         # seconds before a dead worker is replaced
 
 __all__ = ["Options", "parse_args", "main"]
 

@@ -14,8 +14,10 @@ import sys
 import time
 from collections.abc import Callable
 
+from ..limits import STDIO_READ_SIZE
 from ..serving.controlfiles import ControlError
 from ..smtp import events as E
+from ..smtp.replies import R_CONTROLS
 from .controls import IpMe, SessionSetup
 
 TYPE_CHECKING = False          # (typing is not imported: start-up counts here)
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
     from .queue import QueueProcess
 
 PROG = "validrcptto-smtpd"
-READ_SIZE = 65536
 
 
 class Gone(Exception):
@@ -79,7 +80,7 @@ class Stdio:
                 return None
             if poller.poll(left * 1000):
                 try:
-                    return os.read(self.rfd, READ_SIZE)
+                    return os.read(self.rfd, STDIO_READ_SIZE)
                 except BlockingIOError:
                     continue
                 except OSError:
@@ -93,7 +94,7 @@ class Stdio:
         import ssl
         while True:
             try:
-                return self.tls.read(READ_SIZE)
+                return self.tls.read(STDIO_READ_SIZE)
             except ssl.SSLWantReadError:
                 pass
             except (ssl.SSLZeroReturnError, ssl.SSLError):
@@ -206,7 +207,7 @@ def run(qmail_dir: str, env: Mapping[str, str], rfd: int = 0, wfd: int = 1,
     except ControlError as err:
         log(f"unable to read controls: {err}")
         try:
-            os.write(wfd, b"421 unable to read controls (#4.3.0)\r\n")
+            os.write(wfd, R_CONTROLS)
         except OSError:
             pass
         return 1

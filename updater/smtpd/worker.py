@@ -11,6 +11,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ..checker import CdbGetter
+from ..limits import OWED_WAIT, RULES_LOG_EVERY, SMTPD_SWEEP
 from ..serving.anvil import Limits
 from ..serving.cdbfile import CdbCache
 from ..serving.child import LIVE
@@ -24,12 +25,6 @@ from .controls import IpMe, read_controls, read_file
 from .logline import log
 from .options import Options
 from .queue import AsyncQueue
-
-SWEEP = 0.5                 # seconds between checks of the sessions' read deadlines
-OWED_WAIT = 30.0            # after the grace period: seconds for replies owed after a message
-
-
-RULES_LOG_EVERY = 60.0     # seconds between the lines about connections dropped for rules
 
 
 class Worker:
@@ -156,7 +151,7 @@ async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Met
         for p in list(worker.sessions):
             if p.session is not None and p.session.deadline <= now:
                 p.on_timeout()
-    every(loop, SWEEP, sweep)
+    every(loop, SMTPD_SWEEP, sweep)
     if worker.rules is not None:
         try:
             worker.rules_current()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
+from ..limits import FUTURE_MARGIN
 from ..qmail import lower_ascii
 from . import Found
 from .ldapconn import Server, session
@@ -138,7 +139,6 @@ def everything(conn: Any, settings: Settings, attrs: list[str], server: Server
     return out
 
 
-FUTURE_MARGIN = 300.0   # seconds a directory's clock may run ahead of ours
 
 
 def stamp_ceiling(now: float | None = None) -> str:

@@ -17,13 +17,13 @@ from typing import Any
 from ..dotqmail import bounces, fastforward_cdb, runs
 from ..errors import SourceError
 from ..inputs import Inputs, dotqmail_files
+from ..limits import DOTQMAIL_HEAD
 from ..qmail import ENCODING, ERRORS, Account, UsersDb, cdb_keys, list_dir, lower_ascii, read_bytes
 from ..routing import Accepts, Rule
 from .vpopmail import check_names
 
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 
-HEAD = 1 << 20          # bytes of a .qmail file read to see what it runs
 
 
 class DiskView:
@@ -93,7 +93,7 @@ class DiskView:
         if hit is not None:
             return hit
         try:                # what it runs is in its first lines; a user's odd file
-            data = read_bytes(path, head=HEAD)      # (FIFO, huge, not theirs) is skipped
+            data = read_bytes(path, head=DOTQMAIL_HEAD)      # (FIFO, huge, not theirs) is skipped
         except SourceError as err:
             self.warn(f"{err} (taken as a file that delivers)")
             data = None
