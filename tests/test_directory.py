@@ -588,14 +588,20 @@ def test_ldap_poll_reads_only_what_changed(tree: Tree, slapd: Slapd):
     updates, mark2, _ = ldap.poll(s, mark)
     assert set(updates) <= first
     assert ldap.apply(cache, updates, mark2) == set()
-    # a deletion: invisible to a poll, found by a full read
+    # a deletion: invisible to a poll (OpenLDAP keeps no tombstones), found by a sweep
+    # (the identities alone) and by a full read
     ldap_change(slapd, "dn: cn=User 100,ou=people,dc=corp,dc=example\nchangetype: delete\n\n")
     updates, mark3, _ = ldap.poll(s, cache.mark)
     ldap.apply(cache, updates, mark3)
     assert "u100@corp.example" in cache.addresses({"corp.example"})
+    swept, mark4, _ = ldap.poll(s, cache.mark, kept=set(cache.entries))
+    gone = [k for k, v in swept.items() if v == [] and k in cache.entries]
+    assert len(gone) == 1 and cache.entries[gone[0]] == ["user100@corp.example",
+                                                          "u100@corp.example"]
     fresh = ldap.read_all(s)
     assert ldap.apply(cache, fresh.entries, fresh.mark, whole=True) == {"corp.example"}
     assert "u100@corp.example" not in cache.addresses({"corp.example"})
+    assert ldap.apply(cache, swept, mark4) == set()        # (the same answer, once more)
     ldap_change(slapd, user(3).replace("dn: ", "dn: ", 1).split("\n", 1)[0] +
                 "\nchangetype: delete\n\n")
     ldap_change(slapd, user(3), "ldapadd")        # put the fixture's entries back
@@ -633,6 +639,29 @@ def test_daemon_polls_ldap_and_keeps_the_list_when_it_is_down(tree: Tree, slapd:
         assert r.stop() == 0
         ldap_change(slapd, "dn: cn=User 200,ou=people,dc=corp,dc=example\n"
                            "changetype: delete\n\n")
+
+
+def test_daemon_sees_an_openldap_deletion_at_the_next_sweep(tree: Tree, slapd: Slapd):
+    """OpenLDAP keeps no tombstones: a deleted entry is gone from the live list at the
+    next sweep (UPDATER_LDAP_SWEEP: a poll that also lists the identities), not at the
+    full read 600 s away; the other entries stay."""
+    from helpers.daemon import Running
+    env = ldap_tree(tree, slapd)
+    ldap_change(slapd, user(300), "ldapadd")
+    r = Running(tree, UPDATER_LDAP_POLL="0.5", UPDATER_LDAP_SWEEP="1",
+                UPDATER_LDAP_FULL="600", **env)
+    try:
+        wait_until(lambda: "u300@corp.example" in keys_of(tree.cdb), 5, "the entry")
+        ldap_change(slapd, "dn: cn=User 300,ou=people,dc=corp,dc=example\n"
+                           "changetype: delete\n\n")
+        deleted = time.monotonic()
+        wait_until(lambda: "u300@corp.example" not in keys_of(tree.cdb), 10,
+                   "the deletion:\n" + "\n".join(r.lines))
+        assert time.monotonic() - deleted <= 1 + 0.5 + 1 + 0.5   # sweep, poll, build, step
+        assert "u3@corp.example" in keys_of(tree.cdb)
+        assert r.count("full build") == 0 and r.count(r"build \(start\)") == 1
+    finally:
+        assert r.stop() == 0
 
 
 def test_an_entry_from_the_future_never_stops_the_polls(tree: Tree, slapd: Slapd):

@@ -81,6 +81,7 @@ class DirectoryPolled:
     future: dict[str, str] = field(default_factory=dict)   # DN -> a stamp to come
     server: Any = None              # (sources.ldapconn.Server) the one that answered
     note: str = ""                  # a line to log (another DC answered: a full read)
+    swept: float | None = None      # (monotonic) it listed every identity: when
 
 
 @dataclass(frozen=True)

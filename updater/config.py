@@ -151,8 +151,13 @@ class Settings:
         "Directory: whenChanged, as its modifyTimeStamp cannot be searched by)")
     ldap_full: float = setting(
         600.0, env="UPDATER_LDAP_FULL", group="directory", positive=True,
-        help="seconds between the daemon's full reads of the directory (which find "
-        "deleted entries)")
+        help="seconds between the daemon's full reads of the directory (the safety net "
+        "for what the polls and sweeps did not see)")
+    ldap_sweep: float = setting(
+        60.0, env="UPDATER_LDAP_SWEEP", group="directory",
+        help="seconds between the polls that also list every entry's identity alone, so "
+        "an entry deleted from a directory without tombstones (OpenLDAP) goes within "
+        "this, not at the next full read (0: only the full reads)")
     ldap_domains: str = setting(
         "", env="UPDATER_LDAP_DOMAINS", derived=True, group="directory",
         help="file naming the domains listed from LDAP "

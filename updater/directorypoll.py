@@ -12,23 +12,33 @@ from .errors import UpdaterError
 from .sources.ldap import LdapCache
 
 
-def poll(settings: Settings, kept: LdapCache | None, full: bool) -> DirectoryPolled:
-    """The directory's answer as an event (a failure is one too: the list is kept)."""
+def poll(settings: Settings, kept: LdapCache | None, full: bool,
+         now: float | None = None) -> DirectoryPolled:
+    """The directory's answer as an event (a failure is one too: the list is kept).
+    Every UPDATER_LDAP_SWEEP seconds (``now``: the monotonic clock) a poll is a sweep
+    too: it lists every entry's identity, so a deletion no tombstone reports is seen."""
+    import time
+
     from .sources import ldap
+    now = time.monotonic() if now is None else now
     try:
         mark = kept.mark if kept is not None else ""
         was = kept.server if kept is not None else None
         if full or not mark:                    # no stamp seen: a full read
             fresh = ldap.read_all(settings, was.uri if was else "")
             return DirectoryPolled(frozenset(), None, True, fresh.entries, fresh.mark,
-                                   dict(fresh.future), fresh.server)
-        updates, mark, count = ldap.poll(settings, mark, was)
+                                   dict(fresh.future), fresh.server, swept=now)
+        sweep = kept is not None and settings.ldap_sweep > 0 and \
+            now - kept.swept >= settings.ldap_sweep
+        updates, mark, count = ldap.poll(settings, mark, was,
+                                         set(kept.entries) if kept and sweep else None)
         note = ""
         if count.complete and was is not None and count.server is not None:
             note = (f"directory polls answered by {count.server.dc} ({count.server.uri}), "
                     f"not {was.dc}: its change stamps are its own, so a full read")
         return DirectoryPolled(frozenset(), None, count.complete, updates, mark,
-                               dict(count.future), count.server, note)
+                               dict(count.future), count.server, note,
+                               swept=now if sweep or count.complete else None)
     except UpdaterError as err:
         return DirectoryPolled(frozenset(), str(err), full)
     except Exception as err:            # a bug: logged, the daemon goes on
@@ -46,6 +56,8 @@ def applied(kept: LdapCache | None, event: DirectoryPolled) -> DirectoryPolled:
     changed = apply(kept, event.updates, event.mark, whole=event.full)
     if event.server is not None:
         kept.server = event.server
+    if event.swept is not None:
+        kept.swept = event.swept
     fresh = {dn: s for dn, s in event.future.items() if kept.future.get(dn) != s}
     kept.future.update(fresh)                     # each logged once
     return dataclasses.replace(event, domains=frozenset(changed), updates=None,

@@ -95,6 +95,7 @@ class LdapCache:
     complete: bool = False                                          # a full read filled it
     searches: int = 0                                               # (tests, benchmarks)
     server: Server | None = None    # the one that answered the read the mark is from
+    swept: float = 0.0              # (monotonic) when a poll last listed every identity
 
     def addresses(self, wanted: set[str]) -> list[str]:
         return [a for addrs in self.entries.values() for a in addrs
@@ -162,8 +163,8 @@ def later(mark: str, seen: str, dn: str, future: dict[str, str], ceiling: str) -
 Updates = dict[str, list[str]]          # entry_key -> its addresses now ([]: gone)
 
 
-def poll(settings: Settings, mark: str, server: Server | None = None
-         ) -> tuple[Updates, str, LdapCache]:
+def poll(settings: Settings, mark: str, server: Server | None = None,
+         kept: set[str] | None = None) -> tuple[Updates, str, LdapCache]:
     """What changed in the directory since ``mark`` (a change stamp): the entries the
     filter selects that changed since (their addresses now), and those changed since
     that it no longer selects (gone); the new mark; what it counted (``searches``, the
@@ -173,7 +174,9 @@ def poll(settings: Settings, mark: str, server: Server | None = None
     modifyTimestamp eq``; Active Directory indexes its own change stamps).  The poll
     goes to ``server`` (the one the mark is from) first; when another one answers, the
     mark means nothing there (each DC stamps its own changes): it reads everything
-    instead, and says so (the count is ``complete``, its ``server`` the new one)."""
+    instead, and says so (the count is ``complete``, its ``server`` the new one).
+    ``kept``: the identities of the entries kept; then it also lists every entry's
+    identity alone (a sweep), and each kept one the directory no longer has is gone."""
     key = settings.ldap_stamp
     since = f"({key}>={mark or '19700101000000Z'})"
     updates: Updates = {}
@@ -197,6 +200,10 @@ def poll(settings: Settings, mark: str, server: Server | None = None
                                         [(SHOW_DELETED, False, None)]):
             updates.setdefault(ident, [])
             mark = later(mark, stamp(values, key), dn, count.future, ceiling)
+        if kept is not None:
+            present = {ident for ident, _, _ in search(conn, settings, settings.ldap_filter,
+                                                       [], count)}
+            updates.update((ident, []) for ident in kept - present - updates.keys())
     return updates, mark, count
 
 
