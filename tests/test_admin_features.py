@@ -201,3 +201,98 @@ def test_policyd_reject_action_follows_validrcptto_reply(env, reply, extra, expe
                          env={**env, "VALIDRCPTTO_REPLY": "551"}, capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 2 and "expected 550 or 553, got '551'" in bad.stderr
+
+
+def harvest_session(srv: Server, source: str, n: int) -> bytes:
+    """A session from ``source`` that asks for ``n`` unknown recipients; the last reply."""
+    c = srv.connect(source)
+    try:
+        mail(c)
+        reply = b""
+        for i in range(n):
+            reply = c.cmd(f"RCPT TO:<nobody{i}@example.com>")
+            if reply.startswith(b"421 "):
+                break
+        return reply
+    finally:
+        c.close()
+
+
+def greeting(srv: Server, source: str) -> bytes:
+    c = srv.connect(source)
+    try:
+        return c.reply()
+    finally:
+        c.close()
+
+
+def test_a_harvester_that_reconnects_is_held_back_across_workers_and_their_deaths(env,
+                                                                                 tmp_path):
+    """--harvest-limit 5 with VALIDRCPTTO_LIMIT=3: the client hung up on after three
+    unknown recipients comes back, is refused twice more, and from then on its new
+    sessions get 421 at the greeting, whichever of the two workers takes them, also
+    after one is killed; another address is served; a RELAYCLIENT client is never
+    counted; the metrics say so."""
+    import os
+    import signal
+    import urllib.request
+
+    from helpers.smtp_client import children
+    from helpers.wait import wait_for
+    cdb = rules_cdb(tmp_path, '127.0.0.4:allow,RELAYCLIENT=""\n:allow\n')
+    mport = free_port()
+    srv = Server({**env, "VALIDRCPTTO_LIMIT": "3"}, "--workers", "2", "--harvest-limit", "5",
+                 "--harvest-window", "600", "--rules", str(cdb), "--metrics",
+                 f"127.0.0.1:{mport}")
+    toomany = b"421 too many invalid addresses, goodbye (#4.3.0)\r\n"
+    try:
+        assert harvest_session(srv, "127.0.0.2", 5) == toomany          # 3: hung up on
+        assert greeting(srv, "127.0.0.2").startswith(b"220 ")
+        assert harvest_session(srv, "127.0.0.2", 2) == NOTVALID          # 5 in all
+        time.sleep(0.3)                                                  # (counted at its end)
+        for _ in range(6):                        # the kernel spreads them over the workers
+            assert greeting(srv, "127.0.0.2") == toomany
+        assert greeting(srv, "127.0.0.3").startswith(b"220 ")
+        assert harvest_session(srv, "127.0.0.4", 8) == b"250 ok\r\n"     # relayed, never held
+        assert greeting(srv, "127.0.0.4").startswith(b"220 ")
+        workers = [p for p, _ in children(srv.proc.pid)]
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: len(children(srv.proc.pid)) >= 3 and workers[0] not in
+                 [p for p, _ in children(srv.proc.pid)], 10, "the worker replaced")
+        time.sleep(0.6)
+        for _ in range(6):
+            assert greeting(srv, "127.0.0.2") == toomany
+        assert srv.log().count("holding back 127.0.0.2: 5 or more recipients refused within "
+                               "600s: 421 until that has passed") == 1
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
+        assert b"validrcptto_smtpd_harvesters_held_total 1.0" in text, text
+        refused = [line for line in text.splitlines()
+                   if line.startswith(b'validrcptto_smtpd_connections_refused_total{reason="'
+                                      b'harvest"}')]
+        assert refused and float(refused[0].split()[-1]) >= 12, text
+    finally:
+        assert srv.stop() == 0
+
+
+def test_the_harvest_table_is_bounded_and_forgets_after_its_window():
+    from updater.serving.anvil import Harvest
+
+    class Small(Harvest):
+        SLOTS, WAYS = 16, 4
+    h = Small(limit=2, window=600.0, workers=1)
+    assert h.refused("192.0.2.1", 1, 1000.0) is False
+    assert h.refused("192.0.2.1", 1, 1001.0) is True and h.held("192.0.2.1", 1001.0)
+    assert h.refused("192.0.2.1", 5, 1002.0) is False          # (held once, counted once)
+    assert not h.held("192.0.2.1", 1600.0)                       # the window has passed
+    assert not h.held("192.0.2.9", 1001.0)
+    # 100 addresses through 16 slots: the table never grows, the latest are kept
+    for i in range(100):
+        h.refused(f"198.51.100.{i}", 2, 2000.0 + i)
+    assert len(h.table) == 4 * 16
+    # the model: each bucket keeps the 4 addresses last seen among those hashing to it
+    buckets: dict[int, list[str]] = {}
+    for i in range(100):
+        ip = f"198.51.100.{i}"
+        buckets.setdefault(int(Small.key(ip)) % 4, []).append(ip)
+    kept = {ip for ips in buckets.values() for ip in ips[-4:]}
+    assert {f"198.51.100.{i}" for i in range(100) if h.held(f"198.51.100.{i}", 2100.0)} == kept

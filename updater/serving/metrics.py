@@ -32,12 +32,19 @@ COUNTERS: list[tuple[str, str, str, tuple[str, ...]]] = [
      ("queued", "rejected", "tempfail")),
     ("auth", "AUTH attempts", "result", ("ok", "failed", "tempfail")),
     ("connections_refused", "connections refused before the greeting", "reason",
-     ("rules", "busy", "per_ip")),
+     ("rules", "busy", "per_ip", "harvest")),
 ]
 # the RCPT counters come from the session's one funnel: every acceptance and refusal
 RCPT_REASONS = {"accepted": tuple(a.value for a in Acceptance),
                 "rejected": tuple(dict.fromkeys(r.reason for r in Refusal))}
-SINGLE = ("bytes_received", "tls_sessions", "textfile_drops", "rcpt_tarpitted")
+# the counters without labels: name -> help
+SINGLE = {"bytes_received": "message bytes received",
+          "tls_sessions": "STARTTLS handshakes completed",
+          "rcpt_tarpitted": "refused RCPT commands answered late (VALIDRCPTTO_TARPIT)",
+          "textfile_drops": "sessions METRICS_TEXTFILE could not add (its lock was held "
+                            "too long)",
+          "harvesters_held": "client addresses held back by --harvest-limit (each time "
+                             "one reaches it)"}
 GAUGES = ("sessions_open", "cdb_entries", "cdb_mtime")
 
 
@@ -168,16 +175,8 @@ def families(t: list[float], gauges: tuple[float, float, float]) -> list[Family]
                 ["result", "reason"],
                 [((result, r), t[SLOTS[f"rcpt.{result}.{r}"]])
                  for result, reasons in RCPT_REASONS.items() for r in reasons]))
-    out.append((p + "bytes_received", "counter", "message bytes received", [],
-                [((), t[SLOTS["bytes_received"]])]))
-    out.append((p + "tls_sessions", "counter", "STARTTLS handshakes completed", [],
-                [((), t[SLOTS["tls_sessions"]])]))
-    out.append((p + "rcpt_tarpitted", "counter",
-                "refused RCPT commands answered late (VALIDRCPTTO_TARPIT)", [],
-                [((), t[SLOTS["rcpt_tarpitted"]])]))
-    out.append((p + "textfile_drops", "counter",
-                "sessions METRICS_TEXTFILE could not add (its lock was held too long)", [],
-                [((), t[SLOTS["textfile_drops"]])]))
+    out += [(p + name, "counter", text, [], [((), t[SLOTS[name]])])
+            for name, text in SINGLE.items()]
     samples: list[tuple[tuple[str, ...], float]] = []
     acc = 0.0
     for i, bound in enumerate(list(BUCKETS) + [float("inf")]):

@@ -9,15 +9,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..limits import HOLD_MAX
-from ..serving.anvil import R_BUSY
 from ..serving.controlfiles import ControlError
 from ..smtp import events as E
 from ..smtp.events import Event
-from ..smtp.replies import R_CONTROLS, R_SHUTDOWN
+from ..smtp.replies import R_CONTROLS, R_SHUTDOWN, Refusal
 from .controls import open_session, queue_program
 from .host import Host
 from .logline import log
 from .queue import AsyncQueue
+from .tcprules import lookup, relays
 
 if TYPE_CHECKING:
     from ..smtp.session import Session
@@ -104,7 +104,6 @@ class SmtpProtocol(asyncio.Protocol):
         w, transport = self.w, self.transport
         rule = None
         if w.rules is not None:
-            from .tcprules import lookup
             try:
                 rule = lookup(w.rules_current(), ip)
             except OSError as err:           # tcpserver drops the connection, and logs
@@ -118,12 +117,11 @@ class SmtpProtocol(asyncio.Protocol):
                     log(f"deny {self.id} {where}")
                 transport.abort()
                 return False, None
-        refusal = w.limits.take(ip)
+        refusal, why = w.limits.take(ip, relays(rule, w.base_env), time.time())
         if refusal is not None:
-            w.metrics.add("connections_refused.busy" if refusal is R_BUSY
-                          else "connections_refused.per_ip")
+            w.metrics.add("connections_refused." + why)
             if w.o.verbose:
-                log(f"busy {self.id} {where}")
+                log(f"{'harvester' if why == 'harvest' else 'busy'} {self.id} {where}")
             transport.write(refusal)
             transport.close()
             return False, None
@@ -165,12 +163,21 @@ class SmtpProtocol(asyncio.Protocol):
             m = self.w.metrics
             m.add("sessions_open", -1)
             if self.session is not None:
+                self._harvested(self.session.counts)
                 m.session_ended(self.session.counts,
                                 "shutdown" if self.shutdown else self.session.end_reason,
                                 time.monotonic() - self.started)
             if self.w.o.verbose:
                 ok = self.session is not None and self.session.quit
                 log(f"end {self.id} status {0 if ok else 1}")
+
+    def _harvested(self, counts: dict[str, int]) -> None:
+        """This session's refused recipients, counted against its client's address."""
+        line = self.w.limits.refused(self.ip, counts.get(Refusal.VALIDRCPTTO.counter, 0),
+                                     time.time())
+        if line:
+            self.w.metrics.add("harvesters_held")
+            log(line)
 
     def finish(self) -> None:
         self._cancel_timers()

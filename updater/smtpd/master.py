@@ -125,7 +125,8 @@ def main(opts: Options) -> None:
     except (OSError, ValueError) as err:
         sys.stderr.write(f"{PROG}: cannot listen on {opts.listen}: {err}\n")
         sys.exit(111)
-    limits = Limits(opts.max_connections, opts.max_per_ip, opts.workers)
+    limits = Limits(opts.max_connections, opts.max_per_ip, opts.workers,
+                    (opts.harvest_limit, opts.harvest_window))
     metrics = Metrics(opts.workers)
     httpd = None
     if opts.metrics:

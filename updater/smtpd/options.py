@@ -39,6 +39,15 @@ class Options:
     max_per_ip: int = setting(
         20, flag="--max-per-ip", metavar="N", env="MAX_PER_IP",
         help="sessions per client address, 0 for no limit; past it: 421")
+    harvest_limit: int = setting(
+        0, flag="--harvest-limit", metavar="N", env="HARVEST_LIMIT",
+        help="recipients refused by validrcptto.cdb to one client address, across sessions "
+        "and workers, past which its new sessions get 421 at the greeting until "
+        "--harvest-window has passed since its first refusal (0: off; RELAYCLIENT "
+        "clients are never held back)")
+    harvest_window: float = setting(
+        600.0, flag="--harvest-window", metavar="SECONDS", env="HARVEST_WINDOW",
+        help="the window of --harvest-limit")
     workers: int = setting(
         1, flag="--workers", metavar="N", env="WORKERS",
         help="processes sharing the port (0: one per CPU)")

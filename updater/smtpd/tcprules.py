@@ -11,7 +11,7 @@ except that with no key at all tcpserver allows too.  Pure: the cdb comes in as 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 
@@ -65,3 +65,11 @@ def lookup(get: Callable[[bytes], bytes | None], ip: str, host: str | None = Non
             allow, env = parse(value)
             return Rule(allow, env, key)
     return Rule(True, {}, None)
+
+
+def relays(rule: Rule | None, env: Mapping[str, str]) -> bool:
+    """Whether a session gets RELAYCLIENT: from the rule (which may also unset it: None),
+    else from the server's own environment."""
+    given = rule.env if rule is not None else {}
+    return given["RELAYCLIENT"] is not None if "RELAYCLIENT" in given \
+        else "RELAYCLIENT" in env
