@@ -207,6 +207,9 @@ def test_an_incremental_install_keeps_the_records_in_place_until_a_compaction(
                             check=True).stdout
     assert b":ann@v2.example->" in walked and "ann@v2.example" not in keys_of(live)
     assert t.run("check", "--cdb", str(live), "ann@v2.example").returncode == 1
+    shown = t.run("status", VALIDRCPTTO_CDB=str(live)).stderr
+    assert f"{live}: {8 + len(b'ann@v2.example')} bytes of records removed addresses left " \
+        "behind" in shown, shown
     report, snap, _ = incremental.full(s)
     assert report.status == "installed" and report.compacted, report.line()
     assert report.line().endswith(", compacted")

@@ -181,6 +181,7 @@ def checks(settings: Settings, st: dict[str, Any] | None, where: str
     own record, true even when the status file is stale), the status file not rewritten
     while the daemon runs, a full disk; what an admin should know that is no fault:
     catch-all domains)."""
+    from .ident import identity
     from .liverecord import read_record
     from .lock import daemon_holder
     running = daemon_holder((settings.cdb or "") + ".daemon")
@@ -197,6 +198,11 @@ def checks(settings: Settings, st: dict[str, Any] | None, where: str
         problems_info.append(f"catch-all: every address is accepted at {len(record.catchall)} "
                              f"domain(s): {', '.join(record.catchall[:10])}{more} (vpopmail "
                              "5.6's vadddomain makes one: vdelivermail '' delete)")
+    garbage = record.garbage_of(identity(settings.cdb))
+    if garbage:                             # not a fault: what `cdbdump` shows beyond lookups
+        problems_info.append(f"{settings.cdb}: {garbage} bytes of records removed addresses "
+                             "left behind (no lookup finds them; `cdbdump` still lists them, "
+                             "`qmail-updater dump` does not); the next full build compacts")
     for domain, held in sorted(record.held.items()):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.since))
         problems.append(f"{held.line(domain)} (since {since})")
