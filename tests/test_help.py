@@ -164,6 +164,13 @@ def test_options_come_from_the_environment(tmp_path: Path):
     done = subprocess.run([script("validrcptto-policyd")], capture_output=True, text=True,
                           env={**os.environ, "LISTEN": "", "VERBOSE": "x"}, timeout=60)
     assert done.returncode == 2 and "$VERBOSE" in done.stderr
+    # the declaration's bounds, checked by the one loader the servers share
+    for value, words in (("0", "--max-connections must be positive"),
+                         ("-3", "--max-connections must be positive")):
+        done = subprocess.run([script("validrcptto-smtpd"), "--listen", "127.0.0.1:1"],
+                              env={**os.environ, "CONCURRENCY": value}, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and words in done.stderr, done.stderr
     import updater.smtpd.options as o
     from updater.smtpd.options import parse_args
     saved = dict(os.environ)

@@ -38,8 +38,9 @@ def add_params(p: argparse.ArgumentParser, cls: type) -> None:
 def build(cls: type[T], ns: argparse.Namespace, environ: Mapping[str, str],
           error: Callable[[str], object]) -> T:
     """The options: flags, else the environment, else the defaults; a variable that does
-    not parse, a negative number or a value outside its choices is a usage error naming
-    it (``error``; when it returns, the default is kept)."""
+    not parse, a negative number (zero too where the declaration says ``positive``) or
+    a value outside its choices is a usage error naming it (``error``; when it returns,
+    the default is kept): the same declaration the daemon's settings loader honours."""
     values: dict[str, Any] = {}
     for opt in declared(cls):
         value = getattr(ns, opt.name, None)
@@ -50,8 +51,9 @@ def build(cls: type[T], ns: argparse.Namespace, environ: Mapping[str, str],
             except ValueError:
                 error(f"${opt.env}: not a valid {opt.flag} value: {raw!r}")
                 value = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            error(f"{opt.flag} must not be negative")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value < 0 or opt.positive and value == 0):
+            error(f"{opt.flag} must {'be positive' if opt.positive else 'not be negative'}")
             value = None
         if value is not None and opt.choices and value not in opt.choices:
             error(f"{opt.flag} (or ${opt.env}): expected {' or '.join(opt.choices)}, "

@@ -34,7 +34,7 @@ class Options:
         help="tcprules cdb, read as tcpserver -x reads it and re-read when it changes; missing "
         "or not a cdb: every connection is dropped (default: none, all allowed)")
     max_connections: int = setting(
-        500, flag="--max-connections", metavar="N", env="CONCURRENCY",
+        500, flag="--max-connections", metavar="N", env="CONCURRENCY", positive=True,
         help="sessions in all, across the workers; past it: 421")
     max_per_ip: int = setting(
         20, flag="--max-per-ip", metavar="N", env="MAX_PER_IP",
@@ -112,7 +112,6 @@ def parse_args(argv: list[str]) -> Options:
     opts.qmail_dir = os.path.abspath(opts.qmail_dir)
     if opts.checkpassword:
         os.environ["CHECKPASSWORD"] = opts.checkpassword
-    opts.max_connections = max(1, opts.max_connections)
     if not opts.local_name:
         try:
             from ..serving.controlfiles import readline
