@@ -49,7 +49,7 @@ def bound(settings: Settings, uri: str, password: str) -> Any:
     """A connection to ``uri``, opened, StartTLS'd if asked, bound; SourceError naming
     the server and the step that failed (never the password)."""
     import ldap3
-    from ldap3.core.exceptions import LDAPException, LDAPOperationResult
+    from ldap3.core.exceptions import LDAPException
     where, step = f"ldap {uri}", "connect"
     try:
         timeout = max(1, int(settings.ldap_timeout + 0.999))   # ldap3 packs whole seconds
@@ -65,14 +65,20 @@ def bound(settings: Settings, uri: str, password: str) -> Any:
         step = "bind"
         conn.bind()
         return conn
-    except LDAPOperationResult as err:
+    except (LDAPException, OSError) as err:
+        raise failed(step, err, where) from None
+
+
+def failed(step: str, err: Exception, where: str) -> SourceError:
+    """One line for an LDAP step that failed: the step, ldap3's words (the result code
+    and the server's message), never the password."""
+    from ldap3.core.exceptions import LDAPException, LDAPOperationResult
+    if isinstance(err, LDAPOperationResult):
         detail = f": {err.message}" if err.message else ""
-        raise SourceError(f"{step} failed: {err.description} ({err.result}){detail}",
-                          where) from None
-    except LDAPException as err:
-        raise SourceError(f"{step} failed: {type(err).__name__}: {err}", where) from None
-    except OSError as err:
-        raise SourceError(f"{step} failed: {err.strerror or err}", where) from None
+        return SourceError(f"{step} failed: {err.description} ({err.result}){detail}", where)
+    if isinstance(err, LDAPException):          # (ldap3's socket errors are OSErrors too)
+        return SourceError(f"{step} failed: {type(err).__name__}: {err}", where)
+    return SourceError(f"{step} failed: {getattr(err, 'strerror', None) or err}", where)
 
 
 def identity(conn: Any, uri: str) -> str:
@@ -93,7 +99,7 @@ def session(settings: Settings, prefer: str = "") -> Iterator[tuple[Any, list[st
     """A bound connection to the first server that answers (``prefer``, the one the
     last read used, first), the address attributes, and which server it is; every
     failure a SourceError naming the server and the step (one per server tried)."""
-    from ldap3.core.exceptions import LDAPException, LDAPOperationResult
+    from ldap3.core.exceptions import LDAPException
     password = ""
     if settings.ldap_password_file:
         password = (read_text(settings.ldap_password_file, required=True) or "").strip("\r\n")
@@ -113,13 +119,7 @@ def session(settings: Settings, prefer: str = "") -> Iterator[tuple[Any, list[st
             server = Server(uri, identity(conn, uri))
             yield conn, attrs, server
             conn.unbind()
-        except LDAPOperationResult as err:
-            detail = f": {err.message}" if err.message else ""
-            raise SourceError(f"search failed: {err.description} ({err.result}){detail}",
-                              where) from None
-        except LDAPException as err:
-            raise SourceError(f"search failed: {type(err).__name__}: {err}", where) from None
-        except OSError as err:
-            raise SourceError(f"search failed: {err.strerror or err}", where) from None
+        except (LDAPException, OSError) as err:
+            raise failed("search", err, where) from None
         return
     raise SourceError("; ".join(failures) or f"ldap {settings.ldap_uri}: no server given")
