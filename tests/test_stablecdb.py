@@ -32,7 +32,7 @@ def canonical(path: Path, model: dict[bytes, bytes]) -> None:
 
 
 def rewrite(live: Path, new: Path, drop: list[bytes], put: list[tuple[bytes, bytes]]) -> int:
-    fd, buf = stablecdb.open_map(str(live))
+    fd, buf = stablecdb.open_file(str(live))        # (as the install reads the live file)
     try:
         with open(new, "w+b") as out:
             return stablecdb.rewrite(fd, buf, out, drop, put)
@@ -142,6 +142,22 @@ def test_a_change_of_most_tables_is_left_to_the_canonical_writer(tmp_path: Path,
     assert new.read_bytes() == b""
     rewrite(live, new, [], wide[:1])                  # one table: in place
     assert dict(stablecdb.reachable(new.read_bytes())) == {**model, b"new0": b""}
+
+
+def test_a_live_file_truncated_in_place_is_refused_not_a_crash(tmp_path: Path):
+    """Someone truncates the live cdb in place while a rewrite reads it: the rewrite
+    reads by pread, so that is a NotCdb (the install then writes the whole file), never
+    a SIGBUS of the daemon."""
+    import pytest
+    live, new = tmp_path / "live.cdb", tmp_path / "new.cdb"
+    canonical(live, {f"k{i}".encode(): b"" for i in range(5000)})
+    fd, buf = stablecdb.open_file(str(live))
+    try:
+        os.truncate(live, 3000)
+        with open(new, "w+b") as out, pytest.raises(stablecdb.NotCdb):
+            stablecdb.rewrite(fd, buf, out, [b"k7"], [(b"zz", b"")])
+    finally:
+        os.close(fd)
 
 
 def test_dump_refuses_what_is_not_a_cdb(tmp_path: Path):

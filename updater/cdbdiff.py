@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import InstallError
 from .limits import FILE_CHUNK, STRETCH_LIMIT
-from .stablecdb import REJECT, read_items
+from .stablecdb import REJECT, FileBytes, read_items
 
 
 @dataclass
@@ -90,20 +90,6 @@ def live_header(path: str) -> bytes:
         raise InstallError(f"cannot read the live cdb: {err.strerror}", path) from None
 
 
-
-
-class FileBytes:
-    """A file read by slices (``pread``), so comparing it never maps it all in memory."""
-
-    def __init__(self, fd: int):
-        self.fd, self.size = fd, os.fstat(fd).st_size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, part: slice) -> bytes:
-        start, stop, _ = part.indices(self.size)
-        return os.pread(self.fd, max(0, stop - start), start)
 
 
 def changed_stretch(old: Any, image: Any, keys: list[bytes], rejects: AbstractSet[bytes],

@@ -352,14 +352,14 @@ def write_delta(path: str, c: Candidate, expect: Ident, garbage: int | None
     it is that canonical file."""
     if garbage is not None:
         try:
-            fd, buf = stablecdb.open_map(path)
+            fd, buf = stablecdb.open_file(path)
         except (OSError, NotCdb):
-            fd, buf = -1, b""
+            fd, buf = -1, None
         try:
             if fd >= 0 and of_stat(os.fstat(fd)) != expect:
                 raise LiveChanged("the live cdb is not the one the last build installed",
                                   path)
-            if fd >= 0 and garbage <= MAX_GARBAGE * len(buf):
+            if buf is not None and garbage <= MAX_GARBAGE * len(buf):
                 put = [(k, REJECT if k in c.rejects else b"")
                        for k in (*c.changes.added, *c.changes.changed)]
                 left: list[int] = []
@@ -369,8 +369,6 @@ def write_delta(path: str, c: Candidate, expect: Ident, garbage: int | None
         except (NotCdb, OverflowError, stablecdb.Cheaper):
             pass                                  # (a compaction writes it)
         finally:
-            if isinstance(buf, mmap.mmap):
-                buf.close()
             if fd >= 0:
                 os.close(fd)
     write_atomically(path, fill=lambda f: write_cdb(f, c.keys, c.rejects))

@@ -66,6 +66,28 @@ def make_cdb(keys: list[bytes], rejects: AbstractSet[bytes]) -> mmap.mmap:
         return mmap.mmap(f.fileno(), os.fstat(f.fileno()).st_size, prot=mmap.PROT_READ)
 
 
+class FileBytes:
+    """A file read by slices (``pread``): what a rewrite reads of the live cdb (its
+    header, a few tables and records) without mapping it, so a file truncated in place
+    by someone else is a short read (NotCdb), never a SIGBUS in the daemon."""
+
+    def __init__(self, fd: int):
+        self.fd, self.size = fd, os.fstat(fd).st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, part: slice) -> bytes:
+        start, stop, _ = part.indices(self.size)
+        got = os.pread(self.fd, max(0, stop - start), start)
+        if len(got) != max(0, stop - start):
+            raise NotCdb(f"the file ended at {start + len(got)} (truncated under us?)")
+        return got
+
+
+Buffer = bytes | mmap.mmap | FileBytes
+
+
 class NotCdb(ValueError):
     """The file is not laid out as a cdb (a table or a record outside the file)."""
 
@@ -89,11 +111,11 @@ class Layout:
     size: int
 
 
-def layout(buf: bytes | mmap.mmap) -> Layout:
+def layout(buf: Buffer) -> Layout:
     size = len(buf)
     if size < HEADER:
         raise NotCdb(f"{size} bytes: shorter than a cdb header")
-    head = struct.unpack_from("<512L", buf, 0)
+    head = struct.unpack("<512L", buf[0:HEADER])
     tables = tuple(zip(head[0::2], head[1::2], strict=True))
     for pos, slots in tables:
         if pos < HEADER or pos + 8 * slots > size:
@@ -101,7 +123,7 @@ def layout(buf: bytes | mmap.mmap) -> Layout:
     return Layout(tables, min(pos for pos, _ in tables), size)
 
 
-def slots_of(buf: bytes | mmap.mmap, lay: Layout, i: int) -> array[int]:
+def slots_of(buf: Buffer, lay: Layout, i: int) -> array[int]:
     """Table ``i`` as a flat array: hash, position, hash, position, ..."""
     pos, slots = lay.tables[i]
     a = array("I")
@@ -111,17 +133,17 @@ def slots_of(buf: bytes | mmap.mmap, lay: Layout, i: int) -> array[int]:
     return a
 
 
-def record_at(buf: bytes | mmap.mmap, lay: Layout, pos: int) -> tuple[bytes, bytes]:
+def record_at(buf: Buffer, lay: Layout, pos: int) -> tuple[bytes, bytes]:
     if not HEADER <= pos <= lay.data_end - 8:
         raise NotCdb(f"a slot points to {pos}, outside the records")
-    klen, vlen = struct.unpack_from("<LL", buf, pos)
+    klen, vlen = struct.unpack("<LL", buf[pos:pos + 8])
     end = pos + 8 + klen + vlen
     if end > lay.data_end:
         raise NotCdb(f"the record at {pos} runs past the records")
     return bytes(buf[pos + 8:pos + 8 + klen]), bytes(buf[pos + 8 + klen:end])
 
 
-def find(buf: bytes | mmap.mmap, lay: Layout, key: bytes) -> int | None:
+def find(buf: Buffer, lay: Layout, key: bytes) -> int | None:
     """The position of the record a lookup of ``key`` finds, or None."""
     h = cdb_hash(key)
     pos, slots = lay.tables[h & 255]
@@ -132,7 +154,7 @@ def find(buf: bytes | mmap.mmap, lay: Layout, key: bytes) -> int | None:
         at = pos + 8 * ((start + n) % slots)
         sh: int
         rp: int
-        sh, rp = struct.unpack_from("<LL", buf, at)
+        sh, rp = struct.unpack("<LL", buf[at:at + 8])
         if rp == 0:
             return None
         if sh == h and record_at(buf, lay, rp)[0] == key:
@@ -140,7 +162,7 @@ def find(buf: bytes | mmap.mmap, lay: Layout, key: bytes) -> int | None:
     return None
 
 
-def positions(buf: bytes | mmap.mmap, lay: Layout) -> set[int]:
+def positions(buf: Buffer, lay: Layout) -> set[int]:
     """Every record position a table slot points to."""
     live: set[int] = set()
     for i in range(256):
@@ -181,6 +203,19 @@ def read_items(path: str) -> Iterator[tuple[bytes, bytes]]:
         if isinstance(buf, mmap.mmap):
             buf.close()
         os.close(fd)
+
+
+def open_file(path: str) -> tuple[int, FileBytes]:
+    """(descriptor, the file read by slices) of a regular file, never followed through a
+    symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not os.fstat(fd).st_mode & 0o170000 == 0o100000:
+            raise NotCdb("not a regular file")
+        return fd, FileBytes(fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def open_map(path: str) -> tuple[int, mmap.mmap | bytes]:
@@ -228,7 +263,7 @@ def place(entries: list[tuple[int, int]]) -> bytes:
     return table.tobytes()
 
 
-def write_tables(src: int, dst: int, buf: bytes | mmap.mmap, lay: Layout,
+def write_tables(src: int, dst: int, buf: Buffer, lay: Layout,
                  gone: dict[int, set[int]], added: dict[int, list[tuple[int, int]]],
                  at: int) -> tuple[list[int], int]:
     """The 256 tables from ``at`` on: those with no record ``gone`` or ``added`` copied
@@ -263,7 +298,7 @@ def write_tables(src: int, dst: int, buf: bytes | mmap.mmap, lay: Layout,
     return head, at
 
 
-def rewrite(src: int, buf: bytes | mmap.mmap, out: BinaryIO, drop: Iterable[bytes],
+def rewrite(src: int, buf: Buffer, out: BinaryIO, drop: Iterable[bytes],
             put: Iterable[tuple[bytes, bytes]]) -> int:
     """Write into ``out`` the cdb ``buf`` (open as ``src``) without the keys of ``drop``
     and with the records of ``put`` (a key already there is replaced: its old record is
