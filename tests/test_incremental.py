@@ -252,7 +252,7 @@ while True:
 
 def test_sigkill_during_incremental_installs_leaves_a_whole_list(tmp_path: Path):
     """Incremental installs (records kept in place, a removed one left behind) killed
-    with SIGKILL at 30 points: the live file is always a whole cdb holding exactly one
+    with SIGKILL at 18 points: the live file is always a whole cdb holding exactly one
     of the two lists, and the killed builds' temp files go with the next build."""
     import random
     import signal
@@ -274,7 +274,7 @@ def test_sigkill_during_incremental_installs_leaves_a_whole_list(tmp_path: Path)
     lists = [base, {**base, b"zed@v1.example": b""}]
     rng = random.Random(7)
     inside = 0
-    for _ in range(30):
+    for _ in range(18):
         vp.write_text(good)
         proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(env), str(vp),
                                  VPOP[1], zed], stdout=subprocess.PIPE, text=True)
@@ -288,8 +288,7 @@ def test_sigkill_during_incremental_installs_leaves_a_whole_list(tmp_path: Path)
         db = cdbx.CDB(str(live))
         assert db.get(b"u049999@big.example") == b"" and db.get(b"ann@v1.example") == b""
         db.close()
-    assert inside >= 4, f"only {inside} kills landed inside a write"
-    print(f"{inside} of 30 kills inside a write")
+    assert inside >= 3, f"only {inside} kills landed inside a write"
     vp.write_text(good)
     assert t.run("build", "--force", env=env).returncode == 0
     assert [n for n in os.listdir(tmp_path) if n.startswith(".live.cdb.tmp.")] == []

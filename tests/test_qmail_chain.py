@@ -44,7 +44,7 @@ from helpers.tools import CI, need
 from helpers.tree import Tree, low, newu
 
 HERE = Path(__file__).resolve().parent
-EXAMPLES = int(os.environ.get("QMAIL_CHAIN_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("QMAIL_CHAIN_EXAMPLES", "120"))
 PROBES = int(os.environ.get("QMAIL_CHAIN_PROBES", "40"))
 ROOT = os.geteuid() == 0
 
