@@ -840,7 +840,7 @@ def test_ldap_servers_in_order_and_another_dc_means_a_full_read(tree: Tree, slap
     the one its mark came from (each AD DC stamps its own changes), it reads everything
     instead and the daemon logs why.  Every server down: one error naming each."""
     from updater.config import load
-    from updater.directorypoll import applied, poll
+    from updater.directorypoll import applied, ask, poll
     from updater.errors import SourceError
     from updater.sources import ldap
     from updater.sources.ldapconn import Server
@@ -854,7 +854,7 @@ def test_ldap_servers_in_order_and_another_dc_means_a_full_read(tree: Tree, slap
     assert not count.complete and len(updates) < len(cache.entries)
     other = Server("ldap://dc2.corp.example", "cn=ntds settings,cn=dc2,cn=servers")
     cache.server = other
-    event = poll(s, cache, full=False)
+    event = poll(s, ask(s, cache, False, time.monotonic()))
     assert event.full and len(event.updates or {}) == 27 and event.server.uri == slapd.uri
     assert event.note == (f"directory polls answered by {slapd.uri} ({slapd.uri}), not "
                           f"{other.dc}: its change stamps are its own, so a full read")

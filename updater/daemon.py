@@ -48,6 +48,7 @@ from .buildevents import (
     WriteStatus,
 )
 from .config import Settings
+from .directorypoll import Ask, applied, ask, poll
 from .errors import InstallError, UpdaterError
 from .fifo import Reader
 from .generate import generate
@@ -291,7 +292,8 @@ class Daemon:
             snap = self.snapshot
             if snap is None or snap.ldap is None:     # nothing kept to poll against (a
                 return DirectoryPolled(frozenset())   # full build is failing): skip it
-            threading.Thread(target=self.poll_directory, args=(action.full,),
+            threading.Thread(target=self.poll_directory,
+                             args=(ask(self.s, snap.ldap, action.full, time.monotonic()),),
                              daemon=True).start()
         elif isinstance(action, CheckLive):
             self.check_live()
@@ -358,14 +360,12 @@ class Daemon:
         self.log("stopped")
         return 0
 
-    def poll_directory(self, full: bool) -> None:
-        """(A thread of its own: a slow directory never holds a build back.)"""
-        from .directorypoll import poll
-        snap = self.snapshot
-        self.events.put(poll(self.s, snap.ldap if snap is not None else None, full))
+    def poll_directory(self, q: Ask) -> None:
+        """(A thread of its own: a slow directory never holds a build back; what it asks
+        was taken in this one.)"""
+        self.events.put(poll(self.s, q))
 
     def applied(self, event: DirectoryPolled) -> DirectoryPolled:
-        from .directorypoll import applied
         snap = self.snapshot
         return applied(snap.ldap if snap is not None else None, event)
 

@@ -5,45 +5,59 @@ thread (``applied``: the domains it changed)."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from .buildevents import DirectoryPolled
 from .config import Settings
 from .errors import UpdaterError
 from .sources.ldap import LdapCache
+from .sources.ldapconn import Server
 
 
-def poll(settings: Settings, kept: LdapCache | None, full: bool,
-         now: float | None = None) -> DirectoryPolled:
-    """The directory's answer as an event (a failure is one too: the list is kept).
-    Every UPDATER_LDAP_SWEEP seconds (``now``: the monotonic clock) a poll is a sweep
-    too: it lists every entry's identity, so a deletion no tombstone reports is seen."""
-    import time
+@dataclass(frozen=True)
+class Ask:
+    """What one poll asks, taken from the kept directory in the daemon's own thread (the
+    poll's thread never reads what that thread changes)."""
+    full: bool                        # a full read
+    mark: str = ""
+    server: Server | None = None
+    kept: frozenset[str] | None = None    # the identities kept, when it is a sweep too
+    now: float = 0.0                  # (monotonic)
 
+
+def ask(settings: Settings, kept: LdapCache | None, full: bool, now: float) -> Ask:
+    """Every UPDATER_LDAP_SWEEP seconds a poll is a sweep too: it lists every entry's
+    identity, so a deletion no tombstone reports is seen."""
+    mark = kept.mark if kept is not None else ""
+    if kept is None or full or not mark:            # no stamp seen: a full read
+        return Ask(True, "", kept.server if kept else None, None, now)
+    sweep = settings.ldap_sweep > 0 and now - kept.swept >= settings.ldap_sweep
+    return Ask(False, mark, kept.server, frozenset(kept.entries) if sweep else None, now)
+
+
+def poll(settings: Settings, q: Ask) -> DirectoryPolled:
+    """The directory's answer as an event (a failure is one too: the list is kept)."""
     from .sources import ldap
-    now = time.monotonic() if now is None else now
+    was = q.server
     try:
-        mark = kept.mark if kept is not None else ""
-        was = kept.server if kept is not None else None
-        if full or not mark:                    # no stamp seen: a full read
+        if q.full:
             fresh = ldap.read_all(settings, was.uri if was else "")
             return DirectoryPolled(frozenset(), None, True, fresh.entries, fresh.mark,
-                                   dict(fresh.future), fresh.server, swept=now)
-        sweep = kept is not None and settings.ldap_sweep > 0 and \
-            now - kept.swept >= settings.ldap_sweep
-        updates, mark, count = ldap.poll(settings, mark, was,
-                                         set(kept.entries) if kept and sweep else None)
+                                   dict(fresh.future), fresh.server, swept=q.now)
+        updates, mark, count = ldap.poll(settings, q.mark, was,
+                                         set(q.kept) if q.kept is not None else None)
         note = ""
         if count.complete and was is not None and count.server is not None:
             note = (f"directory polls answered by {count.server.dc} ({count.server.uri}), "
                     f"not {was.dc}: its change stamps are its own, so a full read")
+        swept = q.now if q.kept is not None or count.complete else None
         return DirectoryPolled(frozenset(), None, count.complete, updates, mark,
-                               dict(count.future), count.server, note,
-                               swept=now if sweep or count.complete else None)
+                               dict(count.future), count.server, note, swept=swept)
     except UpdaterError as err:
-        return DirectoryPolled(frozenset(), str(err), full)
+        return DirectoryPolled(frozenset(), str(err), q.full)
     except Exception as err:            # a bug: logged, the daemon goes on
         return DirectoryPolled(frozenset(), f"internal error: {type(err).__name__}: {err}",
-                               full)
+                               q.full)
 
 
 def applied(kept: LdapCache | None, event: DirectoryPolled) -> DirectoryPolled:
