@@ -64,7 +64,7 @@ def builds(bench: Bench) -> None:
 
 # ---- 2. cdb write alone
 def write(bench: Bench) -> None:
-    from updater.install import make_cdb, write_atomically
+    from updater.install.installer import make_cdb, write_atomically
 
     n = bench.sizes[-1]
     keys = sorted(b"user%07d@dom%04d.example" % (i, i % 1000) for i in range(n))

@@ -214,8 +214,8 @@ def ldap(bench) -> None:
 
 
 def _ldap_poll_rows(bench, env: dict[str, str], uri: str, count: int) -> None:
+    from updater.build.sources import ldap as source
     from updater.config import load
-    from updater.sources import ldap as source
     s = load(environ=env)
     started = time.perf_counter()
     cache = source.read_all(s)

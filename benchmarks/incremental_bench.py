@@ -129,7 +129,7 @@ def garbage(bench, share: float = 0.08) -> None:
     """One address installed by ``stablecdb.rewrite`` (fsynced and renamed, as the daemon
     does) into a file with ``share`` of it left behind by removals, against the same
     install into the canonical file of the same keys (what a compaction leaves)."""
-    from updater import stablecdb
+    from updater.install import stablecdb
     n = bench.sizes[-1]
     root = os.path.join(bench.root, "garbage")
     os.makedirs(root, exist_ok=True)
@@ -165,7 +165,8 @@ def garbage(bench, share: float = 0.08) -> None:
 
 def _rewrite(src: str, dst: str, drop: list[bytes], new: bytes) -> int:
     """The bytes left behind."""
-    from updater import atomicfile, stablecdb
+    from updater import atomicfile
+    from updater.install import stablecdb
     fd, buf = stablecdb.open_map(src)
     left: list[int] = []
     try:

@@ -154,7 +154,7 @@ def test_the_polls_know_which_domain_controller_answered(tree: Tree, dc: DC):
     """AD's change stamps are each DC's own: the source names the DC by its rootDSE
     dsServiceName (its NTDS Settings object), which is what the polls are pinned to."""
     env = ad_tree(tree)
-    code = ("from updater.config import load; from updater.sources import ldap; "
+    code = ("from updater.config import load; from updater.build.sources import ldap; "
             "c = ldap.read_all(load()); print(c.server.uri, c.server.dc, sep='|')")
     done = subprocess.run([*dc.inside(), sys.executable, "-c", code], env=tree.env(**env),
                           capture_output=True, text=True, timeout=60)

@@ -173,8 +173,8 @@ def test_mysql_incremental_answers_as_full(mariadb: MariaDB, ops, layout):
     tables."""
     import tempfile
 
-    from updater import incremental
     from updater.config import load
+    from updater.daemon import incremental
     mariadb.sql(SEED)
     root = Path(tempfile.mkdtemp(prefix="mysql-inc-"))
     try:
@@ -334,7 +334,7 @@ def test_mysql_localhost_means_the_socket(tree: Tree, mariadb: MariaDB, tmp_path
         keys = tree.keys("--mysql", MYSQL_UNIX_PORT=str(mariadb.socket))
         assert "ann@one.example" in keys and "info@one.example" in keys
         # the option files' [client] socket= is the next default
-        from updater.sources.mysql import option_socket
+        from updater.build.sources.mysql import option_socket
         conf = tmp_path / "conf.d"
         conf.mkdir()
         (conf / "50-client.cnf").write_text(f"[client]\nsocket = {mariadb.socket}\n")
@@ -556,8 +556,8 @@ def test_ldap_poll_reads_only_what_changed(tree: Tree, slapd: Slapd):
     """A poll asks for the entries changed since the newest change stamp seen: a new
     entry, one changed, one that no longer has an address (gone); a deleted entry is
     found by the next full read.  Each poll's searches do not grow with the directory."""
+    from updater.build.sources import ldap
     from updater.config import load
-    from updater.sources import ldap
     env = ldap_tree(tree, slapd)
     s = load(environ=tree.env(**env))
     cache = ldap.read_all(s)
@@ -691,7 +691,7 @@ def test_an_entry_from_the_future_never_stops_the_polls(tree: Tree, slapd: Slapd
 
 
 def test_ldap_later_rule():
-    from updater.sources.ldap import later, stamp_ceiling
+    from updater.build.sources.ldap import later, stamp_ceiling
     ceiling = stamp_ceiling(0.0)
     assert ceiling == "19700101000500Z"
     future: dict[str, str] = {}
@@ -792,14 +792,14 @@ def test_a_moved_entry_is_followed_by_its_uuid(tree: Tree, slapd: Slapd):
 
 
 def test_entry_key_rule():
-    from updater.sources.ldap import entry_key
+    from updater.build.sources.ldap import entry_key
     assert entry_key("cn=a", {"entryUUID": ["0E2F-AB"]}) == "entryUUID:0e2f-ab"
     assert entry_key("cn=a", {"objectGUID": [b"\x01\xff"]}) == "objectGUID:01ff"
     assert entry_key("cn=a", {"entryUUID": []}) == "cn=a"
 
 
 def test_ldap_change_stamps_never_become_filter_syntax():
-    from updater.sources.ldap import stamp
+    from updater.build.sources.ldap import stamp
     assert stamp({"modifyTimestamp": ["20261205031000Z"]}) == "20261205031000Z"
     assert stamp({"whenChanged": ["20261205031000.0Z"]}, "whenChanged") == "20261205031000.0Z"
     assert stamp({"modifyTimestamp": ["2026*)(objectClass=*"]}) == ""
@@ -807,7 +807,7 @@ def test_ldap_change_stamps_never_become_filter_syntax():
 
 
 def test_ldap_addresses_rule():
-    from updater.sources.ldap import addresses
+    from updater.build.sources.ldap import addresses
     values = {"mail": ["A@B.example"],
               "proxyAddresses": ["SMTP:A@B.example", "smtp:c@b.example", "X400:c=US;",
                                  "sip:x@b.example", b"smtp:d@e"]}
@@ -819,7 +819,7 @@ def test_each_address_rule_on_an_entry():
     """UPDATER_LDAP_ADDRESSES: proxy-first (the default) takes the smtp: proxy addresses
     of an entry that has any and the mail of one that has none; proxy only the former;
     all every attribute's."""
-    from updater.sources.ldap import addresses
+    from updater.build.sources.ldap import addresses
     attrs = ["mail", "proxyAddresses"]
     renamed = {"mail": ["old@b.example"], "proxyAddresses": ["SMTP:new@b.example",
                                                              "X500:/o=Corp/cn=new"]}
@@ -839,11 +839,11 @@ def test_ldap_servers_in_order_and_another_dc_means_a_full_read(tree: Tree, slap
     the last read used is asked first, and when a poll is answered by another server than
     the one its mark came from (each AD DC stamps its own changes), it reads everything
     instead and the daemon logs why.  Every server down: one error naming each."""
+    from updater.build.sources import ldap
+    from updater.build.sources.ldapconn import Server
     from updater.config import load
-    from updater.directorypoll import applied, ask, poll
+    from updater.daemon.directorypoll import applied, ask, poll
     from updater.errors import SourceError
-    from updater.sources import ldap
-    from updater.sources.ldapconn import Server
     env = ldap_tree(tree, slapd)
     dead = f"ldap://127.0.0.1:{free_port()}"
     s = load(environ=tree.env(**{**env, "UPDATER_LDAP_URI": f"{dead}, {slapd.uri}"}))

@@ -76,8 +76,8 @@ def settings_for(t: Tree, cdb: Path):
        u0=st.lists(st.sampled_from(NAMES), unique=True, max_size=8),
        u1=st.lists(st.sampled_from(NAMES), unique=True, max_size=8))
 def test_the_gate_refuses_losses_only(tmp_path_factory, m0, m1, u0, u1):
-    from updater import incremental
     from updater.checker import check, open_cdb
+    from updater.daemon import incremental
     from updater.errors import InstallRefused
     root = tmp_path_factory.mktemp("gate")
     t = tree_with(root / "t", m0, u0)
@@ -119,7 +119,7 @@ def test_the_gate_refuses_losses_only(tmp_path_factory, m0, m1, u0, u1):
 
 
 def test_probe_and_lost_rules():
-    from updater.gate import lost, probe, set_getter
+    from updater.install.gate import lost, probe, set_getter
     assert probe(b"joe@d") == b"joe@d"
     assert probe(b"joe-default@d") == b"joe-\x01@d"
     assert probe(b"@d") == b"\x01@d"

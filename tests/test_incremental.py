@@ -133,8 +133,8 @@ EXAMPLES = int(os.environ.get("QMAIL_INCREMENTAL_EXAMPLES", "40"))
 
 def step(s, snap, named: set[str]):
     """What the daemon does: incremental when it can tell, else full."""
-    from updater import incremental
-    from updater.install import LiveChanged
+    from updater.daemon import incremental
+    from updater.install.installer import LiveChanged
     try:
         report, snap, _, _ = incremental.build(s, snap, named, force=True)
         return report, snap, "incremental"
@@ -147,7 +147,7 @@ def step(s, snap, named: set[str]):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(ops=st.lists(st.tuples(OPS, st.booleans()), min_size=1, max_size=10))
 def test_incremental_answers_as_full_and_compacts_to_it(ops):
-    from updater import incremental
+    from updater.daemon import incremental
     root = Path(tempfile.mkdtemp(prefix="inc-"))
     try:
         t = make_tree(root)
@@ -183,8 +183,10 @@ def test_an_incremental_install_keeps_the_records_in_place_until_a_compaction(
     (cdbdump still walks it; `qmail-updater dump` and every reader do not), the live
     list's record counts it, and the next full build compacts: `compacted` in its line,
     the canonical file again.  Past MAX_GARBAGE an incremental build compacts too."""
-    from updater import incremental, install, stablecdb
-    from updater.liverecord import read_record
+    from updater.daemon import incremental
+    from updater.install import installer as install
+    from updater.install import stablecdb
+    from updater.install.liverecord import read_record
     t = make_tree(tmp_path / "t")
     live = tmp_path / "live.cdb"
     s = settings_for(t, live)
@@ -233,7 +235,7 @@ def test_an_incremental_install_keeps_the_records_in_place_until_a_compaction(
 
 CHILD = """
 import json, sys
-from updater import incremental
+from updater.daemon import incremental
 from updater.config import load
 s = load(environ=json.loads(sys.argv[1]))
 vp = sys.argv[2]
@@ -258,7 +260,7 @@ def test_sigkill_during_incremental_installs_leaves_a_whole_list(tmp_path: Path)
     import signal
     import sys
 
-    from updater import stablecdb
+    from updater.install import stablecdb
     t = make_tree(tmp_path / "t")
     big = t.vpop_domain("big.example")
     (big / "vpasswd").write_text("".join(f"u{i:06d}:x:1:0::{big}/u{i:06d}:NOQUOTA\n"
@@ -301,7 +303,7 @@ def found_after_full(t: Tree, live: Path) -> dict[bytes, bytes]:
 
 
 def test_a_named_change_in_a_shared_directory_redoes_the_alias_domain(tmp_path: Path):
-    from updater import incremental
+    from updater.daemon import incremental
     t = make_tree(tmp_path / "t")
     s = settings_for(t, tmp_path / "live.cdb")
     _, snap, _ = incremental.full(s)
@@ -318,7 +320,7 @@ def test_incremental_builds_hold_what_a_full_build_holds(tmp_path: Path):
     alias domain of the broken one with it) and
     installs the third, answering every key as a full build of the same tree over the same
     live list; the holds clear by themselves once the files are whole again."""
-    from updater import incremental
+    from updater.daemon import incremental
     t = make_tree(tmp_path / "t")
     live, copy = tmp_path / "live.cdb", tmp_path / "copy.cdb"
     s = settings_for(t, live)
@@ -348,8 +350,8 @@ def test_incremental_builds_hold_what_a_full_build_holds(tmp_path: Path):
 
 
 def test_someone_else_replacing_the_live_cdb_means_a_full_build(tmp_path: Path):
-    from updater import incremental
-    from updater.install import LiveChanged
+    from updater.daemon import incremental
+    from updater.install.installer import LiveChanged
     t = make_tree(tmp_path / "t")
     live = tmp_path / "live.cdb"
     s = settings_for(t, live)
@@ -369,36 +371,56 @@ def test_someone_else_replacing_the_live_cdb_means_a_full_build(tmp_path: Path):
        added=st.lists(st.binary(min_size=1, max_size=6), unique=True),
        cut=st.integers(0, 100))
 def test_splice_matches_sorting_the_set(keys, added, cut):
-    from updater.incremental import splice
+    from updater.daemon.incremental import splice
     keys.sort()
     removed = sorted(keys[: cut % (len(keys) + 1)])
     added = sorted(set(added) - set(keys))
     assert splice(keys, added, removed) == sorted((set(keys) - set(removed)) | set(added))
 
 
-def test_named_rows_are_bounded_per_domain(tmp_path: Path):
+def test_named_rows_are_bounded_per_domain():
     """What a database build asks again: the named addresses, or past MAX_ROWS waiting
-    (a FIFO flood) the whole domain, once."""
-    from updater.buildevents import Targeted
-    from updater.daemon import Daemon
+    (a FIFO flood) the whole domain, once; the Build action carries them, and the gate's
+    names (pure: the rules on a fake clock)."""
+    import dataclasses
+
+    from updater.config import Settings
+    from updater.daemon.events import Build, BuildDone, BuildOutcome, Targeted, Tick, Timing
+    from updater.daemon.rules import Scheduler
+    from updater.install.outcome import InstallReport
     from updater.limits import MAX_ROWS
-    t = make_tree(tmp_path)
-    d = Daemon(settings_for(t, tmp_path / "live.cdb"), lambda line: None)
-    d.note_rows(Targeted("add_user", frozenset({"x.example"}), True,
-                         frozenset({"ann@x.example", "bob@y.example"})))
-    assert d.rows == {"x.example": {"ann@x.example"}}
-    for i in range(MAX_ROWS):
-        d.note_rows(Targeted("add_user", frozenset({"x.example"}), True,
-                             frozenset({f"u{i}@x.example"})))
-    assert d.rows["x.example"] is None
-    d.note_rows(Targeted("add_domain", frozenset({"z.example"}), True))
-    d.note_rows(Targeted("add_user", frozenset({"z.example"}), True,
-                         frozenset({"ann@z.example"})))
-    assert d.rows["z.example"] is None                     # a whole-domain read stays
+    s = Scheduler(dataclasses.replace(Timing.of(Settings()), fast_quiet=1,
+                                      fast_max_delay=1))
+    (start,) = s.start()
+    s.handle(BuildDone(BuildOutcome(0, 1, 0, InstallReport("/x", "installed", 1))), 1, 1)
+
+    def add(t, domain, *addresses):
+        s.handle(Targeted("add_user", frozenset({domain}), True, frozenset(addresses)), t, t)
+
+    def build(t):
+        return next(a for a in s.handle(Tick(), t, t) if isinstance(a, Build))
+    add(10, "x.example", "ann@x.example", "bob@y.example")
+    b = build(12)
+    assert b.rows == {"x.example": {"ann@x.example"}}
+    assert b.named == {"x.example": {"ann@x.example"}}
+    s.handle(BuildDone(BuildOutcome(12, 13, 12, InstallReport("/x", "installed", 1),
+                                    redone=b.domains)), 13, 13)
+    for i in range(MAX_ROWS + 1):
+        add(20, "x.example", f"u{i}@x.example")
+    add(20, "z.example")
+    add(20, "z.example", "ann@z.example")
+    b = build(30)
+    assert b.rows == {"x.example": None, "z.example": None}   # a whole-domain read stays
+    assert "x.example" not in b.named and b.named["z.example"] == {"ann@z.example"}
+    # a build that fails gives its rows back: the next one asks them again
+    s.handle(BuildDone(BuildOutcome(30, 31, 30, error="boom", redone=b.domains)), 31, 31)
+    assert s.pending.rows == {"x.example": None, "z.example": None}
+    add(40, "x.example", "carl@x.example")
+    assert build(50).rows == {"x.example": None}
 
 
 def test_onchange_requests_that_name_a_domain():
-    from updater.onchange import onchange_target
+    from updater.daemon.onchange import onchange_target
 
     def target(line):
         got = onchange_target(line)
@@ -563,7 +585,7 @@ def test_incremental_off_builds_everything(daemon):
 def test_a_request_for_a_domain_we_do_not_serve_reads_nothing(tmp_path: Path, monkeypatch):
     """A FIFO writer naming made-up domains costs a stat of the recorded inputs: no
     domain is read, nothing is written."""
-    from updater import incremental
+    from updater.daemon import incremental
     t = make_tree(tmp_path / "t")
     live = tmp_path / "live.cdb"
     s = settings_for(t, live)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from helpers.tools import need, script
 from helpers.tree import Tree
-from updater.gate import DomainChange, Peak, judge_domain
+from updater.install.gate import DomainChange, Peak, judge_domain
 
 
 def local_tree(tree: Tree, users: int) -> None:
@@ -178,7 +178,7 @@ def test_the_per_domain_rule():
 
 
 def test_carried_source_counts():
-    from updater.gate import carried
+    from updater.install.gate import carried
     assert carried({"users": 303, "valias": 2}, {"valias": 3}) == {"users": 303, "valias": 3}
     assert carried(None, {"ldap": 1}) == {"ldap": 1}
 
@@ -349,8 +349,8 @@ keys_st = st.sets(st.binary(min_size=1, max_size=12).map(lambda b: b.replace(b"@
 def test_changed_stretch_agrees_with_sets(old, added, gone, rejects, seed, tmp_path_factory):
     """The quick diff (only the differing stretch parsed) equals the plain set difference,
     and the streaming diff too; the quick one is used whenever it can be."""
-    from updater.cdbdiff import Changes, changed_stretch, compare_live
-    from updater.install import make_cdb
+    from updater.install.cdbdiff import Changes, changed_stretch, compare_live
+    from updater.install.installer import make_cdb
     old_keys = sorted(old)
     dropped = set(seed.sample(old_keys, min(gone, len(old_keys))))
     new_keys = sorted((old - dropped) | added)
@@ -377,8 +377,8 @@ def test_compare_live_with_a_foreign_record_order(tmp_path: Path):
     """A live cdb written by another tool in another order still diffs right."""
     import cdbx
 
-    from updater.cdbdiff import Changes, compare_live
-    from updater.install import make_cdb
+    from updater.install.cdbdiff import Changes, compare_live
+    from updater.install.installer import make_cdb
     keys = sorted(b"u%03d@d.example" % i for i in range(300))
     live = tmp_path / "live.cdb"
     maker = cdbx.CDB.make(str(live))

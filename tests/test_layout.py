@@ -6,6 +6,7 @@ split badly)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "updater"
@@ -61,24 +62,79 @@ def test_no_import_cycle():
     assert not cycles, "\n".join(shown[:20])
 
 
-# the packages' layers: what each may not import (the protocol core is pure; the
-# serving machinery is shared by both servers, so it knows neither)
-FORBIDDEN = {
-    "updater.smtp.": ("updater.smtpd", "updater.serving", "updater.postfix"),
-    "updater.serving.": ("updater.smtpd", "updater.postfix"),
-    "updater.postfix.": ("updater.smtpd",),
-}
+DESIGN = PKG.parent / "docs" / "design.md"
+NAME = re.compile(r"^(\w+)(\.py|/)$")
+DESCRIPTIONS = 20        # a line indented this far or more is a row's description
 
 
-def test_packages_keep_their_layers():
+def picture(text: str) -> dict[str, int]:
+    """docs/design.md's picture of the code, read as layers: each module (or a package
+    whose modules the picture does not list) with the number of its row, bottom first.
+    A row is a line indented less than DESCRIPTIONS whose first word is a module
+    (``x.py``) or a package (``p/``); the words that follow while they are names are on
+    the same row; the indentation says which package a name is in."""
+    block = text.split("```\nupdater/\n", 1)[1].split("```", 1)[0]
+    rows: dict[str, int] = {}
+    stack: list[tuple[int, str]] = [(0, "updater")]
+    for number, line in enumerate(block.splitlines()):
+        words = line.split()
+        indent = len(line) - len(line.lstrip())
+        if not words or not NAME.match(words[0]) or indent >= DESCRIPTIONS:
+            continue
+        while stack[-1][0] >= indent:
+            stack.pop()
+        here = stack[-1][1]
+        for word in words:
+            m = NAME.match(word)
+            if m is None:
+                break
+            name = f"{here}.{m.group(1)}"
+            rows[name] = number
+            if m.group(2) == "/":
+                stack.append((indent, name))
+    return rows
+
+
+def row_of(module: str, rows: dict[str, int]) -> int | None:
+    """A module's row: its own, or that of the nearest package the picture names."""
+    parts = module.split(".")
+    while parts:
+        name = ".".join(parts)
+        if name in rows:
+            return rows[name]
+        parts.pop()
+    return None
+
+
+def test_every_import_keeps_to_the_picture():
+    """The picture in docs/design.md is the layering: no module imports from a row
+    below its own (lazy imports included), every module is in it, and every name in it
+    is a module or a package."""
     known = modules()
-    wrong = []
-    for name, path in known.items():
-        for prefix, banned in FORBIDDEN.items():
-            if name.startswith(prefix):
-                wrong += [f"{name} -> {m}" for m in sorted(imports(name, path, known))
-                          if m.startswith(banned)]
+    rows = picture(DESIGN.read_text())
+    packages = {n for n, p in known.items() if p.name == "__init__.py"}
+    wrong = [f"{n}: not in the picture of docs/design.md" for n in sorted(known)
+             if n != "updater" and n not in packages and n not in rows
+             and not any(n.startswith(r + ".") and r in packages for r in rows)]
+    wrong += [f"{n}: in the picture, but no module" for n in sorted(rows) if n not in known]
+    for name, path in sorted(known.items()):
+        mine = row_of(name, rows)
+        for target in sorted(imports(name, path, known)):
+            theirs = row_of(target, rows)
+            if mine is not None and theirs is not None and theirs > mine:
+                wrong.append(f"{name} -> {target}: a row below it in the picture")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_picture_reader(tmp_path):
+    """The reader itself: rows, packages by indentation, a description not taken for
+    names."""
+    text = ("```\nupdater/\n  a.py b.py  leaves\n  pkg/  a package\n    c.py   one\n"
+            "                         words.py in a description\n    d.py\n  e.py the top\n```\n")
+    rows = picture(text)
+    assert rows == {"updater.a": 0, "updater.b": 0, "updater.pkg": 1, "updater.pkg.c": 2,
+                    "updater.pkg.d": 4, "updater.e": 5}
+    assert row_of("updater.pkg.sub.x", {"updater.pkg.sub": 3}) == 3
 
 
 def test_the_cycle_detector_finds_one(tmp_path):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from updater.dotqmail import fastforward_cdb, runs
-from updater.errors import SourceError
-from updater.generate import classify, universe
-from updater.localdelivery import getpw, qmail_search
-from updater.merge import merge, normalise
-from updater.qmail import (
+from updater.build.dotqmail import fastforward_cdb, runs
+from updater.build.generate import classify, universe
+from updater.build.localdelivery import getpw, qmail_search
+from updater.build.merge import merge, normalise
+from updater.build.qmail import (
     lower_ascii,
     lspawn_lookup,
     map_index,
@@ -18,8 +17,9 @@ from updater.qmail import (
     parse_domain_map,
     users_db,
 )
-from updater.routing import Accepts, Answer, DomainKeys, _prune, accepted
-from updater.sources import Found, Notes
+from updater.build.routing import Accepts, Answer, DomainKeys, _prune, accepted
+from updater.build.sources import Found, Notes
+from updater.errors import SourceError
 
 
 def vmap(text: str):
@@ -146,7 +146,7 @@ def test_normalise_and_merge():
 
 
 def test_parse_vpasswd_lines():
-    from updater.sources.vpopmail import parse_vpasswd
+    from updater.build.sources.vpopmail import parse_vpasswd
     assert parse_vpasswd(b"", "vp") == []
     assert parse_vpasswd(b"Joe:x:1:0:J:/d/joe:NOQUOTA\nann:x:1:0::/d/ann:0", "vp") == \
         [b"joe", b"ann"]
@@ -160,7 +160,7 @@ def test_parse_vpasswd_lines():
 
 
 def test_delivery_commands_split_like_a_shell():
-    from updater.dotqmail import delivery_commands
+    from updater.build.dotqmail import delivery_commands
     assert delivery_commands("|/bin/vdelivermail '' bounce-no-mailbox\n&x@y\n") == \
         [["/bin/vdelivermail", "", "bounce-no-mailbox"]]
     assert delivery_commands("| preline  /bin/ezmlm-send  /d/list\n") == \

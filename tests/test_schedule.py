@@ -1,4 +1,4 @@
-"""The rebuild daemon's timing rules (``updater.schedule``), on a fake clock: typed
+"""The rebuild daemon's timing rules (``updater.daemon.rules``), on a fake clock: typed
 events in, actions out, no sleeping, no threads."""
 
 from __future__ import annotations
@@ -7,30 +7,35 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from updater.buildevents import (
+from updater.daemon.events import (
     Build,
     BuildDone,
     BuildOutcome,
     CheckFiles,
     CheckLive,
     Exit,
+    FifoRead,
     FileChanged,
     FilesChecked,
+    HeldUntil,
+    LiveSeen,
     Log,
     Publish,
     Requested,
     Rewatch,
+    Rewatched,
     StatusNews,
+    StatusWritten,
     Stop,
     Targeted,
     Tick,
     Timing,
     WriteStatus,
 )
-from updater.install import Report
+from updater.daemon.rules import Scheduler
+from updater.install.outcome import InstallReport
 from updater.limits import LIVE_CHECK
 from updater.retry import backoff
-from updater.schedule import Scheduler
 
 WALL = 1_700_000_000.0            # the epoch time at monotonic 0 of these tests
 
@@ -57,7 +62,7 @@ def builds(actions: list) -> list[Build]:
 
 def done(s: Scheduler, started: float, ended: float, build: Build,
          status: str = "installed", error: str | None = None) -> list:
-    report = None if error else Report("/x/validrcptto.cdb", status, 10, [b"a@b"])
+    report = None if error else InstallReport("/x/validrcptto.cdb", status, 10, [b"a@b"])
     redone = None if build.domains is None else build.domains
     outcome = BuildOutcome(started, ended, WALL + started, report, error, redone)
     return at(s, ended, BuildDone(outcome))
@@ -103,16 +108,16 @@ def test_held_build_is_logged_once_and_shown_in_the_status():
     s = make(quiet=2, max_delay=30, floor=30)
     first_build(s, 0, 1)
     acts = at(s, 5, Requested("fifo: a", fifo=True))
-    logs = [a.line for a in acts if isinstance(a, Log)]
-    assert len(logs) == 1 and logs[0].startswith("held until ") and "fifo: a" in logs[0]
+    (held,) = [a for a in acts if isinstance(a, (Log, HeldUntil))]
+    assert held == HeldUntil(WALL + 30, 30, "fifo: a")       # the driver words the clock
     (w,) = [a for a in acts if isinstance(a, WriteStatus)]   # held: written at once
-    assert w.record["pending"] == 1 and w.record["held_until"] == WALL + 30
+    assert w.record.pending == 1 and w.record.held_until == WALL + 30
     acts = at(s, 5.5, Requested("fifo: b", fifo=True))
-    assert not [a for a in acts if isinstance(a, Log)]          # logged once
+    assert not [a for a in acts if isinstance(a, (Log, HeldUntil))]   # logged once
     assert not [a for a in acts if isinstance(a, WriteStatus)]  # at most one write a second
     assert s.status_due == 6.0
     (w,) = [a for a in at(s, 6.0, Tick()) if isinstance(a, WriteStatus)]
-    assert w.record["pending"] == 2
+    assert w.record.pending == 2
 
 
 def test_targeted_requests():
@@ -147,7 +152,7 @@ def test_removals_wait_the_quiet_period_and_watched_files_settle():
     assert b.domains == {"z"} and b.why == "del_user a@x; moved .../y/vpasswd; add_user b@z"
     done(s, 201.1, 201.2, Build(b.why, frozenset({"x", "y", "z"})))
     # the watched change is answered by that build (it started later), the removal is not
-    assert s.slow_domains.keys() == {"x"}
+    assert s.pending.slow_domains.keys() == {"x"}
 
 
 def test_watched_files_only_are_checked_before_a_build():
@@ -177,7 +182,7 @@ def test_failures_are_retried_with_backoff_and_success_clears():
     assert lines == ["build failed (start): cannot read control/locals; live cdb kept; "
                      "retry in 10s"]
     (w,) = [a for a in acts if isinstance(a, WriteStatus)]
-    assert w.record["result"] == "failed" and w.record["failures"] == 1
+    assert w.record.result == "failed" and w.record.failures == 1
     assert s.retry_at == 11
     assert [backoff(n, 10, 600) for n in (1, 2, 3, 7, 8)] == [10, 20, 40, 600, 600]
     (b,) = builds(at(s, 11, Tick()))
@@ -188,7 +193,7 @@ def test_failures_are_retried_with_backoff_and_success_clears():
     acts = done(s, 32, 33, b)
     assert s.retry_at is None and s.failures == 0
     (w,) = [a for a in acts if isinstance(a, WriteStatus)]
-    assert w.record["result"] == "installed" and w.record["last_success"] == WALL + 32
+    assert w.record.result == "installed" and w.record.last_success == WALL + 32
     assert s.next_deadline() == s.live_due             # nothing else is due
 
 
@@ -222,7 +227,7 @@ def test_publish_status_and_rewatch_after_builds():
     assert Publish in [type(a) for a in acts] and Rewatch not in [type(a) for a in acts]
     assert "[incremental: 1 domain: x]" in [a for a in acts if isinstance(a, Log)][0].line
     (w,) = [a for a in at(s, 8, StatusNews()) if isinstance(a, WriteStatus)]
-    assert w.record["incremental_builds"] == 1 and w.record["builds"] == 3
+    assert w.record.incremental_builds == 1 and w.record.builds == 3
 
 
 def test_live_checks_and_stop():
@@ -304,7 +309,7 @@ def drain(s: Scheduler, now: float, until: float | None, took: float, asked: lis
 
 
 def test_directory_polls_start_after_a_full_build_and_back_off_on_failure():
-    from updater.buildevents import DirectoryPolled, PollDirectory
+    from updater.daemon.events import DirectoryPolled, PollDirectory
     s = make(directory_poll=10, directory_full=600)
     assert s.poll.due is None                          # nothing read yet: no poll
     first_build(s, 0, 1)
@@ -342,19 +347,19 @@ def test_a_domain_whose_source_fails_is_retried_alone_and_never_pushed_back():
     """A build that holds a domain because its source failed: that domain is built
     again on its own after the backoff; other builds meanwhile never move the retry;
     one line when the hold starts, one when it ends; the status lists it."""
-    from updater.liverecord import Held
+    from updater.install.liverecord import Held
     s = make(retry_min=10, retry_max=300)
     first_build(s)
     held = {"broken.example": Held("vpasswd:3: bad line", WALL, True)}
 
     def build_done(t: float, build: Build, holds: dict) -> list:
-        report = Report("/x/validrcptto.cdb", "installed", 10, held=holds)
+        report = InstallReport("/x/validrcptto.cdb", "installed", 10, held=holds)
         outcome = BuildOutcome(t, t + 1, WALL + t, report, None, build.domains)
         return at(s, t + 1, BuildDone(outcome))
     out = build_done(100, Build("x", frozenset({"broken.example"})), held)
     assert [a.line for a in out if isinstance(a, Log)][1].startswith(
         "held broken.example (its source fails")
-    assert s.status["held"]["broken.example"]["failed"] is True
+    assert s.status.held["broken.example"].failed is True
     assert s.held_retry_at == 101 + backoff(1, 10, 300)
     build_done(105, Build("y", frozenset({"other.example"})), held)   # another domain's
     assert s.held_retry_at == 101 + backoff(1, 10, 300)                # not pushed back
@@ -362,4 +367,134 @@ def test_a_domain_whose_source_fails_is_retried_alone_and_never_pushed_back():
     assert retry.domains == frozenset({"broken.example"}) and "held domain retry 1" in retry.why
     out = build_done(120, retry, {})
     assert "broken.example: no longer held" in [a.line for a in out if isinstance(a, Log)]
-    assert s.held_retry_at is None and s.status["held"] == {}
+    assert s.held_retry_at is None and s.status.held == {}
+
+
+# ---- what used to be counted after a sleep against the real daemon, on the fake clock
+
+def run_builds(s: Scheduler, now: float, until: float, took: float,
+               during: list[tuple[float, object]]) -> list[Build]:
+    """Drive the rules as the driver does up to ``until``: tick at each deadline, each
+    build taking ``took`` seconds; the ``during`` events (time, event) are handed over
+    when they come, or, when they come while a build runs, once it is done (they wait
+    in the queue while the main thread builds)."""
+    made: list[Build] = []
+    queue = sorted(during, key=lambda x: x[0])
+    while True:
+        due = s.next_deadline()
+        if queue and (due is None or queue[0][0] <= due):
+            when, event = queue.pop(0)
+            now = max(now, when)
+            acts = at(s, now, event)
+        elif due is not None and due <= until:
+            now = max(now, due)
+            acts = at(s, now, Tick())
+        else:
+            return made
+        now = serve_builds(s, acts, now, took, made)
+
+
+def serve_builds(s: Scheduler, acts: list, now: float, took: float, made: list) -> float:
+    for a in acts:
+        if isinstance(a, CheckFiles):
+            return serve_builds(s, at(s, now, FilesChecked(a.domains, True)), now, took, made)
+        if isinstance(a, Build):
+            made.append(a)
+            return serve_builds(s, done(s, now, now + took, a), now + took, took, made)
+    return now
+
+
+def test_a_thousand_fifo_lines_in_a_second_make_one_build():
+    """1000 trigger lines within a second (each its own read of the FIFO): one build,
+    whose reasons name the first lines and a count."""
+    s = make()
+    first_build(s, 0, 1)
+    burst = [(100 + i * 0.001, FifoRead(b"burst %d\n" % i)) for i in range(1000)]
+    made = run_builds(s, 100, 400, 0.5, burst)
+    assert len(made) == 1 and made[0].domains is None
+    assert made[0].why == "fifo: burst 0; fifo: burst 1; fifo: burst 2 (+17 more)"
+    assert s.waiting == 0
+
+
+def test_requests_during_a_build_make_exactly_one_more():
+    """A trigger starts a build that takes 5 s; five more triggers while it runs make
+    exactly one more build, after it, once the FIFO floor allows."""
+    s = make(quiet=0.3, floor=30)
+    first_build(s, 0, 1)
+    during = [(100, FifoRead(b"first\n"))] + \
+        [(101 + i * 0.2, FifoRead(b"during %d\n" % i)) for i in range(5)]
+    made = run_builds(s, 100, 400, 5, during)
+    assert [b.why for b in made] == [
+        "fifo: first", "fifo: during 0; fifo: during 1; fifo: during 2 (+2 more)"]
+
+
+def test_fifo_reads_become_requests():
+    """One read of the FIFO: an onchange line naming its domain is a targeted request
+    (with the address for a database source and the gate), any other line a full-build
+    request through the FIFO; a read a burst cut short still asks for a full build."""
+    s = make(fast_quiet=0.05, fast_max_delay=1)
+    first_build(s, 0, 1)
+    at(s, 10, FifoRead(b"add_user ann@x.example\n"))
+    (b,) = builds(at(s, 10.1, Tick()))
+    assert b.domains == {"x.example"} and b.rows == {"x.example": {"ann@x.example"}}
+    assert b.why == "fifo: add_user ann@x.example"
+    s = make()
+    at(s, 10, FifoRead(b"-tail of a line\nadd_user ann@x.example\n", dropped=4096))
+    assert s.pending.only_fifo and s.pending.full_reasons[0].startswith(
+        "fifo: a burst of lines, some not read (4096 bytes)")
+    assert s.pending.fast_domains == {"x.example"}
+    s = make(incremental=False)                   # targets mean nothing: a full build
+    at(s, 10, FifoRead(b"add_user ann@x.example\n"))
+    assert s.pending.full_count == 1 and not s.pending.fast_domains
+
+
+def test_an_incremental_build_that_cannot_be_done_is_followed_by_a_full_one():
+    s = make(fast_quiet=0.05, fast_max_delay=1)
+    first_build(s, 0, 1)
+    at(s, 10, Targeted("add_user a@x", frozenset({"x"}), True, frozenset({"a@x"})))
+    (b,) = builds(at(s, 10.1, Tick()))
+    acts = at(s, 10.2, BuildDone(BuildOutcome(10.1, 10.2, WALL + 10, refused="no snapshot")))
+    assert [a.line for a in acts if isinstance(a, Log)] == [
+        "incremental build not possible (no snapshot): full build"]
+    (full,) = builds(acts)
+    assert full.domains is None and full.why == b.why and full.named == {"x": {"a@x"}}
+    assert s.builds == 1                          # the refused one is no build
+    done(s, 10.2, 11, full)
+    assert s.builds == 2 and s.pending.named == {} and s.pending.rows == {}
+
+
+def test_a_live_cdb_replaced_by_hand_is_built_again_at_once():
+    s = make()
+    (start,) = s.start()
+    left = ((1, 2, 3, 4, 5), (1, 3, 3, 4, 5))
+    at(s, 1, BuildDone(BuildOutcome(0, 1, WALL, InstallReport("/x", "installed", 1),
+                                    live=left)))
+    assert at(s, 2, LiveSeen(left)) == []
+    at(s, 3, LiveSeen((None, left[1])))
+    assert s.pending.immediate and s.pending.full_reasons == ["the live cdb was deleted"]
+    (b,) = builds(at(s, 3, Tick()))
+    assert b.why == "the live cdb was deleted"
+    at(s, 4, LiveSeen((None, (9, 9, 9, 9, 9))))   # asked once per change seen
+    assert s.pending.full_reasons == ["its .sources file was replaced"]
+
+
+def test_what_changed_while_the_build_read_it_is_asked_at_once():
+    s = make()
+    (start,) = s.start()
+    acts = done(s, 0, 1, start)
+    assert Rewatch(fresh=True) in acts
+    assert at(s, 2, Rewatched(frozenset())) == []
+    at(s, 2, Rewatched(frozenset({"a", "b", "c", "d"})))
+    assert s.pending.slow_domains.keys() == {"a", "b", "c", "d"}
+    assert s.pending.targeted_reasons == ["changed since the build read it: a, b, c, ..."]
+    assert s.pending.rows == {d: None for d in "abcd"}     # each read again whole
+    assert Rewatch(fresh=False) in done(s, 3, 4, Build("x"), error="boom")
+
+
+def test_a_status_file_that_cannot_be_written_is_logged_once():
+    s = make()
+    assert at(s, 1, StatusWritten("No space left on device")) == [
+        Log("cannot write the status file: No space left on device")]
+    assert at(s, 2, StatusWritten("No space left on device")) == []
+    assert at(s, 3, StatusWritten()) == [Log("the status file is written again")]
+    assert at(s, 4, StatusWritten()) == []

@@ -1,4 +1,4 @@
-"""A cdb rewritten with its records kept in place (updater/stablecdb.py), read by three
+"""A cdb rewritten with its records kept in place (updater/install/stablecdb.py), read by three
 independent cdb readers (freecdb's cdbget, tinycdb's cdb -q, cdbx) and held to a model
 over generated sequences of changes: every key answers as the model says, the tables a
 change did not touch are the live file's bytes, and a compaction writes exactly what
@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.tools import need, script
-from updater import stablecdb
 from updater.checker import records, whole
-from updater.install import write_cdb
+from updater.install import stablecdb
+from updater.install.installer import write_cdb
 
 # (no key the C tools would take for an option)
 KEYS = st.binary(min_size=1, max_size=12).filter(lambda k: k[:1] != b"-" and b"\0" not in k)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import argparse
 
     from . import config
-    from .merge import Result
+    from .build.merge import Result
 
 ENCODING, ERRORS = "utf-8", "surrogateescape"
 
@@ -42,7 +42,7 @@ def out(lines: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- commands
 
 def _build_result(settings: config.Settings, partial: bool = False) -> Result:
-    from .generate import generate
+    from .build.generate import generate
     result = generate(settings, partial=partial)
     for w in result.warnings:
         log(f"warning: {w}")
@@ -78,11 +78,11 @@ def cmd_build(args: argparse.Namespace, settings: config.Settings) -> int:
     """``build`` and ``accept DOMAIN...`` (the same build, the gate told that an admin
     takes those domains' lists as they are now).  A domain held (its source failed, or
     the gate doubts it) keeps its last good entries: one line each, exit 1."""
-    from .install import install_result
-    from .qmail import ENCODING as ENC
-    from .qmail import ERRORS as ERR
-    from .qmail import lower_ascii
-    from .verdict import Intent
+    from .build.qmail import ENCODING as ENC
+    from .build.qmail import ERRORS as ERR
+    from .build.qmail import lower_ascii
+    from .install.installer import install_result
+    from .install.verdict import Intent
     accept = [lower_ascii(d.strip()) for d in getattr(args, "domain", None) or []]
     result = _build_result(settings, partial=True)
     intent = Intent(accepted=frozenset(d.encode(ENC, ERR) for d in accept))
@@ -149,7 +149,7 @@ def cmd_check(args: argparse.Namespace, settings: config.Settings) -> int:
 def cmd_dump(args: argparse.Namespace, settings: config.Settings) -> int:
     """What lookups in the cdb find, in cdbdump's format (or, ``--keys``, as generate
     prints them): records an incremental install left behind are not shown."""
-    from .stablecdb import NotCdb, read_items
+    from .install.stablecdb import NotCdb, read_items
     path = cdb_named(args, settings)
     write = sys.stdout.buffer.write
     try:
@@ -335,7 +335,7 @@ def cmd_install_hook(args: argparse.Namespace, settings: config.Settings) -> int
 
 
 def cmd_run(args: argparse.Namespace, settings: config.Settings) -> int:
-    from .daemon import Daemon
+    from .daemon.driver import Daemon
     return Daemon(settings, log).run()
 
 
@@ -343,7 +343,7 @@ def cmd_status(args: argparse.Namespace, settings: config.Settings) -> int:
     """What the daemon's last build did, and everything that makes it untrue (exit 1)."""
     import json
 
-    from .status import checks, describe, read_status, status_settings
+    from .daemon.status import checks, describe, read_status, status_settings
     settings, where = status_settings(args, settings)
     st = read_status(settings.status)
     running, problems, notes = checks(settings, st, where)

@@ -7,11 +7,11 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 from . import config
+from .build.generate import generate
+from .build.qmail import ENCODING, ERRORS
 from .checker import check, open_cdb
 from .errors import UpdaterError
-from .generate import generate
-from .install import install_result
-from .qmail import ENCODING, ERRORS
+from .install.installer import install_result
 from .sample import ADDRESSES, make_tree
 
 

@@ -40,6 +40,8 @@ MAX_DOMAIN = 253              # a domain name's longest (RFC 1035): longer is no
 MAX_LOCAL = 64                # a local part's longest (RFC 5321)
 LIVE_CHECK = 0.25             # seconds between looks at the live cdb and its .sources
 STATUS_EVERY = 1.0            # seconds: the pending count is written at most this often
+HEARTBEAT = 30.0              # seconds: the status file is rewritten at least this often (a
+                              # file older than 3 of them is a stopped daemon's)
 MAX_REASONS = 20              # reasons kept per kind of request (the log names 3 and a
                               # count)
 DAEMON_IDLE = 60.0            # seconds: the longest wait for an event when nothing is due

@@ -56,7 +56,7 @@ def mkvalidrcptto(argv: Sequence[str]) -> int:
         settings = config.load(args)
         if args.n:
             settings = settings.__class__(**{**settings.__dict__, "qmail_ext": False})
-        from .generate import generate
+        from .build.generate import generate
         result = generate(settings)
         for w in result.warnings:
             log(f"warning: {w}", prog)
@@ -64,7 +64,7 @@ def mkvalidrcptto(argv: Sequence[str]) -> int:
             for k in result.sorted_keys():
                 log(f"{k.decode(ENCODING, ERRORS)}: {result.origin(k)}", prog)
         if args.c:
-            from .install import install_result
+            from .install.installer import install_result
             log(install_result(result, args.c, settings).line(), prog)
         else:
             write_list(result, "cdbmake" if args.m else "plain")

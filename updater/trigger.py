@@ -38,7 +38,7 @@ def trigger(argv: Sequence[str], log: Callable[[str], None]) -> int:
             return EXIT_OK
         else:
             words.append(a)
-    from .fifo import send
+    from .daemon.fifo import send
     status, warning = send(fifo or os.path.join(qmail_dir, "control", "validrcptto.trigger"),
                            " ".join(words))
     if warning:

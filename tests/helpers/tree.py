@@ -145,11 +145,11 @@ def setup_tree(tree: Tree, users: int = 3) -> Path:
 def keys_of(path: Path) -> set[str]:
     """The keys lookups in the cdb find (an incremental install leaves records behind
     that only a walk of the records, as cdbdump's, would show)."""
-    from updater.stablecdb import read_items
+    from updater.install.stablecdb import read_items
     return {k.decode() for k, _ in read_items(str(path))}
 
 
 def found(path: Path) -> dict[bytes, bytes]:
     """What lookups in the cdb find, key -> value."""
-    from updater.stablecdb import read_items
+    from updater.install.stablecdb import read_items
     return dict(read_items(str(path)))

@@ -4,7 +4,7 @@ both servers.
 These readers follow control_readline / control_readfile / control_readint exactly
 (first line only, trailing space/tab/LF stripped, no comment handling in single-line
 files), which differs in small ways from the generator's line-numbered readers in
-``updater.qmail``; they stay free of heavy imports, because the tcpserver front end runs
+``updater.build.qmail``; they stay free of heavy imports, because the tcpserver front end runs
 them once per connection.  Every read is bounded, regular files only.
 """
 
