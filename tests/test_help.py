@@ -9,6 +9,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from helpers.tools import script
 
 TOP = Path(__file__).resolve().parent.parent
@@ -160,17 +162,21 @@ def test_options_come_from_the_environment(tmp_path: Path):
     env = {**os.environ, "GRACE": "abc"}
     done = subprocess.run([script("validrcptto-smtpd"), "--listen", "127.0.0.1:1"], env=env,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "$GRACE: not a valid --grace value: 'abc'" in done.stderr
+    assert done.returncode == 2 and "$GRACE: not a number: 'abc'" in done.stderr
     done = subprocess.run([script("validrcptto-policyd")], capture_output=True, text=True,
                           env={**os.environ, "LISTEN": "", "VERBOSE": "x"}, timeout=60)
     assert done.returncode == 2 and "$VERBOSE" in done.stderr
     # the declaration's bounds, checked by the one loader the servers share
-    for value, words in (("0", "--max-connections must be positive"),
-                         ("-3", "--max-connections must be positive")):
+    for value, words in (("0", "$CONCURRENCY: must be positive, got 0"),
+                         ("-3", "$CONCURRENCY: must not be negative, got '-3'")):
         done = subprocess.run([script("validrcptto-smtpd"), "--listen", "127.0.0.1:1"],
                               env={**os.environ, "CONCURRENCY": value}, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 2 and words in done.stderr, done.stderr
+    done = subprocess.run([script("validrcptto-smtpd"), "--listen", "127.0.0.1:1",
+                           "--max-connections", "0"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "--max-connections: must be positive, got 0" in done.stderr
     import updater.smtpd.options as o
     from updater.smtpd.options import parse_args
     saved = dict(os.environ)
@@ -204,3 +210,40 @@ def test_every_program_has_version_and_trigger_has_a_real_help():
         assert done.returncode == 0 and re.fullmatch(rf"{prog} \d+\.\d+\.\d+\n", done.stdout)
     text = helps("qmail-updater", ("trigger",))
     assert {"--fifo", "--qmail-dir"} <= options(text) and "exit status" in text
+
+
+def test_one_loader_for_every_program(tmp_path: Path):
+    """The daemon's settings and both servers' options go through declare.load: the
+    same words for a bad value, a flag over its variable, an empty variable (an empty
+    env/ file) as the default, bounds and choices from the declaration."""
+    from updater import declare
+    from updater.config import load
+    from updater.errors import ConfigError
+    from updater.postfix.policyd import Options as PolicydOptions
+    from updater.smtpd.options import Options as SmtpdOptions
+    for cls, var in ((SmtpdOptions, "GRACE"), (PolicydOptions, "IDLE_TIMEOUT")):
+        with pytest.raises(ConfigError, match=rf"^\${var}: not a number: 'x'$"):
+            declare.load(cls, None, {var: "x"})
+    with pytest.raises(ConfigError, match=r"^\$UPDATER_QUIET: not a number: 'x'$"):
+        load(environ={"UPDATER_QUIET": "x"})
+    with pytest.raises(ConfigError, match=r"^\$UPDATER_QUIET: not a finite number: 'nan'$"):
+        load(environ={"UPDATER_QUIET": "nan"})
+    with pytest.raises(ConfigError, match=r"^\$UPDATER_LDAP_ADDRESSES: expected proxy-first, "
+                       r"proxy or all, got 'x'$"):
+        load(environ={"UPDATER_LDAP_ADDRESSES": "x"})
+    with pytest.raises(ConfigError, match=r"^\$UPDATER_MYSQL_TIMEOUT: must be positive"):
+        load(environ={"UPDATER_MYSQL_TIMEOUT": "0"})
+    # empty: the default, whatever the type (a switch too)
+    s = load(environ={"UPDATER_LDAP_ADDRESSES": " ", "UPDATER_QUIET": "", "QMAIL_DIR": "",
+                      "UPDATER_INCREMENTAL": ""})
+    assert (s.ldap_addresses, s.quiet, s.qmail_dir, s.incremental) == \
+        ("proxy-first", 2.0, "/var/qmail", True)
+    p = declare.load(PolicydOptions, None, {"MAP_NAME": "", "SOCKET_MODE": "",
+                                            "LISTEN": "127.0.0.1:1 unix:/x"})
+    assert (p.map_name, p.socket_mode, p.listen) == ("validrcptto", "0660",
+                                                     ["127.0.0.1:1", "unix:/x"])
+    # a bad value handed to ``error`` keeps the default (the tcpserver front end's way)
+    seen: list[str] = []
+    o = declare.load(SmtpdOptions, None, {"GRACE": "-1", "SMTPD_QUIET": "yes"}, seen.append)
+    assert (o.grace, o.verbose, seen) == (10.0, False, ["$GRACE: must not be negative, "
+                                                        "got '-1'"])

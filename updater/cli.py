@@ -8,7 +8,6 @@ unreadable cdb for ``check``).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -112,15 +111,9 @@ def cmd_publish(args: argparse.Namespace, settings: config.Settings) -> int:
     return publish_once(settings, settings.cdb, log)
 
 
-def cdb_named(args: argparse.Namespace, settings: config.Settings) -> str:
-    """``--cdb``, else $VALIDRCPTTO_CDB, else QMAIL_DIR/control/validrcptto.cdb."""
-    path: str = args.cdb or os.environ.get("VALIDRCPTTO_CDB") or settings.cdb
-    return path
-
-
 def cmd_check(args: argparse.Namespace, settings: config.Settings) -> int:
     from .checker import check, open_cdb
-    path = cdb_named(args, settings)
+    path = settings.cdb
     try:
         getter = open_cdb(path)
     except OSError as err:
@@ -150,7 +143,7 @@ def cmd_dump(args: argparse.Namespace, settings: config.Settings) -> int:
     """What lookups in the cdb find, in cdbdump's format (or, ``--keys``, as generate
     prints them): records an incremental install left behind are not shown."""
     from .install.stablecdb import NotCdb, read_items
-    path = cdb_named(args, settings)
+    path = settings.cdb
     write = sys.stdout.buffer.write
     try:
         if args.keys:
@@ -240,19 +233,15 @@ EXITS = {
 
 def add_lookup_commands(sub: Any) -> None:
     """The commands that read a cdb or show the sample: check, dump, demo."""
+    from . import config
     c = sub.add_parser("check", help="look addresses up as qmail-smtpd would")
-    c.add_argument("--cdb", help="the cdb (default $VALIDRCPTTO_CDB, else "
-                   "QMAIL_DIR/control/validrcptto.cdb)")
-    c.add_argument("--qmail-dir", dest="qmail_dir", default=None, help="qmail's home [$QMAIL_DIR]")
+    config.add_arguments(c, (), names=("qmail_dir", "cdb"))
     c.add_argument("-v", "--verbose", action="store_true", help="also print every key tried")
     c.add_argument("address", nargs="+", help="recipient addresses (use '' for <>)")
     c.set_defaults(func=cmd_check)
 
     du = sub.add_parser("dump", help="print what lookups in the cdb find, as cdbmake input")
-    du.add_argument("--cdb", help="the cdb (default $VALIDRCPTTO_CDB, else "
-                    "QMAIL_DIR/control/validrcptto.cdb)")
-    du.add_argument("--qmail-dir", dest="qmail_dir", default=None,
-                    help="qmail's home [$QMAIL_DIR]")
+    config.add_arguments(du, (), names=("qmail_dir", "cdb"))
     du.add_argument("--keys", action="store_true",
                     help="one key a line, as generate prints them (a rejecting key "
                     "followed by ' -')")
@@ -279,8 +268,7 @@ def add_service_commands(sub: Any) -> None:
     pb.set_defaults(func=cmd_publish)
 
     t = sub.add_parser("trigger", help="ask the daemon for a build (never blocks)")
-    t.add_argument("--fifo", help="the trigger FIFO [$UPDATER_FIFO]")
-    t.add_argument("--qmail-dir", dest="qmail_dir", help="qmail's home [$QMAIL_DIR]")
+    config.add_arguments(t, (), names=("qmail_dir", "fifo"))
     t.add_argument("reason", nargs="*", help="logged by the daemon as the reason")
     t.set_defaults(func=None)
 
@@ -300,8 +288,7 @@ def add_service_commands(sub: Any) -> None:
     h.set_defaults(func=cmd_install_hook)
 
     st = sub.add_parser("status", help="what the daemon's last build did")
-    st.add_argument("--status", help="the status file [$UPDATER_STATUS]")
-    st.add_argument("--qmail-dir", dest="qmail_dir", help="qmail's home [$QMAIL_DIR]")
+    config.add_arguments(st, (), names=("qmail_dir", "status"))
     st.add_argument("--service", help="the daemon's service directory (its env/ is read); "
                     "default: a running daemon's own environment, else "
                     "$SERVICE/qmail-updater, /etc/service/qmail-updater, ...")

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .declare import Opt, _bool, _mode, _str, declared, setting, shown_default
+from . import declare
+from .declare import Opt, _bool, _mode, declared, qmail_home, setting, shown_default
 from .errors import ConfigError
 from .targets import parse_targets
 
@@ -26,9 +27,7 @@ class Settings:
     and default; ``setting`` adds its environment variable, help, group, parser and
     bounds.  ``OPTIONS`` (argparse, --help, the README table, the env/ dirs) follows."""
     # where qmail lives and what the generator reads
-    qmail_dir: str = setting(
-        "/var/qmail", env="QMAIL_DIR",
-        help="qmail's home (control/, users/, alias/)")
+    qmail_dir: str = qmail_home("qmail's home (control/, users/, alias/)")
     vpopmail_dir: str | None = setting(
         None, env="VPOPMAIL_DIR",
         help="vpopmail's home (default: ~vpopmail from passwd, else /home/vpopmail)")
@@ -267,8 +266,6 @@ class Settings:
             derived["cdb"] = self.control("validrcptto.cdb")
         if not self.ldap_domains:
             derived["ldap_domains"] = self.control("validrcptto.ldapdomains")
-        for opt in OPTIONS:
-            opt.check(getattr(self, opt.name))
         if not self.fifo:
             derived["fifo"] = self.control("validrcptto.trigger")
         if not self.status:
@@ -303,28 +300,11 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...],
 
 def load(args: argparse.Namespace | None = None,
          environ: Mapping[str, str] | None = None) -> Settings:
-    """defaults <- environment <- flags, parsed and resolved."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for opt in OPTIONS:
-        raw, origin = None, None
-        if opt.env in environ:
-            raw, origin = environ[opt.env], f"${opt.env}"
-            if raw == "" and opt.optional:
-                raw = None   # an empty envdir file means "use the default"
-        flag_value = getattr(args, opt.name, None) if args is not None else None
-        if flag_value is not None:
-            raw, origin = flag_value, opt.cli
-        if raw is None:
-            continue
-        assert opt.parse is not None
-        try:
-            values[opt.name] = opt.parse(raw.strip() if opt.parse is not _str else raw)
-        except ValueError as err:
-            raise ConfigError(f"{origin}: {err}") from None
+    """defaults <- environment <- flags (``declare.load``), then resolved."""
+    settings = declare.load(Settings, args, os.environ if environ is None else environ)
     if args is not None and getattr(args, "force", False):
-        values["force"] = True
-    return Settings(**values).resolve()
+        settings = dataclasses.replace(settings, force=True)
+    return settings.resolve()
 
 
 def option(name: str) -> Opt:

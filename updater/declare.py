@@ -2,16 +2,21 @@
 ``setting`` carries its default and type, and beside them its environment variable,
 help, parser, bounds and choices (``Opt``).  ``declared`` reads them back, in field
 order; argparse, ``--help``, the README tables and the shipped ``env/`` directories
-are made from (or tested against) that, never from a second table.  Pure."""
+are made from (or tested against) that, never from a second table; ``load`` is the one
+loader every program's settings go through (as Postfix's ``get_mail_conf_*_table``):
+a flag, else the variable, else the default, parsed and checked by the declaration.
+Pure."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 
 def _bool(text: str) -> bool:
@@ -24,14 +29,22 @@ def _bool(text: str) -> bool:
 
 
 def _float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"not a finite number: {text!r}")
     if value < 0:
         raise ValueError(f"must not be negative, got {text!r}")
     return value
 
 
 def _int(text: str) -> int:
-    value = int(text, 10)
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise ValueError(f"must not be negative, got {text!r}")
     return value
@@ -72,12 +85,61 @@ class Opt:
         return self.derived or self.default is None
 
     def check(self, value: Any) -> None:
-        """The bounds and choices (a ConfigError naming the variable)."""
+        """The bounds and choices (a ValueError saying what is wrong)."""
         if self.choices and value not in self.choices:
             expected = ", ".join(self.choices[:-1]) + " or " + self.choices[-1]
-            raise ConfigError(f"{self.env}: expected {expected}, got {value!r}")
+            raise ValueError(f"expected {expected}, got {value!r}")
         if self.positive and value <= 0:
-            raise ConfigError(f"{self.env}: must be positive, got {value}")
+            raise ValueError(f"must be positive, got {value}")
+
+    def value(self, flags: object, environ: Mapping[str, str]) -> Any:
+        """This setting's value: the flag's (argparse leaves an absent one None), else
+        the variable's, else ``_UNSET`` (the default).  An empty variable (an empty
+        ``env/`` file) is the default.  A value
+        that does not parse or is out of bounds is a ConfigError naming where it came
+        from."""
+        given = getattr(flags, self.name, None)
+        if given is not None:
+            origin, raw = self.cli, given
+        elif self.env and self.env in environ:
+            origin, raw = f"${self.env}", environ[self.env]
+            if not raw.strip():
+                return _UNSET
+        else:
+            return _UNSET
+        assert self.parse is not None
+        try:
+            if self.repeat:
+                items = raw.split() if isinstance(raw, str) else list(raw)
+                return [self.parse(x) for x in items]
+            value = self.parse(raw if self.parse is _str else raw.strip())
+            self.check(value)
+        except ValueError as err:
+            raise ConfigError(f"{origin}: {err}") from None
+        return value
+
+
+_UNSET: Any = object()
+
+
+def load(cls: type[T], flags: object, environ: Mapping[str, str],
+         error: Callable[[str], object] | None = None) -> T:
+    """A settings dataclass from flags (an argparse namespace, or None), the environment
+    and the defaults.  A bad value raises ConfigError; with ``error``, it is handed
+    that line instead (argparse's ``error`` exits 2; the tcpserver front end's keeps
+    the default: a bad server variable never costs a session)."""
+    values: dict[str, Any] = {}
+    for opt in declared(cls):
+        try:
+            value = opt.value(flags, environ)
+        except ConfigError as err:
+            if error is None:
+                raise
+            error(str(err))
+            continue
+        if value is not _UNSET:
+            values[opt.name] = value
+    return cls(**values)
 
 
 _PARSERS: dict[type, Callable[[str], Any]] = {bool: _bool, int: _int, float: _float, str: _str}
@@ -91,6 +153,12 @@ def setting(default: Any, *, env: str, help: str, parse: Callable[[str], Any] | 
     return dataclasses.field(default=default, metadata={"opt": Opt(
         env, help, parse or _PARSERS.get(type(default), _str), flag, group, derived,
         choices, positive, metavar, repeat)})
+
+
+def qmail_home(help: str) -> Any:
+    """QMAIL_DIR, declared once for every program (each says what it reads there)."""
+    return setting("/var/qmail", env="QMAIL_DIR", flag="--qmail-dir", metavar="DIR",
+                   help=help)
 
 
 def declared(cls: type) -> tuple[Opt, ...]:

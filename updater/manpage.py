@@ -178,7 +178,6 @@ def environ() -> str:
     from .config import Settings
     from .postfix.policyd import Options as PolicydOptions
     from .smtp.context import CONNECTION_ENV
-    from .smtpd.options import QUIET_ENV
     from .smtpd.options import Options as SmtpdOptions
     return "".join([
         header("qmail-updater-environ", 5, "the variables qmail-updater's programs read"),
@@ -193,8 +192,6 @@ def environ() -> str:
         item("UPDATER_USER", "service/qmail-updater/run only: run the daemon as this user "
              "(setuidgid)"),
         _declared("validrcptto-smtpd", "validrcptto-smtpd", SmtpdOptions),
-        item(QUIET_ENV, "1, yes or true: no ok/end/deny/busy line per connection "
-             "(validrcptto-smtpd --quiet)"),
         ".SS " + esc("validrcptto-smtpd, per connection (tcpserver's rules set them)") + "\n",
         "".join(item(name, what) for name, what in CONNECTION_ENV),
         ".SS " + esc("validrcptto-smtpd's run scripts") + "\n",

@@ -23,7 +23,26 @@ from ..errors import SourceError
 from .inputs import Inputs
 from .localdelivery import TAIL
 from .merge import Result, merge
-from .qmail import ENCODING, ERRORS, LIMITS, Account, MapEntry, UsersDb, cdb_keys, control_lines, first_line, lower_ascii, map_index, map_lookup, parse_assign, parse_domain_map, part_of, read_text, read_users_cdb, users_db
+from .qmail import (
+    ENCODING,
+    ERRORS,
+    LIMITS,
+    Account,
+    MapEntry,
+    UsersDb,
+    cdb_keys,
+    control_lines,
+    first_line,
+    lower_ascii,
+    map_index,
+    map_lookup,
+    parse_assign,
+    parse_domain_map,
+    part_of,
+    read_text,
+    read_users_cdb,
+    users_db,
+)
 from .qmail import accounts as load_accounts
 from .routing import DomainKeys, Router
 from .sources import Found, Notes, at

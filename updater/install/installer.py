@@ -188,8 +188,8 @@ def against_live(offer: Offer, path: str, image: mmap.mmap, exists: bool,
                      whole=True)
 
 
-def install(offer: Offer, path: str, *, max_shrink: float = 20.0, force: bool = False,
-            lock_timeout: float = 60.0, stop: threading.Event | None = None,
+def install(offer: Offer, path: str, *, max_shrink: float, force: bool = False,
+            lock_timeout: float, stop: threading.Event | None = None,
             intent: Intent = NO_INTENT) -> InstallReport:
     """Install ``offer`` at ``path`` if the file would change, each domain the gate
     doubts (or whose source failed, ``intent.failed``) keeping its live entries

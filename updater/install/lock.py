@@ -130,9 +130,10 @@ def take_lock(lock_path: str, timeout: float, stop: threading.Event | None = Non
 
 
 @contextlib.contextmanager
-def locked(path: str, timeout: float = 60.0,
+def locked(path: str, timeout: float,
            stop: threading.Event | None = None) -> Iterator[None]:
-    """An exclusive lock beside the cdb, so two builders never interleave."""
+    """An exclusive lock beside the cdb, so two builders never interleave (``timeout``:
+    UPDATER_LOCK_TIMEOUT, declared in config)."""
     fd = take_lock(path + ".lock", timeout, stop)
     try:
         yield

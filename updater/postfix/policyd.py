@@ -26,16 +26,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .. import __version__, declare
 from ..checker import check
-from ..declare import setting
+from ..declare import qmail_home, setting
 from ..limits import POLICYD_LOG_RATE, POLICYD_SWEEP, WRITE_HIGH
 from ..serving.cdbfile import CdbCache
 from ..serving.controlfiles import ControlError, morercpthosts_path, readfile
 from ..serving.listeners import RateLog, bind
 from ..serving.logline import logger
 from ..serving.loop import every, one_line_errors, stop_on_signals
-from ..serving.options import add_params, build
+from ..serving.options import add_params
 from ..serving.watched import Watched
 from ..smtp.addresses import rcpthosts_allows
 from ..textsafe import escape
@@ -309,9 +309,8 @@ class Options:
         None, flag="--listen", metavar="ADDR", env="LISTEN", repeat=True,
         help="HOST:PORT or unix:PATH to listen on (may be given more than once; required; the "
         "variable: separated by spaces)")
-    qmail_dir: str = setting(
-        "/var/qmail", flag="--qmail-dir", metavar="DIR", env="QMAIL_DIR",
-        help="qmail's home: control/rcpthosts and morercpthosts.cdb say which domains are ours")
+    qmail_dir: str = qmail_home(
+        "qmail's home: control/rcpthosts and morercpthosts.cdb say which domains are ours")
     cdb: str = setting(
         "", flag="--cdb", metavar="CDB", env="VALIDRCPTTO_CDB",
         help="the list (default: QMAIL_DIR/control/validrcptto.cdb)")
@@ -372,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     p = parser()
     ns = p.parse_args(sys.argv[1:] if argv is None else argv)
-    opts = build(Options, ns, os.environ, p.error)
+    opts = declare.load(Options, ns, os.environ, p.error)
     if not opts.listen:
         p.error("--listen (or $LISTEN) is required")
     opts.qmail_dir = os.path.abspath(opts.qmail_dir)

@@ -9,13 +9,12 @@ import os
 import ssl
 from dataclasses import dataclass
 
-from ..declare import setting
+from .. import declare
+from ..declare import qmail_home, setting
 from ..serving.controlfiles import ControlError
 from ..serving.listeners import parse_listen
-from ..serving.options import add_params, build
+from ..serving.options import add_params
 from .logline import PROG
-
-QUIET_ENV = "SMTPD_QUIET"
 
 
 @dataclass
@@ -26,9 +25,7 @@ class Options:
         help="listen on this address (0.0.0.0:25; [::]:25 for both families); without it, "
         "SMTP on fd 0/1 as under tcpserver (the shipped run script and unit build it from "
         "$IP and $PORT)")
-    qmail_dir: str = setting(
-        "/var/qmail", flag="--qmail-dir", metavar="DIR", env="QMAIL_DIR",
-        help="qmail's home: control/ and bin/qmail-queue")
+    qmail_dir: str = qmail_home("qmail's home: control/ and bin/qmail-queue")
     rules: str = setting(
         "", flag="--rules", metavar="CDB", env="TCPRULES",
         help="tcprules cdb, read as tcpserver -x reads it and re-read when it changes; missing "
@@ -71,8 +68,14 @@ class Options:
     checkpassword: str = setting(
         "", flag="--checkpassword", metavar="'PROG ARGS'", env="CHECKPASSWORD",
         help="checkpassword program for AUTH (none: no AUTH)")
-    verbose: bool = True
+    quiet: bool = setting(
+        False, flag="--quiet", env="SMTPD_QUIET",
+        help="no ok/end/deny/busy line per connection (off: one of each)")
     tls: ssl.SSLContext | None = None
+
+    @property
+    def verbose(self) -> bool:
+        return not self.quiet
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,9 +90,6 @@ def parser() -> argparse.ArgumentParser:
         epilog="exit status: as qmail-smtpd: 0 after QUIT, 1 otherwise; --listen: 0 after "
         "SIGTERM, 111 if it cannot listen or become --user, 2 usage")
     add_params(p, Options)
-    p.add_argument("--quiet", dest="verbose", action="store_false", default=None,
-                   help=f"no ok/end/deny/busy line per connection (default: one each) "
-                   f"[${QUIET_ENV}=1]")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -99,9 +99,8 @@ def parse_args(argv: list[str]) -> Options:
     p = parser()
     ns = p.parse_args(argv)
     # under tcpserver (no --listen) a bad server variable must not cost a session
-    opts = build(Options, ns, os.environ, p.error if ns.listen is not None else lambda _: None)
-    opts.verbose = ns.verbose if ns.verbose is not None else \
-        os.environ.get(QUIET_ENV, "").strip().lower() not in ("1", "yes", "true")
+    opts = declare.load(Options, ns, os.environ,
+                        p.error if ns.listen is not None else lambda _: None)
     if opts.listen is not None:
         try:
             parse_listen(opts.listen, unix=False)
@@ -110,8 +109,6 @@ def parse_args(argv: list[str]) -> Options:
     if opts.workers == 0:
         opts.workers = os.cpu_count() or 1
     opts.qmail_dir = os.path.abspath(opts.qmail_dir)
-    if opts.checkpassword:
-        os.environ["CHECKPASSWORD"] = opts.checkpassword
     if not opts.local_name:
         try:
             from ..serving.controlfiles import readline

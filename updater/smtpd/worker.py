@@ -34,8 +34,11 @@ class Worker:
         self.o, self.limits, self.metrics = opts, limits, metrics
         self.ipme = IpMe()
         # tcpserver's children get its environment, less what it sets per connection
+        # (and --checkpassword, which sessions run as tcpserver's would $CHECKPASSWORD)
         self.base_env = {k: v for k, v in os.environ.items()
                          if not k.startswith("TCP") and k not in ("RELAYCLIENT", "PROTO")}
+        if opts.checkpassword:
+            self.base_env["CHECKPASSWORD"] = opts.checkpassword
         # each control file its own last good copy: one that cannot be read (or is
         # being written) keeps its own, and never holds back a change to another
         self.files = {name: watched_file(opts.qmail_dir, name) for name in CONTROL_FILES}
@@ -44,8 +47,8 @@ class Worker:
         self.rules = CdbCache(opts.rules, log, strict=True) if opts.rules else None
         from .secure import checkpassword_argv, timeout_of
         self.tls = opts.tls                       # loaded before --user (keys are private)
-        self.checkpw = checkpassword_argv(os.environ)
-        self.checkpw_timeout = timeout_of(os.environ)
+        self.checkpw = checkpassword_argv(self.base_env)
+        self.checkpw_timeout = timeout_of(self.base_env)
         self.sessions: set[SmtpProtocol] = set()
         self.cleanups: set[asyncio.Task[None]] = set()   # qmail-queue aborts still running
         self.stopping = False

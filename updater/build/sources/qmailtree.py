@@ -14,10 +14,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ..dotqmail import bounces, fastforward_cdb, runs
 from ...errors import SourceError
-from ..inputs import Inputs, dotqmail_files
 from ...limits import DOTQMAIL_HEAD
+from ..dotqmail import bounces, fastforward_cdb, runs
+from ..inputs import Inputs, dotqmail_files
 from ..qmail import ENCODING, ERRORS, Account, UsersDb, cdb_keys, list_dir, lower_ascii, read_bytes
 from ..routing import Accepts, Rule
 from .vpopmail import check_names
