@@ -63,8 +63,9 @@ STDIO_READ_SIZE = 65536       # bytes per read under tcpserver
 # ---- the long-running servers' machinery
 LISTEN_BACKLOG = 1024         # the kernel's queue of connections not accepted yet
 RESTART_PAUSE = 0.5           # seconds before a dead worker is replaced
-SMTPD_SWEEP = 0.5             # seconds between checks of the sessions' read deadlines
-                              # (timeouts are whole seconds: half a second of slack)
+SERVING_SWEEP = 0.5           # seconds between sweeps of both servers' connections (read
+                              # deadlines, idle and trickling clients: the timeouts are
+                              # whole seconds, so half a second of slack)
 OWED_WAIT = 30.0              # after the grace period: seconds for replies owed after a
                               # message (qmail-queue's answer)
 RULES_LOG_EVERY = 60.0        # seconds between the lines about connections the rules drop
@@ -81,7 +82,5 @@ SCRAPE_TIMEOUT = 5.0          # seconds for each read and write of one
 POLICY_MAX_REQUEST = 65536    # bytes of one request: Postfix's are a few hundred
 POLICY_MAX_ATTRIBUTES = 100   # attributes of one request (Postfix sends about 30)
 POLICY_BATCH = 64             # requests answered per call; the rest wait for proceed()
-POLICYD_SWEEP = 1.0           # seconds between checks of idle connections (Postfix keeps
-                              # them open for minutes: a second of slack is nothing)
 WRITE_HIGH = 64 * 1024        # answers unsent past this: stop reading from the client
 POLICYD_LOG_RATE = 100        # decision lines a second; past that, one summary line

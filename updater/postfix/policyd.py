@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__, declare
 from ..checker import check
 from ..declare import qmail_home, setting
-from ..limits import POLICYD_LOG_RATE, POLICYD_SWEEP, WRITE_HIGH
+from ..limits import POLICYD_LOG_RATE, WRITE_HIGH
+from ..serving import skeleton
 from ..serving.cdbfile import CdbCache
 from ..serving.controlfiles import ControlError, morercpthosts_path, readfile
 from ..serving.listeners import RateLog, bind
 from ..serving.logline import logger
-from ..serving.loop import every, one_line_errors, stop_on_signals
 from ..serving.options import add_params
 from ..serving.watched import Watched
 from ..smtp.addresses import rcpthosts_allows
@@ -115,6 +115,31 @@ class Server:
         self.conns: set[PolicyProtocol] = set()
         self.serial = 0
         self.logs = RateLog(POLICYD_LOG_RATE, log)
+
+    # ---- what the serving skeleton asks of a server (skeleton.Service)
+    def protocol(self) -> PolicyProtocol:
+        return PolicyProtocol(self)
+
+    def sweep(self, now: float) -> None:
+        """Idle connections and requests trickled in too slowly are closed."""
+        limit, begun = now - self.o.idle_timeout, now - self.o.request_timeout
+        for c in list(self.conns):
+            if c.last < limit:
+                c.transport.abort()
+            elif c.partial_since is not None and c.partial_since < begun:
+                self.logs.line(f"{c.id} {c.peer}: request not complete within "
+                               f"{self.o.request_timeout:g}s of its first byte; closing")
+                c.transport.abort()
+        self.logs.flush()
+
+    def reload(self) -> None:
+        self.lookup.reload()
+        log("SIGHUP: re-reading rcpthosts and the cdb")
+
+    async def drain(self) -> None:
+        await asyncio.sleep(1.0)                      # answers in flight go out
+        for c in list(self.conns):
+            c.transport.abort()
 
     def note(self, conn: PolicyProtocol, reply: Reply) -> None:
         a = reply.answer
@@ -260,46 +285,15 @@ def metrics_collector(server: Server) -> Any:
     return Collector()
 
 
-async def serve(opts: Options, socks: list[socket.socket],
-                httpd: http.server.ThreadingHTTPServer | None = None) -> None:
-    loop = asyncio.get_running_loop()
-    one_line_errors(loop, log)
-    lookup = Lookup(opts.cdb, opts.qmail_dir)
-    server = Server(opts, lookup)
+def serve(opts: Options, socks: list[socket.socket],
+          httpd: http.server.ThreadingHTTPServer | None = None) -> int:
+    server = Server(opts, Lookup(opts.cdb, opts.qmail_dir))
     if httpd is not None:
         httpd.RequestHandlerClass.registry.register(  # type: ignore[attr-defined]
             metrics_collector(server))
         import threading
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    servers = [await loop.create_server(lambda: PolicyProtocol(server), sock=s) for s in socks]
-
-    def sweep() -> None:
-        now = time.monotonic()
-        limit, begun = now - opts.idle_timeout, now - opts.request_timeout
-        for c in list(server.conns):
-            if c.last < limit:
-                c.transport.abort()
-            elif c.partial_since is not None and c.partial_since < begun:
-                server.logs.line(f"{c.id} {c.peer}: request not complete within "
-                                 f"{opts.request_timeout:g}s of its first byte; closing")
-                c.transport.abort()
-        server.logs.flush()
-    every(loop, POLICYD_SWEEP, sweep)
-
-    def hup() -> None:
-        lookup.reload()
-        log("SIGHUP: re-reading rcpthosts and the cdb")
-    stop = stop_on_signals(loop, hup)
-    for s in socks:
-        name = s.getsockname()
-        log("listening on " + (name if isinstance(name, str) else f"{name[0]}:{name[1]}"))
-    await stop.wait()
-    for srv in servers:
-        srv.close()
-    await asyncio.sleep(1.0)                      # answers in flight go out
-    for c in list(server.conns):
-        c.transport.abort()
-    log("stopped")
+    return skeleton.run(server, socks, log)
 
 
 @dataclass
@@ -376,29 +370,14 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--listen (or $LISTEN) is required")
     opts.qmail_dir = os.path.abspath(opts.qmail_dir)
     opts.cdb = opts.cdb or os.path.join(opts.qmail_dir, "control", "validrcptto.cdb")
-    try:
-        mode = int(opts.socket_mode, 8)
-        socks = [bind(spec, mode, opts.socket_owner) for spec in opts.listen]
-    except (OSError, ValueError, KeyError) as err:
-        sys.stderr.write(f"{PROG}: cannot listen: {err}\n")
-        sys.exit(111)
-    httpd = None
-    if opts.metrics:
-        try:
-            from ..serving.metrics import bind as bind_metrics
-            from ..serving.metrics import http_server
-            httpd = http_server(bind_metrics(opts.metrics))
-        except (OSError, ValueError) as err:
-            sys.stderr.write(f"{PROG}: cannot serve metrics on {opts.metrics}: {err}\n")
-            sys.exit(111)
-    import cdbx  # noqa: F401  (loaded before --user: the installation may be root's)
-    if opts.user:
-        from ..serving.privileges import become
-        become(opts.user, PROG)
-    elif os.geteuid() == 0:
-        log("WARNING: running as root without --user")
-    try:
-        asyncio.run(serve(opts, socks, httpd))
-    except KeyboardInterrupt:
-        pass
-    sys.exit(0)
+    listen = opts.listen
+
+    def serve_metrics() -> Any:
+        from ..serving.metrics import bind as bind_metrics
+        from ..serving.metrics import http_server
+        return http_server(bind_metrics(opts.metrics))
+    opened = skeleton.open_server(
+        PROG, log, " ".join(listen),
+        lambda: [bind(spec, int(opts.socket_mode, 8), opts.socket_owner) for spec in listen],
+        opts.metrics, serve_metrics, opts.user)
+    sys.exit(serve(opts, opened.socks, opened.httpd))

@@ -13,10 +13,11 @@ into qmail-queue.  Bounded: ``--max-connections`` in all and ``--max-per-ip`` pe
 (past either: ``421`` and close), a command line is at most 4 KiB, a read 64 KiB.  Out of
 descriptors on accept: one log line, accepting pauses a second, sessions go on.
 
-Lifecycle: bind (as root for port 25), then ``--user`` (its uid and gid, no
-supplementary groups); SIGHUP re-reads the controls and the rules; SIGTERM stops
-accepting, lets sessions finish for ``--grace`` seconds, then answers the rest ``421``
-between commands and closes them; exit 0.
+Lifecycle (``serving.skeleton``, which validrcptto-policyd shares): bind (as root for
+port 25), then ``--user`` (its uid and gid, no supplementary groups); SIGHUP re-reads
+the controls and the rules; SIGTERM stops accepting, lets sessions finish for
+``--grace`` seconds, then answers the rest ``421`` between commands and closes them;
+exit 0.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..serving.anvil import Limits
 from ..serving.child import end_with_parent
 from ..serving.listeners import parse_listen
 from ..serving.metrics import Metrics
-from ..serving.privileges import become
+from ..serving.skeleton import open_server
 from .logline import PROG, log
 from .options import Options, parse_args
 from .worker import run_worker
@@ -117,37 +118,27 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
 
 
 def main(opts: Options) -> None:
-    if os.geteuid() == 0 and not opts.user:
-        log("WARNING: running as root without --user: every session runs as root "
-            "(give --user qmaild, or SMTPD_USER in the service's env)")
-    try:
-        socks = [bind(opts, opts.workers > 1) for _ in range(opts.workers)]
-    except (OSError, ValueError) as err:
-        sys.stderr.write(f"{PROG}: cannot listen on {opts.listen}: {err}\n")
-        sys.exit(111)
     limits = Limits(opts.max_connections, opts.max_per_ip, opts.workers,
                     (opts.harvest_limit, opts.harvest_window))
     metrics = Metrics(opts.workers)
-    httpd = None
-    if opts.metrics:
-        try:
-            from ..serving.metrics import bind as bind_metrics
-            from ..serving.metrics import server as metrics_server
-            httpd = metrics_server(metrics, bind_metrics(opts.metrics))
-        except (OSError, ValueError) as err:
-            sys.stderr.write(f"{PROG}: cannot serve metrics on {opts.metrics}: {err}\n")
-            sys.exit(111)
-    # everything a session needs is loaded while we may still read it: after --user,
-    # the Python installation (root's, often) may be out of reach
-    import concurrent.futures.thread  # noqa: F401
-    import ssl  # noqa: F401
 
-    import cdbx  # noqa: F401
+    def serve_metrics() -> Any:
+        from ..serving.metrics import bind as bind_metrics
+        from ..serving.metrics import server as metrics_server
+        return metrics_server(metrics, bind_metrics(opts.metrics))
 
-    from . import secure
-    opts.tls = secure.tls_context(opts.qmail_dir, os.environ, log)
-    if opts.user:
-        become(opts.user, PROG)
+    def preload() -> None:
+        # everything a session needs is loaded while we may still read it: after
+        # --user, the Python installation (root's, often) may be out of reach
+        import concurrent.futures.thread  # noqa: F401
+        import ssl  # noqa: F401
+
+        from . import secure
+        opts.tls = secure.tls_context(opts.qmail_dir, os.environ, log)
+    opened = open_server(PROG, log, opts.listen or "",
+                         lambda: [bind(opts, opts.workers > 1) for _ in range(opts.workers)],
+                         opts.metrics, serve_metrics, opts.user, preload)
+    socks, httpd = opened.socks, opened.httpd
     if opts.workers == 1:
         if httpd is not None:
             import threading

@@ -11,12 +11,12 @@ from collections.abc import Coroutine
 from typing import Any
 
 from ..checker import CdbGetter
-from ..limits import OWED_WAIT, RULES_LOG_EVERY, SMTPD_SWEEP
+from ..limits import OWED_WAIT, RULES_LOG_EVERY
+from ..serving import skeleton
 from ..serving.anvil import Limits
 from ..serving.cdbfile import CdbCache
 from ..serving.child import LIVE
 from ..serving.controlfiles import ControlError, morercpthosts_path
-from ..serving.loop import every, one_line_errors, stop_on_signals
 from ..serving.metrics import Metrics
 from ..serving.watched import CONTROL_FILES, Watched
 from ..smtp.context import Controls
@@ -142,57 +142,53 @@ class Worker:
             raise ControlError(f"{where}{err.strerror or err}") from None
         return controls, cdb, more
 
+    # ---- what the serving skeleton asks of a server (skeleton.Service)
+    def protocol(self) -> SmtpProtocol:
+        return SmtpProtocol(self)
 
-async def serve(opts: Options, sock: socket.socket, limits: Limits, metrics: Metrics) -> None:
-    loop = asyncio.get_running_loop()
-    worker = Worker(opts, limits, metrics)
-    one_line_errors(loop, log)
-    server = await loop.create_server(lambda: SmtpProtocol(worker), sock=sock)
-
-    def sweep() -> None:                        # read deadlines, checked twice a second
-        now = time.monotonic()
-        for p in list(worker.sessions):
+    def sweep(self, now: float) -> None:
+        """The sessions' read deadlines."""
+        for p in list(self.sessions):
             if p.session is not None and p.session.deadline <= now:
                 p.on_timeout()
-    every(loop, SMTPD_SWEEP, sweep)
-    if worker.rules is not None:
-        try:
-            worker.rules_current()
-        except OSError as err:
-            log(f"{worker.rules_error(err)}; every connection is dropped until it is fixed")
-    addr = sock.getsockname()
-    log(f"listening on {addr[0]}:{addr[1]}")
-    stop = stop_on_signals(loop, worker.reload)
-    await stop.wait()
-    server.close()                              # no new connections
-    worker.stopping = True
-    log(f"SIGTERM: not accepting; {len(worker.sessions)} sessions have {opts.grace:g}s")
-    deadline = loop.time() + opts.grace
-    while worker.sessions and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    worker.grace_over = True
-    for p in list(worker.sessions):
-        p.shut_down()
-    deadline = loop.time() + OWED_WAIT           # sessions owed a reply after a message
-    while worker.sessions and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    for p in list(worker.sessions):
-        if p.transport is not None:
-            p.transport.abort()
-    await asyncio.sleep(0)                       # their connection_lost: tasks cancelled
-    if worker.cleanups:
-        await asyncio.wait(list(worker.cleanups), timeout=AsyncQueue.ABORT_WAIT + 1)
-    for child in list(LIVE):                     # nothing is left behind unreaped
-        child.kill()
-    log("stopped")
+
+    def started(self) -> None:
+        if self.rules is not None:
+            try:
+                self.rules_current()
+            except OSError as err:
+                log(f"{self.rules_error(err)}; every connection is dropped until it is fixed")
+
+    async def drain(self) -> None:
+        """SIGTERM: the sessions have --grace seconds, then 421 between commands; the
+        replies owed after a message go out; what is left is closed, and no qmail-queue
+        or checkpassword child outlives the worker."""
+        loop = asyncio.get_running_loop()
+        self.stopping = True
+        log(f"SIGTERM: not accepting; {len(self.sessions)} sessions have {self.o.grace:g}s")
+        deadline = loop.time() + self.o.grace
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self.grace_over = True
+        for p in list(self.sessions):
+            p.shut_down()
+        deadline = loop.time() + OWED_WAIT           # sessions owed a reply after a message
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for p in list(self.sessions):
+            if p.transport is not None:
+                p.transport.abort()
+        await asyncio.sleep(0)                       # their connection_lost: tasks cancelled
+        if self.cleanups:
+            await asyncio.wait(list(self.cleanups), timeout=AsyncQueue.ABORT_WAIT + 1)
+        for child in list(LIVE):                     # nothing is left behind unreaped
+            child.kill()
 
 
 def run_worker(opts: Options, sock: socket.socket, limits: Limits, metrics: Metrics) -> int:
-    try:
-        asyncio.run(serve(opts, sock, limits, metrics))
-    except KeyboardInterrupt:
-        pass
-    return 0
+    """One worker process: the skeleton's loop around a ``Worker``."""
+    worker = Worker(opts, limits, metrics)
+    return skeleton.run(worker, [sock], log, worker.started)
 
 
 def watched_file(qmail_dir: str, name: str) -> Watched[Any]:
