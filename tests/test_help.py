@@ -219,8 +219,8 @@ def test_one_loader_for_every_program(tmp_path: Path):
     from updater import declare
     from updater.config import load
     from updater.errors import ConfigError
-    from updater.postfix.policyd import Options as PolicydOptions
-    from updater.smtpd.options import Options as SmtpdOptions
+    from updater.postfix.policyd import PolicydOptions
+    from updater.smtpd.options import SmtpdOptions
     for cls, var in ((SmtpdOptions, "GRACE"), (PolicydOptions, "IDLE_TIMEOUT")):
         with pytest.raises(ConfigError, match=rf"^\${var}: not a number: 'x'$"):
             declare.load(cls, None, {var: "x"})

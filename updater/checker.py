@@ -12,6 +12,9 @@ import os
 from collections import namedtuple
 from collections.abc import Callable, Iterator
 
+REJECT = b"-"       # the value of a key that refuses: any value whose first byte is ``-``
+                    # refuses (rule 8); the list writes this one
+
 # accepted: bool; key: the key that decided (None when nothing was found); value: its
 # value; tried: every key looked up, in order.
 Verdict = namedtuple("Verdict", "accepted key value tried")
@@ -48,7 +51,7 @@ def check(get: Callable[[bytes], bytes | None], address: bytes) -> Verdict:
         tried.append(key)
         value = get(key)
         if value is not None:
-            return Verdict(not value.startswith(b"-"), key, value, tuple(tried))
+            return Verdict(not value.startswith(REJECT), key, value, tuple(tried))
     return Verdict(False, None, None, tuple(tried))
 
 

@@ -142,13 +142,14 @@ def cmd_check(args: argparse.Namespace, settings: config.Settings) -> int:
 def cmd_dump(args: argparse.Namespace, settings: config.Settings) -> int:
     """What lookups in the cdb find, in cdbdump's format (or, ``--keys``, as generate
     prints them): records an incremental install left behind are not shown."""
+    from .checker import REJECT
     from .install.stablecdb import NotCdb, read_items
     path = settings.cdb
     write = sys.stdout.buffer.write
     try:
         if args.keys:
             for k, v in read_items(path):
-                write(k + (b" -\n" if v[:1] == b"-" else b"\n"))
+                write(k + (b" -\n" if v[:1] == REJECT else b"\n"))
         else:
             for k, v in read_items(path):
                 write(b"+%d,%d:%s->%s\n" % (len(k), len(v), k, v))

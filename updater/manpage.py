@@ -176,9 +176,9 @@ def _declared(title: str, prog: str, cls: type) -> str:
 
 def environ() -> str:
     from .config import Settings
-    from .postfix.policyd import Options as PolicydOptions
+    from .postfix.policyd import PolicydOptions
     from .smtp.context import CONNECTION_ENV
-    from .smtpd.options import Options as SmtpdOptions
+    from .smtpd.options import SmtpdOptions
     return "".join([
         header("qmail-updater-environ", 5, "the variables qmail-updater's programs read"),
         ".SH DESCRIPTION\n",

@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checker import REJECT
 from .qmail import ENCODING, ERRORS
 from .sources import Found, Notes
 
 _BAD = re.compile(rb"[\x00-\x09\x0b-\x20\x7f]")          # \n separates the keys
-REJECT_VALUE = b"-"
 
 
 def normalise(keys: list[Any], origin: str, notes: Notes) -> list[bytes]:
@@ -62,7 +62,7 @@ class Result:
 
     def value(self, key: bytes) -> bytes:
         """``-`` for a rejecting key, else empty."""
-        return REJECT_VALUE if key in self.rejects else b""
+        return REJECT if key in self.rejects else b""
 
     def items(self) -> list[tuple[bytes, bytes]]:
         return [(k, self.value(k)) for k in self.sorted_keys()]

@@ -17,7 +17,7 @@ if TYPE_CHECKING:                   # (watchdog is imported when the daemon star
     from watchdog.events import FileSystemEvent
     from watchdog.observers.api import BaseObserver
 
-Targets = dict[str, tuple[set[str], tuple[str, ...]]]
+WatchPlan = dict[str, tuple[set[str], tuple[str, ...]]]
 
 
 def watch_targets(settings: Settings, record: Inputs | None
@@ -84,7 +84,7 @@ class Watcher:
         self.s, self.log, self.on_change, self.ignore = settings, log, on_change, ignore
         self.observer: BaseObserver | None = None
         self.polling = settings.poll > 0
-        self.targets: Targets = {}
+        self.targets: WatchPlan = {}
         self.record: Inputs | None = None
 
     def start(self, record: Inputs | None = None) -> None:
@@ -125,7 +125,7 @@ class Watcher:
                      f"{' by polling' if self.polling else ''}")
             return
 
-    def _observer(self, targets: Targets) -> BaseObserver:
+    def _observer(self, targets: WatchPlan) -> BaseObserver:
         from watchdog import events
         from watchdog.events import (
             FileClosedEvent,

@@ -14,9 +14,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
+from ..checker import REJECT
 from ..errors import InstallError
 from ..limits import FILE_CHUNK, STRETCH_LIMIT
-from .stablecdb import REJECT, FileBytes, read_items
+from .stablecdb import FileBytes, read_items
 
 
 @dataclass

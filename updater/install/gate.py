@@ -29,12 +29,11 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checker import check
+from ..checker import REJECT, check
 from ..limits import GATE_WINDOW, MIN_LOSS
 
 Getter = Callable[[bytes], "bytes | None"]
 TAIL = b"\x01"                # a local part no listed name contains
-REJECT = b"-"
 
 
 def probe(key: bytes) -> bytes:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import atomicfile
 from ..build.qmail import ENCODING, ERRORS, part_of
-from ..checker import CdbGetter, open_cdb
+from ..checker import REJECT, CdbGetter, open_cdb
 from ..errors import InstallError
 from ..ident import Ident, identity, of_stat
 from ..limits import MAX_GARBAGE
@@ -30,7 +30,7 @@ from .gate import accepting_under, set_getter
 from .liverecord import read_record, save_record, write_atomically
 from .lock import locked
 from .outcome import InstallReport
-from .stablecdb import REJECT, NotCdb, make_cdb, read_items, write_cdb
+from .stablecdb import NotCdb, make_cdb, read_items, write_cdb
 from .verdict import NO_INTENT, Candidate, Intent, counts_of, settle
 
 if TYPE_CHECKING:

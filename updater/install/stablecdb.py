@@ -33,9 +33,9 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ..checker import REJECT
 from ..limits import COPY_CHUNK, MAX_REBUILT
 
-REJECT = b"-"             # the value of a key that rejects (REFERENCE §1)
 HEADER = 2048             # 256 x (table position, slot count), 32-bit little-endian
 LIMIT = 0xFFFFFFFF        # every position in a cdb is 32 bits
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..build.qmail import ENCODING, ERRORS, part_of
+from ..checker import REJECT
 from ..errors import InstallRefused
 from .cdbdiff import Changes
 from .gate import DomainChange, Getter, Peak, carried, judge_domain, lost
 from .liverecord import Held, LiveRecord
-from .stablecdb import REJECT
 
 if TYPE_CHECKING:
     import mmap

@@ -39,7 +39,7 @@ from ..serving.options import add_params
 from ..serving.watched import Watched
 from ..smtp.addresses import rcpthosts_allows
 from ..textsafe import escape
-from .protocol import NOMAILBOX_ACTION, Answer, Conversation, Reply, Settings
+from .protocol import NOMAILBOX_ACTION, Answer, Conversation, PolicySettings, Reply
 
 if TYPE_CHECKING:
     import http.server
@@ -104,13 +104,13 @@ class Counts:
 
 
 class Server:
-    def __init__(self, opts: Options, lookup: Lookup):
+    def __init__(self, opts: PolicydOptions, lookup: Lookup):
         self.o, self.lookup = opts, lookup
         self.counts = Counts()
         reject = opts.reject_action
-        if opts.reply == "550" and reject == Settings.reject:
+        if opts.reply == "550" and reject == PolicySettings.reject:
             reject = NOMAILBOX_ACTION
-        self.settings = Settings(reject=reject, unavailable=opts.unavailable_action,
+        self.settings = PolicySettings(reject=reject, unavailable=opts.unavailable_action,
                                  map_name=opts.map_name.encode())
         self.conns: set[PolicyProtocol] = set()
         self.serial = 0
@@ -285,7 +285,7 @@ def metrics_collector(server: Server) -> Any:
     return Collector()
 
 
-def serve(opts: Options, socks: list[socket.socket],
+def serve(opts: PolicydOptions, socks: list[socket.socket],
           httpd: http.server.ThreadingHTTPServer | None = None) -> int:
     server = Server(opts, Lookup(opts.cdb, opts.qmail_dir))
     if httpd is not None:
@@ -297,7 +297,7 @@ def serve(opts: Options, socks: list[socket.socket],
 
 
 @dataclass
-class Options:
+class PolicydOptions:
     """validrcptto-policyd's options, each declared once (``declare.setting``)."""
     listen: list[str] | None = setting(
         None, flag="--listen", metavar="ADDR", env="LISTEN", repeat=True,
@@ -309,7 +309,7 @@ class Options:
         "", flag="--cdb", metavar="CDB", env="VALIDRCPTTO_CDB",
         help="the list (default: QMAIL_DIR/control/validrcptto.cdb)")
     reject_action: str = setting(
-        Settings.reject, flag="--reject-action", metavar="TEXT", env="REJECT_ACTION",
+        PolicySettings.reject, flag="--reject-action", metavar="TEXT", env="REJECT_ACTION",
         help="policy answer for a refused recipient ({address} is replaced by the recipient; "
         "Postfix itself puts \"<ADDRESS>: Recipient address rejected:\" before the text)")
     reply: str = setting(
@@ -318,7 +318,8 @@ class Options:
         "name) where no --reject-action is given, as validrcptto-smtpd does; 553: the "
         "reject action as it is")
     unavailable_action: str = setting(
-        Settings.unavailable, flag="--unavailable-action", metavar="TEXT", env="UNAVAILABLE_ACTION",
+        PolicySettings.unavailable, flag="--unavailable-action", metavar="TEXT",
+        env="UNAVAILABLE_ACTION",
         help="policy answer when the cdb cannot be read")
     map_name: str = setting(
         "validrcptto", flag="--map-name", metavar="NAME", env="MAP_NAME",
@@ -357,7 +358,7 @@ def parser() -> argparse.ArgumentParser:
         "first byte of each connection.",
         epilog="exit status: 0 after SIGTERM, 111 if it cannot listen or become --user, "
         "2 usage")
-    add_params(p, Options)
+    add_params(p, PolicydOptions)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -365,7 +366,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     p = parser()
     ns = p.parse_args(sys.argv[1:] if argv is None else argv)
-    opts = declare.load(Options, ns, os.environ, p.error)
+    opts = declare.load(PolicydOptions, ns, os.environ, p.error)
     if not opts.listen:
         p.error("--listen (or $LISTEN) is required")
     opts.qmail_dir = os.path.abspath(opts.qmail_dir)

@@ -38,7 +38,7 @@ class Answer:
 
 
 @dataclass(frozen=True)
-class Settings:
+class PolicySettings:
     # Postfix writes "550 5.1.1 <ADDRESS>: Recipient address rejected: " before the text
     reject: str = "REJECT 5.1.1 not in my validrcptto list"
     unavailable: str = "DEFER_IF_PERMIT 4.3.0 recipient list temporarily unavailable"
@@ -64,7 +64,7 @@ class Reply:
 class Conversation:
     """One client connection."""
 
-    def __init__(self, decide: Decide, settings: Settings = Settings()):
+    def __init__(self, decide: Decide, settings: PolicySettings = PolicySettings()):
         self.decide, self.s = decide, settings
         self.buf = b""
         self.kind: str | None = None            # "policy" or "socketmap"

@@ -15,7 +15,7 @@ from ..smtp.events import Event
 from ..smtp.replies import R_CONTROLS, R_SHUTDOWN, Refusal
 from .controls import open_session, queue_program
 from .host import Host
-from .logline import log
+from .prog import log
 from .queue import AsyncQueue
 from .tcprules import lookup, relays
 

@@ -14,14 +14,14 @@ from ..serving.cdbfile import CdbCache
 from ..serving.metrics import Metrics
 from ..smtp.context import Controls
 from .controls import IpMe
-from .options import Options
+from .options import SmtpdOptions
 
 
 class Host(Protocol):
     """What a connection needs of the worker process that owns it (``worker.Worker`` is
     one): its options, limits, metrics, cached controls and rules, TLS and AUTH set-up,
     and the sessions it counts."""
-    o: Options
+    o: SmtpdOptions
     limits: Limits
     metrics: Metrics
     base_env: dict[str, str]

@@ -35,20 +35,20 @@ from ..serving.child import end_with_parent
 from ..serving.listeners import parse_listen
 from ..serving.metrics import Metrics
 from ..serving.skeleton import open_server
-from .logline import PROG, log
-from .options import Options, parse_args
+from .options import SmtpdOptions, parse_args
+from .prog import PROG, log
 from .worker import run_worker
 
-__all__ = ["Options", "parse_args", "main"]
+__all__ = ["SmtpdOptions", "parse_args", "main"]
 
 
-def bind(opts: Options, reuse_port: bool) -> socket.socket:
+def bind(opts: SmtpdOptions, reuse_port: bool) -> socket.socket:
     from ..serving.netsock import listen_tcp
     _, host, port = parse_listen(opts.listen or "", unix=False)
     return listen_tcp(host, port, LISTEN_BACKLOG, reuse_port=reuse_port)
 
 
-def fork_child(i: int, master: int, opts: Options, socks: list[socket.socket],
+def fork_child(i: int, master: int, opts: SmtpdOptions, socks: list[socket.socket],
                limits: Limits, metrics: Metrics, httpd: Any) -> int:
     """Fork worker ``i`` (its socket only; -1: the /metrics server); the child never
     returns, and ends with the master."""
@@ -72,7 +72,7 @@ def fork_child(i: int, master: int, opts: Options, socks: list[socket.socket],
     os._exit(run_worker(opts, socks[i], limits, metrics))
 
 
-def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
+def supervise_workers(opts: SmtpdOptions, socks: list[socket.socket], limits: Limits,
                       metrics: Metrics, httpd: Any = None) -> int:
     """The parent of ``--workers N``: starts them (and, with --metrics, a process that
     serves /metrics: this one forks, so it runs no threads), restarts one that dies,
@@ -117,7 +117,7 @@ def supervise_workers(opts: Options, socks: list[socket.socket], limits: Limits,
     return 0
 
 
-def main(opts: Options) -> None:
+def main(opts: SmtpdOptions) -> None:
     limits = Limits(opts.max_connections, opts.max_per_ip, opts.workers,
                     (opts.harvest_limit, opts.harvest_window))
     metrics = Metrics(opts.workers)

@@ -1,4 +1,4 @@
-"""validrcptto-smtpd's options: one dataclass (``Options``) whose fields declare every
+"""validrcptto-smtpd's options: one dataclass (``SmtpdOptions``) whose fields declare every
 option once; argparse, ``--help`` and the README's table are made from (or tested
 against) it."""
 
@@ -14,11 +14,11 @@ from ..declare import qmail_home, setting
 from ..serving.controlfiles import ControlError
 from ..serving.listeners import parse_listen
 from ..serving.options import add_params
-from .logline import PROG
+from .prog import PROG
 
 
 @dataclass
-class Options:
+class SmtpdOptions:
     """validrcptto-smtpd's options, each declared once (``declare.setting``)."""
     listen: str | None = setting(
         None, flag="--listen", metavar="HOST:PORT", env="",
@@ -89,17 +89,17 @@ def parser() -> argparse.ArgumentParser:
         "QMAILQUEUE, CHECKPASSWORD, TLS_CERT, ...: see qmail-updater-environ(5)).",
         epilog="exit status: as qmail-smtpd: 0 after QUIT, 1 otherwise; --listen: 0 after "
         "SIGTERM, 111 if it cannot listen or become --user, 2 usage")
-    add_params(p, Options)
+    add_params(p, SmtpdOptions)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
-def parse_args(argv: list[str]) -> Options:
-    """Options for either front end; argparse's exit 2 on a bad argument."""
+def parse_args(argv: list[str]) -> SmtpdOptions:
+    """SmtpdOptions for either front end; argparse's exit 2 on a bad argument."""
     p = parser()
     ns = p.parse_args(argv)
     # under tcpserver (no --listen) a bad server variable must not cost a session
-    opts = declare.load(Options, ns, os.environ,
+    opts = declare.load(SmtpdOptions, ns, os.environ,
                         p.error if ns.listen is not None else lambda _: None)
     if opts.listen is not None:
         try:

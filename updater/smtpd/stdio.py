@@ -200,7 +200,7 @@ class Driver:
 def run(qmail_dir: str, env: Mapping[str, str], rfd: int = 0, wfd: int = 1,
         log: Callable[[str], None] | None = None) -> int:
     if log is None:
-        from .logline import log as default_log
+        from .prog import log as default_log
         log = default_log
     try:
         conn = SessionSetup(qmail_dir, env, IpMe())

@@ -22,15 +22,15 @@ from ..serving.watched import CONTROL_FILES, Watched
 from ..smtp.context import Controls
 from .connection import SmtpProtocol
 from .controls import IpMe, read_controls, read_file
-from .logline import log
-from .options import Options
+from .options import SmtpdOptions
+from .prog import log
 from .queue import AsyncQueue
 
 
 class Worker:
     """One process's state: the cached controls, cdb snapshots, rules; the sessions."""
 
-    def __init__(self, opts: Options, limits: Limits, metrics: Metrics):
+    def __init__(self, opts: SmtpdOptions, limits: Limits, metrics: Metrics):
         self.o, self.limits, self.metrics = opts, limits, metrics
         self.ipme = IpMe()
         # tcpserver's children get its environment, less what it sets per connection
@@ -185,7 +185,7 @@ class Worker:
             child.kill()
 
 
-def run_worker(opts: Options, sock: socket.socket, limits: Limits, metrics: Metrics) -> int:
+def run_worker(opts: SmtpdOptions, sock: socket.socket, limits: Limits, metrics: Metrics) -> int:
     """One worker process: the skeleton's loop around a ``Worker``."""
     worker = Worker(opts, limits, metrics)
     return skeleton.run(worker, [sock], log, worker.started)

@@ -1,4 +1,4 @@
-"""validrcptto-smtpd's name and log (``updater.logline``)."""
+"""validrcptto-smtpd's name and its log function (made by ``serving.logline``)."""
 
 from __future__ import annotations
 
