@@ -44,7 +44,11 @@ def compile_tools(work: Path) -> tuple[str, str] | None:
     return str(load), str(qq)
 
 
-def qmail_tree(qmail: Path, qq: str, extra_keys: int = 10000) -> None:
+# the two recipients smtpload's sessions send that the list does not have
+UNLISTED = [b"nobody1@example.com", b"nobody2@example.com"]
+
+
+def qmail_tree(qmail: Path, qq: str, extra_keys: int = 10000, listed: bool = False) -> None:
     import cdbx
 
     (qmail / "control").mkdir(parents=True, exist_ok=True)
@@ -58,7 +62,7 @@ def qmail_tree(qmail: Path, qq: str, extra_keys: int = 10000) -> None:
             pass
     shutil.copy(qq, qmail / "bin/qmail-queue")
     maker = cdbx.CDB.make(str(qmail / "control/validrcptto.cdb"))
-    for k in KEYS:
+    for k in KEYS + (UNLISTED if listed else []):
         maker.add(k, b"")
     for i in range(extra_keys):
         maker.add(b"user%d@example.com" % i, b"")
@@ -122,11 +126,12 @@ def rss_kb(pid: int) -> int:
 
 
 class Servers:
-    def __init__(self, work: Path, qq: str, reference: str | None, reference_dir: str | None):
+    def __init__(self, work: Path, qq: str, reference: str | None, reference_dir: str | None,
+                 listed: bool = False):
         self.work, self.reference = work, reference
         self.tcpserver = shutil.which("tcpserver")
         self.ours_dir = work / "qmail"
-        qmail_tree(self.ours_dir, qq)
+        qmail_tree(self.ours_dir, qq, listed=listed)
         self.ref_dir = Path(reference_dir) if reference_dir else None
         if self.ref_dir is not None:
             qmail_tree(self.ref_dir, qq, extra_keys=0)
@@ -144,7 +149,8 @@ class Servers:
         )
 
     def start(
-        self, kind: str, concurrency: int = 400, extra: tuple[str, ...] = ()
+        self, kind: str, concurrency: int = 400, extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None
     ) -> tuple[subprocess.Popen, int] | None:
         port = free_port()
         if kind == "listen":
@@ -169,7 +175,7 @@ class Servers:
             return None
         proc = subprocess.Popen(
             argv,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -230,9 +236,12 @@ def measure(
     databytes: int = 0,
     tls: bool = False,
     metrics: bool = False,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> dict | None:
     mport = free_port()
-    started = servers.start(kind, extra=("--metrics", f"127.0.0.1:{mport}") if metrics else ())
+    started = servers.start(
+        kind, extra=extra + (("--metrics", f"127.0.0.1:{mport}") if metrics else ()), env=env)
     if started is None:
         return None
     proc, port = started
@@ -264,8 +273,12 @@ def measure(
         servers.stop(proc)
 
 
-def idle_rss(servers: Servers, kind: str, connections: int = 1000) -> int | None:
-    started = servers.start(kind, concurrency=connections + 100)
+def idle_rss(servers: Servers, kind: str, connections: int = 1000, tarpit: int = 0
+             ) -> int | None:
+    """The server's RSS with ``connections`` open: idle after the greeting, or (with
+    ``tarpit`` ms) each waiting for the answer to a refused RCPT."""
+    started = servers.start(kind, concurrency=connections + 100,
+                            env={"VALIDRCPTTO_TARPIT": str(tarpit)} if tarpit else None)
     if started is None:
         return None
     proc, port = started
@@ -277,7 +290,9 @@ def idle_rss(servers: Servers, kind: str, connections: int = 1000) -> int | None
             socks.append(s)
         for s in socks:
             s.recv(100)
-        time.sleep(1)
+            if tarpit:
+                s.sendall(b"HELO b\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<nobody1@example.com>\r\n")
+        time.sleep(2)
         return rss_kb(proc.pid)
     finally:
         for s in socks:
@@ -407,6 +422,7 @@ def run(bench, reference: str | None, reference_dir: str | None, seconds: float 
             met=None,
         )
         (servers.ours_dir / "control/servercert.pem").unlink()
+    features(bench, work, qq, client, servers, seconds)
     ours_rss = idle_rss(servers, "listen")
     ref_rss = idle_rss(servers, "c")
     bench.row(
@@ -416,4 +432,46 @@ def run(bench, reference: str | None, reference_dir: str | None, seconds: float 
         ratio=ours_rss / ref_rss if ref_rss else None,
         target="<= 100 MB",
         met=ours_rss <= 100 * 1024,
+    )
+
+
+def features(bench, work: Path, qq: str, client: str, servers: Servers, seconds: float) -> None:
+    """What the opt-in defences cost: the tarpit when no recipient is refused (its
+    sessions must run as fast as without it), the harvester table counting every
+    refusal (a limit never reached), and sessions waiting in the tarpit (each must cost
+    no more than an idle one: no thread, no buffer)."""
+    listed = Servers(work / "listed", qq, None, None, listed=True)
+    plain = measure(listed, "listen", client, 20, seconds)
+    tarpit = measure(listed, "listen", client, 20, seconds, env={"VALIDRCPTTO_TARPIT": "1000"})
+    ratio = tarpit["rate"] / plain["rate"]
+    bench.row(
+        what="sessions/s, --listen, c=20, VALIDRCPTTO_TARPIT=1000, nothing refused (vs without)",
+        ours=f"{tarpit['rate']:.0f}",
+        reference=f"{plain['rate']:.0f}",
+        ratio=ratio,
+        target=">= 0.95x",
+        met=ratio >= 0.95,
+    )
+    plain = measure(servers, "listen", client, 20, seconds)
+    counted = measure(servers, "listen", client, 20, seconds,
+                      extra=("--harvest-limit", "1000000000"))
+    ratio = counted["rate"] / plain["rate"]
+    bench.row(
+        what="sessions/s, --listen, c=20, --harvest-limit counting 2 refusals a session "
+        "(vs without)",
+        ours=f"{counted['rate']:.0f}",
+        reference=f"{plain['rate']:.0f}",
+        ratio=ratio,
+        target=">= 0.95x",
+        met=ratio >= 0.95,
+    )
+    idle = idle_rss(servers, "listen", 200)
+    waiting = idle_rss(servers, "listen", 200, tarpit=30000)
+    bench.row(
+        what="RSS of the whole server, 200 sessions waiting in the tarpit (vs 200 idle)",
+        ours=f"{waiting // 1024} MB",
+        reference=f"{idle // 1024} MB",
+        ratio=waiting / idle,
+        target="<= 1.1x",
+        met=waiting <= idle * 1.1,
     )
