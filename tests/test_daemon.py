@@ -432,3 +432,25 @@ def test_a_live_cdb_deleted_or_replaced_by_hand_is_put_back(tree: Tree, running)
     r.wait(r"build \(its .sources file was deleted\): unchanged ")
     wait_for(sources.exists, 10, "the .sources file back")
     assert r.count(r"build failed") == 0
+
+
+def test_a_status_file_that_cannot_be_written_is_said_once(tree: Tree, running):
+    """The status file's directory is a plain file for a while (ENOTDIR: root cannot
+    write there either): the daemon says so once, keeps building, and says when it can
+    write the file again, which ``status`` then reads."""
+    setup_tree(tree)
+    where = tree.root / "state"
+    where.write_text("not a directory\n")
+    status = where / "validrcptto.status"
+    r = running(UPDATER_STATUS=str(status))
+    r.wait(r"cannot write the status file: .*Not a directory")
+    subprocess.run([script("qmail-updater"), "trigger", "one"], env=tree.env(), check=True)
+    r.wait(r"build \(fifo: one\)")
+    where.unlink()
+    where.mkdir()
+    subprocess.run([script("qmail-updater"), "trigger", "two"], env=tree.env(), check=True)
+    r.wait(r"the status file is written again")          # the build's own write
+    assert r.count(r"cannot write the status file") == 1
+    done = subprocess.run([script("qmail-updater"), "status", "--status", str(status)],
+                          env=tree.env(), capture_output=True, text=True)
+    assert "daemon:       running" in done.stdout, done.stdout + done.stderr
