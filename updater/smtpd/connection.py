@@ -68,8 +68,7 @@ class SmtpProtocol(asyncio.Protocol):
     def _connection_made(self, transport: Any) -> None:
         w = self.w
         self.transport = transport
-        w.serial += 1
-        self.id = w.serial
+        self.id = w.next_id()
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         local = transport.get_extra_info("sockname") or ("unknown", 0)
         self.ip = ip = peer[0][7:] if peer[0].startswith("::ffff:") and "." in peer[0] \
@@ -80,8 +79,7 @@ class SmtpProtocol(asyncio.Protocol):
             return
         self.counted = True
         self.started = time.monotonic()
-        w.metrics.add("sessions_open")
-        w.sessions.add(self)
+        w.opened(self)
         self.env = env = self._environment(ip, peer, local, rule)
         if w.o.verbose:
             log(f"ok {self.id} {where}")
@@ -159,9 +157,8 @@ class SmtpProtocol(asyncio.Protocol):
         if self.counted:
             self.counted = False
             self.w.limits.give(self.ip)
-            self.w.sessions.discard(self)
+            self.w.closed(self)
             m = self.w.metrics
-            m.add("sessions_open", -1)
             if self.session is not None:
                 self._harvested(self.session.counts)
                 m.session_ended(self.session.counts,

@@ -19,21 +19,24 @@ from .options import SmtpdOptions
 
 class Host(Protocol):
     """What a connection needs of the worker process that owns it (``worker.Worker`` is
-    one): its options, limits, metrics, cached controls and rules, TLS and AUTH set-up,
-    and the sessions it counts."""
+    one): its options, limits, metrics, cached controls and rules, TLS and AUTH set-up;
+    the sessions are the worker's own (``opened``/``closed``), and the attributes are
+    read here, never written: the worker alone changes its state."""
     o: SmtpdOptions
     limits: Limits
     metrics: Metrics
     base_env: dict[str, str]
-    sessions: set[Any]                # its connections (connection.SmtpProtocol)
     ipme: IpMe
     rules: CdbCache | None
     tls: ssl.SSLContext | None
     checkpw: list[str] | None
     checkpw_timeout: float
-    serial: int
     stopping: bool
     grace_over: bool
+
+    def next_id(self) -> int: ...
+    def opened(self, conn: Any) -> None: ...
+    def closed(self, conn: Any) -> None: ...
 
     def setup(self, env: dict[str, str]
               ) -> tuple[Controls, CdbGetter | None, CdbGetter | None]: ...

@@ -142,6 +142,20 @@ class Worker:
             raise ControlError(f"{where}{err.strerror or err}") from None
         return controls, cdb, more
 
+    # ---- the sessions: counted here, whatever a connection does
+    def next_id(self) -> int:
+        self.serial += 1
+        return self.serial
+
+    def opened(self, conn: SmtpProtocol) -> None:
+        self.sessions.add(conn)
+        self.metrics.add("sessions_open")
+
+    def closed(self, conn: SmtpProtocol) -> None:
+        if conn in self.sessions:
+            self.sessions.discard(conn)
+            self.metrics.add("sessions_open", -1)
+
     # ---- what the serving skeleton asks of a server (skeleton.Service)
     def protocol(self) -> SmtpProtocol:
         return SmtpProtocol(self)
