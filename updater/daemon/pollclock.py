@@ -1,5 +1,5 @@
 """When the daemon polls an LDAP / Active Directory server for changes (pure, the clock
-passed in): a part of ``schedule.Scheduler``'s rules, kept apart."""
+passed in): a part of ``rules.Scheduler``'s rules, kept apart."""
 
 from __future__ import annotations
 
