@@ -263,6 +263,8 @@ def metrics_collector(server: Server) -> Any:
     class Collector:
         def collect(self) -> Iterator[Any]:
             from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+            from ..serving.metrics import cdb_gauges
             fam = CounterMetricFamily("validrcptto_policyd_requests",
                                       "lookups answered, by protocol and result",
                                       labels=["protocol", "result"])
@@ -276,12 +278,8 @@ def metrics_collector(server: Server) -> Any:
             yield GaugeMetricFamily("validrcptto_policyd_connections_open",
                                     "connections open now", value=len(server.conns))
             cdb = server.lookup.cdb
-            yield GaugeMetricFamily("validrcptto_cdb_entries",
-                                    "keys in the validrcptto.cdb snapshot in use",
-                                    value=cdb.entries)
-            yield GaugeMetricFamily("validrcptto_cdb_snapshot_age_seconds",
-                                    "seconds since the cdb in use was written",
-                                    value=time.time() - cdb.mtime if cdb.mtime else 0.0)
+            for name, _, text, _, ((_, value),) in cdb_gauges(cdb.entries, cdb.mtime):
+                yield GaugeMetricFamily(name, text, value=value)
     return Collector()
 
 

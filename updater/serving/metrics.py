@@ -187,12 +187,16 @@ def families(t: list[float], gauges: tuple[float, float, float]) -> list[Family]
                 samples))
     open_, entries, mtime = gauges
     out.append((p + "sessions_open", "gauge", "sessions open now", [], [((), open_)]))
-    out.append(("validrcptto_cdb_entries", "gauge",
-                "keys in the validrcptto.cdb snapshot in use", [], [((), entries)]))
-    out.append(("validrcptto_cdb_snapshot_age_seconds", "gauge",
-                "seconds since the cdb in use was written", [],
-                [((), time.time() - mtime if mtime else 0.0)]))
-    return out
+    return out + cdb_gauges(entries, mtime)
+
+
+def cdb_gauges(entries: float, mtime: float) -> list[Family]:
+    """The cdb snapshot a server uses, the same two gauges for both servers."""
+    return [("validrcptto_cdb_entries", "gauge", "keys in the validrcptto.cdb snapshot in use",
+             [], [((), entries)]),
+            ("validrcptto_cdb_snapshot_age_seconds", "gauge",
+             "seconds since the cdb in use was written", [],
+             [((), time.time() - mtime if mtime else 0.0)])]
 
 
 def text(fams: list[Family]) -> str:
