@@ -168,3 +168,44 @@ def test_modules_and_functions_stay_small():
                 if n > MAX_FUNCTION_LINES:
                     too_long.append(f"{path.relative_to(PKG)}: {node.name}() {n} lines")
     assert not too_long, "\n".join(too_long)
+
+
+# the rules and protocols the docs call pure: typed data in, typed data out, the clock
+# passed in.  What the standard library gives them is held to this list (no time, os,
+# socket, threading, select, subprocess, asyncio: the clock and I/O stay at the edges)
+PURE = ["updater.daemon.rules", "updater.daemon.pending", "updater.daemon.events",
+        "updater.daemon.onchange", "updater.daemon.window", "updater.daemon.pollclock",
+        "updater.install.gate", "updater.build.routing", "updater.build.localdelivery",
+        "updater.build.merge", "updater.postfix.protocol", *(
+            f"updater.smtp.{m}" for m in ("addresses", "blast", "context", "envelope",
+                                          "events", "framing", "received", "replies",
+                                          "sasl", "session"))]
+PURE_STDLIB = {"__future__", "dataclasses", "typing", "collections", "collections.abc", "re",
+               "enum", "bisect", "binascii", "itertools", "functools"}
+# (module, import): why it is no clock and no I/O
+PURE_BUT = {("updater.smtp.received", "time"): "time.gmtime formats the time it is handed "
+            "(the session's clock); it reads none"}
+
+
+def stdlib_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.split(".")[0] != "updater"}
+
+
+def test_the_pure_modules_take_no_clock_and_do_no_io():
+    known = modules()
+    wrong = [f"{name} imports {m}" for name in PURE
+             for m in sorted(stdlib_imports(known[name]) - PURE_STDLIB)
+             if (name, m) not in PURE_BUT]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_purity_check_finds_a_clock(tmp_path):
+    bad = tmp_path / "m.py"
+    bad.write_text("import dataclasses\n\ndef f():\n    import time\n    return time.time()\n")
+    assert stdlib_imports(bad) - PURE_STDLIB == {"time"}
