@@ -95,9 +95,8 @@ class Opt:
     def value(self, flags: object, environ: Mapping[str, str]) -> Any:
         """This setting's value: the flag's (argparse leaves an absent one None), else
         the variable's, else ``_UNSET`` (the default).  An empty variable (an empty
-        ``env/`` file) is the default.  A value
-        that does not parse or is out of bounds is a ConfigError naming where it came
-        from."""
+        ``env/`` file) is the default.  A value that does not parse or is out of bounds
+        is a ConfigError naming where it came from."""
         given = getattr(flags, self.name, None)
         if given is not None:
             origin, raw = self.cli, given
